@@ -1,0 +1,2 @@
+"""ALSeg engine."""
+__version__ = "0.1.0"

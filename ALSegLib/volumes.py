@@ -1,0 +1,280 @@
+"""Read, validate and write images and labels (SimpleITK), and export ``.seg.nrrd``.
+
+Every check raises :class:`~ALSegLib.errors.InputError` naming the file and the
+problem. Inputs: NIfTI (``.nii``/``.nii.gz``), NRRD, MetaImage (``.mha``/``.mhd``)
+and DICOM series folders. Geometry (spacing, origin, direction) is carried in
+double precision from input to the project's NRRD files.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import SimpleITK as sitk
+
+from . import atomic
+from .errors import InputError
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".mhd")
+LABEL_EXPORT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
+
+# Label and image grids must agree within these tolerances (millimetres for the
+# origin, relative for spacing, absolute for direction cosines). Loose enough for
+# NIfTI's float32 header fields, tight enough to catch a different grid.
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_MM = 1e-3
+DIRECTION_ATOL = 1e-4
+
+
+def image_extension(path: str | Path) -> str | None:
+    """The supported extension of ``path`` (``.nii.gz`` counts as one), or None."""
+    name = Path(path).name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if name.endswith(ext) and len(name) > len(ext):
+            return ext
+    return None
+
+
+def strip_extension(path: str | Path) -> str:
+    name = Path(path).name
+    ext = image_extension(name)
+    return name[: len(name) - len(ext)] if ext else name
+
+
+def is_dicom_folder(folder: Path) -> bool:
+    return folder.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> "Geometry":
+        return cls(img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+    def differences(self, other: "Geometry") -> list[str]:
+        """Human-readable differences beyond the tolerances (empty if they match)."""
+        out = []
+        if self.size != other.size:
+            out.append(f"size {other.size} != image size {self.size}")
+        if not np.allclose(other.spacing, self.spacing, rtol=SPACING_RTOL, atol=0):
+            out.append(f"spacing {_fmt(other.spacing)} != image spacing {_fmt(self.spacing)}")
+        if not np.allclose(other.origin, self.origin, rtol=0, atol=ORIGIN_ATOL_MM):
+            out.append(f"origin {_fmt(other.origin)} != image origin {_fmt(self.origin)}")
+        if not np.allclose(other.direction, self.direction, rtol=0, atol=DIRECTION_ATOL):
+            out.append(f"direction {_fmt(other.direction)} != image direction {_fmt(self.direction)}")
+        return out
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def _read_any(path: Path) -> sitk.Image:
+    """Read a file or a DICOM series folder; unreadable input becomes an InputError."""
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise InputError(path, "folder holds no DICOM series (and is not an image file)")
+        if len(series) > 1:
+            raise InputError(path, f"folder holds {len(series)} DICOM series; give one series per folder")
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        try:
+            return reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(path, f"unreadable DICOM series: {_itk_reason(exc)}") from None
+    if image_extension(path) is None:
+        raise InputError(path, f"unsupported file type; expected one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM folder")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot read image (corrupt or truncated file?): {_itk_reason(exc)}") from None
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """The useful last line of an ITK exception message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.lower().startswith("description:"):
+            return ln.split(":", 1)[1].strip()
+    return lines[-1] if lines else exc.__class__.__name__
+
+
+def _require_3d(img: sitk.Image, path: Path) -> None:
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"image has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed")
+    dim = img.GetDimension()
+    if dim == 4 and img.GetSize()[3] == 1:
+        return  # a 3D volume stored with a trailing singleton axis; squeezed by the caller
+    if dim != 3:
+        raise InputError(path, f"image is {dim}D {img.GetSize()}; a 3D volume is needed")
+    if min(img.GetSize()) < 2:
+        raise InputError(path, f"image size {img.GetSize()} has a singleton axis: a 2D image, a 3D volume is needed")
+
+
+def _squeeze_4d(img: sitk.Image) -> sitk.Image:
+    if img.GetDimension() == 4:
+        size = list(img.GetSize())
+        size[3] = 0
+        return sitk.Extract(img, size, [0, 0, 0, 0])
+    return img
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read and validate a 3D scalar image: 3D only, finite values. Returns float32 or its integer type."""
+    path = Path(path)
+    img = _read_any(path)
+    _require_3d(img, path)
+    img = _squeeze_4d(img)
+    arr = sitk.GetArrayViewFromImage(img)
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            kinds = sorted({"NaN" if np.isnan(v) else "Inf" for v in arr[bad][:1000]})
+            raise InputError(path, f"image has {int(bad.sum())} non-finite voxels ({'/'.join(kinds)})")
+        if arr.dtype == np.float64:
+            img = sitk.Cast(img, sitk.sitkFloat32)
+    return img
+
+
+def label_array_values(arr: np.ndarray) -> np.ndarray:
+    return np.unique(arr)
+
+
+def read_label(
+    path: str | Path,
+    *,
+    label_values: Sequence[int],
+    reference: sitk.Image | None = None,
+) -> sitk.Image:
+    """Read and validate a label map: 3D, integer values from the label table (0 is
+    background), and, with ``reference``, the same grid as that image.
+
+    Returns a UInt8 (or UInt16) image carrying the reference's exact geometry.
+    """
+    path = Path(path)
+    img = _read_any(path)
+    _require_3d(img, path)
+    img = _squeeze_4d(img)
+    return validate_label(img, path, label_values=label_values, reference=reference)
+
+
+def validate_label(
+    img: sitk.Image, where: str | Path, *, label_values: Sequence[int], reference: sitk.Image | None = None
+) -> sitk.Image:
+    """Checks of :func:`read_label` on an image already in memory (e.g. from Slicer)."""
+    if reference is not None:
+        diffs = Geometry.of(reference).differences(Geometry.of(img))
+        if diffs:
+            raise InputError(where, "label geometry does not match its image: " + "; ".join(diffs))
+    arr = sitk.GetArrayFromImage(img)
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise InputError(where, f"label has {int((~finite).sum())} non-finite values (NaN/Inf)")
+        frac = arr != np.round(arr)
+        if frac.any():
+            offending = np.unique(arr[frac])[:8]
+            raise InputError(where, f"label values must be integers; found {', '.join(f'{v:g}' for v in offending)}")
+    values = np.unique(arr)
+    allowed = set(int(v) for v in label_values) | {0}
+    unknown = [int(v) for v in values if int(v) not in allowed]
+    if unknown:
+        raise InputError(
+            where,
+            f"label values {unknown} are not in the label table (allowed: 0=background, "
+            f"{', '.join(str(v) for v in sorted(allowed - {0}))})",
+        )
+    out_type = np.uint8 if max(allowed) <= 255 else np.uint16
+    out = sitk.GetImageFromArray(arr.astype(out_type))
+    out.CopyInformation(reference if reference is not None else img)
+    return out
+
+
+def write_image(img: sitk.Image, path: str | Path, *, exclusive: bool = False) -> None:
+    """Write atomically with compression; geometry is written in full double precision
+    for NRRD and MetaImage (NIfTI stores it as float32)."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        raise ValueError("use write_seg_nrrd for .seg.nrrd")
+    atomic.write_with(path, lambda tmp: sitk.WriteImage(img, str(tmp), True), exclusive=exclusive)
+
+
+# --- .seg.nrrd (Slicer segmentation) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    value: int
+    color: tuple[float, float, float]
+
+
+def write_seg_nrrd(label: sitk.Image, path: str | Path, segments: Sequence[Segment]) -> None:
+    """Write a label map as a Slicer segmentation (one shared labelmap layer).
+
+    Every segment of the label table is listed, with its name, label value and
+    color, so Slicer shows them even when a segment is empty in this case.
+    """
+    path = Path(path)
+    arr = sitk.GetArrayFromImage(label)  # z, y, x
+    data = np.ascontiguousarray(arr.transpose(2, 1, 0))  # x, y, z for index_order="F"
+    spacing = np.array(label.GetSpacing())
+    direction = np.array(label.GetDirection()).reshape(3, 3)
+    extent = " ".join(f"0 {n - 1}" for n in data.shape)
+    header: dict = {
+        "type": "unsigned char" if data.dtype == np.uint8 else "unsigned short",
+        "dimension": 3,
+        "space": "left-posterior-superior",  # ITK and NRRD share LPS
+        "space directions": (direction * spacing).T,  # one row per axis
+        "space origin": np.array(label.GetOrigin()),
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip",
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    }
+    for i, seg in enumerate(segments):
+        r, g, b = seg.color
+        header.update(
+            {
+                f"Segment{i}_ID": f"Segment_{seg.value}",
+                f"Segment{i}_Name": seg.name,
+                f"Segment{i}_NameAutoGenerated": "0",
+                f"Segment{i}_Color": f"{r:.6g} {g:.6g} {b:.6g}",
+                f"Segment{i}_ColorAutoGenerated": "0",
+                f"Segment{i}_LabelValue": str(int(seg.value)),
+                f"Segment{i}_Layer": "0",
+                f"Segment{i}_Extent": extent,
+                f"Segment{i}_Tags": "|",
+            }
+        )
+    atomic.write_with(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"))
+
+
+def write_label_file(label: sitk.Image, path: str | Path, segments: Sequence[Segment]) -> None:
+    """Export a label by extension: ``.seg.nrrd`` as a Slicer segmentation, else a label map."""
+    name = Path(path).name.lower()
+    if not any(name.endswith(ext) for ext in LABEL_EXPORT_EXTENSIONS):
+        raise InputError(path, f"unsupported export type; use one of {', '.join(LABEL_EXPORT_EXTENSIONS)}")
+    if name.endswith(".seg.nrrd"):
+        write_seg_nrrd(label, path, segments)
+    else:
+        write_image(label, path)
+
+
+def segments_from_table(labels: Mapping[str, int], colors: Mapping[str, tuple[float, float, float]]) -> list[Segment]:
+    return [Segment(name, int(value), tuple(colors[name])) for name, value in labels.items()]
