@@ -44,8 +44,20 @@ def strip_extension(path: str | Path) -> str:
     return name[: len(name) - len(ext)] if ext else name
 
 
+def dicom_series(folder: Path) -> tuple[str, ...]:
+    """DICOM series ids in ``folder`` (GDCM's "no series found" warning kept quiet)."""
+    if not folder.is_dir():
+        return ()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def is_dicom_folder(folder: Path) -> bool:
-    return folder.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(dicom_series(folder))
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,24 @@ class Geometry:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, img: sitk.Image) -> "Geometry":
-        return cls(img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    def of(cls, img: sitk.Image | sitk.ImageFileReader) -> "Geometry":
+        return cls(tuple(img.GetSize()), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Geometry":
+        """Geometry from a file header only (no voxel data read)."""
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(path, f"cannot read image header: {_itk_reason(exc)}") from None
+        return cls.of(reader)
+
+    def apply(self, img: sitk.Image) -> None:
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(self.direction)
 
     def differences(self, other: "Geometry") -> list[str]:
         """Human-readable differences beyond the tolerances (empty if they match)."""
@@ -82,7 +110,7 @@ def _read_any(path: Path) -> sitk.Image:
     if not path.exists():
         raise InputError(path, "file not found")
     if path.is_dir():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        series = dicom_series(path)
         if not series:
             raise InputError(path, "folder holds no DICOM series (and is not an image file)")
         if len(series) > 1:
@@ -150,34 +178,32 @@ def read_image(path: str | Path) -> sitk.Image:
     return img
 
 
-def label_array_values(arr: np.ndarray) -> np.ndarray:
-    return np.unique(arr)
-
-
 def read_label(
     path: str | Path,
     *,
     label_values: Sequence[int],
-    reference: sitk.Image | None = None,
+    geometry: Geometry | None = None,
 ) -> sitk.Image:
     """Read and validate a label map: 3D, integer values from the label table (0 is
-    background), and, with ``reference``, the same grid as that image.
+    background), and, with ``geometry`` (its image's), the same grid as that image.
 
-    Returns a UInt8 (or UInt16) image carrying the reference's exact geometry.
+    Returns a UInt8 (or UInt16) image carrying the image's exact geometry.
     """
     path = Path(path)
     img = _read_any(path)
     _require_3d(img, path)
     img = _squeeze_4d(img)
-    return validate_label(img, path, label_values=label_values, reference=reference)
+    return validate_label(img, path, label_values=label_values, geometry=geometry)
 
 
 def validate_label(
-    img: sitk.Image, where: str | Path, *, label_values: Sequence[int], reference: sitk.Image | None = None
+    img: sitk.Image, where: str | Path, *, label_values: Sequence[int], geometry: Geometry | None = None
 ) -> sitk.Image:
     """Checks of :func:`read_label` on an image already in memory (e.g. from Slicer)."""
-    if reference is not None:
-        diffs = Geometry.of(reference).differences(Geometry.of(img))
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(where, f"label must be a 3D scalar volume, got {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} components")
+    if geometry is not None:
+        diffs = geometry.differences(Geometry.of(img))
         if diffs:
             raise InputError(where, "label geometry does not match its image: " + "; ".join(diffs))
     arr = sitk.GetArrayFromImage(img)
@@ -200,7 +226,7 @@ def validate_label(
         )
     out_type = np.uint8 if max(allowed) <= 255 else np.uint16
     out = sitk.GetImageFromArray(arr.astype(out_type))
-    out.CopyInformation(reference if reference is not None else img)
+    (geometry or Geometry.of(img)).apply(out)
     return out
 
 

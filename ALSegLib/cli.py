@@ -1,0 +1,305 @@
+"""The ``alseg`` command line.
+
+Exit codes: 0 ok, 1 internal error, 2 bad input (the message names the file and
+the problem, and the project is left as it was), 3 project busy (another writer
+holds the lock past the timeout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__, phantoms, volumes
+from .errors import InputError, ProjectLockedError
+from .project import LABEL_KINDS, LabelTable, Project
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as bad input (exit 2) with the command named."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        raise InputError(self.prog, message)
+
+
+def _json_default(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean_floats(obj):
+    """NaN/Inf become null so the output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_floats(v) for v in obj]
+    return obj
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(_clean_floats(obj), indent=2, default=_json_default))
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_init(args) -> int:
+    table = LabelTable.parse(args.labels)
+    project = Project.create(args.project, table, args.modality, name=args.name)
+    if args.json:
+        _print_json({"project": str(project.root.resolve()), **{k: project.config[k] for k in ("name", "modality", "labels")}})
+    else:
+        print(f"Created project {project.root} ({project.modality}); labels: "
+              + ", ".join(f"{n}={v}" for n, v in project.labels.mapping.items()))
+    return EXIT_OK
+
+
+def cmd_add(args) -> int:
+    project = Project.open(args.project)
+    if args.case_id and len(args.images) != 1:
+        raise InputError("--case-id", "give exactly one image with --case-id")
+    start = time.perf_counter()
+    ids = project.add_cases(
+        args.images,
+        reference_dir=args.reference,
+        case_ids=[args.case_id] if args.case_id else None,
+        allow_missing_reference=args.allow_missing_reference,
+    )
+    seconds = time.perf_counter() - start
+    with_ref = len(project.events()[-1].get("with_reference", []))
+    if args.json:
+        _print_json({"added": ids, "with_reference": with_ref, "seconds": round(seconds, 3)})
+    else:
+        print(f"Added {len(ids)} case(s) to {project.root} ({with_ref} with reference labels) in {seconds:.1f} s")
+    return EXIT_OK
+
+
+def cmd_import_labels(args) -> int:
+    project = Project.open(args.project)
+    done = project.import_labels(args.files, args.kind, source=args.source, author=args.author)
+    if args.json:
+        _print_json({"kind": args.kind, "imported": [{"case": c, "version": v} for c, v in done]})
+    else:
+        print(f"Imported {len(done)} {args.kind} label(s) into {project.root}")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    project = Project.open(args.project)
+    status = project.status()
+    if args.cases:
+        status["case_table"] = project.case_table()
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    print(f"Project   {status['name']}  ({status['project']})")
+    print(f"Modality  {status['modality']}")
+    print("Labels    " + ", ".join(f"{n}={v}" for n, v in status["labels"].items()))
+    print(f"Cases     {status['cases']}  (without human or pseudo label: {status['unlabeled']})")
+    counts = status["label_counts"]
+    print("Labelled  " + ", ".join(f"{k} {counts[k]}" for k in LABEL_KINDS) + f"  (human versions: {status['human_versions']})")
+    print(f"Rounds    {len(status['rounds'])}")
+    if status["last_event"]:
+        print(f"Last      {status['last_event']['event']} at {status['last_event']['time']}")
+    if args.cases:
+        print()
+        print(f"{'case':<32} " + " ".join(f"{k:>9}" for k in LABEL_KINDS))
+        for row in status["case_table"]:
+            marks = " ".join(f"{('v%d' % row['human_versions']) if k == 'human' and row[k] else ('yes' if row[k] else '-'):>9}" for k in LABEL_KINDS)
+            print(f"{row['case']:<32} {marks}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    project = Project.open(args.project)
+    result = evaluate(project, args.kind, args.case or None)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print(f"{args.kind} vs reference on {result['cases']} case(s)")
+    if not result["cases"]:
+        print("Nothing to evaluate: no case has both labels.")
+        return EXIT_OK
+    print(f"{'class':<16} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9} {'ASD mm':>8}  (mean over cases; n with HD defined)")
+    for cls, m in result["summary"].items():
+        print(f"{cls:<16} {_fmt(m['dice']['mean']):>7} {_fmt(m['iou']['mean']):>7} {_fmt(m['hd95']['mean'], 2):>9} "
+              f"{_fmt(m['asd']['mean'], 2):>8}  n={m['hd95']['n']}")
+    if args.per_case:
+        print()
+        names = list(project.labels.mapping)
+        print(f"{'case':<32} " + " ".join(f"{n[:10]:>10}" for n in names) + "   (Dice)")
+        for case, m in result["per_case"].items():
+            print(f"{case:<32} " + " ".join(f"{_fmt(m[n]['dice']):>10}" for n in names))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    project = Project.open(args.project)
+    dest = Path(args.to)
+    if args.kind == "image":
+        name = dest.name.lower()
+        if name.endswith(".seg.nrrd") or not volumes.image_extension(dest):
+            raise InputError(dest, "export an image as .nii.gz, .nii, .nrrd or .mha")
+        volumes.write_image(project.read_image(args.case), dest)
+    else:
+        label = project.read_label(args.case, args.kind, args.version)
+        volumes.write_label_file(label, dest, project.labels.segments())
+    if args.json:
+        _print_json({"case": args.case, "kind": args.kind, "file": str(dest.resolve())})
+    else:
+        print(f"Wrote {args.kind} of {args.case} to {dest}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    """Build a phantom project with reference labels and show its status."""
+    folder = Path(args.dir)
+    marker = folder / ".alseg-demo"
+    if folder.exists() and any(folder.iterdir()):
+        if not marker.exists():
+            raise InputError(folder, "exists and was not made by 'alseg demo'; choose another --dir")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    start = time.perf_counter()
+    images, labels = phantoms.write_dataset(folder / "source", n=args.cases, modality=args.modality, seed=args.seed)
+    table = LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS)
+    project = Project.create(folder / "project", table, args.modality, name="alseg-demo")
+    ids = project.add_cases([images], reference_dir=labels)
+    seg_file = folder / f"{ids[0]}_reference.seg.nrrd"
+    volumes.write_label_file(project.read_label(ids[0], "reference"), seg_file, project.labels.segments())
+    seconds = time.perf_counter() - start
+    status = project.status()
+    if args.json:
+        _print_json({"status": status, "seg_nrrd": str(seg_file.resolve()), "seconds": round(seconds, 2)})
+        return EXIT_OK
+    print(f"ALSeg demo: {len(ids)} synthetic {args.modality} phantoms ({phantoms.SPACING[args.modality]} mm voxels) "
+          f"with reference labels, built in {seconds:.1f} s\n")
+    cmd_status(argparse.Namespace(project=project.root, json=False, cases=False))
+    print(f"\nOpen {seg_file} in 3D Slicer (with {project.image_path(ids[0])}) to see the segments.")
+    print(f"Next: alseg status {project.root} --cases")
+    return EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="alseg",
+        description="ALSeg: active learning for nnU-Net segmentation with foundation-model pseudo-labels.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, 3 project busy.",
+    )
+    parser.add_argument("--version", action="version", version=f"alseg {__version__}")
+    parser.add_argument("--progress", choices=("auto", "jsonl", "off"), help="progress display (default: bar on a terminal)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "Create a project folder with a label table and modality.")
+    p.add_argument("project", help="new (or empty) project folder")
+    p.add_argument("--labels", required=True, metavar="NAME=VALUE[:#RRGGBB],...", help="foreground labels, e.g. liver=1,spleen=2")
+    p.add_argument("--modality", required=True, choices=("CT", "MRI", "ct", "mri", "MR", "mr"), help="CT or MRI")
+    p.add_argument("--name", help="project name (default: the folder name)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("add", cmd_add, "Add images (files, folders, DICOM series folders) with optional reference labels.")
+    p.add_argument("project")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help=".nii/.nii.gz/.nrrd/.mha/.mhd files or folders")
+    p.add_argument("--reference", metavar="DIR", help="folder of reference labels matched to images by file name")
+    p.add_argument("--allow-missing-reference", action="store_true", help="add images that have no file in --reference")
+    p.add_argument("--case-id", help="explicit case id (one image only)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("import-labels", cmd_import_labels, "Import label files (matched to cases by file name) as one label kind.")
+    p.add_argument("project")
+    p.add_argument("files", nargs="+", metavar="LABEL", help="label files or folders of them")
+    p.add_argument("--kind", required=True, choices=LABEL_KINDS)
+    p.add_argument("--source", default="import", help="what made them (kept in provenance), e.g. totalsegmentator")
+    p.add_argument("--author", help="for --kind human: who drew them")
+    p.add_argument("--json", action="store_true")
+
+    p = add("status", cmd_status, "Summarise a project: cases, labels of each kind, rounds.")
+    p.add_argument("project")
+    p.add_argument("--cases", action="store_true", help="also list every case with its labels")
+    p.add_argument("--json", action="store_true")
+
+    p = add("evaluate", cmd_evaluate, "Dice, IoU, HD95 and ASD per class of one label kind against the reference.")
+    p.add_argument("project")
+    p.add_argument("--kind", default="predicted", choices=LABEL_KINDS, help="labels to evaluate (default: predicted)")
+    p.add_argument("--case", action="append", help="only this case (repeatable)")
+    p.add_argument("--per-case", action="store_true", help="also print Dice per case")
+    p.add_argument("--json", action="store_true")
+
+    p = add("export", cmd_export, "Write one case's image or label to a file (.nii.gz, .nrrd, .mha, or .seg.nrrd for Slicer).")
+    p.add_argument("project")
+    p.add_argument("case")
+    p.add_argument("--kind", required=True, choices=LABEL_KINDS + ("image",))
+    p.add_argument("--version", type=int, help="human label version (default: latest)")
+    p.add_argument("--to", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
+
+    p = add("demo", cmd_demo, "Build a demo project of synthetic phantoms and show its status.")
+    p.add_argument("--dir", default="alseg-demo", help="output folder (default: ./alseg-demo, replaced on re-run)")
+    p.add_argument("--modality", default="CT", choices=("CT", "MRI"))
+    p.add_argument("--cases", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.progress:
+            os.environ["ALSEG_PROGRESS"] = args.progress
+        if not getattr(args, "func", None):
+            build_parser().print_help()
+            return EXIT_INPUT
+        return args.func(args)
+    except ProjectLockedError as exc:
+        print(f"alseg: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except InputError as exc:
+        print(f"alseg: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("alseg: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - last resort: report, never hide
+        print(f"alseg: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("ALSEG_DEBUG"):
+            traceback.print_exc()
+        else:
+            print("(set ALSEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

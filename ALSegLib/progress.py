@@ -1,0 +1,40 @@
+"""One progress stream: a tqdm bar on a terminal, JSON lines for Slicer and scripts.
+
+Set ``ALSEG_PROGRESS=jsonl`` (the Slicer module does) to get one JSON object per
+step on stderr: ``{"event": "progress", "stage": ..., "done": i, "total": n}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def mode() -> str:
+    return os.environ.get("ALSEG_PROGRESS", "auto")
+
+
+def emit(event: str, **fields) -> None:
+    """Write one JSON-lines event to stderr (only in jsonl mode)."""
+    if mode() == "jsonl":
+        sys.stderr.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        sys.stderr.flush()
+
+
+def track(items: Sequence[T] | Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with progress: tqdm on a terminal (stderr), JSON lines in jsonl mode, else silent."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if mode() == "jsonl":
+        for i, item in enumerate(items):
+            yield item
+            emit("progress", stage=desc, done=i + 1, total=total)
+        return
+    disable = mode() == "off" or not sys.stderr.isatty()
+    yield from tqdm(items, desc=desc, total=total, disable=disable, leave=False)

@@ -1,0 +1,728 @@
+"""The project folder: the single source of truth of an ALSeg project.
+
+Layout::
+
+    alseg.json                          name, modality, label table, schema version
+    alseg.lock                          the writers' lock (holder written while held)
+    images/<case>.nrrd + <case>.json    image and where it came from
+    labels/reference/<case>.nrrd+.json  ground truth (evaluation and the oracle only)
+    labels/pseudo/<case>.nrrd+.json     foundation-model or imported machine labels
+    labels/predicted/<case>.nrrd+.json  the current model's prediction
+    labels/human/<case>/v0001.nrrd+.json  every accepted human edit, never overwritten
+    events.jsonl                        append-only log of what happened
+
+Every write is atomic (see :mod:`ALSegLib.atomic`) and happens under the project
+lock. Inputs are fully validated before anything is written, so a bad input
+leaves the folder as it was.
+"""
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__, atomic, volumes
+from .errors import InputError, ProjectLockedError
+from .progress import track
+
+SCHEMA_VERSION = 1
+CONFIG = "alseg.json"
+LOCK = "alseg.lock"
+EVENTS = "events.jsonl"
+STORE_EXT = ".nrrd"  # double-precision geometry, read by Slicer, ITK and nnU-Net
+MODALITIES = ("CT", "MRI")
+LABEL_KINDS = ("reference", "pseudo", "human", "predicted")
+MACHINE_KINDS = ("pseudo", "predicted")
+HUMAN_SOURCES = ("human", "simulated", "human-import")
+LOCK_TIMEOUT_S = float(os.environ.get("ALSEG_LOCK_TIMEOUT", "60"))
+
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_FILE = re.compile(r"^v(\d{4,})" + re.escape(STORE_EXT) + "$")
+_PALETTE = [
+    (0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.85, 0.4, 0.35),
+    (0.56, 0.36, 0.65), (0.9, 0.6, 0.2), (0.3, 0.5, 0.85), (0.86, 0.86, 0.4), (0.4, 0.8, 0.6),
+]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- label table -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelClass:
+    name: str
+    value: int
+    color: tuple[float, float, float]
+
+
+class LabelTable:
+    """Foreground classes: unique names, unique integer values 1..65535 (0 is background)."""
+
+    def __init__(self, classes: Sequence[LabelClass], where: str = "label table"):
+        if not classes:
+            raise InputError(where, "needs at least one label (NAME=VALUE)")
+        names: dict[str, str] = {}
+        values: dict[int, str] = {}
+        for c in classes:
+            if not c.name or not re.fullmatch(r"[^=,:\s][^=,:]*", c.name) or c.name != c.name.strip():
+                raise InputError(where, f"invalid label name {c.name!r}")
+            if c.name.lower() in names:
+                raise InputError(where, f"duplicate label name {c.name!r}")
+            if isinstance(c.value, bool) or not isinstance(c.value, int):
+                raise InputError(where, f"label value of {c.name!r} must be an integer, got {c.value!r}")
+            if c.value == 0:
+                raise InputError(where, f"label {c.name!r} has value 0, which is reserved for background")
+            if not 0 < c.value <= 65535:
+                raise InputError(where, f"label value {c.value} of {c.name!r} is outside 1..65535")
+            if c.value in values:
+                raise InputError(where, f"duplicate label value {c.value} ({values[c.value]!r} and {c.name!r})")
+            if len(c.color) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in c.color):
+                raise InputError(where, f"color of {c.name!r} must be three numbers in [0, 1]")
+            names[c.name.lower()] = c.name
+            values[c.value] = c.name
+        self.classes = tuple(classes)
+
+    @classmethod
+    def parse(cls, spec: str) -> "LabelTable":
+        """``NAME=VALUE[:#RRGGBB],...`` as given on the command line."""
+        classes = []
+        for i, item in enumerate(s.strip() for s in spec.split(",")):
+            if "=" not in item:
+                raise InputError("--labels", f"expected NAME=VALUE, got {item!r}")
+            name, _, rest = item.partition("=")
+            value_text, _, color_text = rest.partition(":")
+            try:
+                value = int(value_text.strip())
+            except ValueError:
+                raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, got {value_text.strip()!r}") from None
+            color = _PALETTE[i % len(_PALETTE)]
+            if color_text:
+                if not re.fullmatch(r"#[0-9a-fA-F]{6}", color_text.strip()):
+                    raise InputError("--labels", f"color of {name.strip()!r} must look like #RRGGBB, got {color_text!r}")
+                color = tuple(int(color_text.strip()[k : k + 2], 16) / 255 for k in (1, 3, 5))
+            classes.append(LabelClass(name.strip(), value, tuple(color)))
+        return cls(classes, where="--labels")
+
+    @classmethod
+    def from_mapping(cls, labels: Mapping[str, int], colors: Mapping[str, Sequence[float]] | None = None) -> "LabelTable":
+        colors = colors or {}
+        return cls(
+            [LabelClass(n, v, tuple(colors.get(n, _PALETTE[i % len(_PALETTE)]))) for i, (n, v) in enumerate(labels.items())]
+        )
+
+    @classmethod
+    def from_json(cls, items: object, where: str) -> "LabelTable":
+        if not isinstance(items, list):
+            raise InputError(where, "'labels' must be a list of {name, value, color}")
+        classes = []
+        for item in items:
+            if not isinstance(item, dict) or not {"name", "value"} <= item.keys():
+                raise InputError(where, f"malformed label entry {item!r}")
+            color = item.get("color", _PALETTE[len(classes) % len(_PALETTE)])
+            if not isinstance(color, list | tuple):
+                raise InputError(where, f"malformed color in label entry {item!r}")
+            classes.append(LabelClass(str(item["name"]), item["value"], tuple(color)))
+        return cls(classes, where=where)
+
+    def to_json(self) -> list[dict]:
+        return [{"name": c.name, "value": c.value, "color": list(c.color)} for c in self.classes]
+
+    @property
+    def mapping(self) -> dict[str, int]:
+        return {c.name: c.value for c in self.classes}
+
+    @property
+    def values(self) -> list[int]:
+        return [c.value for c in self.classes]
+
+    def segments(self) -> list[volumes.Segment]:
+        return [volumes.Segment(c.name, c.value, c.color) for c in self.classes]
+
+
+# --- case ids ----------------------------------------------------------------------------
+
+
+def check_case_id(case: str) -> str:
+    """Refuse ids that could escape the project or clash on disk."""
+    if not isinstance(case, str) or not case:
+        raise InputError(f"case id {case!r}", "must be a non-empty string")
+    if "/" in case or "\\" in case or ".." in case or os.path.isabs(case):
+        raise InputError(f"case id {case!r}", "must not contain path separators, '..' or be an absolute path")
+    if not _CASE_ID.fullmatch(case):
+        raise InputError(f"case id {case!r}", "use letters, digits, '.', '_' and '-' (first a letter or digit, at most 128)")
+    return case
+
+
+def derive_case_id(source: Path) -> str:
+    """A stable id from a file or DICOM folder name: characters outside
+    ``[A-Za-z0-9._-]`` become ``_``, runs of dots collapse, leading dots/dashes go."""
+    stem = volumes.strip_extension(source) if source.is_file() or volumes.image_extension(source) else source.name
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128]
+    if not cleaned:
+        raise InputError(source, "cannot derive a case id from this name; pass one explicitly")
+    return check_case_id(cleaned)
+
+
+def expand_sources(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; a folder is a DICOM series, or else its image files and
+    DICOM-series subfolders (sorted, hidden entries skipped)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(p, "file not found")
+        if p.is_file():
+            out.append(p)
+            continue
+        if volumes.is_dicom_folder(p):
+            out.append(p)
+            continue
+        found = []
+        for child in sorted(p.iterdir()):
+            if child.name.startswith("."):
+                continue
+            ext = volumes.image_extension(child)
+            if child.is_file() and ext and ext != ".seg.nrrd":
+                found.append(child)
+            elif child.is_dir() and volumes.is_dicom_folder(child):
+                found.append(child)
+        if not found:
+            raise InputError(p, "folder holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd) and no DICOM series")
+        out.extend(found)
+    return out
+
+
+def _label_index(folder: Path) -> dict[str, list[Path]]:
+    """Label files in ``folder`` by the case id their names give."""
+    index: dict[str, list[Path]] = {}
+    for child in sorted(folder.iterdir()):
+        if child.is_file() and not child.name.startswith(".") and volumes.image_extension(child):
+            try:
+                index.setdefault(derive_case_id(child), []).append(child)
+            except InputError:
+                continue  # a name no case could have
+    return index
+
+
+# --- locking -----------------------------------------------------------------------------
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "nt":  # pragma: no cover - Slicer on Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock(fd: int) -> None:
+    if os.name == "nt":  # pragma: no cover
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+# --- the project ---------------------------------------------------------------------------
+
+
+class Project:
+    """An ALSeg project folder. Open with :meth:`open`, make with :meth:`create`."""
+
+    def __init__(self, root: Path, config: dict, labels: LabelTable):
+        self.root = root
+        self.config = config
+        self.labels = labels
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+
+    # construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, root: str | Path, labels: LabelTable | Mapping[str, int], modality: str, name: str | None = None
+    ) -> "Project":
+        root = Path(root)
+        table = labels if isinstance(labels, LabelTable) else LabelTable.from_mapping(labels)
+        modality = str(modality).upper()
+        if modality == "MR":
+            modality = "MRI"
+        if modality not in MODALITIES:
+            raise InputError("--modality", f"must be CT or MRI, not {modality!r}")
+        if root.exists() and not root.is_dir():
+            raise InputError(root, "exists and is not a folder")
+        if (root / CONFIG).exists():
+            raise InputError(root, "is already an ALSeg project")
+        if root.exists() and any(root.iterdir()):
+            raise InputError(root, "folder is not empty; create a project in a new or empty folder")
+        root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "schema": SCHEMA_VERSION,
+            "name": name or root.resolve().name,
+            "modality": modality,
+            "labels": table.to_json(),
+            "created": now_iso(),
+            "tool": f"alseg {__version__}",
+        }
+        (root / LOCK).touch()
+        project = cls(root, config, table)
+        with project.lock("init"):
+            atomic.write_json(root / CONFIG, config)
+            project.log_event("project_created", modality=modality, labels=table.mapping)
+        return project
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Project":
+        root = Path(root)
+        cfg_path = root / CONFIG
+        if not root.is_dir():
+            raise InputError(root, "project folder not found")
+        if not cfg_path.is_file():
+            raise InputError(root, f"not an ALSeg project ({CONFIG} missing)")
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(cfg_path, f"malformed JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise InputError(cfg_path, "must hold a JSON object")
+        schema = config.get("schema")
+        if not isinstance(schema, int) or schema < 1:
+            raise InputError(cfg_path, f"missing or invalid 'schema' ({schema!r})")
+        if schema > SCHEMA_VERSION:
+            raise InputError(cfg_path, f"schema {schema} is newer than this ALSeg understands ({SCHEMA_VERSION}); upgrade alseg")
+        if config.get("modality") not in MODALITIES:
+            raise InputError(cfg_path, f"'modality' must be CT or MRI, not {config.get('modality')!r}")
+        table = LabelTable.from_json(config.get("labels"), where=str(cfg_path))
+        if not (root / LOCK).exists():
+            (root / LOCK).touch()
+        return cls(root, config, table)
+
+    @property
+    def modality(self) -> str:
+        return self.config["modality"]
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+    # lock and events ---------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, purpose: str = "write", timeout: float | None = None) -> Iterator[None]:
+        """Hold the project's writer lock (re-entrant within this object).
+
+        Waits up to ``timeout`` seconds (``ALSEG_LOCK_TIMEOUT``, default 60) for
+        another writer, then raises :class:`ProjectLockedError` naming the holder.
+        The OS releases the lock if the holder dies, so a killed writer never
+        leaves the project locked.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+        path = self.root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        while not _try_lock(fd):
+            if time.monotonic() >= deadline:
+                holder = _read_holder(path)
+                os.close(fd)
+                raise ProjectLockedError(
+                    path, f"project is busy: another writer holds the lock ({holder}); waited {timeout:g} s"
+                )
+            time.sleep(0.05)
+        self._lock_fd, self._lock_depth = fd, 1
+        try:
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
+            self._clean_leftovers()
+            yield
+        finally:
+            self._lock_depth = 0
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            _unlock(fd)
+            os.close(fd)
+
+    def _clean_leftovers(self) -> None:
+        """Under the lock, temporaries and staging folders can only be a dead writer's."""
+        for staging in self.root.glob(".staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+        for sub in ("images", "labels"):
+            if (self.root / sub).is_dir():
+                atomic.remove_stale_temporaries(self.root / sub)
+
+    def _require_lock(self) -> None:
+        if not self._lock_depth:
+            raise RuntimeError("project write outside the project lock")
+
+    def log_event(self, event: str, **details) -> None:
+        self._require_lock()
+        record = {"time": now_iso(), "event": event, "pid": os.getpid(), "user": _user(), **details}
+        atomic.append_line(self.root / EVENTS, json.dumps(record, sort_keys=True, default=str))
+
+    def events(self) -> list[dict]:
+        """All events; a torn last line (writer killed mid-append) is skipped."""
+        path = self.root / EVENTS
+        if not path.exists():
+            return []
+        out = []
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i != len(lines) - 1:
+                    raise InputError(path, f"line {i + 1} is not valid JSON (the event log was edited by hand?)") from None
+        return out
+
+    # cases ---------------------------------------------------------------------------------
+
+    def cases(self) -> list[str]:
+        folder = self.root / "images"
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[: -len(STORE_EXT)] for p in folder.glob(f"*{STORE_EXT}") if not p.name.startswith("."))
+
+    def has_case(self, case: str) -> bool:
+        return self.image_path(case).is_file()
+
+    def image_path(self, case: str) -> Path:
+        return self.root / "images" / f"{check_case_id(case)}{STORE_EXT}"
+
+    def _require_case(self, case: str) -> None:
+        if not self.has_case(case):
+            raise InputError(f"case {case!r}", f"not in project {self.root}")
+
+    def read_image(self, case: str) -> sitk.Image:
+        self._require_case(case)
+        return sitk.ReadImage(str(self.image_path(case)))
+
+    def geometry(self, case: str) -> volumes.Geometry:
+        self._require_case(case)
+        return volumes.Geometry.read(self.image_path(case))
+
+    def add_cases(
+        self,
+        sources: Sequence[str | Path],
+        *,
+        reference_dir: str | Path | None = None,
+        references: Sequence[str | Path | None] | None = None,
+        case_ids: Sequence[str] | None = None,
+        allow_missing_reference: bool = False,
+    ) -> list[str]:
+        """Add images (files, DICOM folders, or folders of them), optionally with reference labels.
+
+        All or nothing: every image and label is read and validated into a staging
+        folder first; any problem raises :class:`InputError` and nothing is added.
+        References come from ``reference_dir`` (matched by case id, i.e. file name)
+        or from ``references`` (one path or None per source, API use).
+        """
+        items = expand_sources(sources) if references is None and case_ids is None else [Path(s) for s in sources]
+        if case_ids is not None and len(case_ids) != len(items):
+            raise InputError("case ids", f"{len(case_ids)} ids given for {len(items)} images")
+        if references is not None and len(references) != len(items):
+            raise InputError("references", f"{len(references)} references given for {len(items)} images")
+        ids = [check_case_id(c) for c in case_ids] if case_ids is not None else [derive_case_id(p) for p in items]
+
+        existing = {c.lower() for c in self.cases()}
+        seen: dict[str, Path] = {}
+        for case, src in zip(ids, items):
+            if case.lower() in existing:
+                raise InputError(src, f"case id {case!r} already exists in the project")
+            if case.lower() in seen:
+                raise InputError(src, f"case id {case!r} is also derived from {seen[case.lower()]}; rename one of them")
+            seen[case.lower()] = src
+
+        refs: list[Path | None] = [None] * len(items)
+        if references is not None:
+            refs = [Path(r) if r is not None else None for r in references]
+            for r in refs:
+                if r is not None and not r.exists():
+                    raise InputError(r, "label file not found")
+        elif reference_dir is not None:
+            rdir = Path(reference_dir)
+            if not rdir.is_dir():
+                raise InputError(rdir, "reference folder not found")
+            index = _label_index(rdir)
+            for case in ids:
+                if len(index.get(case, [])) > 1:
+                    raise InputError(rdir, f"several label files match case {case!r}: {', '.join(p.name for p in index[case])}")
+            refs = [index[case][0] if case in index else None for case in ids]
+            missing = [case for case, r in zip(ids, refs) if r is None]
+            if missing and not allow_missing_reference:
+                raise InputError(rdir, f"missing label file for {len(missing)} image(s): {', '.join(missing[:10])}"
+                                 + (" …" if len(missing) > 10 else "") + " (or pass --allow-missing-reference)")
+
+        with self.lock("add"):
+            staging = self.root / f".staging-{secrets.token_hex(4)}"
+            try:
+                staged = []
+                for case, src, ref in track(list(zip(ids, items, refs)), desc="reading images"):
+                    staged.extend(self._stage_case(staging, case, src, ref))
+                for tmp, final in staged:  # commit: renames only
+                    if final.exists():
+                        raise InputError(final, "appeared while adding; nothing was added")
+                for tmp, final in staged:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, final)
+                for folder in {final.parent for _, final in staged}:
+                    atomic.fsync_dir(folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.log_event(
+                "cases_added", cases=ids, with_reference=[c for c, r in zip(ids, refs) if r is not None]
+            )
+        return ids
+
+    def _stage_case(self, staging: Path, case: str, src: Path, ref: Path | None) -> list[tuple[Path, Path]]:
+        image = volumes.read_image(src)
+        geometry = volumes.Geometry.of(image)
+        out = []
+        img_tmp = staging / "images" / f"{case}{STORE_EXT}"
+        volumes.write_image(image, img_tmp)
+        meta = {
+            "case": case, "source": str(src.resolve()), "added": now_iso(), "tool": f"alseg {__version__}",
+            "size": list(geometry.size), "spacing": list(geometry.spacing), "origin": list(geometry.origin),
+            "direction": list(geometry.direction), "pixel_type": image.GetPixelIDTypeAsString(),
+        }
+        if src.is_file():
+            meta["source_sha256"] = sha256_file(src)
+        atomic.write_json(img_tmp.with_suffix(".json"), meta)
+        out += [(img_tmp, self.image_path(case)), (img_tmp.with_suffix(".json"), self.image_path(case).with_suffix(".json"))]
+        if ref is not None:
+            label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
+            lab_tmp = staging / "labels" / "reference" / f"{case}{STORE_EXT}"
+            volumes.write_image(label, lab_tmp)
+            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)}, label, lab_tmp)
+            atomic.write_json(lab_tmp.with_suffix(".json"), prov)
+            final = self._label_file(case, "reference")
+            out += [(lab_tmp, final), (lab_tmp.with_suffix(".json"), final.with_suffix(".json"))]
+        return out
+
+    # labels ----------------------------------------------------------------------------------
+
+    def _label_file(self, case: str, kind: str, version: int | None = None) -> Path:
+        if kind not in LABEL_KINDS:
+            raise InputError("--kind", f"unknown label kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
+        if kind == "human":
+            if version is None:
+                raise ValueError("human labels need a version")
+            return self.root / "labels" / "human" / check_case_id(case) / f"v{version:04d}{STORE_EXT}"
+        return self.root / "labels" / kind / f"{check_case_id(case)}{STORE_EXT}"
+
+    def human_versions(self, case: str) -> list[int]:
+        folder = self.root / "labels" / "human" / check_case_id(case)
+        if not folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_FILE.match(p.name)))
+
+    def label_path(self, case: str, kind: str, version: int | None = None) -> Path | None:
+        """Path of a stored label (human: the latest version unless ``version``), or None."""
+        if kind == "human":
+            versions = self.human_versions(case)
+            if version is None:
+                if not versions:
+                    return None
+                version = versions[-1]
+            path = self._label_file(case, "human", version)
+        else:
+            path = self._label_file(case, kind)
+        return path if path.is_file() else None
+
+    def read_label(self, case: str, kind: str, version: int | None = None) -> sitk.Image:
+        path = self.label_path(case, kind, version)
+        if path is None:
+            what = f"{kind} label" + (f" v{version:04d}" if version else "")
+            raise InputError(f"case {case!r}", f"has no {what}")
+        return sitk.ReadImage(str(path))
+
+    def provenance(self, case: str, kind: str, version: int | None = None) -> dict:
+        path = self.label_path(case, kind, version)
+        if path is None:
+            raise InputError(f"case {case!r}", f"has no {kind} label")
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            return {"kind": kind, "case": case, "source": "unknown", "note": "provenance sidecar missing"}
+        return json.loads(sidecar.read_text(encoding="utf-8"))
+
+    def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path, **extra) -> dict:
+        present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
+        return {
+            "kind": kind, "case": case, "source": source, "produced_by": dict(produced_by), "time": now_iso(),
+            "tool": f"alseg {__version__}", "user": _user(), "host": socket.gethostname(),
+            "label_values_present": present, "file_sha256": sha256_file(file), **extra,
+        }
+
+    def _validated(self, case: str, label: sitk.Image | str | Path) -> sitk.Image:
+        self._require_case(case)
+        geometry = self.geometry(case)
+        if isinstance(label, (str, Path)):
+            return volumes.read_label(label, label_values=self.labels.values, geometry=geometry)
+        return volumes.validate_label(label, f"label for case {case!r}", label_values=self.labels.values, geometry=geometry)
+
+    def write_label(
+        self, case: str, kind: str, label: sitk.Image | str | Path, *, source: str,
+        produced_by: Mapping | None = None, replace_reference: bool = False, **extra,
+    ) -> Path:
+        """Store a machine label (``pseudo``/``predicted``, replacing the previous one)
+        or a ``reference`` label (refused if one exists, unless ``replace_reference``).
+        Human labels go through :meth:`add_human_label`: a machine never writes there."""
+        if kind == "human":
+            raise InputError("--kind human", "human labels are stored with add_human_label (a new version each time)")
+        final = self._label_file(case, kind)
+        label = self._validated(case, label)
+        with self.lock(f"write {kind} label"):
+            if kind == "reference" and final.exists() and not replace_reference:
+                raise InputError(final, "a reference label already exists for this case")
+            volumes.write_image(label, final)
+            prov = self._provenance(case, kind, source, produced_by or {}, label, final, **extra)
+            atomic.write_json(final.with_suffix(".json"), prov)
+            self.log_event("label_written", case=case, kind=kind, source=source)
+        return final
+
+    def add_human_label(
+        self, case: str, label: sitk.Image | str | Path, *, author: str | None = None,
+        source: str = "human", produced_by: Mapping | None = None, **extra,
+    ) -> int:
+        """Store a human label as the next version (``v0001``, ``v0002``, …); never overwrites.
+
+        ``source`` is ``human`` (edited by a person), ``human-import`` (a manual
+        label brought from elsewhere) or ``simulated`` (the oracle experiment).
+        Returns the new version number.
+        """
+        if source not in HUMAN_SOURCES:
+            raise InputError("source", f"human labels come from {', '.join(HUMAN_SOURCES)}, not {source!r}")
+        label = self._validated(case, label)
+        with self.lock("accept human label"):
+            versions = self.human_versions(case)
+            version = (versions[-1] if versions else 0) + 1
+            final = self._label_file(case, "human", version)
+            volumes.write_image(label, final, exclusive=True)
+            prov = self._provenance(case, "human", source, produced_by or {}, label, final,
+                                    version=version, author=author or _user(), **extra)
+            atomic.write_json(final.with_suffix(".json"), prov, exclusive=True)
+            self.log_event("human_label_added", case=case, version=version, source=source, author=prov["author"])
+        return version
+
+    def import_labels(
+        self, files: Sequence[str | Path], kind: str, *, source: str = "import", author: str | None = None,
+    ) -> list[tuple[str, int | None]]:
+        """Import label files matched to cases by file name; validated all before any is stored."""
+        paths = expand_sources(files)
+        plan = []
+        for path in paths:
+            case = derive_case_id(path)
+            if not self.has_case(case):
+                raise InputError(path, f"no case {case!r} in the project for this label file")
+            plan.append((case, self._validated(case, path), path))
+        out = []
+        with self.lock(f"import {kind} labels"):
+            for case, label, path in plan:
+                produced_by = {"file": str(path.resolve()), "sha256": sha256_file(path)}
+                if kind == "human":
+                    out.append((case, self.add_human_label(case, label, author=author, source="human-import", produced_by=produced_by)))
+                else:
+                    self.write_label(case, kind, label, source=source, produced_by=produced_by)
+                    out.append((case, None))
+        return out
+
+    def labeled_cases(self, kind: str) -> list[str]:
+        if kind == "human":
+            folder = self.root / "labels" / "human"
+            return sorted(p.name for p in folder.iterdir() if p.is_dir() and self.human_versions(p.name)) if folder.is_dir() else []
+        if kind not in LABEL_KINDS:
+            raise InputError("--kind", f"unknown label kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
+        folder = self.root / "labels" / kind
+        return sorted(p.name[: -len(STORE_EXT)] for p in folder.glob(f"*{STORE_EXT}") if not p.name.startswith(".")) if folder.is_dir() else []
+
+    # summary -----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        cases = self.cases()
+        kinds = {kind: self.labeled_cases(kind) for kind in LABEL_KINDS}
+        human_versions = sum(len(self.human_versions(c)) for c in kinds["human"])
+        rounds = sorted(p.name for p in (self.root / "rounds").iterdir() if p.is_dir()) if (self.root / "rounds").is_dir() else []
+        events = self.events()
+        return {
+            "project": str(self.root.resolve()),
+            "name": self.name,
+            "modality": self.modality,
+            "labels": self.labels.mapping,
+            "cases": len(cases),
+            "label_counts": {kind: len(v) for kind, v in kinds.items()},
+            "human_versions": human_versions,
+            "unlabeled": len(set(cases) - set(kinds["human"]) - set(kinds["pseudo"])),
+            "rounds": rounds,
+            "events": len(events),
+            "last_event": {k: events[-1][k] for k in ("time", "event")} if events else None,
+        }
+
+    def case_table(self) -> list[dict]:
+        kinds = {kind: set(self.labeled_cases(kind)) for kind in LABEL_KINDS}
+        return [
+            {"case": c, **{k: (c in kinds[k]) for k in LABEL_KINDS}, "human_versions": len(self.human_versions(c))}
+            for c in self.cases()
+        ]
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "holder unknown"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return os.environ.get("USER", "unknown")
+
+
