@@ -7,6 +7,9 @@ double precision from input to the project's NRRD files.
 """
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +108,52 @@ def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
+def _check_nifti_payload(path: Path) -> None:
+    """Refuse a truncated or corrupt NIfTI file, and float data with NaN/Inf.
+
+    ITK reads a short NIfTI file without complaint (the missing voxels come back
+    as zeros) and turns NaN into 0, so both are checked on the raw bytes here:
+    the header's expected data size against what the file (or its gzip stream)
+    holds, and float voxels for non-finite values.
+    """
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            payload = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(path, f"truncated or corrupt gzip data ({exc})") from None
+    if len(payload) < 348:
+        raise InputError(path, f"truncated NIfTI header ({len(payload)} bytes)")
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", payload[:4])[0]
+        if sizeof_hdr == 348:
+            datatype, bitpix = struct.unpack(endian + "2h", payload[70:74])
+            dims = struct.unpack(endian + "8h", payload[40:56])
+            offset = int(struct.unpack(endian + "f", payload[108:112])[0])
+            break
+        if sizeof_hdr == 540 and len(payload) >= 540:
+            datatype, bitpix = struct.unpack(endian + "2h", payload[12:16])
+            dims = struct.unpack(endian + "8q", payload[16:80])
+            offset = struct.unpack(endian + "q", payload[168:176])[0]
+            break
+    else:
+        raise InputError(path, "corrupt NIfTI header (sizeof_hdr is neither 348 nor 540)")
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1 : ndim + 1]) or bitpix <= 0 or offset < 0:
+        raise InputError(path, f"corrupt NIfTI header (dim {list(dims[: ndim + 1]) if 0 <= ndim <= 7 else ndim}, bitpix {bitpix})")
+    count = int(np.prod(dims[1 : ndim + 1], dtype=np.int64))
+    expected = offset + count * bitpix // 8
+    if len(payload) < expected:
+        raise InputError(path, f"truncated NIfTI file: {len(payload)} bytes of data, the header needs {expected}")
+    float_types = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
+    if datatype in float_types:
+        data = np.frombuffer(payload, dtype=endian + float_types[datatype], count=count, offset=offset)
+        bad = int(count - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            kinds = "/".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(data).any())
+            raise InputError(path, f"image has {bad} non-finite voxels ({kinds})")
+
+
 def _read_any(path: Path) -> sitk.Image:
     """Read a file or a DICOM series folder; unreadable input becomes an InputError."""
     if not path.exists():
@@ -126,6 +175,8 @@ def _read_any(path: Path) -> sitk.Image:
         raise InputError(path, f"unsupported file type; expected one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM folder")
     if path.stat().st_size == 0:
         raise InputError(path, "empty file (0 bytes)")
+    if image_extension(path) in (".nii", ".nii.gz"):
+        _check_nifti_payload(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
