@@ -1,0 +1,288 @@
+"""The project folder: creation, cases, label kinds and versions, provenance, lock, events."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+from ALSegLib import atomic, phantoms, volumes
+from ALSegLib.errors import InputError, ProjectLockedError
+from ALSegLib.project import LabelTable, Project, check_case_id, derive_case_id
+
+
+def test_create_writes_config_and_event(tmp_path, table):
+    p = Project.create(tmp_path / "p", table, "mri")
+    cfg = json.loads((tmp_path / "p" / "alseg.json").read_text())
+    assert cfg["schema"] == 1 and cfg["modality"] == "MRI" and cfg["name"] == "p"
+    assert cfg["labels"][0] == {"name": "organ", "value": 1, "color": list(phantoms.COLORS["organ"])}
+    assert [e["event"] for e in p.events()] == ["project_created"]
+    reopened = Project.open(tmp_path / "p")
+    assert reopened.labels.mapping == phantoms.LABELS
+
+
+def test_create_refuses_non_empty_folder_and_existing_project(tmp_path, table):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        Project.create(tmp_path / "full", table, "CT")
+    Project.create(tmp_path / "p", table, "CT")
+    with pytest.raises(InputError, match="already an ALSeg project"):
+        Project.create(tmp_path / "p", table, "CT")
+    with pytest.raises(InputError, match="must be CT or MRI"):
+        Project.create(tmp_path / "q", table, "PET")
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("liver=1,spleen=1", "duplicate label value 1"),
+        ("liver=1,Liver=2", "duplicate label name"),
+        ("liver=0", "reserved for background"),
+        ("liver=1.5", "must be an integer"),
+        ("liver", "expected NAME=VALUE"),
+        ("liver=70000", "outside 1..65535"),
+        ("liver=1:#zz0000", "#RRGGBB"),
+    ],
+)
+def test_label_table_errors(spec, message):
+    with pytest.raises(InputError, match=message):
+        LabelTable.parse(spec)
+
+
+def test_label_table_colors():
+    t = LabelTable.parse("liver=1:#ff8000, kidney=5")
+    assert t.classes[0].color == (1.0, 128 / 255, 0.0) and t.mapping == {"liver": 1, "kidney": 5}
+
+
+def test_add_cases_with_references(project, phantom_dir):
+    ids = [f"phantom_ct_00{i}" for i in range(6)]
+    assert project.cases() == ids
+    assert project.labeled_cases("reference") == ids
+    meta = json.loads(project.image_path(ids[0]).with_suffix(".json").read_text())
+    assert meta["source"].endswith("phantom_ct_000.nii.gz") and len(meta["source_sha256"]) == 64
+    prov = project.provenance(ids[0], "reference")
+    assert prov["source"] == "import" and prov["kind"] == "reference" and prov["label_values_present"] == [1, 2, 3]
+    assert prov["produced_by"]["file"].endswith("labels/phantom_ct_000.nii.gz")
+    for key in ("time", "tool", "file_sha256"):
+        assert prov[key]
+    # stored label equals the input label
+    src = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_dir / "labels" / "phantom_ct_002.nii.gz")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(project.read_label("phantom_ct_002", "reference")), src)
+    assert project.events()[-1]["event"] == "cases_added"
+
+
+def test_case_ids_are_safe_and_stable(tmp_path):
+    f = tmp_path / "My Scan (2).nii.gz"
+    f.write_bytes(b"")
+    assert derive_case_id(f) == derive_case_id(f) == "My_Scan__2_"
+    g = tmp_path / "..hidden..name.nrrd"
+    g.write_bytes(b"")
+    assert derive_case_id(g) == "hidden.name"
+    for bad in ["../x", "/etc/passwd", "a/b", "a\\b", "..", ".", "", "-x", "a..b"]:
+        with pytest.raises(InputError):
+            check_case_id(bad)
+
+
+def test_duplicate_case_ids_refused(project, phantom_dir, tmp_path):
+    with pytest.raises(InputError, match="already exists"):
+        project.add_cases([phantom_dir / "images" / "phantom_ct_001.nii.gz"])
+    other = tmp_path / "other"
+    other.mkdir()
+    img = sitk.ReadImage(str(phantom_dir / "images" / "phantom_ct_001.nii.gz"))
+    volumes.write_image(img, other / "NEW.nrrd")
+    volumes.write_image(img, other / "new.nii.gz")
+    with pytest.raises(InputError, match="also derived from"):
+        project.add_cases([other])
+    assert len(project.cases()) == 6
+
+
+def test_geometry_kept_exactly_in_the_project(tmp_path, table):
+    arr = np.random.default_rng(1).normal(size=(8, 9, 10)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    direction = Rotation.from_euler("zyx", [33, 12, -70], degrees=True).as_matrix().flatten().tolist()
+    img.SetDirection(direction)
+    img.SetSpacing((0.6, 0.9, 4.5))
+    img.SetOrigin((12.3456789, -98.7654321, 3.14159265))
+    src = tmp_path / "oblique.mha"
+    sitk.WriteImage(img, str(src), True)
+    lab = sitk.GetImageFromArray((arr > 1).astype(np.uint8))
+    lab.CopyInformation(img)
+    ref_dir = tmp_path / "refs"
+    ref_dir.mkdir()
+    sitk.WriteImage(lab, str(ref_dir / "oblique.nii.gz"))  # NIfTI: float32 header, within tolerance
+    p = Project.create(tmp_path / "p", table, "CT")
+    p.add_cases([src], reference_dir=ref_dir)
+    stored, stored_label = p.read_image("oblique"), p.read_label("oblique", "reference")
+    for s in (stored, stored_label):
+        np.testing.assert_allclose(s.GetDirection(), direction, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(s.GetSpacing(), img.GetSpacing(), rtol=1e-15)
+        np.testing.assert_allclose(s.GetOrigin(), img.GetOrigin(), rtol=1e-15)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), arr)
+
+
+def test_human_labels_are_versioned_and_never_overwritten(project):
+    case = "phantom_ct_003"
+    ref = project.read_label(case, "reference")
+    edited = sitk.BinaryThreshold(ref, 1, 1, 1, 0)  # organ only
+    assert project.add_human_label(case, ref, author="dr_a") == 1
+    first = project.label_path(case, "human", 1).read_bytes()
+    assert project.add_human_label(case, edited, author="dr_b") == 2
+    assert project.human_versions(case) == [1, 2]
+    assert project.label_path(case, "human", 1).read_bytes() == first
+    assert project.label_path(case, "human") == project.label_path(case, "human", 2)
+    prov = project.provenance(case, "human")
+    assert prov["version"] == 2 and prov["author"] == "dr_b" and prov["source"] == "human"
+    assert prov["label_values_present"] == [1]
+    assert project.provenance(case, "human", 1)["author"] == "dr_a"
+
+
+def test_machines_cannot_write_human_labels(project):
+    ref = project.read_label("phantom_ct_000", "reference")
+    with pytest.raises(InputError, match="add_human_label"):
+        project.write_label("phantom_ct_000", "human", ref, source="nnunet")
+    with pytest.raises(InputError, match="human labels come from"):
+        project.add_human_label("phantom_ct_000", ref, source="nnunet")
+    assert project.human_versions("phantom_ct_000") == []
+
+
+def test_machine_labels_replace_reference_does_not(project):
+    case = "phantom_ct_001"
+    ref = project.read_label(case, "reference")
+    empty = sitk.Image(ref.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(ref)
+    project.write_label(case, "pseudo", ref, source="sam", produced_by={"model": "vit_b"})
+    project.write_label(case, "pseudo", empty, source="sam", produced_by={"model": "vit_b"})
+    assert sitk.GetArrayFromImage(project.read_label(case, "pseudo")).max() == 0
+    assert project.provenance(case, "pseudo")["produced_by"] == {"model": "vit_b"}
+    with pytest.raises(InputError, match="reference label already exists"):
+        project.write_label(case, "reference", empty, source="import")
+    assert sitk.GetArrayFromImage(project.read_label(case, "reference")).max() == 3
+
+
+def test_label_checked_against_stored_image(project):
+    ref = project.read_label("phantom_ct_000", "reference")
+    moved = sitk.Image(ref)
+    moved.SetOrigin((0.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="origin"):
+        project.add_human_label("phantom_ct_000", moved)
+    arr = sitk.GetArrayFromImage(ref)
+    arr[0, 0, 0] = 9
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(ref)
+    with pytest.raises(InputError, match=r"\[9\]"):
+        project.write_label("phantom_ct_000", "predicted", bad, source="nnunet")
+
+
+def test_import_labels_as_pseudo_and_human(project, phantom_dir):
+    done = project.import_labels([phantom_dir / "labels" / "phantom_ct_004.nii.gz"], "pseudo", source="totalseg")
+    assert done == [("phantom_ct_004", None)]
+    assert project.provenance("phantom_ct_004", "pseudo")["source"] == "totalseg"
+    done = project.import_labels([phantom_dir / "labels" / "phantom_ct_004.nii.gz"], "human", author="dr_c")
+    assert done == [("phantom_ct_004", 1)]
+    assert project.provenance("phantom_ct_004", "human")["source"] == "human-import"
+
+
+def test_status_counts(project):
+    project.add_human_label("phantom_ct_000", project.read_label("phantom_ct_000", "reference"))
+    project.add_human_label("phantom_ct_000", project.read_label("phantom_ct_000", "reference"))
+    project.write_label("phantom_ct_001", "pseudo", project.read_label("phantom_ct_001", "reference"), source="sam")
+    s = project.status()
+    assert s["cases"] == 6 and s["label_counts"] == {"reference": 6, "pseudo": 1, "human": 1, "predicted": 0}
+    assert s["human_versions"] == 2 and s["unlabeled"] == 4
+    rows = {r["case"]: r for r in project.case_table()}
+    assert rows["phantom_ct_000"]["human_versions"] == 2 and rows["phantom_ct_001"]["pseudo"]
+
+
+def test_event_log_skips_a_torn_last_line(project):
+    n = len(project.events())
+    with open(project.root / "events.jsonl", "a") as fh:
+        fh.write('{"event": "half-writ')
+    assert len(project.events()) == n
+
+
+def test_stale_temporaries_removed_under_lock(project):
+    stale = project.root / "labels" / "reference" / f"{atomic.TMP_PREFIX}999-dead-phantom_ct_000.nrrd"
+    stale.write_bytes(b"partial")
+    staging = project.root / ".staging-dead"
+    staging.mkdir()
+    with project.lock("test"):
+        pass
+    assert not stale.exists() and not staging.exists()
+
+
+def _hold_lock_script(root, seconds):
+    return textwrap.dedent(f"""
+        import sys, time
+        from ALSegLib.project import Project
+        p = Project.open({str(root)!r})
+        with p.lock("held by test"):
+            print("locked", flush=True)
+            time.sleep({seconds})
+    """)
+
+
+def test_second_writer_waits_then_fails_naming_the_holder(project):
+    holder = subprocess.Popen([sys.executable, "-c", _hold_lock_script(project.root, 30)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        other = Project.open(project.root)
+        start = time.monotonic()
+        with pytest.raises(ProjectLockedError) as err:
+            with other.lock("second", timeout=0.5):
+                pass
+        assert time.monotonic() - start >= 0.5
+        assert f"pid {holder.pid}" in str(err.value) and "held by test" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_a_killed_writer_is_released(project):
+    holder = subprocess.Popen([sys.executable, "-c", _hold_lock_script(project.root, 60)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with Project.open(project.root).lock("after kill", timeout=2):
+        pass
+
+
+def test_second_writer_that_waits_gets_the_lock(project):
+    holder = subprocess.Popen([sys.executable, "-c", _hold_lock_script(project.root, 1)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        v = Project.open(project.root).add_human_label("phantom_ct_000", project.read_label("phantom_ct_000", "reference"))
+        assert v == 1
+    finally:
+        holder.wait()
+
+
+def test_open_errors(tmp_path, project):
+    with pytest.raises(InputError, match="project folder not found"):
+        Project.open(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="alseg.json missing"):
+        Project.open(tmp_path / "empty")
+    cfg = project.root / "alseg.json"
+    good = cfg.read_text()
+    cfg.write_text("{not json")
+    with pytest.raises(InputError, match=r"alseg\.json: malformed JSON"):
+        Project.open(project.root)
+    cfg.write_text(good.replace('"schema": 1', '"schema": 99'))
+    with pytest.raises(InputError, match="newer than this ALSeg"):
+        Project.open(project.root)
+
+
+def test_dicom_series_added_as_a_case(tmp_path, table, shared_data):
+    folder = shared_data / "ct_example" / "example_ct_dicom"
+    if not folder.is_dir():
+        pytest.skip("no shared DICOM series")
+    p = Project.create(tmp_path / "p", table, "CT")
+    assert p.add_cases([folder]) == ["example_ct_dicom"]
+    assert p.read_image("example_ct_dicom").GetSize() == (512, 512, 20)
