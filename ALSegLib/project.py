@@ -198,6 +198,8 @@ def expand_sources(paths: Iterable[str | Path]) -> list[Path]:
         if not p.exists():
             raise InputError(p, "file not found")
         if p.is_file():
+            if volumes.image_extension(p) is None:
+                raise volumes.unsupported_type(p)
             out.append(p)
             continue
         if volumes.is_dicom_folder(p):

@@ -47,6 +47,10 @@ def strip_extension(path: str | Path) -> str:
     return name[: len(name) - len(ext)] if ext else name
 
 
+def unsupported_type(path: str | Path) -> InputError:
+    return InputError(path, f"unsupported file type; expected one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM folder")
+
+
 def dicom_series(folder: Path) -> tuple[str, ...]:
     """DICOM series ids in ``folder`` (GDCM's "no series found" warning kept quiet)."""
     if not folder.is_dir():
@@ -172,7 +176,7 @@ def _read_any(path: Path) -> sitk.Image:
         except RuntimeError as exc:
             raise InputError(path, f"unreadable DICOM series: {_itk_reason(exc)}") from None
     if image_extension(path) is None:
-        raise InputError(path, f"unsupported file type; expected one of {', '.join(IMAGE_EXTENSIONS)} or a DICOM folder")
+        raise unsupported_type(path)
     if path.stat().st_size == 0:
         raise InputError(path, "empty file (0 bytes)")
     if image_extension(path) in (".nii", ".nii.gz"):
