@@ -16,16 +16,8 @@ from pathlib import Path
 TMP_PREFIX = ".tmp-"
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new entry in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,13 +44,13 @@ def atomic_path(final: str | Path, *, exclusive: bool = False) -> Iterator[Path]
     tmp = temporary_path(final)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_path(tmp)
         if exclusive:
             os.link(tmp, final)  # raises FileExistsError instead of overwriting
             os.unlink(tmp)
         else:
             os.replace(tmp, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -88,10 +80,10 @@ def append_line(path: str | Path, line: str) -> None:
         os.fsync(fh.fileno())
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Remove temporary files left by a killed writer; returns how many."""
+def remove_stale_temporaries(folder: Path, recursive: bool = True) -> int:
+    """Remove temporary files left by a killed writer (call under the writers' lock); returns how many."""
     n = 0
-    for p in folder.rglob(f"{TMP_PREFIX}*"):
+    for p in (folder.rglob if recursive else folder.glob)(f"{TMP_PREFIX}*"):
         if p.is_file():
             p.unlink()
             n += 1

@@ -32,8 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _json_default(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
@@ -84,7 +82,7 @@ def cmd_add(args) -> int:
         allow_missing_reference=args.allow_missing_reference,
     )
     seconds = time.perf_counter() - start
-    with_ref = len(project.events()[-1].get("with_reference", []))
+    with_ref = len(set(ids) & set(project.labeled_cases("reference")))
     if args.json:
         _print_json({"added": ids, "with_reference": with_ref, "seconds": round(seconds, 3)})
     else:

@@ -306,7 +306,6 @@ class Project:
             "created": now_iso(),
             "tool": f"alseg {__version__}",
         }
-        (root / LOCK).touch()
         project = cls(root, config, table)
         with project.lock("init"):
             atomic.write_json(root / CONFIG, config)
@@ -335,8 +334,6 @@ class Project:
         if config.get("modality") not in MODALITIES:
             raise InputError(cfg_path, f"'modality' must be CT or MRI, not {config.get('modality')!r}")
         table = LabelTable.from_json(config.get("labels"), where=str(cfg_path))
-        if not (root / LOCK).exists():
-            (root / LOCK).touch()
         return cls(root, config, table)
 
     @property
@@ -381,7 +378,8 @@ class Project:
         try:
             holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
             os.ftruncate(fd, 0)
-            os.pwrite(fd, holder.encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, holder.encode())
             self._clean_leftovers()
             yield
         finally:
@@ -395,7 +393,8 @@ class Project:
         """Under the lock, temporaries and staging folders can only be a dead writer's."""
         for staging in self.root.glob(".staging-*"):
             shutil.rmtree(staging, ignore_errors=True)
-        for sub in ("images", "labels"):
+        atomic.remove_stale_temporaries(self.root, recursive=False)
+        for sub in ("images", "labels", "rounds"):
             if (self.root / sub).is_dir():
                 atomic.remove_stale_temporaries(self.root / sub)
 
@@ -514,7 +513,7 @@ class Project:
                     final.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(tmp, final)
                 for folder in {final.parent for _, final in staged}:
-                    atomic.fsync_dir(folder)
+                    atomic.fsync_path(folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             self.log_event(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,7 +355,3 @@ def write_label_file(label: sitk.Image, path: str | Path, segments: Sequence[Seg
         write_seg_nrrd(label, path, segments)
     else:
         write_image(label, path)
-
-
-def segments_from_table(labels: Mapping[str, int], colors: Mapping[str, tuple[float, float, float]]) -> list[Segment]:
-    return [Segment(name, int(value), tuple(colors[name])) for name, value in labels.items()]
