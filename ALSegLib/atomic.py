@@ -32,22 +32,51 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{name[: len(name) - len(ext)]}{ext}")
 
 
+def make_dirs(folder: Path) -> None:
+    """Create ``folder`` and missing parents, making each new entry durable in its parent."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_path(new.parent)
+
+
+def _place_exclusive(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final`` only if ``final`` does not exist.
+
+    A hard link fails atomically if ``final`` exists. File systems without hard
+    links (exFAT, some network shares) fall back to check-then-rename, which is
+    safe because project writers hold the project lock.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:
+        if final.exists():
+            raise FileExistsError(final) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
 @contextmanager
 def atomic_path(final: str | Path, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``final`` atomically.
 
-    ``exclusive=True`` never replaces an existing file (hard link, which fails if
-    ``final`` exists): used for versions of human labels.
+    ``exclusive=True`` never replaces an existing file (raises FileExistsError):
+    used for versions of human labels.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = temporary_path(final)
     try:
         yield tmp
         fsync_path(tmp)
         if exclusive:
-            os.link(tmp, final)  # raises FileExistsError instead of overwriting
-            os.unlink(tmp)
+            _place_exclusive(tmp, final)
         else:
             os.replace(tmp, final)
         fsync_path(final.parent)
@@ -73,11 +102,34 @@ def write_with(final: str | Path, writer: Callable[[Path], None], *, exclusive: 
 
 
 def append_line(path: str | Path, line: str) -> None:
-    """Append one line and fsync (the event log). A crash can only tear the last line."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line.rstrip("\n") + "\n")
+    """Append one line and fsync (the event log).
+
+    A crash can only tear the last line; such a torn tail (no final newline) is
+    cut off before the next append, so it never ends up inside the log.
+    """
+    with open(path, "ab+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size:
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                fh.truncate(_end_of_last_line(fh, size))
+        fh.write((line.rstrip("\n") + "\n").encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _end_of_last_line(fh, size: int, block: int = 1 << 16) -> int:
+    """Offset just past the last newline of an open binary file (0 if none)."""
+    end = size
+    while end > 0:
+        start = max(end - block, 0)
+        fh.seek(start)
+        chunk = fh.read(end - start)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
 
 
 def remove_stale_temporaries(folder: Path, recursive: bool = True) -> int:

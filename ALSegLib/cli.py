@@ -154,14 +154,22 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     project = Project.open(args.project)
     dest = Path(args.to)
-    if args.kind == "image":
-        name = dest.name.lower()
-        if name.endswith(".seg.nrrd") or not volumes.image_extension(dest):
-            raise InputError(dest, "export an image as .nii.gz, .nii, .nrrd or .mha")
-        volumes.write_image(project.read_image(args.case), dest)
-    else:
-        label = project.read_label(args.case, args.kind, args.version)
-        volumes.write_label_file(label, dest, project.labels.segments())
+    if dest.resolve().is_relative_to(project.root.resolve()):
+        raise InputError(dest, "export destination is inside the project folder; choose a path outside it")
+    if dest.is_dir():
+        raise InputError(dest, "is a folder; give a file name such as case.nii.gz or case.seg.nrrd")
+    if not dest.parent.is_dir():
+        raise InputError(dest, "destination folder does not exist")
+    try:
+        if args.kind == "image":
+            if volumes.image_extension(dest) not in (".nii.gz", ".nii", ".nrrd", ".mha"):
+                raise InputError(dest, "export an image as .nii.gz, .nii, .nrrd or .mha")
+            volumes.write_image(project.read_image(args.case), dest)
+        else:
+            label = project.read_label(args.case, args.kind, args.version)
+            volumes.write_label_file(label, dest, project.labels.segments())
+    except OSError as exc:
+        raise InputError(dest, f"cannot write: {exc.strerror or exc}") from None
     if args.json:
         _print_json({"case": args.case, "kind": args.kind, "file": str(dest.resolve())})
     else:

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,14 +49,30 @@ MODALITIES = ("CT", "MRI")
 LABEL_KINDS = ("reference", "pseudo", "human", "predicted")
 MACHINE_KINDS = ("pseudo", "predicted")
 HUMAN_SOURCES = ("human", "simulated", "human-import")
-LOCK_TIMEOUT_S = float(os.environ.get("ALSEG_LOCK_TIMEOUT", "60"))
+DEFAULT_LOCK_TIMEOUT_S = 60.0
 
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}[A-Za-z0-9_-]$|^[A-Za-z0-9]$")
+_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+RESERVED_LABEL_NAMES = ("mean", "background")
 _VERSION_FILE = re.compile(r"^v(\d{4,})" + re.escape(STORE_EXT) + "$")
 _PALETTE = [
     (0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.85, 0.4, 0.35),
     (0.56, 0.36, 0.65), (0.9, 0.6, 0.2), (0.3, 0.5, 0.85), (0.86, 0.86, 0.4), (0.4, 0.8, 0.6),
 ]
+
+
+def lock_timeout() -> float:
+    """Seconds a writer waits for the lock: ``ALSEG_LOCK_TIMEOUT`` or 60."""
+    text = os.environ.get("ALSEG_LOCK_TIMEOUT")
+    if text is None:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError("ALSEG_LOCK_TIMEOUT", f"must be a number of seconds, not {text!r}") from None
+    if value < 0:
+        raise InputError("ALSEG_LOCK_TIMEOUT", f"must not be negative ({text})")
+    return value
 
 
 def now_iso() -> str:
@@ -89,8 +106,10 @@ class LabelTable:
         names: dict[str, str] = {}
         values: dict[int, str] = {}
         for c in classes:
-            if not c.name or not re.fullmatch(r"[^=,:\s][^=,:]*", c.name) or c.name != c.name.strip():
-                raise InputError(where, f"invalid label name {c.name!r}")
+            if not isinstance(c.name, str) or not re.fullmatch(r"[^=,:|\s][^=,:|\x00-\x1f\x7f]*", c.name) or c.name != c.name.strip():
+                raise InputError(where, f"invalid label name {c.name!r} (no '=', ',', ':', '|' or control characters)")
+            if c.name.lower() in RESERVED_LABEL_NAMES:
+                raise InputError(where, f"label name {c.name!r} is reserved")
             if c.name.lower() in names:
                 raise InputError(where, f"duplicate label name {c.name!r}")
             if isinstance(c.value, bool) or not isinstance(c.value, int):
@@ -174,7 +193,10 @@ def check_case_id(case: str) -> str:
     if "/" in case or "\\" in case or ".." in case or os.path.isabs(case):
         raise InputError(f"case id {case!r}", "must not contain path separators, '..' or be an absolute path")
     if not _CASE_ID.fullmatch(case):
-        raise InputError(f"case id {case!r}", "use letters, digits, '.', '_' and '-' (first a letter or digit, at most 128)")
+        raise InputError(f"case id {case!r}", "use letters, digits, '.', '_' and '-' (start with a letter or digit, "
+                         "do not end with '.', at most 128 characters)")
+    if _WINDOWS_RESERVED.match(case):
+        raise InputError(f"case id {case!r}", "is a reserved device name on Windows")
     return case
 
 
@@ -183,7 +205,7 @@ def derive_case_id(source: Path) -> str:
     ``[A-Za-z0-9._-]`` become ``_``, runs of dots collapse, leading dots/dashes go."""
     stem = volumes.strip_extension(source) if source.is_file() or volumes.image_extension(source) else source.name
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
-    cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128]
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128].rstrip(".")
     if not cleaned:
         raise InputError(source, "cannot derive a case id from this name; pass one explicitly")
     return check_case_id(cleaned)
@@ -275,7 +297,8 @@ class Project:
         self.root = root
         self.config = config
         self.labels = labels
-        self._lock_fd: int | None = None
+        self._thread_lock = threading.RLock()  # threads of this process using this object
+        self._lock_owner: int | None = None  # thread id holding the project lock
         self._lock_depth = 0
 
     # construction ------------------------------------------------------------------------
@@ -308,7 +331,10 @@ class Project:
         }
         project = cls(root, config, table)
         with project.lock("init"):
-            atomic.write_json(root / CONFIG, config)
+            try:
+                atomic.write_json(root / CONFIG, config, exclusive=True)
+            except FileExistsError:
+                raise InputError(root, "is already an ALSeg project (created concurrently)") from None
             project.log_event("project_created", modality=modality, labels=table.mapping)
         return project
 
@@ -331,6 +357,8 @@ class Project:
             raise InputError(cfg_path, f"missing or invalid 'schema' ({schema!r})")
         if schema > SCHEMA_VERSION:
             raise InputError(cfg_path, f"schema {schema} is newer than this ALSeg understands ({SCHEMA_VERSION}); upgrade alseg")
+        if not isinstance(config.get("name"), str) or not config["name"]:
+            raise InputError(cfg_path, "missing or invalid 'name'")
         if config.get("modality") not in MODALITIES:
             raise InputError(cfg_path, f"'modality' must be CT or MRI, not {config.get('modality')!r}")
         table = LabelTable.from_json(config.get("labels"), where=str(cfg_path))
@@ -348,46 +376,50 @@ class Project:
 
     @contextmanager
     def lock(self, purpose: str = "write", timeout: float | None = None) -> Iterator[None]:
-        """Hold the project's writer lock (re-entrant within this object).
+        """Hold the project's writer lock (re-entrant within one thread).
 
         Waits up to ``timeout`` seconds (``ALSEG_LOCK_TIMEOUT``, default 60) for
-        another writer, then raises :class:`ProjectLockedError` naming the holder.
-        The OS releases the lock if the holder dies, so a killed writer never
-        leaves the project locked.
+        another writer, process or thread, then raises :class:`ProjectLockedError`
+        naming the holder. The OS releases the lock if the holder dies, so a
+        killed writer never leaves the project locked.
         """
-        if self._lock_depth:
-            self._lock_depth += 1
+        timeout = lock_timeout() if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if not self._thread_lock.acquire(timeout=timeout):
+            raise ProjectLockedError(self.root / LOCK, f"project is busy: another thread of this process writes; waited {timeout:g} s")
+        try:
+            if self._lock_depth:
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            path = self.root / LOCK
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(path)
+                    os.close(fd)
+                    raise ProjectLockedError(
+                        path, f"project is busy: another writer holds the lock ({holder}); waited {timeout:g} s"
+                    )
+                time.sleep(0.05)
+            self._lock_depth = 1
             try:
+                holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, holder.encode())
+                self._clean_leftovers()
                 yield
             finally:
-                self._lock_depth -= 1
-            return
-        timeout = LOCK_TIMEOUT_S if timeout is None else timeout
-        path = self.root / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout
-        while not _try_lock(fd):
-            if time.monotonic() >= deadline:
-                holder = _read_holder(path)
+                self._lock_depth = 0
+                os.ftruncate(fd, 0)
+                _unlock(fd)
                 os.close(fd)
-                raise ProjectLockedError(
-                    path, f"project is busy: another writer holds the lock ({holder}); waited {timeout:g} s"
-                )
-            time.sleep(0.05)
-        self._lock_fd, self._lock_depth = fd, 1
-        try:
-            holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, holder.encode())
-            self._clean_leftovers()
-            yield
         finally:
-            self._lock_depth = 0
-            self._lock_fd = None
-            os.ftruncate(fd, 0)
-            _unlock(fd)
-            os.close(fd)
+            self._thread_lock.release()
 
     def _clean_leftovers(self) -> None:
         """Under the lock, temporaries and staging folders can only be a dead writer's."""
@@ -506,11 +538,18 @@ class Project:
                 staged = []
                 for case, src, ref in track(list(zip(ids, items, refs)), desc="reading images"):
                     staged.extend(self._stage_case(staging, case, src, ref))
-                for tmp, final in staged:  # commit: renames only
-                    if final.exists():
-                        raise InputError(final, "appeared while adding; nothing was added")
+                for case in ids:  # under the lock now: re-check against a concurrent add
+                    if self.has_case(case):
+                        raise InputError(self.image_path(case), "appeared while adding; nothing was added")
+                # Commit by renames. A case exists once its image is in place, so each
+                # case's image goes last: a crash mid-commit leaves only files of cases
+                # that do not exist yet, which a retry simply replaces.
+                for case in ids:  # leftovers of a killed add must not attach to the new case
+                    for kind in ("reference", *MACHINE_KINDS):
+                        for leftover in (self._label_file(case, kind), self._label_file(case, kind).with_suffix(".json")):
+                            leftover.unlink(missing_ok=True)
                 for tmp, final in staged:
-                    final.parent.mkdir(parents=True, exist_ok=True)
+                    atomic.make_dirs(final.parent)
                     os.replace(tmp, final)
                 for folder in {final.parent for _, final in staged}:
                     atomic.fsync_path(folder)
@@ -524,7 +563,7 @@ class Project:
     def _stage_case(self, staging: Path, case: str, src: Path, ref: Path | None) -> list[tuple[Path, Path]]:
         image = volumes.read_image(src)
         geometry = volumes.Geometry.of(image)
-        out = []
+        out = []  # (staged, final) in commit order: labels and sidecars first, the image last
         img_tmp = staging / "images" / f"{case}{STORE_EXT}"
         volumes.write_image(image, img_tmp)
         meta = {
@@ -535,7 +574,6 @@ class Project:
         if src.is_file():
             meta["source_sha256"] = sha256_file(src)
         atomic.write_json(img_tmp.with_suffix(".json"), meta)
-        out += [(img_tmp, self.image_path(case)), (img_tmp.with_suffix(".json"), self.image_path(case).with_suffix(".json"))]
         if ref is not None:
             label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
             lab_tmp = staging / "labels" / "reference" / f"{case}{STORE_EXT}"
@@ -543,7 +581,8 @@ class Project:
             prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)}, label, lab_tmp)
             atomic.write_json(lab_tmp.with_suffix(".json"), prov)
             final = self._label_file(case, "reference")
-            out += [(lab_tmp, final), (lab_tmp.with_suffix(".json"), final.with_suffix(".json"))]
+            out += [(lab_tmp.with_suffix(".json"), final.with_suffix(".json")), (lab_tmp, final)]
+        out += [(img_tmp.with_suffix(".json"), self.image_path(case).with_suffix(".json")), (img_tmp, self.image_path(case))]
         return out
 
     # labels ----------------------------------------------------------------------------------
@@ -590,7 +629,15 @@ class Project:
         sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
             return {"kind": kind, "case": case, "source": "unknown", "note": "provenance sidecar missing"}
-        return json.loads(sidecar.read_text(encoding="utf-8"))
+        try:
+            prov = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(sidecar, f"malformed provenance JSON: {exc}") from None
+        if not isinstance(prov, dict):
+            raise InputError(sidecar, "provenance must be a JSON object")
+        # a crash between writing a label and its sidecar leaves an older sidecar
+        prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
+        return prov
 
     def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path, **extra) -> dict:
         present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
@@ -654,13 +701,21 @@ class Project:
     def import_labels(
         self, files: Sequence[str | Path], kind: str, *, source: str = "import", author: str | None = None,
     ) -> list[tuple[str, int | None]]:
-        """Import label files matched to cases by file name; validated all before any is stored."""
-        paths = expand_sources(files)
+        """Import label files matched to cases by file name. Every file is checked
+        (case exists, one file per case, no reference replaced, valid label) before any is stored."""
+        if kind not in LABEL_KINDS:
+            raise InputError("--kind", f"unknown label kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
         plan = []
-        for path in paths:
+        seen: dict[str, Path] = {}
+        for path in expand_sources(files):
             case = derive_case_id(path)
             if not self.has_case(case):
                 raise InputError(path, f"no case {case!r} in the project for this label file")
+            if case in seen:
+                raise InputError(path, f"gives the same case {case!r} as {seen[case]}")
+            seen[case] = path
+            if kind == "reference" and self.label_path(case, "reference") is not None:
+                raise InputError(path, f"case {case!r} already has a reference label")
             plan.append((case, self._validated(case, path), path))
         out = []
         with self.lock(f"import {kind} labels"):
@@ -674,13 +729,16 @@ class Project:
         return out
 
     def labeled_cases(self, kind: str) -> list[str]:
-        if kind == "human":
-            folder = self.root / "labels" / "human"
-            return sorted(p.name for p in folder.iterdir() if p.is_dir() and self.human_versions(p.name)) if folder.is_dir() else []
+        """Cases of the project that have a label of ``kind`` (human: at least one version)."""
         if kind not in LABEL_KINDS:
             raise InputError("--kind", f"unknown label kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
         folder = self.root / "labels" / kind
-        return sorted(p.name[: -len(STORE_EXT)] for p in folder.glob(f"*{STORE_EXT}") if not p.name.startswith(".")) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        cases = set(self.cases())
+        if kind == "human":
+            return sorted(p.name for p in folder.iterdir() if p.name in cases and self.human_versions(p.name))
+        return sorted(c for p in folder.glob(f"*{STORE_EXT}") if (c := p.name[: -len(STORE_EXT)]) in cases)
 
     # summary -----------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from . import atomic
 from .errors import InputError
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".mhd")
-LABEL_EXPORT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
+LABEL_EXPORT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")  # single files only: no .mhd + .raw
 
 # Label and image grids must agree within these tolerances (millimetres for the
 # origin, relative for spacing, absolute for direction cosines). Loose enough for
@@ -291,6 +291,8 @@ def write_image(img: sitk.Image, path: str | Path, *, exclusive: bool = False) -
     path = Path(path)
     if path.name.lower().endswith(".seg.nrrd"):
         raise ValueError("use write_seg_nrrd for .seg.nrrd")
+    if path.name.lower().endswith(".mhd"):
+        raise InputError(path, "write .mha instead of .mhd (a .mhd header points at a separate data file)")
     atomic.write_with(path, lambda tmp: sitk.WriteImage(img, str(tmp), True), exclusive=exclusive)
 
 

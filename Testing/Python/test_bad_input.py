@@ -242,7 +242,7 @@ def test_the_good_image_alone_is_added(rich_project, tmp_path, phantom_dir):
 
 def test_malformed_project_config_via_cli(rich_project, run_cli):
     cfg = rich_project.root / "alseg.json"
-    cfg.write_text('{"schema": 1, "modality": "CT", "labels": [{"name": "a", "value": 1}, {"name": "b", "value": 1}]}')
+    cfg.write_text('{"schema": 1, "name": "p", "modality": "CT", "labels": [{"name": "a", "value": 1}, {"name": "b", "value": 1}]}')
     before = tree_hash(rich_project.root)
     code, _, err = run_cli("status", rich_project.root)
     assert code == 2 and "alseg.json" in err and "duplicate label value 1" in err

@@ -106,7 +106,7 @@ def test_busy_project_exit_code_3(project, run_cli, monkeypatch):
     fd = os.open(project.root / "alseg.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: a second writer
     try:
-        monkeypatch.setattr("ALSegLib.project.LOCK_TIMEOUT_S", 0.2)
+        monkeypatch.setenv("ALSEG_LOCK_TIMEOUT", "0.2")
         ref = project.root / "labels" / "reference"
         code, _, err = run_cli("import-labels", project.root, ref / "phantom_ct_000.nrrd", "--kind", "pseudo")
         assert code == 3 and "busy" in err
@@ -138,3 +138,23 @@ def test_real_hippocampus_twenty_cases(tmp_path, hippocampus, run_cli):
     stored = sitk.ReadImage(str(proj / "images" / (sorted(images.iterdir())[0].name.replace(".nii.gz", ".nrrd"))))
     assert stored.GetSpacing() == img.GetSpacing() and stored.GetOrigin() == img.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(img))
+
+
+def test_export_refuses_project_paths_folders_and_mhd(project, tmp_path, run_cli):
+    inside = project.root / "labels" / "reference" / "phantom_ct_001.nrrd"
+    before = inside.read_bytes()
+    code, _, err = run_cli("export", project.root, "phantom_ct_000", "--kind", "reference", "--to", inside)
+    assert code == 2 and "inside the project folder" in err and inside.read_bytes() == before
+    code, _, err = run_cli("export", project.root, "phantom_ct_000", "--kind", "reference", "--to", tmp_path)
+    assert code == 2 and "is a folder" in err
+    code, _, err = run_cli("export", project.root, "phantom_ct_000", "--kind", "reference", "--to", tmp_path / "x.mhd")
+    assert code == 2 and "unsupported export type" in err
+    code, _, err = run_cli("export", project.root, "phantom_ct_000", "--kind", "reference", "--to", tmp_path / "no" / "x.nii.gz")
+    assert code == 2 and "destination folder does not exist" in err
+
+
+def test_bad_lock_timeout_setting_is_bad_input(project, run_cli, monkeypatch):
+    monkeypatch.setenv("ALSEG_LOCK_TIMEOUT", "soon")
+    ref = project.root / "labels" / "reference" / "phantom_ct_000.nrrd"
+    code, _, err = run_cli("import-labels", project.root, ref, "--kind", "pseudo")
+    assert code == 2 and "ALSEG_LOCK_TIMEOUT" in err

@@ -49,6 +49,9 @@ def test_create_refuses_non_empty_folder_and_existing_project(tmp_path, table):
         ("liver", "expected NAME=VALUE"),
         ("liver=70000", "outside 1..65535"),
         ("liver=1:#zz0000", "#RRGGBB"),
+        ("mean=1", "reserved"),
+        ("background=1", "reserved"),
+        ("a|b=1", "invalid label name"),
     ],
 )
 def test_label_table_errors(spec, message):
@@ -85,7 +88,7 @@ def test_case_ids_are_safe_and_stable(tmp_path):
     g = tmp_path / "..hidden..name.nrrd"
     g.write_bytes(b"")
     assert derive_case_id(g) == "hidden.name"
-    for bad in ["../x", "/etc/passwd", "a/b", "a\\b", "..", ".", "", "-x", "a..b"]:
+    for bad in ["../x", "/etc/passwd", "a/b", "a\\b", "..", ".", "", "-x", "a..b", "trailing.", "CON", "nul.txt", "com1"]:
         with pytest.raises(InputError):
             check_case_id(bad)
 
@@ -200,11 +203,97 @@ def test_status_counts(project):
     assert rows["phantom_ct_000"]["human_versions"] == 2 and rows["phantom_ct_001"]["pseudo"]
 
 
-def test_event_log_skips_a_torn_last_line(project):
+def test_event_log_skips_a_torn_last_line_and_cuts_it_before_appending(project):
     n = len(project.events())
     with open(project.root / "events.jsonl", "a") as fh:
         fh.write('{"event": "half-writ')
     assert len(project.events()) == n
+    project.add_human_label("phantom_ct_000", project.read_label("phantom_ct_000", "reference"))
+    events = project.events()  # would raise if the torn line were now inside the log
+    assert len(events) == n + 1 and events[-1]["event"] == "human_label_added"
+    assert "half-writ" not in (project.root / "events.jsonl").read_text()
+
+
+def test_label_names_with_newlines_refused():
+    with pytest.raises(InputError, match="invalid label name"):
+        LabelTable.from_mapping({"a\nb": 1})
+
+
+def test_threads_sharing_a_project_object_are_serialised(project):
+    import threading
+
+    ref = project.read_label("phantom_ct_005", "reference")
+    versions, errors = [], []
+
+    def accept():
+        try:
+            for _ in range(3):
+                versions.append(project.add_human_label("phantom_ct_005", ref))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=accept) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(versions) == list(range(1, 13)) and project.human_versions("phantom_ct_005") == list(range(1, 13))
+    assert [e["version"] for e in project.events() if e["event"] == "human_label_added"] == list(range(1, 13))
+
+
+def test_human_versions_without_hard_links(project, monkeypatch):
+    """File systems without hard links (exFAT, some shares) still never overwrite a version."""
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ref = project.read_label("phantom_ct_004", "reference")
+    assert project.add_human_label("phantom_ct_004", ref) == 1
+    assert project.add_human_label("phantom_ct_004", ref) == 2
+    first = project.label_path("phantom_ct_004", "human", 1)
+    before = first.read_bytes()
+    with pytest.raises(FileExistsError):
+        volumes.write_image(ref, first, exclusive=True)
+    assert first.read_bytes() == before
+
+
+def test_add_after_a_crash_mid_commit(project, phantom_dir, tmp_path):
+    """A crash between renames leaves files of a case whose image is not in place:
+    the case does not exist, and adding it again replaces the leftovers."""
+    src = tmp_path / "src"
+    src.mkdir()
+    img = sitk.ReadImage(str(phantom_dir / "images" / "phantom_ct_000.nii.gz"))
+    volumes.write_image(img, src / "late.nii.gz")
+    leftover = project.root / "labels" / "reference" / "late.nrrd"
+    leftover.write_bytes(b"left by a killed add")
+    assert "late" not in project.cases() and "late" not in project.labeled_cases("reference")
+    assert project.add_cases([src]) == ["late"]
+    assert not leftover.exists() and "late" not in project.labeled_cases("reference")
+
+
+def test_import_labels_checks_all_before_storing(project, phantom_dir, tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    lab = sitk.ReadImage(str(phantom_dir / "labels" / "phantom_ct_000.nii.gz"))
+    volumes.write_image(lab, folder / "phantom_ct_000.nii.gz")
+    volumes.write_image(sitk.ReadImage(str(phantom_dir / "labels" / "phantom_ct_001.nii.gz")), folder / "phantom_ct_001.nrrd")
+    volumes.write_image(lab, tmp_path / "phantom_ct_000.nrrd")
+    with pytest.raises(InputError, match="already has a reference label"):
+        project.import_labels([folder], "reference")
+    with pytest.raises(InputError, match="gives the same case"):
+        project.import_labels([folder, tmp_path / "phantom_ct_000.nrrd"], "pseudo")
+    assert project.labeled_cases("pseudo") == []
+
+
+def test_provenance_flags_a_sidecar_that_does_not_match(project):
+    case = "phantom_ct_002"
+    assert project.provenance(case, "reference")["matches_file"] is True
+    path = project.label_path(case, "reference")
+    sitk.WriteImage(sitk.BinaryThreshold(sitk.ReadImage(str(path)), 1, 1, 1, 0), str(path), True)
+    assert project.provenance(case, "reference")["matches_file"] is False
 
 
 def test_stale_temporaries_removed_under_lock(project):
