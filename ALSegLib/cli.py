@@ -177,6 +177,72 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args) -> int:
+    from .nnunet.plan import plan
+
+    project = Project.open(args.project)
+    record = plan(project, policy=args.policy, configurations=args.configuration or ["3d_fullres"],
+                  batch_size=args.batch_size, num_processes=args.processes, force=args.force)
+    if args.json:
+        _print_json(record)
+    else:
+        print(f"Planned on {record['dataset']} ({record['policy']} labels)")
+        for c in record["configurations"]:
+            print(f"  {c}: patch {record['patch_size'][c]}, batch {record['batch_size'][c]}")
+        print(f"  normalisation: {', '.join(record['normalization'])}")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from .nnunet.train import train
+
+    project = Project.open(args.project)
+    record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
+                   val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
+                   init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size)
+    if args.json:
+        _print_json(record)
+    else:
+        v = record.get("validation") or {}
+        print(f"Model {record['name']} ({record['mode']}, {record['configuration']}): {record['epochs_done']} epochs x "
+              f"{record['budget']['iterations']} iterations on {record['labeled_cases']} labeled cases in {record['seconds']:.0f} s; "
+              f"final train loss {record['final_train_loss']:.3f}"
+              + (f", validation Dice {v['mean_dice']:.3f} on {v['cases']} case(s)" if v else ""))
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from .nnunet.predict import predict
+
+    project = Project.open(args.project)
+    results = predict(project, args.model, args.case or None, probabilities=args.probabilities,
+                      mirroring=args.mirroring, device=args.device, round_id=args.round)
+    if args.json:
+        _print_json({"model": args.model, "predicted": results})
+    else:
+        print(f"Predicted {len(results)} case(s) with {args.model}"
+              + (" (probabilities stored under predictions/)" if args.probabilities else ""))
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    from .nnunet.train import list_models, read_model
+
+    project = Project.open(args.project)
+    records = [read_model(project, m) for m in list_models(project)]
+    if args.json:
+        _print_json(records)
+        return EXIT_OK
+    if not records:
+        print("No models yet (alseg train).")
+    for r in records:
+        v = (r.get("validation") or {}).get("mean_dice")
+        print(f"{r['name']:<20} {r['mode']:<11} {r['status']:<9} {r['configuration']:<11} "
+              f"epochs {r.get('epochs_done', 0)}/{r['budget']['epochs']}  labeled {r['labeled_cases']}"
+              + (f"  val Dice {v:.3f}" if v is not None else ""))
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     """Build a phantom project with reference labels and show its status."""
     folder = Path(args.dir)
@@ -266,6 +332,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=LABEL_KINDS + ("image",))
     p.add_argument("--version", type=int, help="human label version (default: latest)")
     p.add_argument("--to", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
+
+    p = add("plan", cmd_plan, "nnU-Net self-configuration: fingerprint, plans and preprocessing (on pseudo-labels by default).")
+    p.add_argument("project")
+    p.add_argument("--policy", default="pseudo", choices=("pseudo", "human", "human+pseudo"), help="labels to plan on")
+    p.add_argument("--configuration", action="append", choices=("2d", "3d_fullres", "3d_lowres"),
+                   help="configuration(s) to preprocess (repeatable; default 3d_fullres)")
+    p.add_argument("--batch-size", type=int, help="override nnU-Net's batch size (e.g. 2 for 3d or 12 for 2d on a CPU)")
+    p.add_argument("--processes", type=int, help="worker processes for planning and preprocessing")
+    p.add_argument("--force", action="store_true", help="plan again even if the project has plans")
+    p.add_argument("--json", action="store_true")
+
+    p = add("train", cmd_train, "Train an nnU-Net model: pretrain (pseudo-labels), finetune (human labels, from "
+            "pretrained weights) or supervised (human labels, from scratch). Resumes after a kill.")
+    p.add_argument("project")
+    p.add_argument("--mode", required=True, choices=("pretrain", "finetune", "supervised"))
+    p.add_argument("--name", help="model name (default: the mode)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 1000 on a GPU, 20 on a CPU)")
+    p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
+    p.add_argument("--val-iters", type=int, help="validation iterations per epoch (default: iters / 5)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="default: the planned one")
+    p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
+    p.add_argument("--init", default="pretrain", help="finetune: the model to start from (default: pretrain)")
+    p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
+    p.add_argument("--json", action="store_true")
+
+    p = add("predict", cmd_predict, "Predict cases with a trained model: 'predicted' labels and class probabilities.")
+    p.add_argument("project")
+    p.add_argument("--model", required=True, help="model name (alseg models)")
+    p.add_argument("--case", action="append", help="only this case (repeatable; default: all cases)")
+    p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
+    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--round", help="round id recorded in the provenance")
+    p.add_argument("--json", action="store_true")
+
+    p = add("models", cmd_models, "List the project's models with their mode, status and budget.")
+    p.add_argument("project")
     p.add_argument("--json", action="store_true")
 
     p = add("demo", cmd_demo, "Build a demo project of synthetic phantoms and show its status.")

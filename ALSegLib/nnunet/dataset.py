@@ -1,0 +1,148 @@
+"""The project as an nnU-Net v2 raw dataset.
+
+One label per case, chosen by a policy: ``pseudo`` (pretraining), ``human``
+(latest version; fine-tuning and the supervised baseline) or ``human+pseudo``
+(human where there is one, else pseudo). Reference labels are never read: the
+oracle experiment reveals a reference by storing it as a human label marked
+``simulated``. Cases without a label under the policy form the unlabeled pool.
+
+Images are hard-linked from the project (no copy; the project replaces files by
+rename, so a link keeps the snapshot it was made from). Label values are mapped
+to nnU-Net's consecutive 1..K when the project's table is not already so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import atomic
+from ..errors import InputError
+from ..project import STORE_EXT, Project, check_case_id
+from .env import folders
+
+POLICIES = {"pseudo": ("pseudo",), "human": ("human",), "human+pseudo": ("human", "pseudo")}
+ALSEG_META = "alseg_dataset.json"
+_DATASET = re.compile(r"^Dataset(\d{3})_(.+)$")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An exported nnU-Net dataset and what ALSeg knows about it."""
+
+    id: int
+    name: str
+    folder: Path
+    policy: str
+    cases: list[str]  # labeled training cases
+    pool: list[str]  # cases without a label under the policy
+    sources: dict[str, str]  # case -> "human v0002" / "pseudo"
+    values: list[int]  # project label value of nnU-Net label i+1
+
+    @classmethod
+    def load(cls, folder: Path) -> "Dataset":
+        meta = json.loads((folder / ALSEG_META).read_text())
+        m = _DATASET.match(folder.name)
+        return cls(int(m.group(1)), folder.name, folder, meta["policy"], meta["cases"], meta["pool"], meta["sources"], meta["values"])
+
+
+def find_dataset(project: Project, tag: str) -> Dataset | None:
+    """The exported dataset named ``Dataset###_<tag>``, if any."""
+    raw = folders(project.root).raw
+    if raw.is_dir():
+        for d in sorted(raw.iterdir()):
+            m = _DATASET.match(d.name)
+            if m and m.group(2) == tag and (d / ALSEG_META).is_file():
+                return Dataset.load(d)
+    return None
+
+
+def _next_id(raw: Path) -> int:
+    ids = [int(m.group(1)) for d in raw.iterdir() if (m := _DATASET.match(d.name))] if raw.is_dir() else []
+    return max(ids, default=0) + 1
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def export_dataset(project: Project, policy: str, tag: str) -> Dataset:
+    """Write ``nnunet/raw/Dataset###_<tag>`` for ``policy``; returns it.
+
+    An export is a snapshot: exporting the same tag again returns the existing one.
+    """
+    if policy not in POLICIES:
+        raise InputError("--policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}")
+    check_case_id(tag)
+    existing = find_dataset(project, tag)
+    if existing is not None:
+        return existing
+
+    chosen: dict[str, tuple[str, int | None]] = {}
+    for case in project.cases():
+        for kind in POLICIES[policy]:
+            path = project.label_path(case, kind)
+            if path is not None:
+                chosen[case] = (kind, project.human_versions(case)[-1] if kind == "human" else None)
+                break
+    if not chosen:
+        raise InputError(project.root, f"no case has a {' or '.join(POLICIES[policy])} label; nothing to train on")
+
+    raw = folders(project.root).raw
+    raw.mkdir(parents=True, exist_ok=True)
+    with project.lock(f"export nnU-Net dataset {tag}"):
+        ds_id = _next_id(raw)
+        if ds_id > 999:
+            raise InputError(raw, "more than 999 nnU-Net datasets in this project")
+        name = f"Dataset{ds_id:03d}_{tag}"
+        tmp = raw / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "imagesTr").mkdir(parents=True)
+        (tmp / "labelsTr").mkdir()
+
+        values = project.labels.values
+        ordered = sorted(values)
+        consecutive = ordered == list(range(1, len(ordered) + 1))
+        lut = np.zeros(max(ordered) + 1, np.uint8 if len(ordered) < 255 else np.uint16)
+        for i, v in enumerate(ordered, start=1):
+            lut[v] = i
+        for case, (kind, version) in chosen.items():
+            _link_or_copy(project.image_path(case), tmp / "imagesTr" / f"{case}_0000{STORE_EXT}")
+            label_file = project.label_path(case, kind, version)
+            if consecutive:
+                _link_or_copy(label_file, tmp / "labelsTr" / f"{case}{STORE_EXT}")
+            else:
+                label = sitk.ReadImage(str(label_file))
+                mapped = sitk.GetImageFromArray(lut[sitk.GetArrayViewFromImage(label)])
+                mapped.CopyInformation(label)
+                sitk.WriteImage(mapped, str(tmp / "labelsTr" / f"{case}{STORE_EXT}"), True)
+
+        by_value = {c.value: c.name for c in project.labels.classes}
+        dataset_json = {
+            "channel_names": {"0": "CT" if project.modality == "CT" else "MRI"},  # CT -> CT normalisation, else z-score
+            "labels": {"background": 0, **{by_value[v]: i for i, v in enumerate(ordered, start=1)}},
+            "numTraining": len(chosen),
+            "file_ending": STORE_EXT,
+            "name": tag,
+            "description": f"ALSeg project {project.name}: {policy} labels",
+        }
+        atomic.write_json(tmp / "dataset.json", dataset_json)
+        sources = {c: (f"human v{v:04d}" if k == "human" else k) for c, (k, v) in chosen.items()}
+        meta = {
+            "policy": policy, "cases": sorted(chosen), "pool": sorted(set(project.cases()) - set(chosen)),
+            "sources": sources, "values": ordered, "project": project.name,
+        }
+        atomic.write_json(tmp / ALSEG_META, meta)
+        os.replace(tmp, raw / name)
+        atomic.fsync_path(raw)
+        project.log_event("nnunet_dataset_exported", dataset=name, policy=policy, cases=len(chosen), pool=len(meta["pool"]))
+    return Dataset.load(raw / name)

@@ -1,0 +1,97 @@
+"""nnU-Net's folders and settings, set for the duration of one call only.
+
+nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` from the
+environment when it needs them. :func:`nnunet_environment` points them at the
+project's ``nnunet/`` folder, and restores the caller's environment afterwards,
+so the parent process (Slicer's Python, a notebook) is left as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class NnunetFolders:
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+
+def folders(project_root: Path) -> NnunetFolders:
+    return NnunetFolders(Path(project_root) / "nnunet")
+
+
+@contextlib.contextmanager
+def nnunet_environment(project_root: Path, *, training_on_cpu: bool = False, log: Path | None = None) -> Iterator[NnunetFolders]:
+    """Set nnU-Net's variables for one call; restore the caller's environment after.
+
+    ``training_on_cpu`` runs data augmentation in the main process
+    (``nnUNet_n_proc_DA=0``, unless the caller set it): on a few CPU cores, worker
+    processes only compete with the network for the same cores. nnU-Net's
+    console output goes to ``log`` when given, so that ``--json`` output stays clean.
+    """
+    f = folders(project_root)
+    for p in (f.raw, f.preprocessed, f.results):
+        p.mkdir(parents=True, exist_ok=True)
+    wanted = {
+        "nnUNet_raw": str(f.raw),
+        "nnUNet_preprocessed": str(f.preprocessed),
+        "nnUNet_results": str(f.results),
+        "nnUNet_compile": os.environ.get("nnUNet_compile", "f"),
+    }
+    if training_on_cpu and "nnUNet_n_proc_DA" not in os.environ:
+        wanted["nnUNet_n_proc_DA"] = "0"
+    saved = {k: os.environ.get(k) for k in wanted}
+    threads = torch.get_num_threads()
+    os.environ.update(wanted)
+    try:
+        if log is None:
+            yield f
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh):
+                yield f
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.set_num_threads(threads)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device must be available."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda", "no CUDA device is available here")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise InputError("--device mps", "no Apple MPS device is available here")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError("--device", f"must be auto, cpu, cuda or mps, not {name!r}")
+    return torch.device(name)
+

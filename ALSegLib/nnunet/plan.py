@@ -1,0 +1,166 @@
+"""nnU-Net self-configuration for a project: fingerprint, experiment planning, preprocessing.
+
+The project is planned once, on its first (normally pseudo-labeled) dataset.
+ALSeg keeps nnU-Net's ``nnUNetPlans.json`` untouched and writes its own
+``ALSegPlans.json`` beside it (optionally with a smaller batch for a CPU).
+Every later dataset of the project (human labels, later rounds) gets these
+same plans moved over, so architecture, patch size and normalisation stay the
+same and weights carry over from one model to the next.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import atomic
+from ..errors import InputError
+from ..progress import emit
+from ..project import Project, now_iso
+from .dataset import Dataset, export_dataset, find_dataset
+from .env import folders, nnunet_environment
+
+PLANS = "ALSegPlans"
+RECORD = "alseg_plans.json"
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+
+
+def default_processes() -> int:
+    """Worker processes for fingerprinting and preprocessing: half the cores, 1 to 4."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def project_plans(project: Project) -> dict | None:
+    """The project's plans record (planning dataset, configurations), or None before planning."""
+    path = folders(project.root).root / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _unique_tag(project: Project, base: str) -> str:
+    tag, n = base, 1
+    while find_dataset(project, tag) is not None:
+        n += 1
+        tag = f"{base}{n}"
+    return tag
+
+
+def plan(
+    project: Project,
+    *,
+    policy: str = "pseudo",
+    configurations: Sequence[str] = ("3d_fullres",),
+    batch_size: int | None = None,
+    num_processes: int | None = None,
+    force: bool = False,
+) -> dict:
+    """Plan and preprocess the project on its ``policy`` labels; returns the plans record.
+
+    Does nothing if the project is already planned, unless ``force``.
+    """
+    for c in configurations:
+        if c not in CONFIGURATIONS:
+            raise InputError("--configuration", f"must be one of {', '.join(CONFIGURATIONS)}, not {c!r}")
+    if batch_size is not None and batch_size < 1:
+        raise InputError("--batch-size", f"must be at least 1, not {batch_size}")
+    existing = project_plans(project)
+    if existing is not None and not force:
+        return existing
+    nproc = num_processes or default_processes()
+    dataset = export_dataset(project, policy, _unique_tag(project, f"plan-{policy.replace('+', '-')}"))
+    f = folders(project.root)
+    emit("stage", stage="plan", dataset=dataset.name, cases=len(dataset.cases))
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+    )
+
+    with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
+        extract_fingerprints([dataset.id], num_processes=nproc, check_dataset_integrity=True, clean=True, verbose=False)
+        plan_experiments([dataset.id])
+        base = json.loads((f.preprocessed / dataset.name / "nnUNetPlans.json").read_text())
+        missing = [c for c in configurations if c not in base["configurations"]]
+        if missing:
+            raise InputError(project.root, f"nnU-Net planned no {', '.join(missing)} configuration for these images "
+                             f"(available: {', '.join(base['configurations'])})")
+        plans = _alseg_plans(base, configurations, batch_size)
+        atomic.write_json(f.preprocessed / dataset.name / f"{PLANS}.json", plans)
+    record = {
+        "dataset": dataset.name,
+        "policy": policy,
+        "plans": PLANS,
+        "configurations": list(configurations),
+        "batch_size": {c: plans["configurations"][c]["batch_size"] for c in configurations},
+        "patch_size": {c: plans["configurations"][c]["patch_size"] for c in configurations},
+        "normalization": plans["configurations"][configurations[0]]["normalization_schemes"],
+        "time": now_iso(),
+    }
+    for c in configurations:
+        preprocess(project, dataset, c, nproc)
+    with project.lock("record nnU-Net plans"):
+        atomic.write_json(f.root / RECORD, record)
+        project.log_event("nnunet_planned", **{k: record[k] for k in ("dataset", "configurations", "batch_size", "patch_size")})
+    return record
+
+
+def _alseg_plans(base: dict, configurations: Sequence[str], batch_size: int | None) -> dict:
+    plans = json.loads(json.dumps(base))
+    plans["plans_name"] = PLANS
+    for name, cfg in plans["configurations"].items():
+        if "data_identifier" in cfg:
+            cfg["data_identifier"] = f"{PLANS}_{name}"
+        if batch_size is not None and name in configurations:
+            cfg["batch_size"] = int(batch_size)
+    return plans
+
+
+def preprocess(project: Project, dataset: Dataset, configuration: str, num_processes: int | None = None) -> None:
+    """Preprocess ``dataset`` with the project's plans (moved over first if needed); idempotent."""
+    record = project_plans(project)
+    f = folders(project.root)
+    target = f.preprocessed / dataset.name
+    if not (target / f"{PLANS}.json").is_file():
+        if record is None:
+            raise InputError(project.root, "the project has no nnU-Net plans yet; run 'alseg plan' first")
+        from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import (
+            move_plans_between_datasets,
+        )
+
+        target.mkdir(parents=True, exist_ok=True)
+        # nnU-Net's fingerprinting normally puts dataset.json here; moved plans need it too
+        atomic.write_bytes(target / "dataset.json", (dataset.folder / "dataset.json").read_bytes())
+        # ... and the trainer copies the fingerprint the plans were made from
+        fingerprint = f.preprocessed / record["dataset"] / "dataset_fingerprint.json"
+        atomic.write_bytes(target / "dataset_fingerprint.json", fingerprint.read_bytes())
+        with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
+            move_plans_between_datasets(record["dataset"], dataset.name, PLANS, PLANS)
+    plans = json.loads((target / f"{PLANS}.json").read_text())
+    if configuration not in plans["configurations"]:
+        raise InputError("--configuration", f"the project's plans have no {configuration!r} configuration "
+                         f"(planned: {', '.join(plans['configurations'])})")
+    marker = target / f".alseg-preprocessed-{configuration}"
+    if not marker.is_file():
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nn_preprocess
+
+        emit("stage", stage="preprocess", dataset=dataset.name, configuration=configuration)
+        with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
+            nn_preprocess([dataset.id], PLANS, [configuration], [num_processes or default_processes()])
+        atomic.write_bytes(marker, now_iso().encode())
+    write_split(target, dataset.cases)
+
+
+def write_split(preprocessed: Path, cases: Sequence[str], seed: int = 12345) -> None:
+    """Fold 0 of ``splits_final.json``: a seeded 80/20 train/validation split from 5
+    cases up; below that every case is used for both (nnU-Net's 'all')."""
+    cases = sorted(cases)
+    if len(cases) >= 5:
+        shuffled = cases[:]
+        random.Random(seed).shuffle(shuffled)
+        n_val = max(1, round(0.2 * len(cases)))
+        split = {"train": sorted(shuffled[n_val:]), "val": sorted(shuffled[:n_val])}
+    else:
+        split = {"train": cases, "val": cases}
+    path = preprocessed / "splits_final.json"
+    if not path.is_file() or json.loads(path.read_text()) != [split]:
+        atomic.write_json(path, [split])

@@ -1,0 +1,119 @@
+"""Prediction with a trained model: ``predicted`` labels and per-case class probabilities.
+
+Runs ``nnUNetPredictor`` set up by ``manual_initialization`` with a network
+built by ALSeg's trainer class and weights loaded with ``weights_only=True``
+(no trainer-name lookup, no pickle). Probabilities are stored per case as
+compressed float16 in ``predictions/<model>/<case>.npz`` (``probabilities``:
+classes x z x y x on the image grid; ``class_values``: the project label value
+of each channel, 0 first), for the uncertainty scores of selection.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import atomic
+from ..errors import InputError
+from ..progress import emit, track
+from ..project import Project, check_case_id
+from .env import folders, nnunet_environment, resolve_device
+from .plan import PLANS
+from .train import TRAINER, read_model
+from .trainers import load_checkpoint_safely
+
+
+def probabilities_path(project: Project, model: str, case: str) -> Path:
+    return project.root / "predictions" / check_case_id(model) / f"{check_case_id(case)}.npz"
+
+
+def load_probabilities(project: Project, model: str, case: str) -> tuple[np.ndarray, list[int]]:
+    """(probabilities as float32 C x z x y x, project label value of each channel)."""
+    path = probabilities_path(project, model, case)
+    if not path.is_file():
+        raise InputError(path, "no stored probabilities for this case and model")
+    with np.load(path) as npz:
+        return npz["probabilities"].astype(np.float32), [int(v) for v in npz["class_values"]]
+
+
+def _predictor(project: Project, record: dict, device, mirroring: bool, tile_step: float):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pre = folders(project.root).preprocessed / record["dataset"]
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(record["configuration"])
+    checkpoint = load_checkpoint_safely(project.root / record["checkpoint"])
+    network = TRAINER.build_network_architecture(
+        pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+        pm.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False,
+    )
+    network.load_state_dict(checkpoint["network_weights"])
+    predictor = nnUNetPredictor(
+        tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+        perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        network, pm, cm, [checkpoint["network_weights"]], dataset_json, TRAINER.__name__,
+        checkpoint.get("inference_allowed_mirroring_axes"),
+    )
+    return predictor
+
+
+def predict(
+    project: Project,
+    model: str,
+    cases: Sequence[str] | None = None,
+    *,
+    probabilities: bool = True,
+    mirroring: bool = False,
+    device: str = "auto",
+    round_id: str | None = None,
+    tile_step: float = 0.5,
+) -> list[dict]:
+    """Predict ``cases`` (default: every case) with ``model``; writes ``predicted`` labels
+    (and probabilities). Returns one summary per case."""
+    record = read_model(project, model)
+    if record["status"] != "done":
+        raise InputError(f"model {model!r}", "has not finished training")
+    cases = list(cases) if cases is not None else project.cases()
+    for case in cases:
+        if not project.has_case(case):
+            raise InputError(f"case {case!r}", f"not in project {project.root}")
+    dev = resolve_device(device)
+    values = json.loads((folders(project.root).raw / record["dataset"] / "alseg_dataset.json").read_text())["values"]
+    back = np.array([0, *values], dtype=np.uint16 if max(values) > 255 else np.uint8)  # nnU-Net index -> project value
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    out = []
+    log = project.root / "models" / model / "nnunet.log"
+    with nnunet_environment(project.root, log=log):
+        predictor = _predictor(project, record, dev, mirroring, tile_step)
+        emit("stage", stage="predict", model=model, cases=len(cases))
+        for case in track(cases, desc=f"predicting with {model}"):
+            data, props = SimpleITKIO().read_images([str(project.image_path(case))])
+            seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)
+            label = sitk.GetImageFromArray(back[np.asarray(seg)])
+            project.geometry(case).apply(label)
+            produced_by = {"model": model, "checkpoint": record["checkpoint"], "weights_digest": record["final_weights_digest"],
+                           "configuration": record["configuration"], "mirroring": mirroring, "round": round_id}
+            extra = {}
+            if probabilities:
+                probs = np.asarray(probs, dtype=np.float16)
+                path = probabilities_path(project, model, case)
+                buffer = io.BytesIO()
+                np.savez_compressed(buffer, probabilities=probs, class_values=back.astype(np.int32))
+                with project.lock("store probabilities"):
+                    atomic.write_bytes(path, buffer.getvalue())
+                extra["probabilities"] = str(path.relative_to(project.root))
+            project.write_label(case, "predicted", label, source="nnunet", produced_by=produced_by, **extra)
+            out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
+                        **extra})
+    return out

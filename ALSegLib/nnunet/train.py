@@ -1,0 +1,207 @@
+"""Training: pretrain on pseudo-labels, fine-tune from those weights, or a supervised baseline.
+
+Each model has a name and its own dataset snapshot; its record lives in
+``models/<name>/model.json`` and its nnU-Net output (checkpoints, logs) in
+``nnunet/results``. Training checkpoints every epoch and resumes from the latest
+checkpoint when run again after a kill. The project lock is held only for the
+short writes, so labels can be accepted while a model trains.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .. import atomic
+from ..errors import InputError, ProjectLockedError
+from ..progress import emit
+from ..project import Project, _try_lock, _unlock, check_case_id, now_iso
+from .dataset import Dataset, find_dataset, export_dataset
+from .env import folders, nnunet_environment, resolve_device
+from .plan import PLANS, plan, preprocess, project_plans
+from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
+
+MODES = {"pretrain": "pseudo", "finetune": "human", "supervised": "human"}
+TRAINER = ALSegTrainer
+
+
+def default_budget(device: torch.device) -> tuple[int, int]:
+    """(epochs, iterations per epoch): nnU-Net's 1000 x 250 on a GPU, a small CPU budget otherwise."""
+    return (1000, 250) if device.type == "cuda" else (20, 50)
+
+
+def model_dir(project: Project, name: str) -> Path:
+    return project.root / "models" / check_case_id(name)
+
+
+def read_model(project: Project, name: str) -> dict:
+    path = model_dir(project, name) / "model.json"
+    if not path.is_file():
+        known = ", ".join(list_models(project)) or "none"
+        raise InputError(f"model {name!r}", f"not found in {project.root} (models: {known})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"malformed JSON: {exc}") from None
+
+
+def list_models(project: Project) -> list[str]:
+    folder = project.root / "models"
+    return sorted(p.name for p in folder.iterdir() if (p / "model.json").is_file()) if folder.is_dir() else []
+
+
+def _write_record(project: Project, record: dict, event: str) -> None:
+    with project.lock(f"record model {record['name']}"):
+        atomic.write_json(model_dir(project, record["name"]) / "model.json", record)
+        project.log_event(event, model=record["name"], mode=record["mode"], status=record["status"])
+
+
+@contextlib.contextmanager
+def _model_lock(folder: Path) -> Iterator[None]:
+    """One training of a model at a time (another process gets a clear error, not a wait)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        holder = path.read_text(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ProjectLockedError(path, f"this model is being trained already ({holder})")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        _unlock(fd)
+        os.close(fd)
+
+
+def _dataset_for(project: Project, mode: str, name: str) -> Dataset:
+    """The model's dataset: its own snapshot; a pretraining model may take over the
+    pseudo-labeled planning dataset (already preprocessed) if no other model uses it."""
+    own = find_dataset(project, name)
+    if own is not None:
+        return own
+    record = project_plans(project)
+    if mode == "pretrain" and record and record["policy"] == "pseudo":
+        used = {read_model(project, m).get("dataset") for m in list_models(project)}
+        if record["dataset"] not in used:
+            return Dataset.load(folders(project.root).raw / record["dataset"])
+    return export_dataset(project, MODES[mode], name)
+
+
+def train(
+    project: Project,
+    mode: str,
+    *,
+    name: str | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
+    val_iterations: int | None = None,
+    device: str = "auto",
+    configuration: str | None = None,
+    init_from: str = "pretrain",
+    validate: bool = True,
+    batch_size: int | None = None,
+) -> dict:
+    """Train (or resume, or return the finished) model ``name``; returns its record."""
+    if mode not in MODES:
+        raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
+    name = check_case_id(name or mode)
+    dev = resolve_device(device)
+    d_epochs, d_iters = default_budget(dev)
+    epochs, iterations = epochs or d_epochs, iterations or d_iters
+    folder = model_dir(project, name)
+    previous = read_model(project, name) if (folder / "model.json").is_file() else None
+    if previous and previous["mode"] != mode:
+        raise InputError(f"model {name!r}", f"exists with mode {previous['mode']!r}; choose another --name")
+    if previous and previous["status"] == "done":
+        return previous
+
+    init = None
+    if mode == "finetune":
+        source = read_model(project, init_from)
+        if source["status"] != "done":
+            raise InputError(f"model {init_from!r}", "has not finished training; cannot fine-tune from it")
+        init = {"model": init_from, "checkpoint": source["checkpoint"], "weights_digest": source["final_weights_digest"]}
+
+    with _model_lock(folder):
+        if project_plans(project) is None:
+            plan(project, policy=MODES[mode], configurations=(configuration or "3d_fullres",), batch_size=batch_size)
+        plans_record = project_plans(project)
+        configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
+        dataset = _dataset_for(project, mode, name)
+        preprocess(project, dataset, configuration)
+        f = folders(project.root)
+        pre = f.preprocessed / dataset.name
+        record = previous or {
+            "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
+            "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
+            "plans": PLANS, "trainer": TRAINER.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
+        }
+        record.update({"status": "training", "device": str(dev),
+                       "budget": {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations}})
+        _write_record(project, record, "training_started")
+        emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=epochs, iterations=iterations)
+
+        start = time.perf_counter()
+        with nnunet_environment(project.root, training_on_cpu=dev.type == "cpu", log=folder / "nnunet.log"):
+            plans = json.loads((pre / f"{PLANS}.json").read_text())
+            if batch_size is not None:
+                plans["configurations"][configuration]["batch_size"] = int(batch_size)
+            output = f.results / dataset.name / f"{TRAINER.__name__}__{PLANS}__{configuration}" / "fold_0"
+            latest = output / "checkpoint_latest.pth"
+            plans["continue_training"] = latest.is_file()
+            dataset_json = json.loads((pre / "dataset.json").read_text())
+            trainer = TRAINER(plans, configuration, 0, dataset_json, dev)
+            trainer.set_budget(epochs, iterations, val_iterations)
+            if latest.is_file():
+                trainer.load_checkpoint(str(latest))
+                record["resumed_at_epochs"].append(trainer.current_epoch)
+                emit("resume", model=name, epoch=trainer.current_epoch)
+            elif init is not None:
+                digest = trainer.load_pretrained_weights(project.root / init["checkpoint"])
+                if digest != init["weights_digest"]:
+                    raise InputError(project.root / init["checkpoint"], "pretrained weights changed since that model finished")
+                record["init_weights_digest"] = digest
+            trainer.run_training()
+            validation = None
+            if validate:
+                trainer.perform_actual_validation(False)
+                validation = _validation_summary(output / "validation" / "summary.json", dataset)
+            final = output / "checkpoint_final.pth"
+            losses = [float(v) for v in trainer.logger.get_value("train_losses", None)]
+            record.update({
+                "status": "done",
+                "finished": now_iso(),
+                "seconds": round(time.perf_counter() - start + record.get("seconds", 0.0), 1),
+                "epochs_done": trainer.current_epoch,
+                "iterations_done": trainer.current_epoch * iterations,
+                "final_train_loss": losses[-1],
+                "final_pseudo_dice": float(trainer.logger.get_value("mean_fg_dice", -1)),
+                "train_losses": [round(v, 5) for v in losses],
+                "validation": validation,
+                "checkpoint": str(final.relative_to(project.root)),
+                "final_weights_digest": weights_digest(load_checkpoint_safely(final)["network_weights"]),
+            })
+        _write_record(project, record, "training_finished")
+        emit("stage", stage="train-done", model=name, seconds=record["seconds"])
+        return record
+
+
+def _validation_summary(path: Path, dataset: Dataset) -> dict | None:
+    """nnU-Net's validation summary as Dice per class name (on the held-out split)."""
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    names = json.loads((dataset.folder / "dataset.json").read_text())["labels"]
+    by_index = {str(v): k for k, v in names.items()}
+    per_class = {by_index.get(str(k), str(k)): round(float(v["Dice"]), 4) for k, v in summary.get("mean", {}).items()}
+    return {"dice": per_class, "mean_dice": round(float(summary["foreground_mean"]["Dice"]), 4),
+            "cases": len(summary.get("metric_per_case", []))}

@@ -1,0 +1,104 @@
+"""ALSeg's nnU-Net trainers: ``nnUNetTrainer`` subclasses that override only what they need.
+
+- the compute budget (epochs, iterations per epoch, validation iterations), set
+  by the engine, or by ``ALSEG_EPOCHS``/``ALSEG_ITERS``/``ALSEG_VAL_ITERS`` when
+  nnU-Net's own ``nnUNetv2_train`` runs the class (via ``nnUNet_extTrainer``);
+- a checkpoint after every epoch, so a killed training resumes where it stopped;
+- one progress event per epoch (epoch, train loss, validation pseudo-Dice, seconds);
+- checkpoints loaded with ``torch.load(weights_only=True)``: a checkpoint that
+  needs arbitrary pickled objects is refused, never executed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from ..errors import InputError
+from ..progress import emit
+
+# Plain data types that nnU-Net's checkpoints hold besides tensors (numpy scalars
+# in its training log). Allowing them lets weights_only=True load real checkpoints.
+SAFE_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType,
+                np.dtypes.Int64DType]
+
+
+def load_checkpoint_safely(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load an nnU-Net checkpoint without executing pickled code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError for foreign globals, RuntimeError for corrupt files
+        reason = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
+        raise InputError(path, f"refused to load checkpoint: it is not a plain weights file ({reason[:300]})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
+        raise InputError(path, "not an nnU-Net checkpoint (no 'network_weights')")
+    return checkpoint
+
+
+def weights_digest(state_dict: dict) -> str:
+    """A checksum of network weights (names, shapes, values), to prove which weights a model started from."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ALSegTrainer(nnUNetTrainer):
+    """nnU-Net's default trainer with ALSeg's budget, per-epoch checkpoints and progress events."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1
+        for attr, var in (("num_epochs", "ALSEG_EPOCHS"), ("num_iterations_per_epoch", "ALSEG_ITERS"),
+                          ("num_val_iterations_per_epoch", "ALSEG_VAL_ITERS")):
+            if os.environ.get(var):
+                setattr(self, attr, int(os.environ[var]))
+
+    def set_budget(self, epochs: int, iterations: int, val_iterations: int | None = None) -> None:
+        if epochs < 1 or iterations < 1:
+            raise InputError("budget", f"epochs and iterations must be at least 1 (got {epochs}, {iterations})")
+        self.num_epochs = int(epochs)
+        self.num_iterations_per_epoch = int(iterations)
+        self.num_val_iterations_per_epoch = int(val_iterations if val_iterations is not None else max(1, iterations // 5))
+
+    def on_epoch_end(self) -> None:
+        value = self.logger.get_value
+        event = {
+            "epoch": self.current_epoch + 1,
+            "epochs": self.num_epochs,
+            "train_loss": float(value("train_losses", -1)),
+            "val_loss": float(value("val_losses", -1)),
+            "pseudo_dice": float(value("mean_fg_dice", -1)),
+        }
+        super().on_epoch_end()  # logs the end time, writes checkpoints, advances current_epoch
+        event["seconds"] = float(value("epoch_end_timestamps", -1) - value("epoch_start_timestamps", -1))
+        emit("epoch", **event)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if isinstance(filename_or_checkpoint, (str, Path)):
+            filename_or_checkpoint = load_checkpoint_safely(filename_or_checkpoint, map_location=self.device)
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def load_pretrained_weights(self, checkpoint_file: str | Path) -> str:
+        """Start from another model's weights (same plans, so same shapes); returns their digest."""
+        if not self.was_initialized:
+            self.initialize()
+        weights = load_checkpoint_safely(checkpoint_file)["network_weights"]
+        own = self.network.state_dict()
+        mismatched = [k for k in own if k not in weights or tuple(weights[k].shape) != tuple(own[k].shape)]
+        if mismatched:
+            raise InputError(checkpoint_file, f"weights do not fit this network ({len(mismatched)} tensors differ, "
+                             f"e.g. {mismatched[0]}); were the plans or labels changed?")
+        self.network.load_state_dict({k: weights[k] for k in own})
+        return weights_digest(self.network.state_dict())
