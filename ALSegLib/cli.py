@@ -114,6 +114,7 @@ def cmd_status(args) -> int:
     print(f"Cases     {status['cases']}  (without human or pseudo label: {status['unlabeled']})")
     counts = status["label_counts"]
     print("Labelled  " + ", ".join(f"{k} {counts[k]}" for k in LABEL_KINDS) + f"  (human versions: {status['human_versions']})")
+    print(f"Models    {', '.join(status['models']) or 'none'}")
     print(f"Rounds    {len(status['rounds'])}")
     if status["last_event"]:
         print(f"Last      {status['last_event']['event']} at {status['last_event']['time']}")

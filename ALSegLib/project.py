@@ -758,6 +758,7 @@ class Project:
             "human_versions": human_versions,
             "unlabeled": len(set(cases) - set(kinds["human"]) - set(kinds["pseudo"])),
             "rounds": rounds,
+            "models": sorted(p.parent.name for p in (self.root / "models").glob("*/model.json")),
             "events": len(events),
             "last_event": {k: events[-1][k] for k in ("time", "event")} if events else None,
         }

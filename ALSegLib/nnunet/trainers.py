@@ -27,6 +27,9 @@ SAFE_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType, np
                 np.dtypes.Int64DType]
 
 
+EXT_TRAINER_PATH = Path(__file__).parent / "ext"  # for nnUNet_extTrainer
+
+
 def load_checkpoint_safely(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load an nnU-Net checkpoint without executing pickled code (``weights_only=True``)."""
     path = Path(path)
@@ -86,9 +89,29 @@ class ALSegTrainer(nnUNetTrainer):
         emit("epoch", **event)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        if isinstance(filename_or_checkpoint, (str, Path)):
-            filename_or_checkpoint = load_checkpoint_safely(filename_or_checkpoint, map_location=self.device)
-        super().load_checkpoint(filename_or_checkpoint)
+        """Restore a training state for resuming, loading the file with ``weights_only=True``.
+
+        (nnU-Net's own version unpickles with ``weights_only=False``, and in 2.8
+        fails when handed an already loaded dict, so the restore is done here.)
+        """
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, (str, Path)):
+            checkpoint = load_checkpoint_safely(checkpoint, map_location=self.device)
+        network = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        weights = {k[7:] if k.startswith("module.") and k not in network.state_dict() else k: v
+                   for k, v in checkpoint["network_weights"].items()}
+        network.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     def load_pretrained_weights(self, checkpoint_file: str | Path) -> str:
         """Start from another model's weights (same plans, so same shapes); returns their digest."""

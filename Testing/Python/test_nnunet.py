@@ -1,0 +1,221 @@
+"""nnU-Net inside the engine, end to end on a tiny phantom project (real nnunetv2, tiny budgets).
+
+plan -> pretrain on degraded pseudo-labels -> fine-tune from those weights -> predict with
+probabilities -> evaluate; resume after SIGKILL; the caller's environment is never changed.
+"""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from ALSegLib import phantoms
+from ALSegLib.errors import InputError
+from ALSegLib.evaluation import evaluate
+from ALSegLib.nnunet import dataset as ds
+from ALSegLib.nnunet.env import folders, nnunet_environment
+from ALSegLib.nnunet.plan import PLANS, plan, project_plans
+from ALSegLib.nnunet.predict import load_probabilities, predict
+from ALSegLib.nnunet.train import read_model, train
+from ALSegLib.nnunet.trainers import load_checkpoint_safely
+from ALSegLib.project import LabelTable, Project
+from ALSegLib.volumes import Geometry
+
+BUDGET = dict(epochs=2, iterations=2, val_iterations=1, device="cpu")
+
+
+def env_now() -> dict:
+    """The process environment, less pytest's own bookkeeping variable."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+def degraded(ref: np.ndarray, i: int) -> np.ndarray:
+    """A stand-in for a foundation model's pseudo-label: the organ eroded or dilated."""
+    organ = ref == 1
+    changed = ndimage.binary_dilation(organ) if i % 2 else ndimage.binary_erosion(organ)
+    out = np.where(organ, 0, ref)
+    out[changed & (out == 0)] = 1
+    return out.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Eight 32^3 CT phantoms with degraded pseudo-labels, planned and pretrained."""
+    root = tmp_path_factory.mktemp("nnunet")
+    images, labels = phantoms.write_dataset(root / "src", n=8, modality="CT", size=32)
+    project = Project.create(root / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    for i, case in enumerate(project.cases()):
+        ref = project.read_label(case, "reference")
+        pseudo = sitk.GetImageFromArray(degraded(sitk.GetArrayFromImage(ref), i))
+        pseudo.CopyInformation(ref)
+        project.write_label(case, "pseudo", pseudo, source="degraded-reference")
+    env = env_now()
+    planned = plan(project, configurations=("3d_fullres",), batch_size=2)
+    assert env_now() == env
+    pretrained = train(project, "pretrain", validate=False, **BUDGET)
+    assert env_now() == env
+    return {"project": project, "plans": planned, "pretrain": pretrained}
+
+
+def test_export_policies_remap_values_and_link_images(tmp_path, phantom_dir):
+    p = Project.create(tmp_path / "p", LabelTable.parse("liver=5,tumor=2"), "MRI")
+    p.add_cases([phantom_dir / "images"])
+    cases = p.cases()
+    grid = p.read_image(cases[0])
+
+    def label(value):
+        arr = np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.uint8)
+        arr[4:9, 4:9, 4:9] = value
+        img = sitk.GetImageFromArray(arr)
+        img.CopyInformation(grid)
+        return img
+
+    p.write_label(cases[0], "pseudo", label(5), source="sam")
+    p.write_label(cases[1], "pseudo", label(2), source="sam")
+    p.add_human_label(cases[1], label(5))
+    mixed = ds.export_dataset(p, "human+pseudo", "mixed")
+    assert mixed.cases == cases[:2] and mixed.pool == cases[2:]
+    assert mixed.sources == {cases[0]: "pseudo", cases[1]: "human v0001"}
+    dj = json.loads((mixed.folder / "dataset.json").read_text())
+    assert dj["channel_names"] == {"0": "MRI"} and dj["labels"] == {"background": 0, "tumor": 1, "liver": 2}
+    assert dj["file_ending"] == ".nrrd" and dj["numTraining"] == 2
+    # value 5 (liver) becomes nnU-Net's 2; the human label wins over the pseudo-label
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(mixed.folder / "labelsTr" / f"{cases[1]}.nrrd")))
+    assert set(np.unique(lab)) == {0, 2}
+    assert os.stat(mixed.folder / "imagesTr" / f"{cases[0]}_0000.nrrd").st_ino == os.stat(p.image_path(cases[0])).st_ino
+    human = ds.export_dataset(p, "human", "humanonly")
+    assert human.cases == [cases[1]] and human.id == mixed.id + 1
+    assert ds.export_dataset(p, "human", "humanonly").id == human.id  # a snapshot: same tag, same dataset
+    with pytest.raises(InputError, match="nothing to train on"):
+        ds.export_dataset(Project.create(tmp_path / "q", LabelTable.parse("a=1"), "CT"), "pseudo", "none")
+
+
+def test_environment_restored_even_on_error(tmp_path):
+    before = env_now()
+    with pytest.raises(RuntimeError):
+        with nnunet_environment(tmp_path, training_on_cpu=True):
+            assert os.environ["nnUNet_raw"] == str(tmp_path / "nnunet" / "raw")
+            raise RuntimeError("boom")
+    assert env_now() == before
+
+
+def test_plan_records_alseg_plans(tiny):
+    project, planned = tiny["project"], tiny["plans"]
+    assert planned["policy"] == "pseudo" and planned["batch_size"] == {"3d_fullres": 2}
+    assert planned["normalization"] == ["CTNormalization"]
+    pre = folders(project.root).preprocessed / planned["dataset"]
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    assert plans["plans_name"] == PLANS and plans["configurations"]["3d_fullres"]["batch_size"] == 2
+    assert json.loads((pre / "nnUNetPlans.json").read_text())["plans_name"] == "nnUNetPlans"  # nnU-Net's own, untouched
+    assert project_plans(project) == planned
+    assert plan(project) == planned  # already planned: nothing redone
+
+
+def test_pretrain_record(tiny):
+    rec = tiny["pretrain"]
+    assert rec["status"] == "done" and rec["mode"] == "pretrain" and rec["epochs_done"] == 2
+    assert rec["dataset"] == tiny["plans"]["dataset"]  # trained on the planning (pseudo) dataset
+    assert len(rec["train_losses"]) == 2 and all(np.isfinite(rec["train_losses"]))
+    assert (tiny["project"].root / rec["checkpoint"]).is_file()
+
+
+def test_finetune_starts_from_the_pretrained_weights_then_predicts(tiny, run_cli):
+    project, env = tiny["project"], env_now()
+    for case in project.cases()[:3]:
+        project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+    rec = train(project, "finetune", **BUDGET)
+    assert env_now() == env
+    assert rec["init_from"]["model"] == "pretrain"
+    # the weights right after loading equal the pretrained checkpoint's, bit for bit
+    assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
+    assert rec["final_weights_digest"] != rec["init_weights_digest"]  # and training moved them
+    assert rec["policy"] == "human" and rec["labeled_cases"] == 3
+    assert set(rec["validation"]["dice"]) == {"organ", "vessel", "lesion"}
+    # same plans (architecture, patch, normalisation) on the human dataset
+    pre = folders(project.root).preprocessed
+    a = json.loads((pre / tiny["plans"]["dataset"] / f"{PLANS}.json").read_text())
+    b = json.loads((pre / rec["dataset"] / f"{PLANS}.json").read_text())
+    assert a["configurations"] == b["configurations"] and b["dataset_name"] == rec["dataset"]
+
+    cases = project.cases()[3:6]
+    out = predict(project, "finetune", cases, round_id="0001", device="cpu")
+    assert env_now() == env
+    assert [o["case"] for o in out] == cases
+    for case in cases:
+        probs, values = load_probabilities(project, "finetune", case)
+        image = sitk.GetArrayViewFromImage(project.read_image(case))
+        assert values == [0, 1, 2, 3] and probs.shape == (4, *image.shape)
+        assert np.abs(probs.sum(axis=0) - 1).max() < 5e-3
+        label = sitk.GetArrayFromImage(project.read_label(case, "predicted"))
+        assert (np.array(values)[probs.argmax(axis=0)] == label).mean() > 0.999
+        assert project.geometry(case) == Geometry.of(project.read_label(case, "predicted"))
+        prov = project.provenance(case, "predicted")
+        assert prov["source"] == "nnunet" and prov["produced_by"]["model"] == "finetune"
+        assert prov["produced_by"]["round"] == "0001" and prov["probabilities"].endswith(f"{case}.npz")
+    result = evaluate(project, "predicted")
+    assert result["cases"] == 3 and 0 <= result["summary"]["mean"]["dice"]["mean"] <= 1
+
+    code, outp, _ = run_cli("models", project.root, "--json")
+    assert code == 0 and {m["name"] for m in json.loads(outp)} >= {"pretrain", "finetune"}
+    code, outp, _ = run_cli("predict", project.root, "--model", "finetune", "--case", cases[0], "--device", "cpu", "--json")
+    assert code == 0 and json.loads(outp)["predicted"][0]["case"] == cases[0]
+    code, _, err = run_cli("predict", project.root, "--model", "nope")
+    assert code == 2 and "model 'nope'" in err
+
+
+def test_training_resumes_after_sigkill(tiny):
+    project = tiny["project"]
+    if not project.labeled_cases("human"):
+        for case in project.cases()[:3]:
+            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(project.root), "--mode", "supervised",
+           "--name", "resumed", "--epochs", "4", "--iters", "2", "--val-iters", "1", "--device", "cpu", "--no-validate"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event["event"] == "epoch":
+                    seen.append(event)
+                    assert set(event) >= {"epoch", "train_loss", "pseudo_dice", "seconds"}
+                    if event["epoch"] == 2:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [e["epoch"] for e in seen] == [1, 2]
+    assert read_model(project, "resumed")["status"] == "training"
+    rec = train(project, "supervised", name="resumed", epochs=4, iterations=2, val_iterations=1, device="cpu", validate=False)
+    assert rec["status"] == "done" and rec["resumed_at_epochs"] == [2] and rec["epochs_done"] == 4
+    assert len(rec["train_losses"]) == 4  # the log of the killed run was restored from its checkpoint
+    assert rec["train_losses"][:2] == pytest.approx([round(e["train_loss"], 5) for e in seen], abs=1e-5)
+
+
+class _Planted:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_malicious_checkpoint_is_refused_never_run(tmp_path):
+    sentinel = tmp_path / "pwned"
+    bad = tmp_path / "checkpoint_final.pth"
+    with open(bad, "wb") as fh:
+        pickle.dump({"network_weights": {}, "payload": _Planted(sentinel)}, fh)
+    torch.save({"network_weights": {"w": torch.zeros(2)}, "payload": _Planted(sentinel)}, tmp_path / "torch.pth")
+    for path in (bad, tmp_path / "torch.pth"):
+        with pytest.raises(InputError, match="refused to load checkpoint"):
+            load_checkpoint_safely(path)
+    assert not sentinel.exists()
