@@ -216,7 +216,7 @@ def cmd_predict(args) -> int:
     from .nnunet.predict import predict
 
     project = Project.open(args.project)
-    results = predict(project, args.model, args.case or None, probabilities=args.probabilities,
+    results = predict(project, args.model, (args.case + args.cases) or None, probabilities=args.probabilities,
                       mirroring=args.mirroring, device=args.device, round_id=args.round)
     if args.json:
         _print_json({"model": args.model, "predicted": results})
@@ -241,6 +241,13 @@ def cmd_models(args) -> int:
         print(f"{r['name']:<20} {r['mode']:<11} {r['status']:<9} {r['configuration']:<11} "
               f"epochs {r.get('epochs_done', 0)}/{r['budget']['epochs']}  labeled {r['labeled_cases']}"
               + (f"  val Dice {v:.3f}" if v is not None else ""))
+    return EXIT_OK
+
+
+def cmd_trainer_path(args) -> int:
+    from .nnunet.trainers import EXT_TRAINER_PATH
+
+    print(EXT_TRAINER_PATH)
     return EXIT_OK
 
 
@@ -349,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
             "pretrained weights) or supervised (human labels, from scratch). Resumes after a kill.")
     p.add_argument("project")
     p.add_argument("--mode", required=True, choices=("pretrain", "finetune", "supervised"))
-    p.add_argument("--name", help="model name (default: the mode)")
+    p.add_argument("--name", help="model name (default: the mode); a finished model is kept, not retrained: give a new name")
     p.add_argument("--epochs", type=int, help="epochs (default: 1000 on a GPU, 20 on a CPU)")
     p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
     p.add_argument("--val-iters", type=int, help="validation iterations per epoch (default: iters / 5)")
@@ -363,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "Predict cases with a trained model: 'predicted' labels and class probabilities.")
     p.add_argument("project")
     p.add_argument("--model", required=True, help="model name (alseg models)")
-    p.add_argument("--case", action="append", help="only this case (repeatable; default: all cases)")
+    p.add_argument("--case", action="append", default=[], help="only this case (repeatable; default: all cases)")
+    p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
     p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
     p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -373,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("models", cmd_models, "List the project's models with their mode, status and budget.")
     p.add_argument("project")
     p.add_argument("--json", action="store_true")
+
+    add("trainer-path", cmd_trainer_path, "Print the folder to put in nnUNet_extTrainer so that nnU-Net's own tools "
+        "(nnUNetv2_train -tr ALSegTrainer, nnUNetv2_predict) find ALSeg's trainers.")
 
     p = add("demo", cmd_demo, "Build a demo project of synthetic phantoms and show its status.")
     p.add_argument("--dir", default="alseg-demo", help="output folder (default: ./alseg-demo, replaced on re-run)")
