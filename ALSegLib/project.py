@@ -79,6 +79,17 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is bad input naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InputError(path, "must hold a JSON object")
+    return obj
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -346,12 +357,7 @@ class Project:
             raise InputError(root, "project folder not found")
         if not cfg_path.is_file():
             raise InputError(root, f"not an ALSeg project ({CONFIG} missing)")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(cfg_path, f"malformed JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise InputError(cfg_path, "must hold a JSON object")
+        config = read_json_object(cfg_path)
         schema = config.get("schema")
         if not isinstance(schema, int) or schema < 1:
             raise InputError(cfg_path, f"missing or invalid 'schema' ({schema!r})")
@@ -629,12 +635,7 @@ class Project:
         sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
             return {"kind": kind, "case": case, "source": "unknown", "note": "provenance sidecar missing"}
-        try:
-            prov = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(sidecar, f"malformed provenance JSON: {exc}") from None
-        if not isinstance(prov, dict):
-            raise InputError(sidecar, "provenance must be a JSON object")
+        prov = read_json_object(sidecar)
         # a crash between writing a label and its sidecar leaves an older sidecar
         prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
         return prov

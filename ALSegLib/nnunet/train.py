@@ -21,7 +21,7 @@ import torch
 from .. import atomic
 from ..errors import InputError, ProjectLockedError
 from ..progress import emit
-from ..project import Project, _try_lock, _unlock, check_case_id, now_iso
+from ..project import Project, _try_lock, _unlock, check_case_id, now_iso, read_json_object
 from .dataset import Dataset, find_dataset, export_dataset
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS, plan, preprocess, project_plans
@@ -45,10 +45,7 @@ def read_model(project: Project, name: str) -> dict:
     if not path.is_file():
         known = ", ".join(list_models(project)) or "none"
         raise InputError(f"model {name!r}", f"not found in {project.root} (models: {known})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"malformed JSON: {exc}") from None
+    return read_json_object(path)
 
 
 def list_models(project: Project) -> list[str]:
