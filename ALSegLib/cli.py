@@ -198,9 +198,17 @@ def cmd_train(args) -> int:
     from .nnunet.train import train
 
     project = Project.open(args.project)
+    filtermatch = None
+    if args.mode == "filtermatch":
+        from .nnunet.filtermatch import FilterMatchConfig
+
+        filtermatch = FilterMatchConfig(
+            warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
+            drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp)
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
-                   init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size)
+                   init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
+                   filtermatch=filtermatch)
     if args.json:
         _print_json(record)
     else:
@@ -353,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add("train", cmd_train, "Train an nnU-Net model: pretrain (pseudo-labels), finetune (human labels, from "
-            "pretrained weights) or supervised (human labels, from scratch). Resumes after a kill.")
+            "pretrained weights), supervised (human labels, from scratch) or filtermatch (human labels + unlabeled "
+            "cases, semi-supervised). Resumes after a kill.")
     p.add_argument("project")
-    p.add_argument("--mode", required=True, choices=("pretrain", "finetune", "supervised"))
+    p.add_argument("--mode", required=True, choices=("pretrain", "finetune", "supervised", "filtermatch"))
     p.add_argument("--name", help="model name (default: the mode); a finished model is kept, not retrained: give a new name")
     p.add_argument("--epochs", type=int, help="epochs (default: 1000 on a GPU, 20 on a CPU)")
     p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
@@ -363,7 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="default: the planned one")
     p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
-    p.add_argument("--init", default="pretrain", help="finetune: the model to start from (default: pretrain)")
+    p.add_argument("--init", help="the model to start from (finetune: default pretrain; filtermatch: optional)")
+    fm = p.add_argument_group("filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
+    fm.add_argument("--warmup", type=int, default=20, help="E_start: supervised-only epochs (default 20)")
+    fm.add_argument("--filter-start", type=int, default=100, help="E_f: first filter after this epoch (default 100)")
+    fm.add_argument("--filter-every", type=int, default=100, help="K: filter interval in epochs (default 100)")
+    fm.add_argument("--drop-fraction", type=float, default=0.15, help="q: fraction of the pool dropped per filter")
+    fm.add_argument("--unlabeled-weight", type=float, default=1.0, help="lambda_u (default 1)")
+    fm.add_argument("--ramp", type=int, default=0, help="epochs of sigmoid ramp-up of lambda_u (0: hard switch)")
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     p.add_argument("--json", action="store_true")
 

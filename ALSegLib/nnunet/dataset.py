@@ -75,10 +75,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def export_dataset(project: Project, policy: str, tag: str) -> Dataset:
+def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: bool = False) -> Dataset:
     """Write ``nnunet/raw/Dataset###_<tag>`` for ``policy``; returns it.
 
-    An export is a snapshot: exporting the same tag again returns the existing one.
+    With ``pool_as_ignore`` (semi-supervised training) the unlabeled cases are
+    exported too, with a label map that is nnU-Net's ``ignore`` label everywhere,
+    so that nnU-Net preprocesses their images like the labeled ones; they never
+    contribute a supervised loss. An export is a snapshot: exporting the same
+    tag again returns the existing one.
     """
     if policy not in POLICIES:
         raise InputError("--policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}")
@@ -115,6 +119,14 @@ def export_dataset(project: Project, policy: str, tag: str) -> Dataset:
         lut = np.zeros(max(ordered) + 1, np.uint8 if len(ordered) < 255 else np.uint16)
         for i, v in enumerate(ordered, start=1):
             lut[v] = i
+        ignore = len(ordered) + 1
+        pool = sorted(set(project.cases()) - set(chosen))
+        for case in pool if pool_as_ignore else []:
+            _link_or_copy(project.image_path(case), tmp / "imagesTr" / f"{case}_0000{STORE_EXT}")
+            geometry = project.geometry(case)
+            blank = sitk.Image(geometry.size, sitk.sitkUInt8 if ignore < 256 else sitk.sitkUInt16)
+            geometry.apply(blank)
+            sitk.WriteImage(blank + ignore, str(tmp / "labelsTr" / f"{case}{STORE_EXT}"), True)
         for case, (kind, version) in chosen.items():
             _link_or_copy(project.image_path(case), tmp / "imagesTr" / f"{case}_0000{STORE_EXT}")
             label_file = project.label_path(case, kind, version)
@@ -129,8 +141,9 @@ def export_dataset(project: Project, policy: str, tag: str) -> Dataset:
         by_value = {c.value: c.name for c in project.labels.classes}
         dataset_json = {
             "channel_names": {"0": "CT" if project.modality == "CT" else "MRI"},  # CT -> CT normalisation, else z-score
-            "labels": {"background": 0, **{by_value[v]: i for i, v in enumerate(ordered, start=1)}},
-            "numTraining": len(chosen),
+            "labels": {"background": 0, **{by_value[v]: i for i, v in enumerate(ordered, start=1)},
+                       **({"ignore": ignore} if pool_as_ignore else {})},
+            "numTraining": len(chosen) + (len(pool) if pool_as_ignore else 0),
             "file_ending": STORE_EXT,
             "name": tag,
             "description": f"ALSeg project {project.name}: {policy} labels",
@@ -138,7 +151,7 @@ def export_dataset(project: Project, policy: str, tag: str) -> Dataset:
         atomic.write_json(tmp / "dataset.json", dataset_json)
         sources = {c: (f"human v{v:04d}" if k == "human" else k) for c, (k, v) in chosen.items()}
         meta = {
-            "policy": policy, "cases": sorted(chosen), "pool": sorted(set(project.cases()) - set(chosen)),
+            "policy": policy, "cases": sorted(chosen), "pool": pool, "pool_as_ignore": pool_as_ignore,
             "sources": sources, "values": ordered, "project": project.name,
         }
         atomic.write_json(tmp / ALSEG_META, meta)

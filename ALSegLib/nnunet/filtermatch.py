@@ -1,7 +1,6 @@
 """Building blocks of FilterMatch (semi-supervised single-pass nnU-Net training).
 
-Pure tensor functions, tested on their own; the trainer that uses them is a
-later step (see the FilterMatch issue):
+Pure tensor functions, tested on their own, and the trainer built from them:
 
 - :func:`strong_view`: the strong transform T of an unlabeled batch. Geometry
   (in-plane rot90 only where the two in-plane sides are equal, otherwise 180°;
@@ -16,12 +15,23 @@ later step (see the FilterMatch issue):
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+from .. import atomic
+from ..progress import emit
+from .trainers import ALSegTrainer
 
 
 @dataclass(frozen=True)
@@ -166,3 +176,182 @@ def downsample_labels(labels: torch.Tensor, shapes: Sequence[Sequence[int]]) -> 
     """Nearest-neighbour label targets for each deep-supervision output shape."""
     return [labels if tuple(labels.shape[2:]) == tuple(s) else
             F.interpolate(labels.float(), size=tuple(s), mode="nearest").to(labels.dtype) for s in shapes]
+
+
+# --- the trainer ---------------------------------------------------------------------------
+
+
+@dataclass
+class FilterMatchConfig:
+    """FilterMatch's settings. Defaults follow the reference (nnFilterMatch) where it
+    gave them: warm-up 20 epochs, filter every 100 epochs from epoch 100, drop 15 %,
+    unlabeled weight 1 with a hard switch, no teacher."""
+
+    warmup_epochs: int = 20  # E_start: supervised only before this epoch
+    filter_start: int = 100  # E_f
+    filter_every: int = 100  # K
+    drop_fraction: float = 0.15  # q
+    unlabeled_weight: float = 1.0  # λ_u
+    ramp_epochs: int = 0  # 0 = hard switch after warm-up
+    strong: StrongAugmentation = field(default_factory=StrongAugmentation)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FilterMatchConfig":
+        data = dict(data)
+        strong = StrongAugmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("strong", {}).items()})
+        return cls(strong=strong, **data)
+
+
+class ALSegFilterMatchTrainer(ALSegTrainer):
+    """Semi-supervised single-pass training: each step a labeled batch and a strong view
+    of an unlabeled batch pseudo-labeled by the network itself (no gradient); a periodic
+    filter drops the most confident unlabeled cases for good.
+
+    Overrides only: ``get_dataloaders`` (adds the unlabeled loader), ``train_step``,
+    ``on_epoch_end`` (the filter), and checkpoint save/load (the pool and the filter's
+    decisions go into a ``.filtermatch.json`` beside each checkpoint).
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.filtermatch = FilterMatchConfig()
+        self.pool: list[str] = []
+        self.filter_log: list[dict] = []
+        self.dataloader_unlabeled = None
+
+    def configure_filtermatch(self, config: FilterMatchConfig, pool: Sequence[str]) -> None:
+        self.filtermatch = config
+        self.pool = sorted(pool)
+
+    # data ------------------------------------------------------------------------------------
+
+    def get_dataloaders(self):
+        loaders = super().get_dataloaders()
+        self.dataloader_unlabeled = self._unlabeled_loader()
+        return loaders
+
+    def _unlabeled_loader(self):
+        """The pool through nnU-Net's own training augmentation (the weak view)."""
+        if not self.pool:
+            return None
+        from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+        from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            ignore_label=self.label_manager.ignore_label)
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, self.pool,
+                                     folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        loader = nnUNetDataLoader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                  oversample_foreground_percent=0.0, transforms=transforms)
+        workers = get_allowed_n_proc_DA()
+        if workers == 0:
+            return SingleThreadedAugmenter(loader, None)
+        return NonDetMultiThreadedAugmenter(loader, None, num_processes=max(1, workers // 2), num_cached=3,
+                                            seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    # one step ----------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict) -> dict:
+        cfg = self.filtermatch
+        weight = unlabeled_weight(self.current_epoch, cfg.warmup_epochs, cfg.unlabeled_weight, cfg.ramp_epochs)
+        if weight == 0.0 or self.dataloader_unlabeled is None:
+            return super().train_step(batch)
+        x_l = batch["data"].to(self.device, non_blocking=True)
+        y_l = batch["target"]
+        y_l = [t.to(self.device, non_blocking=True) for t in y_l] if isinstance(y_l, list) else y_l.to(self.device)
+        with warnings.catch_warnings():  # unlabeled cases have no annotated voxels, by design
+            warnings.filterwarnings("ignore", message="Warning! No annotated pixels")
+            x_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            out_u = self.network(x_u)
+            y_u = pseudo_labels(out_u[0] if isinstance(out_u, (list, tuple)) else out_u)
+        x_s, y_s = strong_view(x_u, y_u, cfg.strong)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            output = self.network(torch.cat([x_l, x_s]))
+            n = x_l.shape[0]
+            if isinstance(output, (list, tuple)):
+                out_l, out_s = [o[:n] for o in output], [o[n:] for o in output]
+                t_s = downsample_labels(y_s, [o.shape[2:] for o in out_s])
+            else:
+                out_l, out_s, t_s = output[:n], output[n:], y_s
+            loss = self.loss(out_l, y_l) + weight * self.loss(out_s, t_s)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # the filter ---------------------------------------------------------------------------------
+
+    def on_epoch_end(self) -> None:
+        cfg = self.filtermatch
+        if self.pool and self.current_epoch in filter_epochs(cfg.filter_start, cfg.filter_every, self.num_epochs):
+            self.run_filter()
+        super().on_epoch_end()  # the checkpoint written there carries the filtered pool
+
+    @torch.no_grad()
+    def run_filter(self) -> list[str]:
+        """Score every remaining unlabeled case by mean entropy (sliding window, one case
+        in memory at a time, no test-time mirroring) and drop the most confident fraction."""
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self.set_deep_supervision_enabled(False)
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=self.device.type == "cuda", device=self.device,
+                                    verbose=False, allow_tqdm=False)
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
+                                        self.dataset_json, type(self).__name__, self.inference_allowed_mirroring_axes)
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, self.pool,
+                                     folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        scores = {}
+        for key in self.pool:
+            data = torch.from_numpy(np.asarray(dataset.load_case(key)[0][:]))
+            logits = predictor.predict_sliding_window_return_logits(data).float()
+            scores[key] = mean_entropy(torch.softmax(logits, dim=0))
+        self.set_deep_supervision_enabled(True)
+        self.network.train()
+        dropped = cases_to_drop(scores, self.filtermatch.drop_fraction)
+        self.pool = sorted(set(self.pool) - set(dropped))
+        decision = {"epoch": self.current_epoch + 1, "dropped": [{"case": c, "entropy": round(scores[c], 6)} for c in dropped],
+                    "remaining": len(self.pool), "entropy": {k: round(v, 6) for k, v in sorted(scores.items())}}
+        self.filter_log.append(decision)
+        self.print_to_log_file(f"FilterMatch filter after epoch {decision['epoch']}: dropped {dropped}")
+        emit("filter", epoch=decision["epoch"], dropped=dropped, remaining=len(self.pool))
+        self.dataloader_unlabeled = self._unlabeled_loader()
+        return dropped
+
+    # checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            atomic.write_json(_state_file(filename), {
+                "current_epoch": self.current_epoch + 1, "pool": self.pool, "filter_log": self.filter_log,
+                "config": asdict(self.filtermatch)})
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, (str, Path)) and _state_file(filename_or_checkpoint).is_file():
+            state = json.loads(_state_file(filename_or_checkpoint).read_text())
+            self.pool, self.filter_log = state["pool"], state["filter_log"]
+            self.filtermatch = FilterMatchConfig.from_json(state["config"])
+
+
+def _state_file(checkpoint: str | Path) -> Path:
+    return Path(checkpoint).with_suffix(".filtermatch.json")

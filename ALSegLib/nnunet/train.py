@@ -27,8 +27,16 @@ from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS, plan, preprocess, project_plans
 from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
 
-MODES = {"pretrain": "pseudo", "finetune": "human", "supervised": "human"}
-TRAINER = ALSegTrainer
+MODES = {"pretrain": "pseudo", "finetune": "human", "supervised": "human", "filtermatch": "human"}
+TRAINER = ALSegTrainer  # the class whose network predict.py builds (all ALSeg trainers share it)
+
+
+def trainer_class(mode: str) -> type[ALSegTrainer]:
+    if mode == "filtermatch":
+        from .filtermatch import ALSegFilterMatchTrainer
+
+        return ALSegFilterMatchTrainer
+    return ALSegTrainer
 
 
 def default_budget(device: torch.device) -> tuple[int, int]:
@@ -90,7 +98,7 @@ def _dataset_for(project: Project, mode: str, name: str) -> Dataset:
         used = {read_model(project, m).get("dataset") for m in list_models(project)}
         if record["dataset"] not in used:
             return Dataset.load(folders(project.root).raw / record["dataset"])
-    return export_dataset(project, MODES[mode], name)
+    return export_dataset(project, MODES[mode], name, pool_as_ignore=mode == "filtermatch")
 
 
 def train(
@@ -103,11 +111,17 @@ def train(
     val_iterations: int | None = None,
     device: str = "auto",
     configuration: str | None = None,
-    init_from: str = "pretrain",
+    init_from: str | None = None,
     validate: bool = True,
     batch_size: int | None = None,
+    filtermatch=None,
 ) -> dict:
-    """Train (or resume, or return the finished) model ``name``; returns its record."""
+    """Train (or resume, or return the finished) model ``name``; returns its record.
+
+    ``init_from``: the model whose weights to start from (``finetune``: default
+    ``pretrain``; ``filtermatch``: optional). ``filtermatch``: a
+    :class:`~ALSegLib.nnunet.filtermatch.FilterMatchConfig` (default settings if None).
+    """
     if mode not in MODES:
         raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
     name = check_case_id(name or mode)
@@ -123,6 +137,8 @@ def train(
 
     init = None
     if mode == "finetune":
+        init_from = init_from or "pretrain"
+    if init_from is not None and mode in ("finetune", "filtermatch"):
         source = read_model(project, init_from)
         if source["status"] != "done":
             raise InputError(f"model {init_from!r}", "has not finished training; cannot fine-tune from it")
@@ -137,10 +153,11 @@ def train(
         preprocess(project, dataset, configuration)
         f = folders(project.root)
         pre = f.preprocessed / dataset.name
+        cls = trainer_class(mode)
         record = previous or {
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
-            "plans": PLANS, "trainer": TRAINER.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
+            "plans": PLANS, "trainer": cls.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
         }
         record.update({"status": "training", "device": str(dev),
                        "budget": {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations}})
@@ -152,12 +169,16 @@ def train(
             plans = json.loads((pre / f"{PLANS}.json").read_text())
             if batch_size is not None:
                 plans["configurations"][configuration]["batch_size"] = int(batch_size)
-            output = f.results / dataset.name / f"{TRAINER.__name__}__{PLANS}__{configuration}" / "fold_0"
+            output = f.results / dataset.name / f"{cls.__name__}__{PLANS}__{configuration}" / "fold_0"
             latest = output / "checkpoint_latest.pth"
             plans["continue_training"] = latest.is_file()
             dataset_json = json.loads((pre / "dataset.json").read_text())
-            trainer = TRAINER(plans, configuration, 0, dataset_json, dev)
+            trainer = cls(plans, configuration, 0, dataset_json, dev)
             trainer.set_budget(epochs, iterations, val_iterations)
+            if mode == "filtermatch":
+                from .filtermatch import FilterMatchConfig
+
+                trainer.configure_filtermatch(filtermatch or FilterMatchConfig(), dataset.pool)
             if latest.is_file():
                 trainer.load_checkpoint(str(latest))
                 record["resumed_at_epochs"].append(trainer.current_epoch)
@@ -187,6 +208,11 @@ def train(
                 "checkpoint": str(final.relative_to(project.root)),
                 "final_weights_digest": weights_digest(load_checkpoint_safely(final)["network_weights"]),
             })
+            if mode == "filtermatch":
+                from dataclasses import asdict
+
+                record["filtermatch"] = {"config": asdict(trainer.filtermatch), "unlabeled_cases": len(dataset.pool),
+                                         "remaining": len(trainer.pool), "filter_log": trainer.filter_log}
         _write_record(project, record, "training_finished")
         emit("stage", stage="train-done", model=name, seconds=record["seconds"])
         return record

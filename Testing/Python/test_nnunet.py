@@ -219,3 +219,31 @@ def test_malicious_checkpoint_is_refused_never_run(tmp_path):
         with pytest.raises(InputError, match="refused to load checkpoint"):
             load_checkpoint_safely(path)
     assert not sentinel.exists()
+
+
+def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
+    from ALSegLib.nnunet.filtermatch import FilterMatchConfig
+
+    project = tiny["project"]
+    if not project.labeled_cases("human"):
+        for case in project.cases()[:3]:
+            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+    labeled = project.labeled_cases("human")
+    config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.4)
+    rec = train(project, "filtermatch", name="fm", epochs=3, iterations=2, val_iterations=1, device="cpu",
+                validate=False, filtermatch=config, init_from="pretrain")
+    assert rec["status"] == "done" and rec["trainer"] == "ALSegFilterMatchTrainer"
+    assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
+    fm = rec["filtermatch"]
+    pool = sorted(set(project.cases()) - set(labeled))
+    assert fm["unlabeled_cases"] == len(pool) == 5
+    log = fm["filter_log"]
+    assert [d["epoch"] for d in log] == [1, 2]  # after epochs 1 and 2; never after the last (3)
+    first = log[0]
+    assert sorted(first["entropy"]) == pool
+    lowest = sorted(first["entropy"], key=lambda c: (first["entropy"][c], c))[:2]  # floor(0.4 * 5) = 2
+    assert [d["case"] for d in first["dropped"]] == lowest
+    assert len(log[1]["dropped"]) == 1 and fm["remaining"] == 2  # floor(0.4 * 3) = 1
+    assert not {d["case"] for d in log[1]["dropped"]} & set(lowest)
+    out = predict(project, "fm", project.cases()[:1], device="cpu", probabilities=False)
+    assert out[0]["case"] == project.cases()[0]
