@@ -202,9 +202,13 @@ def cmd_train(args) -> int:
     if args.mode == "filtermatch":
         from .nnunet.filtermatch import FilterMatchConfig
 
-        filtermatch = FilterMatchConfig(
-            warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
-            drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp)
+        try:
+            filtermatch = FilterMatchConfig(
+                warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
+                drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp,
+                teacher=args.teacher, ema_decay=args.ema_decay)
+        except ValueError as exc:
+            raise InputError("train --mode filtermatch", str(exc)) from None
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
@@ -380,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--drop-fraction", type=float, default=0.15, help="q: fraction of the pool dropped per filter")
     fm.add_argument("--unlabeled-weight", type=float, default=1.0, help="lambda_u (default 1)")
     fm.add_argument("--ramp", type=int, default=0, help="epochs of sigmoid ramp-up of lambda_u (0: hard switch)")
+    fm.add_argument("--teacher", choices=("none", "ema"), default="none",
+                    help="who makes the pseudo-labels: the network itself (none, as the reference) or an EMA teacher")
+    fm.add_argument("--ema-decay", type=float, default=0.99, help="EMA teacher decay (default 0.99)")
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     p.add_argument("--json", action="store_true")
 

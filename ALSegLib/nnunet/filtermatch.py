@@ -16,6 +16,7 @@ Pure tensor functions, tested on their own, and the trainer built from them:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import warnings
@@ -193,7 +194,17 @@ class FilterMatchConfig:
     drop_fraction: float = 0.15  # q
     unlabeled_weight: float = 1.0  # λ_u
     ramp_epochs: int = 0  # 0 = hard switch after warm-up
+    teacher: str = "none"  # "none": the network labels its own batches (reference); "ema": a mean teacher
+    ema_decay: float = 0.99
     strong: StrongAugmentation = field(default_factory=StrongAugmentation)
+
+    def __post_init__(self):
+        if self.teacher not in ("none", "ema"):
+            raise ValueError(f"teacher must be 'none' or 'ema', not {self.teacher!r}")
+        if not 0 <= self.drop_fraction < 1:
+            raise ValueError(f"drop fraction must be in [0, 1), not {self.drop_fraction}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), not {self.ema_decay}")
 
     @classmethod
     def from_json(cls, data: dict) -> "FilterMatchConfig":
@@ -219,10 +230,33 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
         self.pool: list[str] = []
         self.filter_log: list[dict] = []
         self.dataloader_unlabeled = None
+        self.teacher: torch.nn.Module | None = None  # the EMA teacher, with --teacher ema
+        self._teacher_state: dict | None = None  # restored from a checkpoint before training starts
 
     def configure_filtermatch(self, config: FilterMatchConfig, pool: Sequence[str]) -> None:
         self.filtermatch = config
         self.pool = sorted(pool)
+
+    # the teacher --------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.filtermatch.teacher == "ema" and self.teacher is None:
+            self.teacher = copy.deepcopy(self.network)
+            if self._teacher_state is not None:
+                self.teacher.load_state_dict(self._teacher_state)
+            self.teacher.requires_grad_(False)
+
+    @torch.no_grad()
+    def _update_teacher(self) -> None:
+        decay = self.filtermatch.ema_decay
+        for t, s in zip(self.teacher.parameters(), self.network.parameters()):
+            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+        for t, s in zip(self.teacher.buffers(), self.network.buffers()):
+            t.copy_(s)
+
+    def _labeller(self) -> torch.nn.Module:
+        return self.teacher if self.teacher is not None else self.network
 
     # data ------------------------------------------------------------------------------------
 
@@ -270,7 +304,7 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             warnings.filterwarnings("ignore", message="Warning! No annotated pixels")
             x_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
         with torch.no_grad():
-            out_u = self.network(x_u)
+            out_u = self._labeller()(x_u)
             y_u = pseudo_labels(out_u[0] if isinstance(out_u, (list, tuple)) else out_u)
         x_s, y_s = strong_view(x_u, y_u, cfg.strong)
 
@@ -295,6 +329,8 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+        if self.teacher is not None:
+            self._update_teacher()
         return {"loss": loss.detach().cpu().numpy()}
 
     # the filter ---------------------------------------------------------------------------------
@@ -311,11 +347,12 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
         in memory at a time, no test-time mirroring) and drop the most confident fraction."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        self.set_deep_supervision_enabled(False)
+        labeller = self._labeller()
+        _deep_supervision(labeller, False)
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                     perform_everything_on_device=self.device.type == "cuda", device=self.device,
                                     verbose=False, allow_tqdm=False)
-        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
+        predictor.manual_initialization(labeller, self.plans_manager, self.configuration_manager, None,
                                         self.dataset_json, type(self).__name__, self.inference_allowed_mirroring_axes)
         dataset = self.dataset_class(self.preprocessed_dataset_folder, self.pool,
                                      folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
@@ -324,7 +361,7 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             data = torch.from_numpy(np.asarray(dataset.load_case(key)[0][:]))
             logits = predictor.predict_sliding_window_return_logits(data).float()
             scores[key] = mean_entropy(torch.softmax(logits, dim=0))
-        self.set_deep_supervision_enabled(True)
+        _deep_supervision(labeller, True)
         self.network.train()
         dropped = cases_to_drop(scores, self.filtermatch.drop_fraction)
         self.pool = sorted(set(self.pool) - set(dropped))
@@ -341,6 +378,8 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing:
+            if self.teacher is not None:  # tensors only: loadable with weights_only=True
+                atomic.write_with(_teacher_file(filename), lambda tmp: torch.save(self.teacher.state_dict(), tmp))
             atomic.write_json(_state_file(filename), {
                 "current_epoch": self.current_epoch + 1, "pool": self.pool, "filter_log": self.filter_log,
                 "config": asdict(self.filtermatch)})
@@ -351,7 +390,20 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             state = json.loads(_state_file(filename_or_checkpoint).read_text())
             self.pool, self.filter_log = state["pool"], state["filter_log"]
             self.filtermatch = FilterMatchConfig.from_json(state["config"])
+            if self.filtermatch.teacher == "ema" and _teacher_file(filename_or_checkpoint).is_file():
+                self._teacher_state = torch.load(_teacher_file(filename_or_checkpoint), map_location=self.device,
+                                                 weights_only=True)
 
 
 def _state_file(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_suffix(".filtermatch.json")
+
+
+def _teacher_file(checkpoint: str | Path) -> Path:
+    return Path(checkpoint).with_suffix(".teacher.pth")
+
+
+def _deep_supervision(network: torch.nn.Module, enabled: bool) -> None:
+    """Switch the extra deep-supervision outputs of an nnU-Net network on or off."""
+    module = network._orig_mod if hasattr(network, "_orig_mod") else network
+    module.decoder.deep_supervision = enabled
