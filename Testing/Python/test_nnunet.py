@@ -247,3 +247,44 @@ def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
     assert not {d["case"] for d in log[1]["dropped"]} & set(lowest)
     out = predict(project, "fm", project.cases()[:1], device="cpu", probabilities=False)
     assert out[0]["case"] == project.cases()[0]
+
+
+def test_filtermatch_resume_restores_pool_and_teacher(tiny):
+    """SIGKILL a FilterMatch run (EMA teacher) after epoch 2: the resumed run starts from the
+    filtered pool and the saved teacher, and ends on the planned schedule."""
+    from ALSegLib.nnunet.filtermatch import FilterMatchConfig
+
+    project = tiny["project"]
+    if not project.labeled_cases("human"):
+        for case in project.cases()[:3]:
+            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+    args = ["--epochs", "3", "--iters", "2", "--val-iters", "1", "--device", "cpu", "--no-validate",
+            "--warmup", "1", "--filter-start", "0", "--filter-every", "1", "--drop-fraction", "0.4",
+            "--teacher", "ema", "--ema-decay", "0.9"]
+    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(project.root), "--mode", "filtermatch",
+           "--name", "fm-resume", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    filters = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event["event"] == "filter":
+                    filters.append(event)
+                if event["event"] == "epoch" and event["epoch"] == 2:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [f["epoch"] for f in filters] == [1, 2]
+    latest = next((project.root / "nnunet" / "results").glob("*_fm-resume/*/fold_0/checkpoint_latest.pth"))
+    state = json.loads(latest.with_suffix(".filtermatch.json").read_text())
+    assert state["pool"] and len(state["filter_log"]) == 2 and latest.with_suffix(".teacher.pth").is_file()
+    config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.4, teacher="ema", ema_decay=0.9)
+    rec = train(project, "filtermatch", name="fm-resume", epochs=3, iterations=2, val_iterations=1, device="cpu",
+                validate=False, filtermatch=config)
+    assert rec["status"] == "done" and rec["resumed_at_epochs"] == [2] and rec["epochs_done"] == 3
+    fm = rec["filtermatch"]
+    assert fm["filter_log"] == state["filter_log"]  # restored, and no filter after the last epoch
+    assert fm["remaining"] == len(state["pool"]) and fm["config"]["teacher"] == "ema"
