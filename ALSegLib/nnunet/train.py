@@ -95,7 +95,7 @@ def _dataset_for(project: Project, mode: str, name: str) -> Dataset:
         return own
     record = project_plans(project)
     if mode == "pretrain" and record and record["policy"] == "pseudo":
-        used = {read_model(project, m).get("dataset") for m in list_models(project)}
+        used = {read_model(project, m).get("dataset") for m in list_models(project) if m != name}
         if record["dataset"] not in used:
             return Dataset.load(folders(project.root).raw / record["dataset"])
     return export_dataset(project, MODES[mode], name, pool_as_ignore=mode == "filtermatch")
@@ -126,10 +126,13 @@ def train(
         raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
     name = check_case_id(name or mode)
     dev = resolve_device(device)
-    d_epochs, d_iters = default_budget(dev)
-    epochs, iterations = epochs or d_epochs, iterations or d_iters
     folder = model_dir(project, name)
     previous = read_model(project, name) if (folder / "model.json").is_file() else None
+    d_epochs, d_iters = default_budget(dev)
+    budget = (previous or {}).get("budget", {})  # a resumed run keeps its budget unless told otherwise
+    epochs = epochs or budget.get("epochs") or d_epochs
+    iterations = iterations or budget.get("iterations") or d_iters
+    val_iterations = val_iterations or budget.get("val_iterations")
     if previous and previous["mode"] != mode:
         raise InputError(f"model {name!r}", f"exists with mode {previous['mode']!r}; choose another --name")
     if previous and previous["status"] == "done":
@@ -149,7 +152,10 @@ def train(
             plan(project, policy=MODES[mode], configurations=(configuration or "3d_fullres",), batch_size=batch_size)
         plans_record = project_plans(project)
         configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
-        dataset = _dataset_for(project, mode, name)
+        if previous is not None:
+            dataset = Dataset.load(folders(project.root).raw / previous["dataset"])
+        else:
+            dataset = _dataset_for(project, mode, name)
         preprocess(project, dataset, configuration)
         f = folders(project.root)
         pre = f.preprocessed / dataset.name
@@ -171,7 +177,8 @@ def train(
                 plans["configurations"][configuration]["batch_size"] = int(batch_size)
             output = f.results / dataset.name / f"{cls.__name__}__{PLANS}__{configuration}" / "fold_0"
             latest = output / "checkpoint_latest.pth"
-            plans["continue_training"] = latest.is_file()
+            final = output / "checkpoint_final.pth"
+            plans["continue_training"] = latest.is_file() or final.is_file()
             dataset_json = json.loads((pre / "dataset.json").read_text())
             trainer = cls(plans, configuration, 0, dataset_json, dev)
             trainer.set_budget(epochs, iterations, val_iterations)
@@ -179,7 +186,9 @@ def train(
                 from .filtermatch import FilterMatchConfig
 
                 trainer.configure_filtermatch(filtermatch or FilterMatchConfig(), dataset.pool)
-            if latest.is_file():
+            if final.is_file():  # killed after training, during validation: do not train again
+                trainer.load_checkpoint(str(final))
+            elif latest.is_file():
                 trainer.load_checkpoint(str(latest))
                 record["resumed_at_epochs"].append(trainer.current_epoch)
                 emit("resume", model=name, epoch=trainer.current_epoch)
@@ -188,12 +197,17 @@ def train(
                 if digest != init["weights_digest"]:
                     raise InputError(project.root / init["checkpoint"], "pretrained weights changed since that model finished")
                 record["init_weights_digest"] = digest
-            trainer.run_training()
+            if not final.is_file():
+                try:
+                    trainer.run_training()
+                except BaseException:
+                    record["status"] = "failed (resumable)"
+                    _write_record(project, record, "training_failed")
+                    raise
             validation = None
             if validate:
                 trainer.perform_actual_validation(False)
                 validation = _validation_summary(output / "validation" / "summary.json", dataset)
-            final = output / "checkpoint_final.pth"
             losses = [float(v) for v in trainer.logger.get_value("train_losses", None)]
             record.update({
                 "status": "done",

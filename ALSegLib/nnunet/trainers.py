@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from .. import atomic
 from ..errors import InputError
 from ..progress import emit
 
@@ -74,6 +75,12 @@ class ALSegTrainer(nnUNetTrainer):
         self.num_epochs = int(epochs)
         self.num_iterations_per_epoch = int(iterations)
         self.num_val_iterations_per_epoch = int(val_iterations if val_iterations is not None else max(1, iterations // 5))
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: a kill mid-write never leaves a torn file."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        atomic.write_with(Path(filename), lambda tmp: super(ALSegTrainer, self).save_checkpoint(str(tmp)))
 
     def on_epoch_end(self) -> None:
         value = self.logger.get_value

@@ -288,3 +288,23 @@ def test_filtermatch_resume_restores_pool_and_teacher(tiny):
     fm = rec["filtermatch"]
     assert fm["filter_log"] == state["filter_log"]  # restored, and no filter after the last epoch
     assert fm["remaining"] == len(state["pool"]) and fm["config"]["teacher"] == "ema"
+
+
+def test_finished_training_is_not_redone_and_pretrain_resumes_on_its_own_dataset(tiny):
+    """A model killed after its final checkpoint (e.g. during validation) is completed, not
+    retrained; and the pretraining model keeps its dataset when run again."""
+    project = tiny["project"]
+    rec = tiny["pretrain"]
+    record_file = project.root / "models" / "pretrain" / "model.json"
+    saved = record_file.read_text()
+    interrupted = json.loads(saved)
+    interrupted["status"] = "training"
+    record_file.write_text(json.dumps(interrupted))
+    try:
+        again = train(project, "pretrain", validate=False, device="cpu")
+        assert again["dataset"] == rec["dataset"] and again["epochs_done"] == rec["epochs_done"]
+        assert again["final_weights_digest"] == rec["final_weights_digest"]  # the same weights: nothing retrained
+        assert again["budget"]["epochs"] == rec["budget"]["epochs"]  # the previous budget is kept
+    finally:
+        record_file.write_text(saved)
+    assert not list((project.root / "nnunet" / "results").glob("**/.tmp-*"))  # atomic checkpoints leave no temporaries
