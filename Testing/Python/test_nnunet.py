@@ -45,6 +45,31 @@ def degraded(ref: np.ndarray, i: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def ensure_human_labels(project: Project, n: int = 3) -> None:
+    if not project.labeled_cases("human"):
+        for case in project.cases()[:n]:
+            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+
+
+def train_until_killed(project: Project, mode: str, name: str, kill_after_epoch: int, *options: str) -> list[dict]:
+    """Run ``alseg train`` in a subprocess and SIGKILL it right after an epoch's event; returns the events seen."""
+    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(project.root), "--mode", mode,
+           "--name", name, "--device", "cpu", "--no-validate", *options]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    events = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                if events[-1]["event"] == "epoch" and events[-1]["epoch"] == kill_after_epoch:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+    finally:
+        proc.kill()
+        proc.wait()
+    return events
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Eight 32^3 CT phantoms with degraded pseudo-labels, planned and pretrained."""
@@ -129,8 +154,7 @@ def test_pretrain_record(tiny):
 
 def test_finetune_starts_from_the_pretrained_weights_then_predicts(tiny, run_cli):
     project, env = tiny["project"], env_now()
-    for case in project.cases()[:3]:
-        project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+    ensure_human_labels(project)
     rec = train(project, "finetune", **BUDGET)
     assert env_now() == env
     assert rec["init_from"]["model"] == "pretrain"
@@ -173,26 +197,10 @@ def test_finetune_starts_from_the_pretrained_weights_then_predicts(tiny, run_cli
 
 def test_training_resumes_after_sigkill(tiny):
     project = tiny["project"]
-    if not project.labeled_cases("human"):
-        for case in project.cases()[:3]:
-            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
-    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(project.root), "--mode", "supervised",
-           "--name", "resumed", "--epochs", "4", "--iters", "2", "--val-iters", "1", "--device", "cpu", "--no-validate"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        for line in proc.stderr:
-            if line.startswith("{"):
-                event = json.loads(line)
-                if event["event"] == "epoch":
-                    seen.append(event)
-                    assert set(event) >= {"epoch", "train_loss", "pseudo_dice", "seconds"}
-                    if event["epoch"] == 2:
-                        os.kill(proc.pid, signal.SIGKILL)
-                        break
-    finally:
-        proc.kill()
-        proc.wait()
+    ensure_human_labels(project)
+    events = train_until_killed(project, "supervised", "resumed", 2, "--epochs", "4", "--iters", "2", "--val-iters", "1")
+    seen = [e for e in events if e["event"] == "epoch"]
+    assert all(set(e) >= {"epoch", "train_loss", "pseudo_dice", "seconds"} for e in seen)
     assert [e["epoch"] for e in seen] == [1, 2]
     assert read_model(project, "resumed")["status"] == "training"
     rec = train(project, "supervised", name="resumed", epochs=4, iterations=2, val_iterations=1, device="cpu", validate=False)
@@ -225,9 +233,7 @@ def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
     from ALSegLib.nnunet.filtermatch import FilterMatchConfig
 
     project = tiny["project"]
-    if not project.labeled_cases("human"):
-        for case in project.cases()[:3]:
-            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+    ensure_human_labels(project)
     labeled = project.labeled_cases("human")
     config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.4)
     rec = train(project, "filtermatch", name="fm", epochs=3, iterations=2, val_iterations=1, device="cpu",
@@ -255,28 +261,11 @@ def test_filtermatch_resume_restores_pool_and_teacher(tiny):
     from ALSegLib.nnunet.filtermatch import FilterMatchConfig
 
     project = tiny["project"]
-    if not project.labeled_cases("human"):
-        for case in project.cases()[:3]:
-            project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
-    args = ["--epochs", "3", "--iters", "2", "--val-iters", "1", "--device", "cpu", "--no-validate",
-            "--warmup", "1", "--filter-start", "0", "--filter-every", "1", "--drop-fraction", "0.4",
-            "--teacher", "ema", "--ema-decay", "0.9"]
-    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(project.root), "--mode", "filtermatch",
-           "--name", "fm-resume", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    filters = []
-    try:
-        for line in proc.stderr:
-            if line.startswith("{"):
-                event = json.loads(line)
-                if event["event"] == "filter":
-                    filters.append(event)
-                if event["event"] == "epoch" and event["epoch"] == 2:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-    finally:
-        proc.kill()
-        proc.wait()
+    ensure_human_labels(project)
+    events = train_until_killed(
+        project, "filtermatch", "fm-resume", 2, "--epochs", "3", "--iters", "2", "--val-iters", "1", "--warmup", "1",
+        "--filter-start", "0", "--filter-every", "1", "--drop-fraction", "0.4", "--teacher", "ema", "--ema-decay", "0.9")
+    filters = [e for e in events if e["event"] == "filter"]
     assert [f["epoch"] for f in filters] == [1, 2]
     latest = next((project.root / "nnunet" / "results").glob("*_fm-resume/*/fold_0/checkpoint_latest.pth"))
     state = json.loads(latest.with_suffix(".filtermatch.json").read_text())
