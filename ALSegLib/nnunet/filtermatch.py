@@ -391,8 +391,8 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             self.pool, self.filter_log = state["pool"], state["filter_log"]
             self.filtermatch = FilterMatchConfig.from_json(state["config"])
             if self.filtermatch.teacher == "ema" and _teacher_file(filename_or_checkpoint).is_file():
-                self._teacher_state = torch.load(_teacher_file(filename_or_checkpoint), map_location=self.device,
-                                                 weights_only=True)
+                teacher_file = _teacher_file(filename_or_checkpoint)
+                self._teacher_state = torch.load(teacher_file, map_location=self.device, weights_only=True)
 
 
 def _state_file(checkpoint: str | Path) -> Path:
