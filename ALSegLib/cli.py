@@ -212,7 +212,7 @@ def cmd_train(args) -> int:
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
-                   filtermatch=filtermatch)
+                   filtermatch=filtermatch, exclude_cases=args.exclude)
     if args.json:
         _print_json(record)
     else:
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="default: the planned one")
     p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
     p.add_argument("--init", help="the model to start from (finetune: default pretrain; filtermatch: optional)")
+    p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases the model never sees, labeled or unlabeled "
+                   "(held-out test cases; FilterMatch would otherwise use them as unlabeled data)")
     fm = p.add_argument_group("filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
     fm.add_argument("--warmup", type=int, default=20, help="E_start: supervised-only epochs (default 20)")
     fm.add_argument("--filter-start", type=int, default=100, help="E_f: first filter after this epoch (default 100)")

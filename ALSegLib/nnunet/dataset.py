@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +42,17 @@ class Dataset:
     folder: Path
     policy: str
     cases: list[str]  # labeled training cases
-    pool: list[str]  # cases without a label under the policy
+    pool: list[str]  # cases without a label under the policy (less the excluded ones)
     sources: dict[str, str]  # case -> "human v0002" / "pseudo"
     values: list[int]  # project label value of nnU-Net label i+1
+    excluded: list[str]  # cases kept out entirely (e.g. held-out test cases)
 
     @classmethod
     def load(cls, folder: Path) -> "Dataset":
         meta = json.loads((folder / ALSEG_META).read_text())
         m = _DATASET.match(folder.name)
-        return cls(int(m.group(1)), folder.name, folder, meta["policy"], meta["cases"], meta["pool"], meta["sources"], meta["values"])
+        return cls(int(m.group(1)), folder.name, folder, meta["policy"], meta["cases"], meta["pool"], meta["sources"],
+                   meta["values"], meta.get("excluded", []))
 
 
 def find_dataset(project: Project, tag: str) -> Dataset | None:
@@ -75,14 +78,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: bool = False) -> Dataset:
+def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: bool = False,
+                   exclude: Sequence[str] = ()) -> Dataset:
     """Write ``nnunet/raw/Dataset###_<tag>`` for ``policy``; returns it.
 
     With ``pool_as_ignore`` (semi-supervised training) the unlabeled cases are
     exported too, with a label map that is nnU-Net's ``ignore`` label everywhere,
     so that nnU-Net preprocesses their images like the labeled ones; they never
     contribute a supervised loss. An export is a snapshot: exporting the same
-    tag again returns the existing one.
+    tag again returns the existing one. ``exclude``: cases left out entirely, neither
+    labeled nor unlabeled (held-out test cases).
     """
     if policy not in POLICIES:
         raise InputError("--policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}")
@@ -91,8 +96,11 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
     if existing is not None:
         return existing
 
+    excluded = set(exclude)
     chosen: dict[str, tuple[str, int | None]] = {}
     for case in project.cases():
+        if case in excluded:
+            continue
         for kind in POLICIES[policy]:
             path = project.label_path(case, kind)
             if path is not None:
@@ -120,7 +128,7 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
         for i, v in enumerate(ordered, start=1):
             lut[v] = i
         ignore = len(ordered) + 1
-        pool = sorted(set(project.cases()) - set(chosen))
+        pool = sorted(set(project.cases()) - set(chosen) - excluded)
         for case in pool if pool_as_ignore else []:
             _link_or_copy(project.image_path(case), tmp / "imagesTr" / f"{case}_0000{STORE_EXT}")
             geometry = project.geometry(case)
@@ -152,7 +160,7 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
         sources = {c: (f"human v{v:04d}" if k == "human" else k) for c, (k, v) in chosen.items()}
         meta = {
             "policy": policy, "cases": sorted(chosen), "pool": pool, "pool_as_ignore": pool_as_ignore,
-            "sources": sources, "values": ordered, "project": project.name,
+            "sources": sources, "values": ordered, "project": project.name, "excluded": sorted(excluded),
         }
         atomic.write_json(tmp / ALSEG_META, meta)
         os.replace(tmp, raw / name)

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -87,18 +87,19 @@ def _model_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _dataset_for(project: Project, mode: str, name: str) -> Dataset:
+def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] = ()) -> Dataset:
     """The model's dataset: its own snapshot; a pretraining model may take over the
-    pseudo-labeled planning dataset (already preprocessed) if no other model uses it."""
+    pseudo-labeled planning dataset (already preprocessed) if no other model uses it
+    and no case is to be left out."""
     own = find_dataset(project, name)
     if own is not None:
         return own
     record = project_plans(project)
-    if mode == "pretrain" and record and record["policy"] == "pseudo":
+    if mode == "pretrain" and record and record["policy"] == "pseudo" and not exclude:
         used = {read_model(project, m).get("dataset") for m in list_models(project) if m != name}
         if record["dataset"] not in used:
             return Dataset.load(folders(project.root).raw / record["dataset"])
-    return export_dataset(project, MODES[mode], name, pool_as_ignore=mode == "filtermatch")
+    return export_dataset(project, MODES[mode], name, pool_as_ignore=mode == "filtermatch", exclude=exclude)
 
 
 def train(
@@ -115,12 +116,15 @@ def train(
     validate: bool = True,
     batch_size: int | None = None,
     filtermatch=None,
+    exclude_cases: Sequence[str] | None = None,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
     ``init_from``: the model whose weights to start from (``finetune``: default
     ``pretrain``; ``filtermatch``: optional). ``filtermatch``: a
     :class:`~ALSegLib.nnunet.filtermatch.FilterMatchConfig` (default settings if None).
+    ``exclude_cases``: cases the model never sees, labeled or not (held-out test
+    cases); a resumed model must be given the same ones (or none).
     """
     if mode not in MODES:
         raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
@@ -135,6 +139,13 @@ def train(
     val_iterations = val_iterations or budget.get("val_iterations")
     if previous and previous["mode"] != mode:
         raise InputError(f"model {name!r}", f"exists with mode {previous['mode']!r}; choose another --name")
+    exclude = sorted(set(exclude_cases or ()))
+    for case in exclude:
+        if not project.has_case(case):
+            raise InputError(f"--exclude {case}", "no such case in the project")
+    if previous and exclude_cases is not None and exclude != previous.get("excluded_cases", []):
+        raise InputError(f"model {name!r}", f"was trained with {len(previous.get('excluded_cases', []))} excluded case(s), "
+                                            f"not these {len(exclude)}; choose another --name")
     if previous and previous["status"] == "done":
         return previous
 
@@ -155,7 +166,10 @@ def train(
         if previous is not None:
             dataset = Dataset.load(folders(project.root).raw / previous["dataset"])
         else:
-            dataset = _dataset_for(project, mode, name)
+            dataset = _dataset_for(project, mode, name, exclude)
+            if sorted(dataset.excluded) != exclude:
+                raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
+                                                    "choose another --name")
         preprocess(project, dataset, configuration)
         f = folders(project.root)
         pre = f.preprocessed / dataset.name
@@ -164,6 +178,7 @@ def train(
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
             "plans": PLANS, "trainer": cls.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
+            "excluded_cases": sorted(dataset.excluded),
         }
         record.update({"status": "training", "device": str(dev),
                        "budget": {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations}})

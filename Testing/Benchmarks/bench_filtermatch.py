@@ -5,8 +5,13 @@ cases (40). For each labeled fraction (5 %, 10 % of the pool) the labeled cases'
 references are revealed as simulated human labels. Arms, each 2d, batch 12,
 the same epochs x iterations on the CPU:
 - supervised: the labeled cases only;
-- filtermatch: the labeled cases + the rest of the pool unlabeled;
+- filtermatch: the labeled cases + the rest of the pool unlabeled, as the reference
+  (the network labels its own unlabeled batch, lambda_u = 1 switched on after warm-up);
+- filtermatch_ema: the same with an EMA teacher (decay 0.99) and lambda_u ramped
+  up over ``--ramp`` epochs (ALSeg's options);
 - full: the whole pool labeled (upper bound, once).
+The test cases are excluded from every model (FilterMatch never sees them, not
+even unlabeled).
 Test Dice is the mean over both classes and the test cases. The step-time ratio
 compares post-warm-up FilterMatch epochs without a filter pass to supervised epochs.
 
@@ -58,7 +63,8 @@ def epoch_seconds(project: Project, record: dict) -> list[float]:
 def run_arm(project, mode, name, args, test_ids, **kw) -> tuple[float, dict, float]:
     t = time.perf_counter()
     record = train(project, mode, name=name, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
-                   device="cpu", configuration="2d", validate=False, **kw)
+                   device="cpu", configuration="2d", validate=False, exclude_cases=test_ids, **kw)
+    assert record["excluded_cases"] == sorted(test_ids)
     seconds = time.perf_counter() - t
     predict(project, name, test_ids, probabilities=False, device="cpu")
     dice = mean_dice(project, test_ids, lambda c: sitk.GetArrayFromImage(project.read_label(c, "predicted")))
@@ -80,6 +86,8 @@ def main() -> int:
     ap.add_argument("--filter-every", type=int, default=2)
     ap.add_argument("--drop", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ramp", type=int, default=2, help="lambda_u ramp-up epochs of the EMA arm")
+    ap.add_argument("--no-ema", action="store_true", help="skip the EMA-teacher arm")
     args = ap.parse_args()
     data = shared_data()
     if data is None or not (data / "hippocampus" / "imagesTr").is_dir():
@@ -105,11 +113,19 @@ def main() -> int:
             plan(project, policy="human", configurations=("2d",), batch_size=args.batch)
             sup, _, _ = run_arm(project, "supervised", "sup", args, test_ids)
             fm, fm_rec, _ = run_arm(project, "filtermatch", "fm", args, test_ids, filtermatch=fm_config)
+            fm_ema = None
+            if not args.no_ema:
+                ema_config = FilterMatchConfig(warmup_epochs=args.warmup, filter_start=args.filter_start,
+                                               filter_every=args.filter_every, drop_fraction=args.drop,
+                                               teacher="ema", ema_decay=0.99, ramp_epochs=args.ramp)
+                fm_ema, _, _ = run_arm(project, "filtermatch", "fm-ema", args, test_ids, filtermatch=ema_config)
             filtered = {d["epoch"] - 1 for d in fm_rec["filtermatch"]["filter_log"]}
             secs = epoch_seconds(project, fm_rec)
             plain = [s for e, s in enumerate(secs) if e >= args.warmup and e not in filtered]
             step.setdefault("filtermatch", []).append(float(np.mean(plain)) / (args.iters + args.val_iters))
-            results[f"{fraction:.2f}"] = {"labeled": n, "supervised": round(sup, 4), "filtermatch": round(fm, 4),
+            results[f"{fraction:.2f}"] = {"labeled": n, "unlabeled": len(pool) - n, "supervised": round(sup, 4),
+                                          "filtermatch": round(fm, 4),
+                                          "filtermatch_ema": None if fm_ema is None else round(fm_ema, 4),
                                           "full": round(full_dice, 4),
                                           "filter_log": [{"epoch": d["epoch"], "dropped": len(d["dropped"]),
                                                           "remaining": d["remaining"]} for d in fm_rec["filtermatch"]["filter_log"]]}
@@ -123,7 +139,10 @@ def main() -> int:
                    "batch_size": args.batch, "device": "cpu", "same_for_every_arm": True},
         "filtermatch": {"warmup_epochs": args.warmup, "filter_start": args.filter_start,
                         "filter_every": args.filter_every, "drop_fraction": args.drop, "teacher": "none",
-                        "unlabeled_weight": 1.0},
+                        "unlabeled_weight": 1.0, "ramp_epochs": 0},
+        "filtermatch_ema": None if args.no_ema else {"teacher": "ema", "ema_decay": 0.99, "ramp_epochs": args.ramp,
+                                                     "otherwise": "as filtermatch"},
+        "test_cases_excluded_from_training": True,
         "fractions": results,
         "step_s": {"supervised": round(step["supervised"], 3),
                    "filtermatch": round(float(np.mean(step["filtermatch"])), 3)},

@@ -45,7 +45,7 @@ def degraded(ref: np.ndarray, i: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def ensure_human_labels(project: Project, n: int = 3) -> None:
+def ensure_human_labels(project: Project, n: int = 2) -> None:
     if not project.labeled_cases("human"):
         for case in project.cases()[:n]:
             project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
@@ -72,9 +72,9 @@ def train_until_killed(project: Project, mode: str, name: str, kill_after_epoch:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Eight 32^3 CT phantoms with degraded pseudo-labels, planned and pretrained."""
+    """Thirteen 32^3 CT phantoms with degraded pseudo-labels, planned and pretrained."""
     root = tmp_path_factory.mktemp("nnunet")
-    images, labels = phantoms.write_dataset(root / "src", n=8, modality="CT", size=32)
+    images, labels = phantoms.write_dataset(root / "src", n=13, modality="CT", size=32)
     project = Project.create(root / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
     project.add_cases([images], reference_dir=labels)
     for i, case in enumerate(project.cases()):
@@ -161,7 +161,7 @@ def test_finetune_starts_from_the_pretrained_weights_then_predicts(tiny, run_cli
     # the weights right after loading equal the pretrained checkpoint's, bit for bit
     assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
     assert rec["final_weights_digest"] != rec["init_weights_digest"]  # and training moved them
-    assert rec["policy"] == "human" and rec["labeled_cases"] == 3
+    assert rec["policy"] == "human" and rec["labeled_cases"] == 2
     assert set(rec["validation"]["dice"]) == {"organ", "vessel", "lesion"}
     # same plans (architecture, patch, normalisation) on the human dataset
     pre = folders(project.root).preprocessed
@@ -236,20 +236,22 @@ def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
     ensure_human_labels(project)
     labeled = project.labeled_cases("human")
     config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.4)
+    held_out = project.cases()[-1]  # a test case: never seen, not even unlabeled
     rec = train(project, "filtermatch", name="fm", epochs=3, iterations=2, val_iterations=1, device="cpu",
-                validate=False, filtermatch=config, init_from="pretrain")
+                validate=False, filtermatch=config, init_from="pretrain", exclude_cases=[held_out])
     assert rec["status"] == "done" and rec["trainer"] == "ALSegFilterMatchTrainer"
     assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
     fm = rec["filtermatch"]
-    pool = sorted(set(project.cases()) - set(labeled))
-    assert fm["unlabeled_cases"] == len(pool) == 5
+    pool = sorted(set(project.cases()) - set(labeled) - {held_out})
+    assert fm["unlabeled_cases"] == len(pool) == 10  # 2 labeled, 10 unlabeled
+    assert rec["excluded_cases"] == [held_out]
     log = fm["filter_log"]
     assert [d["epoch"] for d in log] == [1, 2]  # after epochs 1 and 2; never after the last (3)
     first = log[0]
     assert sorted(first["entropy"]) == pool
-    lowest = sorted(first["entropy"], key=lambda c: (first["entropy"][c], c))[:2]  # floor(0.4 * 5) = 2
+    lowest = sorted(first["entropy"], key=lambda c: (first["entropy"][c], c))[:4]  # floor(0.4 * 10) = 4
     assert [d["case"] for d in first["dropped"]] == lowest
-    assert len(log[1]["dropped"]) == 1 and fm["remaining"] == 2  # floor(0.4 * 3) = 1
+    assert len(log[1]["dropped"]) == 2 and fm["remaining"] == 4  # floor(0.4 * 6) = 2
     assert not {d["case"] for d in log[1]["dropped"]} & set(lowest)
     out = predict(project, "fm", project.cases()[:1], device="cpu", probabilities=False)
     assert out[0]["case"] == project.cases()[0]
