@@ -296,7 +296,10 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
         cfg = self.filtermatch
         weight = unlabeled_weight(self.current_epoch, cfg.warmup_epochs, cfg.unlabeled_weight, cfg.ramp_epochs)
         if weight == 0.0 or self.dataloader_unlabeled is None:
-            return super().train_step(batch)
+            out = super().train_step(batch)
+            if self.teacher is not None:  # the teacher follows the student from the first step, warm-up included
+                self._update_teacher()
+            return out
         x_l = batch["data"].to(self.device, non_blocking=True)
         y_l = batch["target"]
         y_l = [t.to(self.device, non_blocking=True) for t in y_l] if isinstance(y_l, list) else y_l.to(self.device)

@@ -299,3 +299,18 @@ def test_finished_training_is_not_redone_and_pretrain_resumes_on_its_own_dataset
     finally:
         record_file.write_text(saved)
     assert not list((project.root / "nnunet" / "results").glob("**/.tmp-*"))  # atomic checkpoints leave no temporaries
+
+
+def test_ema_teacher_follows_the_student_during_warm_up(tiny):
+    """All epochs warm-up: the teacher must still have moved away from the starting weights."""
+    from ALSegLib.nnunet.filtermatch import FilterMatchConfig
+    from ALSegLib.nnunet.trainers import weights_digest
+
+    project = tiny["project"]
+    ensure_human_labels(project)
+    config = FilterMatchConfig(warmup_epochs=5, filter_start=10, filter_every=10, teacher="ema", ema_decay=0.5)
+    rec = train(project, "filtermatch", name="fm-warm-teacher", epochs=2, iterations=2, val_iterations=1, device="cpu",
+                validate=False, filtermatch=config, init_from="pretrain")
+    teacher = torch.load(project.root / rec["checkpoint"].replace(".pth", ".teacher.pth"), map_location="cpu", weights_only=True)
+    assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
+    assert weights_digest(teacher) not in (rec["init_weights_digest"], rec["final_weights_digest"])
