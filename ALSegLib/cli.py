@@ -238,6 +238,52 @@ def cmd_predict(args) -> int:
     return EXIT_OK
 
 
+def cmd_pseudolabel(args) -> int:
+    project = Project.open(args.project)
+    cases = (args.case + args.cases) or None
+    if args.source == "import":
+        from .pseudolabels.imported import import_pseudolabels
+
+        for opt in ("checkpoint", "prompts", "from_labels", "model_type", "axis", "window", "device", "batch", "memory_gib"):
+            if getattr(args, opt) is not None:
+                raise InputError("pseudolabel --source import", f"--{opt.replace('_', '-')} belongs to --source sam")
+        if args.no_cache:
+            raise InputError("pseudolabel --source import", "--no-cache belongs to --source sam")
+        if args.auto is not None:
+            raise InputError("pseudolabel --source import", "--auto belongs to --source sam")
+        if not args.from_dir:
+            raise InputError("pseudolabel --source import", "needs --from DIR (the other model's label files)")
+        done = import_pseudolabels(project, args.from_dir, args.map, cases=cases, resample=args.resample, model=args.model)
+        if args.json:
+            _print_json({"source": "import", "imported": done})
+        else:
+            dropped = sorted({v for d in done for v in d["dropped_values"]})
+            print(f"Imported {len(done)} pseudo-label(s) into {project.root}"
+                  + (f"; values mapped to background: {', '.join(map(str, dropped))}" if dropped else ""))
+        return EXIT_OK
+    from .pseudolabels.run import pseudolabel_with_sam
+
+    if args.from_dir or args.map or args.resample or args.model:
+        raise InputError("pseudolabel --source sam", "--from, --map, --resample and --model belong to --source import")
+    if not args.checkpoint:
+        raise InputError("pseudolabel --source sam", "needs --checkpoint FILE (a SAM or MedSAM .pth)")
+    auto_on = args.auto is not None
+    summaries = pseudolabel_with_sam(
+        project, args.checkpoint, model_type=args.model_type, prompts=args.prompts, auto=auto_on,
+        auto_settings=args.auto or None, from_labels=args.from_labels, cases=cases, axis=args.axis,
+        window=args.window, device=args.device or "cpu", batch=args.batch, cache=not args.no_cache,
+        memory_gib=args.memory_gib or 1.0)
+    if args.json:
+        _print_json({"source": "sam", "cases": summaries})
+    else:
+        for s in summaries:
+            labels = ", ".join(f"{n}: {v['slices']} slices" for n, v in s["labels"].items())
+            enc = s["encoder"]
+            print(f"{s['case']}: {s['status']}; {labels or 'nothing found'}; confidence {_fmt(s['confidence'])}; "
+                  f"{enc['slices_encoded']} slices encoded, {enc['cache_hits']} from cache; {s['seconds']:.1f} s")
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
     from .nnunet.train import list_models, read_model
 
@@ -402,6 +448,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--round", help="round id recorded in the provenance")
     p.add_argument("--json", action="store_true")
+
+    p = add("pseudolabel", cmd_pseudolabel, "Pseudo-labels for the project's cases: from a SAM-family model "
+            "(prompts propagated through slices, automatic grid prompts, or prompts from a prior label) or "
+            "imported from any other model's label files.")
+    p.add_argument("project")
+    p.add_argument("--source", required=True, choices=("sam", "import"))
+    p.add_argument("--case", action="append", default=[], help="only this case (repeatable)")
+    p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
+    p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("--source sam")
+    g.add_argument("--checkpoint", metavar="FILE", help="SAM (vit_b/vit_l/vit_h) or MedSAM weights (.pth), loaded with weights_only")
+    g.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h", "medsam"),
+                   help="default: read from the checkpoint's tensor shapes (give medsam for MedSAM's preprocessing)")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--prompts", metavar="FILE", help="JSON prompt file: boxes/points per case and label, propagated")
+    how.add_argument("--auto", nargs="?", const="", metavar="FILE",
+                     help="automatic grid prompts; optional JSON of filters per label (intensity, area_mm2, region)")
+    how.add_argument("--from-labels", metavar="DIR", help="coarse prior labels (e.g. an earlier model): a box per slice and component")
+    g.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slicing axis (default: the prompt file's, else axial)")
+    g.add_argument("--window", help="intensity window for every label: a preset (soft_tissue, bone, lung, liver, brain, "
+                   "abdomen), WIDTH,LEVEL, or percentile (default: soft_tissue for CT, 0.5-99.5 percentiles for MRI)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    g.add_argument("--batch", type=int, help="slices per encoder call (default 1 on CPU, 8 on CUDA; halved on out-of-memory)")
+    g.add_argument("--memory-gib", type=float, help="embeddings kept in memory per case (default 1 GiB)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
+    g = p.add_argument_group("--source import")
+    g.add_argument("--from", dest="from_dir", metavar="DIR", help="folder of label files named after the cases")
+    g.add_argument("--map", metavar="SRC=DST,...", help="value mapping, e.g. 5=1,6=2 (unmapped values become background)")
+    g.add_argument("--resample", action="store_true", help="resample labels on another grid onto the image (nearest neighbour)")
+    g.add_argument("--model", help="the model that made them (kept in provenance), e.g. totalsegmentator")
 
     p = add("models", cmd_models, "List the project's models with their mode, status and budget.")
     p.add_argument("project")

@@ -1,0 +1,136 @@
+"""Pseudo-labels made by any other model (TotalSegmentator, an earlier nnU-Net, …).
+
+A folder of label files matched to cases by file name, an optional value
+mapping (``5=1,6=2``: the other model's value 5 becomes the project's 1; values
+not in the mapping become background and are listed in the provenance), and
+the same validation as any label. Every file is read, mapped and checked before
+the first one is stored, so a bad file or mapping leaves the project as it was.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import progress, volumes
+from ..errors import InputError
+from ..project import Project, _label_index, sha256_file
+
+_ITEM = re.compile(r"^\s*(\d+)\s*=\s*(\d+)\s*$")
+
+
+def parse_mapping(text: str, project_values: Sequence[int], where: str = "--map") -> dict[int, int]:
+    """``"5=1,6=2"`` -> {5: 1, 6: 2}. Targets must be the project's label values (or 0 to drop a value)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(where, "empty mapping; write SOURCE=TARGET pairs, e.g. 5=1,6=2")
+    mapping: dict[int, int] = {}
+    for item in text.split(","):
+        m = _ITEM.match(item)
+        if not m:
+            raise InputError(where, f"cannot read {item.strip()!r}; write SOURCE=TARGET with whole numbers, e.g. 5=1")
+        src, dst = int(m.group(1)), int(m.group(2))
+        if src == 0:
+            raise InputError(where, f"{item.strip()!r}: background (0) cannot be mapped")
+        if src in mapping:
+            raise InputError(where, f"value {src} is mapped twice ({src}={mapping[src]} and {src}={dst})")
+        if dst != 0 and dst not in project_values:
+            raise InputError(where, f"{item.strip()!r}: {dst} is not a label value of the project "
+                                    f"(values: {', '.join(map(str, project_values))}; 0 drops a value)")
+        mapping[src] = dst
+    return mapping
+
+
+def _read_any_label(path: Path) -> sitk.Image:
+    img = volumes.read_image(path)
+    arr = sitk.GetArrayViewFromImage(img)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise InputError(path, "label file holds non-integer values")
+    if arr.size and arr.min() < 0:
+        raise InputError(path, f"label file holds negative values (min {arr.min()})")
+    return img
+
+
+def map_label(img: sitk.Image, mapping: Mapping[int, int] | None, path: Path,
+              project_values: Sequence[int]) -> tuple[sitk.Image, dict[int, int], set[int]]:
+    """Apply a value mapping; returns the mapped label, the voxel counts of values dropped to
+    background, and the non-zero values the file holds."""
+    arr = sitk.GetArrayFromImage(img)
+    values, inverse, counts = np.unique(arr, return_inverse=True, return_counts=True)  # one pass, any value range
+    present = {int(v): int(n) for v, n in zip(values, counts) if v != 0}
+    if mapping is None:
+        bad = [v for v in present if v not in project_values]
+        if bad:
+            raise InputError(path, f"holds value(s) {', '.join(map(str, bad[:10]))} that are not label values of the project "
+                                   f"({', '.join(map(str, project_values))}); give --map SOURCE=TARGET,...")
+        new_values = values.astype(np.uint16)
+        dropped: dict[int, int] = {}
+    else:
+        new_values = np.array([mapping.get(int(v), 0) for v in values], np.uint16)
+        dropped = {v: n for v, n in present.items() if mapping.get(v, 0) == 0}
+    out = new_values[inverse.reshape(arr.shape)]
+    mapped = sitk.GetImageFromArray(out)
+    mapped.CopyInformation(img)
+    return mapped, dropped, set(present)
+
+
+def import_pseudolabels(
+    project: Project, folder: str | Path, mapping: str | Mapping[int, int] | None = None, *,
+    cases: Sequence[str] | None = None, resample: bool = False, model: str | None = None,
+) -> list[dict]:
+    """Import another model's labels as ``pseudo`` labels; returns one record per case stored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "folder of label files not found")
+    values = project.labels.values
+    lut = parse_mapping(mapping, values) if isinstance(mapping, str) else (dict(mapping) if mapping else None)
+    index = _label_index(folder)
+    if not index:
+        raise InputError(folder, "holds no label files (.nii, .nii.gz, .nrrd, .mha)")
+    unknown = sorted(c for c in index if not project.has_case(c))
+    if unknown and not cases:
+        raise InputError(folder, f"label file(s) for case(s) not in the project: {', '.join(unknown[:10])}"
+                                 + (" …" if len(unknown) > 10 else "") + " (select cases with --cases)")
+    selected = list(cases) if cases else sorted(index)
+    for c in selected:
+        if c not in index:
+            raise InputError(folder, f"no label file for case {c!r}")
+        if len(index[c]) > 1:
+            raise InputError(folder, f"several label files match case {c!r}: {', '.join(p.name for p in index[c])}")
+    staged = []
+    seen_sources: set[int] = set()
+    for case in progress.track(selected, desc="checking imported labels"):
+        path = index[case][0]
+        img = _read_any_label(path)
+        geometry = project.geometry(case)
+        resampled = False
+        diffs = geometry.differences(volumes.Geometry.of(img))
+        if diffs:
+            if not resample:
+                raise InputError(path, f"grid differs from case {case!r}'s image ({'; '.join(diffs)}); "
+                                       "pass --resample to resample it (nearest neighbour) onto the image grid")
+            img = sitk.Resample(img, project.read_image(case), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                img.GetPixelID())
+            resampled = True
+        mapped, dropped, present = map_label(img, lut, path, values)
+        seen_sources |= present
+        mapped = volumes.validate_label(mapped, str(path), label_values=values, geometry=geometry)
+        staged.append((case, path, mapped, dropped, resampled))
+    if lut is not None:
+        unused = sorted(set(lut) - seen_sources)
+        if unused and len(unused) == len(lut):
+            raise InputError("--map", f"none of the mapped values ({', '.join(map(str, unused))}) occurs in the label files "
+                                      f"of {folder}; values present: {', '.join(map(str, sorted(seen_sources))) or 'none'}")
+    out = []
+    for case, path, mapped, dropped, resampled in staged:
+        produced_by = {"file": str(path.resolve()), "sha256": sha256_file(path)}
+        if model:
+            produced_by["model"] = model
+        project.write_label(case, "pseudo", mapped, source="import", produced_by=produced_by,
+                            mapping={str(k): v for k, v in lut.items()} if lut else None,
+                            dropped_values={str(k): n for k, n in dropped.items()}, resampled=resampled)
+        out.append({"case": case, "file": str(path), "dropped_values": dropped, "resampled": resampled})
+    return out

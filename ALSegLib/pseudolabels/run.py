@@ -1,0 +1,311 @@
+"""``alseg pseudolabel --source sam``: pseudo-labels for a project's cases with a SAM-family model.
+
+Everything is checked first (checkpoint, prompt file, every prompt coordinate,
+prior labels); only then is anything written, so bad input leaves the project
+as it was. Per case: slices along the chosen axis, one encoder pass per slice
+and window (cached on disk), each label's prompts (propagated), automatic grid
+or prior boxes, overlaps resolved by predicted IoU, post-processing, and a
+``pseudo`` label with its provenance (model, prompts, confidence). Pseudo-labels
+are machine labels: a human label is never touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import atomic, progress, volumes
+from ..errors import InputError
+from ..project import Project, _label_index, sha256_file
+from . import prompts as pr
+from .postprocess import PostProcess, clean_mask
+from .sam import LoadedSam, MaskDecoder, SliceEmbeddings, file_sha256, load_checkpoint, save_npy
+from .slices import AXES, Window, default_window, label_image, parse_window, volume_slices
+
+CACHE_VERSION = 1
+MODES = ("prompts", "auto", "prior")
+
+
+def cache_root(project: Project) -> Path:
+    return project.root / "cache" / "sam"
+
+
+def features_dir(project: Project) -> Path:
+    return project.root / "features" / "sam"
+
+
+def embedding_key(loaded: LoadedSam, axis: int, window: Window) -> tuple[str, dict]:
+    """Everything an embedding depends on, hashed: checkpoint bytes, preprocessing, axis, window."""
+    spec = {"version": CACHE_VERSION, "checkpoint_sha256": loaded.sha256, "profile": loaded.profile.key(),
+            "image_size": loaded.architecture.image_size, "axis": axis, "window": window.key()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16], spec
+
+
+def case_cache_dir(project: Project, loaded: LoadedSam, axis: int, window: Window, case: str) -> Path:
+    """The case's embedding folder, emptied if it was made from a different image file."""
+    key, spec = embedding_key(loaded, axis, window)
+    root = cache_root(project) / key
+    if not (root / "key.json").is_file():
+        atomic.write_json(root / "key.json", spec)
+    folder = root / case
+    stamp = folder / "image.sha256"
+    digest = sha256_file(project.image_path(case))
+    if folder.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        shutil.rmtree(folder, ignore_errors=True)
+    if not stamp.is_file():
+        atomic.write_bytes(stamp, digest.encode())
+    return folder
+
+
+@dataclass
+class CaseWork:
+    case: str
+    slice_prompts: dict[str, list[pr.SlicePrompt]]  # prompts mode / prior mode, per label name
+    prior_file: Path | None = None
+
+
+def _auto_file(path: Path, label_names: Sequence[str]) -> tuple[dict[str, pr.LabelSettings], str | None]:
+    if not path.is_file():
+        raise InputError(path, "automatic-mode settings file not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"not a readable JSON settings file ({exc})") from None
+    if not isinstance(obj, dict) or set(obj) - {"labels", "axis", "comment"}:
+        raise InputError(path, "automatic-mode settings are {\"labels\": {name: {\"auto\": {...}, ...}}, \"axis\": ...}")
+    axis = obj.get("axis")
+    if axis is not None and axis not in AXES:
+        raise InputError(f"{path}: axis", f"must be one of {', '.join(AXES)}, not {axis!r}")
+    return pr.parse_label_settings(obj.get("labels", {}), label_names, f"{path}: labels"), axis
+
+
+def pseudolabel_with_sam(
+    project: Project, checkpoint: str | Path, *, model_type: str | None = None,
+    prompts: str | Path | None = None, auto: bool = False, auto_settings: str | Path | None = None,
+    from_labels: str | Path | None = None, cases: Sequence[str] | None = None, axis: str | None = None,
+    window: str | None = None, device: str = "cpu", batch: int | None = None, cache: bool = True,
+    memory_gib: float = 1.0,
+) -> list[dict]:
+    """Make ``pseudo`` labels with SAM/MedSAM for the project's cases; returns one summary per case."""
+    modes = [m for m, on in (("prompts", prompts is not None), ("auto", auto), ("prior", from_labels is not None)) if on]
+    if len(modes) != 1:
+        raise InputError("pseudolabel", "give exactly one of --prompts FILE, --auto [FILE] or --from-labels DIR")
+    mode = modes[0]
+    names = list(project.labels.mapping)
+    if cases:
+        for c in cases:
+            if not project.has_case(c):
+                raise InputError(f"case {c!r}", "not in the project")
+    override = parse_window(window, "--window") if window is not None else None
+
+    settings: dict[str, pr.LabelSettings] = {}
+    file_axis = None
+    pf = None
+    if mode == "prompts":
+        pf = pr.read_prompt_file(prompts, names, project.cases())
+        settings, file_axis = pf.labels, pf.axis
+        missing = [c for c in (cases or []) if c not in pf.cases]
+        if missing:
+            raise InputError(prompts, f"has no prompts for case(s) {', '.join(missing)}")
+        todo = [c for c in pf.cases if not cases or c in cases]
+    elif mode == "auto":
+        if auto_settings is not None:
+            settings, file_axis = _auto_file(Path(auto_settings), names)
+            settings = {n: s for n, s in settings.items() if s.auto is not None}
+            if not settings:
+                raise InputError(auto_settings, "gives no label an \"auto\" entry (filters for grid prompts)")
+        elif len(names) > 1:
+            raise InputError("--auto", f"the project has {len(names)} labels ({', '.join(names)}); grid prompts cannot tell "
+                                       "them apart: give --auto FILE with filters (intensity, area_mm2, region) per label")
+        else:
+            settings = {names[0]: pr.LabelSettings(auto=pr.AutoSettings())}
+        todo = list(cases) if cases else project.cases()
+    else:
+        folder = Path(from_labels)
+        if not folder.is_dir():
+            raise InputError(folder, "prior label folder not found")
+        index = _label_index(folder)
+        for case, files in index.items():
+            if len(files) > 1 and (not cases or case in cases):
+                raise InputError(folder, f"several label files match case {case!r}: {', '.join(p.name for p in files)}")
+        todo = [c for c in (cases or project.cases()) if c in index]
+        missing = [c for c in (cases or []) if c not in index]
+        if missing:
+            raise InputError(folder, f"no prior label file for case(s) {', '.join(missing)}")
+        if not todo:
+            raise InputError(folder, "holds no label file named after a case of the project")
+    if axis and file_axis and axis != file_axis:
+        raise InputError("--axis", f"{axis} contradicts the axis of {prompts or auto_settings} ({file_axis}), "
+                                   "on which its prompts and settings were made")
+    axis_name = axis or file_axis or "axial"
+    if mode == "prior":  # the prior tells how many pieces there are: keep them all unless told otherwise
+        settings = {n: pr.LabelSettings(post=PostProcess(keep_components=0)) for n in names}
+
+    # nothing is written before every input is checked (the checkpoint hash is cached only afterwards)
+    loaded = load_checkpoint(checkpoint, model_type, device, compute_hash=False)
+    if mode == "auto" and not loaded.profile.points:
+        raise InputError("--auto", f"grid prompts are points; the {loaded.profile.name} profile takes box prompts only")
+
+    # check every case's inputs before anything is written
+    work: list[CaseWork] = []
+    for case in progress.track(todo, desc="checking inputs"):
+        image = project.read_image(case)
+        vs = volume_slices(image, axis_name)
+        sp: dict[str, list[pr.SlicePrompt]] = {}
+        prior = None
+        if mode == "prompts":
+            sp = pr.case_prompts(pf, case, image, vs)
+            if not loaded.profile.points:
+                for name, ps in sp.items():
+                    for p in ps:
+                        if p.box is None:
+                            raise InputError(f"{pf.path}: {p.source}", f"the {loaded.profile.name} profile takes box "
+                                                                       "prompts only; this prompt has points only")
+        elif mode == "prior":
+            prior = index[case][0]
+            lab = volumes.read_label(prior, label_values=project.labels.values, geometry=project.geometry(case))
+            prior_slices = vs.from_array(sitk.GetArrayFromImage(lab))
+            for name, value in project.labels.mapping.items():
+                ps = pr.prior_prompts(prior_slices, value)
+                if ps:
+                    sp[name] = ps
+        work.append(CaseWork(case, sp, prior))
+
+    loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
+    batch = batch or (1 if loaded.device.type == "cpu" else 8)
+    out = []
+    for w in progress.track(work, desc="pseudo-labels"):
+        out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib))
+    return out
+
+
+def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings],
+              axis_name: str, override: Window | None, batch: int, cache: bool, memory_gib: float) -> dict:
+    t0 = time.perf_counter()
+    image = project.read_image(w.case)
+    vs = volume_slices(image, axis_name)
+    names = [n for n in project.labels.mapping if (n in settings if mode == "auto" else n in w.slice_prompts)]
+    by_window: dict[Window, list[str]] = {}
+    for n in names:
+        s = settings.get(n, pr.LabelSettings())
+        by_window.setdefault(override or s.window or default_window(project.modality), []).append(n)
+
+    results: dict[str, dict[int, pr.SliceResult]] = {}
+    tracks: dict[str, list[dict]] = {}
+    encoded = {"slices_encoded": 0, "encoder_calls": 0, "max_calls_per_slice": 0, "forward_passes": 0,
+               "cache_hits": 0, "decoder_calls": 0}
+    pooled_from = None
+    for window, labels in by_window.items():
+        cache_dir = case_cache_dir(project, loaded, vs.axis, window, w.case) if cache else None
+        emb = SliceEmbeddings(loaded, vs.uint8(window), vs.pixel_spacing, cache_dir=cache_dir, batch=batch,
+                              memory_bytes=int(memory_gib * 2**30))
+        dec = MaskDecoder(loaded, emb.frame)
+        for name in labels:
+            s = settings.get(name, pr.LabelSettings())
+
+            def on_slice(k, res, name=name):
+                progress.emit("slice", case=w.case, label=name, slice=int(k), iou=round(res.iou, 4), area_px=int(res.mask.sum()))
+
+            if mode == "prompts":
+                results[name], tracks[name] = pr.propagate(emb, dec, w.slice_prompts[name], s.propagation, on_slice)
+            elif mode == "auto":
+                results[name] = pr.automatic(emb, dec, vs, s.auto, on_slice)
+            else:
+                results[name] = pr.from_prior(emb, dec, w.slice_prompts[name], on_slice)
+        encoded["slices_encoded"] += len(emb.encoder_calls)
+        encoded["encoder_calls"] += sum(emb.encoder_calls.values())
+        encoded["max_calls_per_slice"] = max([encoded["max_calls_per_slice"], *emb.encoder_calls.values()])
+        encoded["forward_passes"] += emb.forward_passes
+        encoded["cache_hits"] += emb.cache_hits
+        encoded["decoder_calls"] += dec.decoder_calls
+        if pooled_from is None or len(labels) > len(by_window[pooled_from[0]]):
+            pooled_from = (window, emb)
+
+    label_stack, per_label, confidence = _assemble(project, vs, results, settings)
+    summary = {"case": w.case, "mode": mode, "axis": axis_name, "labels": per_label, "encoder": encoded,
+               "confidence": confidence, "seconds": round(time.perf_counter() - t0, 3)}
+    if tracks:
+        for name, t in tracks.items():
+            per_label.setdefault(name, {})["tracks"] = t
+    if not label_stack.any():
+        earlier = project.label_path(w.case, "pseudo")
+        summary["status"] = "empty: no structure found; nothing written" + (
+            " (the case's earlier pseudo-label is left as it was)" if earlier else "")
+        return summary
+    img = label_image(vs.to_array(label_stack), image)
+    prompts_used = {n: [p.to_json() for p in ps] for n, ps in w.slice_prompts.items()} if mode == "prompts" else None
+    project.write_label(
+        w.case, "pseudo", img, source="sam", produced_by=loaded.describe(), mode=mode, axis=axis_name,
+        windows={n: win.to_json() for win, ls in by_window.items() for n in ls}, prompts=prompts_used,
+        prior_file=str(w.prior_file.resolve()) if w.prior_file else None, confidence=confidence, labels=per_label,
+        encoder=encoded,
+    )
+    if pooled_from is not None:
+        vec = pooled_from[1].pooled()
+        if vec is not None:
+            _write_features(project, w.case, vec, loaded, axis_name, pooled_from[0])
+    summary["status"] = "written"
+    return summary
+
+
+def _assemble(project: Project, vs, results: dict[str, dict[int, pr.SliceResult]],
+              settings: dict[str, pr.LabelSettings]) -> tuple[np.ndarray, dict, float | None]:
+    """One label stack (slice axis first): overlaps go to the higher predicted IoU, then post-processing."""
+    n, (rows, cols) = vs.n, vs.size
+    stack = np.zeros((n, rows, cols), np.uint8 if max(project.labels.values) <= 255 else np.uint16)
+    score = np.full((n, rows, cols), -np.inf, np.float32)
+    values = project.labels.mapping
+    for name, per_slice in results.items():
+        for k, r in per_slice.items():
+            sel = r.mask & (r.iou > score[k])
+            stack[k][sel] = values[name]
+            score[k][sel] = r.iou
+    voxel_mm3 = vs.pixel_spacing[0] * vs.pixel_spacing[1] * vs.slice_spacing
+    cleaned = {}
+    for name in results:
+        m = stack == values[name]
+        cleaned[name] = clean_mask(m, voxel_mm3, settings.get(name, pr.LabelSettings()).post, slice_axis=0)
+        stack[m & ~cleaned[name]] = 0
+    for name in results:  # hole filling never takes voxels of another label
+        stack[cleaned[name] & (stack == 0)] = values[name]
+    per_label, ious = {}, []
+    for name, per_slice in results.items():
+        present = [k for k in sorted(per_slice) if (stack[k] == values[name]).any()]
+        label_ious = [per_slice[k].iou for k in present]
+        ious += label_ious
+        per_label[name] = {
+            "slices": len(present), "range": [present[0], present[-1]] if present else None,
+            "mean_iou": round(float(np.mean(label_ious)), 4) if label_ious else None,
+            "voxels": int((stack == values[name]).sum()),
+        }
+    return stack, per_label, (round(float(np.mean(ious)), 4) if ious else None)
+
+
+def _write_features(project: Project, case: str, vec: np.ndarray, loaded: LoadedSam, axis: str, window: Window) -> None:
+    folder = features_dir(project)
+    atomic.write_with(folder / f"{case}.npy", lambda p: save_npy(p, vec))
+    atomic.write_json(folder / f"{case}.json", {
+        "case": case, "kind": "sam-pooled-embedding", "dims": int(vec.shape[0]), "checkpoint_sha256": loaded.sha256,
+        "model_type": loaded.model_type, "axis": axis, "window": window.to_json(),
+    })
+
+
+def read_features(project: Project) -> dict[str, np.ndarray]:
+    """Pooled SAM embeddings per case (diversity features for selection), where computed."""
+    folder = features_dir(project)
+    out = {}
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.npy")):
+            if f.name.startswith("."):  # a temporary left by a killed run
+                continue
+            case = f.name[:-4]
+            if project.has_case(case):
+                out[case] = np.load(f, allow_pickle=False)
+    return out
