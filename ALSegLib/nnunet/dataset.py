@@ -46,13 +46,14 @@ class Dataset:
     sources: dict[str, str]  # case -> "human v0002" / "pseudo"
     values: list[int]  # project label value of nnU-Net label i+1
     excluded: list[str]  # cases kept out entirely (e.g. held-out test cases)
+    pool_as_ignore: bool = False  # the pool exported with all-ignore labels (semi-supervised)
 
     @classmethod
     def load(cls, folder: Path) -> "Dataset":
         meta = json.loads((folder / ALSEG_META).read_text())
         m = _DATASET.match(folder.name)
         return cls(int(m.group(1)), folder.name, folder, meta["policy"], meta["cases"], meta["pool"], meta["sources"],
-                   meta["values"], meta.get("excluded", []))
+                   meta["values"], meta.get("excluded", []), bool(meta.get("pool_as_ignore", False)))
 
 
 def find_dataset(project: Project, tag: str) -> Dataset | None:
@@ -157,7 +158,12 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
             "description": f"ALSeg project {project.name}: {policy} labels",
         }
         atomic.write_json(tmp / "dataset.json", dataset_json)
-        sources = {c: (f"human v{v:04d}" if k == "human" else k) for c, (k, v) in chosen.items()}
+        sources = {}
+        for c, (k, v) in chosen.items():
+            sources[c] = k
+            if k == "human":
+                origin = project.provenance(c, "human", v).get("source")
+                sources[c] = f"human v{v:04d}" + (f" ({origin})" if origin in ("simulated", "human-import") else "")
         meta = {
             "policy": policy, "cases": sorted(chosen), "pool": pool, "pool_as_ignore": pool_as_ignore,
             "sources": sources, "values": ordered, "project": project.name, "excluded": sorted(excluded),

@@ -9,6 +9,7 @@ same and weights carry over from one model to the next.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -90,6 +91,7 @@ def plan(
         "dataset": dataset.name,
         "policy": policy,
         "plans": PLANS,
+        "plans_digest": plans_digest(plans),
         "configurations": list(configurations),
         "batch_size": {c: plans["configurations"][c]["batch_size"] for c in configurations},
         "patch_size": {c: plans["configurations"][c]["patch_size"] for c in configurations},
@@ -102,6 +104,12 @@ def plan(
         atomic.write_json(f.root / RECORD, record)
         project.log_event("nnunet_planned", **{k: record[k] for k in ("dataset", "configurations", "batch_size", "patch_size")})
     return record
+
+
+def plans_digest(plans: dict) -> str:
+    """SHA-256 of the plans' configurations (architecture, patch, spacing, normalisation):
+    weights trained under one digest do not fit a network planned under another."""
+    return hashlib.sha256(json.dumps(plans["configurations"], sort_keys=True).encode()).hexdigest()
 
 
 def _alseg_plans(base: dict, configurations: Sequence[str], batch_size: int | None) -> dict:

@@ -93,12 +93,22 @@ def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] 
     and no case is to be left out."""
     own = find_dataset(project, name)
     if own is not None:
+        if own.policy != MODES[mode] or own.pool_as_ignore != (mode == "filtermatch"):
+            raise InputError(f"model {name!r}", f"a dataset snapshot {own.name} exists for another kind of model "
+                                                f"({own.policy} labels{', with unlabeled pool' if own.pool_as_ignore else ''}); "
+                                                "choose another --name")
         return own
     record = project_plans(project)
     if mode == "pretrain" and record and record["policy"] == "pseudo" and not exclude:
-        used = {read_model(project, m).get("dataset") for m in list_models(project) if m != name}
-        if record["dataset"] not in used:
-            return Dataset.load(folders(project.root).raw / record["dataset"])
+        folder = folders(project.root).raw / record["dataset"]
+        claim = folder / ".alseg-claimed-by"
+        with project.lock("claim the planning dataset"):  # two pretraining models must not both take it
+            used = {read_model(project, m).get("dataset") for m in list_models(project) if m != name}
+            holder = claim.read_text().strip() if claim.is_file() else None
+            if record["dataset"] not in used and holder in (None, name):
+                if holder is None:
+                    atomic.write_bytes(claim, name.encode())
+                return Dataset.load(folder)
     return export_dataset(project, MODES[mode], name, pool_as_ignore=mode == "filtermatch", exclude=exclude)
 
 
@@ -157,6 +167,10 @@ def train(
         if source["status"] != "done":
             raise InputError(f"model {init_from!r}", "has not finished training; cannot fine-tune from it")
         init = {"model": init_from, "checkpoint": source["checkpoint"], "weights_digest": source["final_weights_digest"]}
+        current = (project_plans(project) or {}).get("plans_digest")
+        if source.get("plans_digest") and current and source["plans_digest"] != current:
+            raise InputError(f"model {init_from!r}", "was trained under other plans (the project was planned again "
+                                                     "since); its weights do not fit the current network")
 
     with _model_lock(folder):
         if project_plans(project) is None:
@@ -178,7 +192,7 @@ def train(
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
             "plans": PLANS, "trainer": cls.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
-            "excluded_cases": sorted(dataset.excluded),
+            "excluded_cases": sorted(dataset.excluded), "plans_digest": plans_record.get("plans_digest"),
         }
         record.update({"status": "training", "device": str(dev),
                        "budget": {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations}})

@@ -353,7 +353,7 @@ def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequen
     tracks = []
     for p, start in seeds:
         record = {"prompt": p.source, "slice": p.slice, "seed_iou": round(start.iou, 4), "seed_area_px": int(start.mask.sum())}
-        if start.mask.sum() < settings.min_area_px:
+        if start.mask.sum() < max(1, settings.min_area_px):
             record.update(reached=[p.slice, p.slice], stop={"up": "empty seed mask", "down": "empty seed mask"})
             tracks.append(record)
             continue
@@ -381,7 +381,7 @@ def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequen
                 reason = None
                 if res.iou < settings.min_iou:
                     reason = f"predicted IoU {res.iou:.2f} < {settings.min_iou:g}"
-                elif area < settings.min_area_px or area < settings.min_area_ratio * prev_area:
+                elif area == 0 or area < settings.min_area_px or area < settings.min_area_ratio * prev_area:
                     reason = f"area collapsed ({prev_area} -> {area} px)"
                 elif area > settings.max_area_ratio * prev_area:
                     reason = f"area exploded ({prev_area} -> {area} px)"

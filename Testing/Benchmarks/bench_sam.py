@@ -1,13 +1,14 @@
 """SAM pseudo-labels: encoder calls per slice, seconds per slice, peak memory, and the ratio to a naive loop.
 
-Workload: one CT phantom (64^3, 1.5 x 1.5 x 2.5 mm) with three labels, one box
-prompt each on the organ's middle axial slice, propagated ``--steps`` slices up
-and down with the stop rules switched off, so every arm segments the same
-slices. Arms, each in a fresh process (so its peak memory is its own):
-- alseg: ``pseudolabel_with_sam`` (one encoder pass per slice, shared by all labels,
-  embeddings cached to disk);
-- naive: segment-anything's ``SamPredictor`` re-encoding the slice for every label
-  and every slice (``set_image`` then ``predict``), the loop the reference code ran.
+Workload: one CT phantom (64^3, 1.5 x 1.5 x 2.5 mm) with three labels; prompts
+from a prior label (its reference on ``--steps`` slices each side of the organ's
+middle slice): a box and a centre point per label, slice and 2D component, so
+every arm answers exactly the same prompts. Arms, each in a fresh process (so
+its peak memory is its own):
+- alseg: ``pseudolabel_with_sam --from-labels`` (one encoder pass per slice, shared
+  by all labels and prompts, embeddings cached to disk);
+- naive: segment-anything's ``SamPredictor`` encoding the slice again for every
+  prompt of every label (``set_image`` then ``predict``), as a per-prompt loop does.
 Models: the tiny test architecture (embed 64, depth 2, 256 px) and the real
 vit_b dimensions (embed 768, depth 12, 1024 px), both with random weights:
 speed and memory do not depend on the weights.
@@ -57,25 +58,23 @@ def make_case(root: Path):
     return project
 
 
-def prompts_for(project, steps: int) -> tuple[dict, int]:
-    """One index-space box per label on the organ's middle slice; propagation forced to ``steps`` each way."""
+def prior_for(project, steps: int, folder: Path) -> tuple[Path, int]:
+    """The reference restricted to ``steps`` slices each side of the organ's middle: a prior label
+    whose every 2D component becomes a box prompt, for all three labels."""
     import SimpleITK as sitk
 
-    ref = sitk.GetArrayFromImage(project.read_label("case", "reference"))
-    organ = np.isin(ref, (1, 3))
-    ks = np.flatnonzero(organ.any(axis=(1, 2)))
+    ref_img = project.read_label("case", "reference")
+    ref = sitk.GetArrayFromImage(ref_img)
+    ks = np.flatnonzero(np.isin(ref, (1, 3)).any(axis=(1, 2)))
     k = int(ks[len(ks) // 2])
-    entries = {}
-    for name, value in (("organ", None), ("vessel", 2), ("lesion", 3)):
-        m = organ[k] if value is None else (ref[k] == value)
-        if not m.any():
-            m = organ[k]
-        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-        entries[name] = [{"box": [[int(cols[0]), int(rows[0]), k], [int(cols[-1]), int(rows[-1]), k]]}]
-    off = {"min_iou": 0.0, "min_area_ratio": 0.0, "max_area_ratio": 1e12, "min_area_px": 0, "max_steps": steps}
-    obj = {"space": "index", "axis": "axial", "cases": {"case": entries}, "labels": {n: off for n in LABELS}}
-    n_slices = min(ref.shape[0] - 1, k + steps) - max(0, k - steps) + 1
-    return obj, n_slices
+    prior = np.zeros_like(ref)
+    lo, hi = max(0, k - steps), min(ref.shape[0] - 1, k + steps)
+    prior[lo: hi + 1] = ref[lo: hi + 1]
+    img = sitk.GetImageFromArray(prior)
+    img.CopyInformation(ref_img)
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(folder / "case.nrrd"))
+    return folder, hi - lo + 1
 
 
 def checkpoint_for(model: str, folder: Path) -> Path:
@@ -100,19 +99,20 @@ def arm(kind: str, model: str, steps: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="alseg-bench-sam-"))
     project = make_case(work)
     ckpt = checkpoint_for(model, work)
-    obj, n_slices = prompts_for(project, steps)
+    prior_dir, n_slices = prior_for(project, steps, work / "prior")
     if kind == "alseg":
         from ALSegLib.pseudolabels.run import pseudolabel_with_sam
 
-        (work / "p.json").write_text(json.dumps(obj))
         t = time.perf_counter()
-        (summary,) = pseudolabel_with_sam(project, ckpt, prompts=work / "p.json")
+        (summary,) = pseudolabel_with_sam(project, ckpt, from_labels=prior_dir)
         seconds = time.perf_counter() - t
         enc = summary["encoder"]
-        calls, slices = enc["encoder_calls"], enc["slices_encoded"]
+        calls, slices, prompts = enc["encoder_calls"], enc["slices_encoded"], None
     else:
+        import SimpleITK as sitk
         from segment_anything import SamPredictor
 
+        from ALSegLib.pseudolabels.prompts import prior_prompts
         from ALSegLib.pseudolabels.sam import load_checkpoint
         from ALSegLib.pseudolabels.slices import parse_window, volume_slices
 
@@ -120,34 +120,23 @@ def arm(kind: str, model: str, steps: int) -> dict:
         predictor = SamPredictor(loaded.model)
         vs = volume_slices(project.read_image("case"))
         u8 = vs.uint8(parse_window("soft_tissue"))
+        prior = vs.from_array(sitk.GetArrayFromImage(sitk.ReadImage(str(prior_dir / "case.nrrd"))))
         t = time.perf_counter()
-        calls, seen = 0, set()
-
-        def segment(j, box):
-            nonlocal calls
-            predictor.set_image(np.repeat(u8[j][..., None], 3, axis=2))  # re-encodes every time
-            calls += 1
-            seen.add(j)
-            masks, _, _ = predictor.predict(box=box, multimask_output=False)
-            if not masks[0].any():
-                return box
-            rows, cols = np.flatnonzero(masks[0].any(1)), np.flatnonzero(masks[0].any(0))
-            return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], float)
-
-        for name in LABELS:
-            (x0, y0, k), (x1, y1, _) = obj["cases"]["case"][name][0]["box"]
-            seed = segment(k, np.array([x0, y0, x1 + 1, y1 + 1], float))
-            for d in (1, -1):
-                box = seed
-                for s in range(1, steps + 1):
-                    if not 0 <= k + d * s < vs.n:
-                        break
-                    box = segment(k + d * s, box)
+        calls, seen, prompts = 0, set(), 0
+        for value in (1, 2, 3):  # every label ...
+            for p in prior_prompts(prior, value):  # ... and every prompt: encode the slice again
+                predictor.set_image(np.repeat(u8[p.slice][..., None], 3, axis=2))
+                calls += 1
+                seen.add(p.slice)
+                x0, y0, x1, y1 = p.box
+                predictor.predict(point_coords=np.array(p.points), point_labels=np.array(p.point_labels),
+                                  box=np.array([x0, y0, x1 + 1, y1 + 1]), multimask_output=False)
+                prompts += 1
         seconds = time.perf_counter() - t
         slices = len(seen)
-        assert slices == n_slices
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"seconds": round(seconds, 3), "slices": slices, "encoder_calls": calls,
+    return {"seconds": round(seconds, 3), "slices": slices, "slices_in_prior": n_slices, "encoder_calls": calls,
+            "prompts": prompts,
             "encoder_calls_per_slice": round(calls / slices, 3), "s_per_slice": round(seconds / slices, 4),
             "peak_gib": round(peak_gib, 3), "labels": len(LABELS), "threads": torch.get_num_threads()}
 
@@ -230,16 +219,16 @@ def main() -> int:
         a = run_arm("alseg", model, steps)
         n = run_arm("naive", model, steps)
         figures[model] = {"alseg": a, "naive": n, "naive_ratio": round(n["seconds"] / a["seconds"], 2),
-                          "propagation_steps_each_way": steps}
+                          "prior_slices_each_side": steps}
     if args.checkpoint:
         real = real_weights_dice(args.checkpoint, args.model_type)
     else:
         real = {"dice": None, "note": "no real SAM/MedSAM weights on this machine (no network); "
                                       "run with --checkpoint FILE [--model-type T] where they exist"}
     write_results("sam", {
-        "workload": "CT phantom 64^3 (1.5 x 1.5 x 2.5 mm), 3 labels, one box each on the organ's middle axial slice, "
-                    "propagated a fixed number of slices each way (stop rules off); random weights (speed and memory "
-                    "do not depend on them); CPU",
+        "workload": "CT phantom 64^3 (1.5 x 1.5 x 2.5 mm), 3 labels; prompts from a prior label (the reference on "
+                    "2*steps+1 axial slices): a box + centre point per label, slice and 2D component; random weights "
+                    "(speed and memory do not depend on them); CPU",
         "encoder_calls_per_slice": {m: figures[m]["alseg"]["encoder_calls_per_slice"] for m in figures},
         "s_per_slice": {m: figures[m]["alseg"]["s_per_slice"] for m in figures},
         "peak_gib": {m: figures[m]["alseg"]["peak_gib"] for m in figures},

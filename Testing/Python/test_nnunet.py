@@ -106,18 +106,19 @@ def test_export_policies_remap_values_and_link_images(tmp_path, phantom_dir):
     p.write_label(cases[0], "pseudo", label(5), source="sam")
     p.write_label(cases[1], "pseudo", label(2), source="sam")
     p.add_human_label(cases[1], label(5))
+    p.add_human_label(cases[2], label(2), source="simulated")
     mixed = ds.export_dataset(p, "human+pseudo", "mixed")
-    assert mixed.cases == cases[:2] and mixed.pool == cases[2:]
-    assert mixed.sources == {cases[0]: "pseudo", cases[1]: "human v0001"}
+    assert mixed.cases == cases[:3] and mixed.pool == cases[3:]
+    assert mixed.sources == {cases[0]: "pseudo", cases[1]: "human v0001", cases[2]: "human v0001 (simulated)"}
     dj = json.loads((mixed.folder / "dataset.json").read_text())
     assert dj["channel_names"] == {"0": "MRI"} and dj["labels"] == {"background": 0, "tumor": 1, "liver": 2}
-    assert dj["file_ending"] == ".nrrd" and dj["numTraining"] == 2
+    assert dj["file_ending"] == ".nrrd" and dj["numTraining"] == 3
     # value 5 (liver) becomes nnU-Net's 2; the human label wins over the pseudo-label
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(mixed.folder / "labelsTr" / f"{cases[1]}.nrrd")))
     assert set(np.unique(lab)) == {0, 2}
     assert os.stat(mixed.folder / "imagesTr" / f"{cases[0]}_0000.nrrd").st_ino == os.stat(p.image_path(cases[0])).st_ino
     human = ds.export_dataset(p, "human", "humanonly")
-    assert human.cases == [cases[1]] and human.id == mixed.id + 1
+    assert human.cases == cases[1:3] and human.id == mixed.id + 1
     assert ds.export_dataset(p, "human", "humanonly").id == human.id  # a snapshot: same tag, same dataset
     with pytest.raises(InputError, match="nothing to train on"):
         ds.export_dataset(Project.create(tmp_path / "q", LabelTable.parse("a=1"), "CT"), "pseudo", "none")
@@ -314,3 +315,26 @@ def test_ema_teacher_follows_the_student_during_warm_up(tiny):
     teacher = torch.load(project.root / rec["checkpoint"].replace(".pth", ".teacher.pth"), map_location="cpu", weights_only=True)
     assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
     assert weights_digest(teacher) not in (rec["init_weights_digest"], rec["final_weights_digest"])
+def test_a_model_name_with_a_foreign_dataset_snapshot_is_refused(tiny):
+    project = tiny["project"]
+    ds.export_dataset(project, "pseudo", "reused-name")  # left behind, e.g. by a deleted pretraining model
+    with pytest.raises(InputError, match="exists for another kind of model"):
+        train(project, "filtermatch", name="reused-name", **BUDGET)
+    assert not (project.root / "models" / "reused-name" / "model.json").exists()
+
+
+def test_init_from_weights_of_other_plans_is_refused(tiny):
+    """After re-planning, a model's weights no longer fit the network: fine-tuning from it is refused."""
+    project = tiny["project"]
+    ensure_human_labels(project)
+    assert tiny["pretrain"]["plans_digest"] == project_plans(project)["plans_digest"]
+    record_file = folders(project.root).root / "alseg_plans.json"
+    saved = record_file.read_text()
+    replanned = json.loads(saved)
+    replanned["plans_digest"] = "0" * 64  # what `alseg plan --force` with other settings leaves
+    record_file.write_text(json.dumps(replanned))
+    try:
+        with pytest.raises(InputError, match="other plans"):
+            train(project, "finetune", name="stale-init", **BUDGET)
+    finally:
+        record_file.write_text(saved)

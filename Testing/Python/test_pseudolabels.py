@@ -456,3 +456,24 @@ def test_cli_pseudolabel_sam_with_progress_per_slice(sam_project, trained_checkp
     slices = [e for e in events if e["event"] == "slice"]
     assert slices and {e["case"] for e in slices} == {"case1"} and all(e["label"] == "organ" for e in slices)
     assert any(e["event"] == "progress" and e["stage"] == "pseudo-labels" for e in events)
+
+
+def test_cli_refuses_contradictory_or_missing_options(sam_project, random_checkpoint, tmp_path, run_cli):
+    box_prompt_file(sam_project, tmp_path / "p.json", ["case0"])
+    root = str(sam_project.root)
+    before = tree_hash(sam_project.root)
+    cases = [
+        (["--checkpoint", str(random_checkpoint), "--auto"], "grid prompts cannot tell them apart"),
+        (["--checkpoint", str(random_checkpoint), "--prompts", str(tmp_path / "p.json"), "--axis", "coronal"],
+         "contradicts the axis"),
+        (["--prompts", str(tmp_path / "p.json")], "needs --checkpoint"),
+        (["--checkpoint", str(random_checkpoint)], "exactly one of --prompts"),
+        (["--checkpoint", str(random_checkpoint), "--prompts", str(tmp_path / "p.json"), "--map", "5=1"],
+         "belong to --source import"),
+        (["--checkpoint", str(random_checkpoint), "--prompts", str(tmp_path / "p.json"), "--cases", "case1"],
+         "no prompts for case"),
+    ]
+    for options, message in cases:
+        code, _, err = run_cli("pseudolabel", root, "--source", "sam", *options)
+        assert code == 2 and message in err, (options, err)
+    assert tree_hash(sam_project.root) == before
