@@ -34,7 +34,6 @@ point per 2D connected component of a coarse label, slice by slice.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +43,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError
+from ..project import read_json_object
 from .postprocess import PostProcess
 from .sam import MaskDecoder, SliceEmbeddings
 from .slices import AXES, VolumeSlices, Window, parse_window, physical_to_array_index
@@ -207,12 +207,7 @@ def read_prompt_file(path: str | Path, label_names: Sequence[str], case_ids: Seq
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "prompt file not found")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not a readable JSON prompt file ({exc})") from None
-    if not isinstance(obj, dict):
-        raise InputError(path, "a prompt file is a JSON object with 'cases' (and optional 'space', 'axis', 'labels')")
+    obj = read_json_object(path)
     unknown = set(obj) - {"space", "axis", "labels", "cases", "comment"}
     if unknown:
         raise InputError(path, f"unknown key(s): {', '.join(sorted(unknown))}")

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from .. import atomic, progress, volumes
 from ..errors import InputError
-from ..project import Project, _label_index, sha256_file
+from ..project import Project, _label_index, read_json_object, sha256_file
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
 from .sam import LoadedSam, MaskDecoder, SliceEmbeddings, file_sha256, load_checkpoint, save_npy
@@ -74,11 +74,8 @@ class CaseWork:
 def _auto_file(path: Path, label_names: Sequence[str]) -> tuple[dict[str, pr.LabelSettings], str | None]:
     if not path.is_file():
         raise InputError(path, "automatic-mode settings file not found")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not a readable JSON settings file ({exc})") from None
-    if not isinstance(obj, dict) or set(obj) - {"labels", "axis", "comment"}:
+    obj = read_json_object(path)
+    if set(obj) - {"labels", "axis", "comment"}:
         raise InputError(path, "automatic-mode settings are {\"labels\": {name: {\"auto\": {...}, ...}}, \"axis\": ...}")
     axis = obj.get("axis")
     if axis is not None and axis not in AXES:
