@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from .. import atomic
 from ..errors import InputError
-from ..project import STORE_EXT, Project, check_case_id
+from ..project import STORE_EXT, Project, check_case_id, read_json_object
 from .env import folders
 
 POLICIES = {"pseudo": ("pseudo",), "human": ("human",), "human+pseudo": ("human", "pseudo")}
@@ -162,7 +162,8 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
         for c, (k, v) in chosen.items():
             sources[c] = k
             if k == "human":
-                origin = project.provenance(c, "human", v).get("source")
+                sidecar = project.label_path(c, "human", v).with_suffix(".json")  # provenance() would hash the label
+                origin = read_json_object(sidecar).get("source") if sidecar.is_file() else None
                 sources[c] = f"human v{v:04d}" + (f" ({origin})" if origin in ("simulated", "human-import") else "")
         meta = {
             "policy": policy, "cases": sorted(chosen), "pool": pool, "pool_as_ignore": pool_as_ignore,

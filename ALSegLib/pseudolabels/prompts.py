@@ -72,10 +72,7 @@ class Propagation:
         for name, lo, hi in (("min_iou", 0.0, 1.0), ("min_area_ratio", 0.0, 1.0), ("max_area_ratio", 1.0, float("inf")),
                              ("margin", 0.0, 2.0)):
             if name in obj:
-                v = obj[name]
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
-                    raise InputError(where, f"{name} must be a number in [{lo:g}, {hi:g}], not {v!r}")
-                kw[name] = float(v)
+                kw[name] = _number(obj[name], f"{where}.{name}", lo, hi)
         for name in ("min_area_px", "min_margin_px", "max_steps"):
             if name in obj:
                 v = obj[name]

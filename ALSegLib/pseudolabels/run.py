@@ -48,15 +48,14 @@ def embedding_key(loaded: LoadedSam, axis: int, window: Window) -> tuple[str, di
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16], spec
 
 
-def case_cache_dir(project: Project, loaded: LoadedSam, axis: int, window: Window, case: str) -> Path:
-    """The case's embedding folder, emptied if it was made from a different image file."""
+def case_cache_dir(project: Project, loaded: LoadedSam, axis: int, window: Window, case: str, digest: str) -> Path:
+    """The case's embedding folder, emptied if it was made from a different image file (``digest``: its SHA-256)."""
     key, spec = embedding_key(loaded, axis, window)
     root = cache_root(project) / key
     if not (root / "key.json").is_file():
         atomic.write_json(root / "key.json", spec)
     folder = root / case
     stamp = folder / "image.sha256"
-    digest = sha256_file(project.image_path(case))
     if folder.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
         shutil.rmtree(folder, ignore_errors=True)
     if not stamp.is_file():
@@ -187,6 +186,7 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
               axis_name: str, override: Window | None, batch: int, cache: bool, memory_gib: float) -> dict:
     t0 = time.perf_counter()
     image = project.read_image(w.case)
+    image_digest = sha256_file(project.image_path(w.case)) if cache else None
     vs = volume_slices(image, axis_name)
     names = [n for n in project.labels.mapping if (n in settings if mode == "auto" else n in w.slice_prompts)]
     by_window: dict[Window, list[str]] = {}
@@ -200,7 +200,7 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
                "cache_hits": 0, "decoder_calls": 0}
     pooled_from = None
     for window, labels in by_window.items():
-        cache_dir = case_cache_dir(project, loaded, vs.axis, window, w.case) if cache else None
+        cache_dir = case_cache_dir(project, loaded, vs.axis, window, w.case, image_digest) if cache else None
         emb = SliceEmbeddings(loaded, vs.uint8(window), vs.pixel_spacing, cache_dir=cache_dir, batch=batch,
                               memory_bytes=int(memory_gib * 2**30))
         dec = MaskDecoder(loaded, emb.frame)

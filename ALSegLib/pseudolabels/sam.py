@@ -14,9 +14,7 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +28,7 @@ from torch.nn import functional as F
 
 from .. import atomic
 from ..errors import InputError
+from ..project import sha256_file
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "medsam")
 # (embed dim, depth) of the published encoders; MedSAM is a fine-tuned vit_b
@@ -231,11 +230,7 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
             known = {}
         if isinstance(known, dict) and isinstance(known.get(stamp), str):
             return known[stamp]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if cache_file is not None:
         known = known if isinstance(known, dict) else {}
         known[stamp] = digest
@@ -418,6 +413,7 @@ class SliceEmbeddings:
         self.memory_bytes = memory_bytes
         self.on_encode = on_encode
         self._memory: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._pooled: dict[int, np.ndarray] = {}  # spatial mean per slice, kept when the embedding is first seen
         self._bytes = 0
         self.encoder_calls: dict[int, int] = {}
         self.forward_passes = 0
@@ -430,6 +426,8 @@ class SliceEmbeddings:
         return self.cache_dir / f"{k:05d}.npy" if self.cache_dir is not None else None
 
     def _remember(self, k: int, emb: torch.Tensor) -> None:
+        if k not in self._pooled:
+            self._pooled[k] = emb.float().mean(dim=(1, 2)).numpy()
         if k in self._memory:
             self._memory.move_to_end(k)
             return
@@ -510,22 +508,15 @@ class SliceEmbeddings:
         return emb[None].to(self.loaded.model.device, torch.float32)
 
     def pooled(self) -> np.ndarray | None:
-        """Mean over the cached slices of each embedding's spatial mean: a case-level feature vector."""
-        vecs = []
-        for k in range(len(self)):
-            emb = self._memory.get(k)
-            if emb is None and self.cached(k):
-                emb = self._from_disk(k)
-            if emb is not None:
-                vecs.append(emb.float().mean(dim=(1, 2)).numpy())
-        return np.mean(vecs, axis=0).astype(np.float32) if vecs else None
+        """Mean over the slices used in this run of each embedding's spatial mean: a case-level feature vector."""
+        return np.mean(list(self._pooled.values()), axis=0).astype(np.float32) if self._pooled else None
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
+    """``.npy`` without pickles, to an exact path (``np.save`` on a path may append ``.npy``);
+    durability comes from :func:`~ALSegLib.atomic.atomic_path`."""
     with open(path, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # ---------------------------------------------------------------------------------------
