@@ -206,7 +206,8 @@ def cmd_train(args) -> int:
             filtermatch = FilterMatchConfig(
                 warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
                 drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp,
-                teacher=args.teacher, ema_decay=args.ema_decay)
+                teacher=args.teacher, ema_decay=args.ema_decay, confidence=args.confidence,
+                unlabeled_batch=args.unlabeled_batch)
         except ValueError as exc:
             raise InputError("train --mode filtermatch", str(exc)) from None
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
@@ -435,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--teacher", choices=("none", "ema"), default="none",
                     help="who makes the pseudo-labels: the network itself (none, as the reference) or an EMA teacher")
     fm.add_argument("--ema-decay", type=float, default=0.99, help="EMA teacher decay (default 0.99)")
+    fm.add_argument("--confidence", type=float, default=0.0,
+                    help="ignore pseudo-label voxels whose top class probability is below this (default 0: keep all)")
+    fm.add_argument("--unlabeled-batch", type=int, default=None,
+                    help="unlabeled samples per step (default: the labeled batch size; smaller is faster)")
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     p.add_argument("--json", action="store_true")
 

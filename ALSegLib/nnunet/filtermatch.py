@@ -168,9 +168,18 @@ def unlabeled_weight(epoch: int, start: int, weight: float = 1.0, ramp_epochs: i
     return float(weight * math.exp(-5.0 * (1.0 - t) ** 2))
 
 
-def pseudo_labels(logits: torch.Tensor) -> torch.Tensor:
-    """ŷ = argmax softmax f(x_u), as a (B, 1, ...) label batch; call under ``torch.no_grad()``."""
-    return logits.argmax(dim=1, keepdim=True)
+def pseudo_labels(logits: torch.Tensor, confidence: float = 0.0, ignore_label: int | None = None) -> torch.Tensor:
+    """ŷ = argmax softmax f(x_u), as a (B, 1, ...) label batch; call under ``torch.no_grad()``.
+
+    With ``confidence`` > 0, voxels whose top class probability is below it get
+    ``ignore_label`` (they add nothing to the loss); 0 keeps every voxel (the reference).
+    """
+    if confidence <= 0:
+        return logits.argmax(dim=1, keepdim=True)
+    if ignore_label is None:
+        raise ValueError("a confidence threshold needs the dataset's ignore label")
+    top, labels = torch.softmax(logits.float(), dim=1).max(dim=1, keepdim=True)
+    return labels.masked_fill(top < confidence, ignore_label)
 
 
 def downsample_labels(labels: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -196,6 +205,8 @@ class FilterMatchConfig:
     ramp_epochs: int = 0  # 0 = hard switch after warm-up
     teacher: str = "none"  # "none": the network labels its own batches (reference); "ema": a mean teacher
     ema_decay: float = 0.99
+    confidence: float = 0.0  # pseudo-label voxels below this top-class probability are ignored (0: none, as the reference)
+    unlabeled_batch: int | None = None  # unlabeled samples per step (None: the labeled batch size, as the reference)
     strong: StrongAugmentation = field(default_factory=StrongAugmentation)
 
     def __post_init__(self):
@@ -205,6 +216,10 @@ class FilterMatchConfig:
             raise ValueError(f"drop fraction must be in [0, 1), not {self.drop_fraction}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), not {self.ema_decay}")
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"confidence threshold must be in [0, 1), not {self.confidence}")
+        if self.unlabeled_batch is not None and self.unlabeled_batch < 1:
+            raise ValueError(f"unlabeled batch must be at least 1, not {self.unlabeled_batch}")
 
     @classmethod
     def from_json(cls, data: dict) -> "FilterMatchConfig":
@@ -282,7 +297,8 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             ignore_label=self.label_manager.ignore_label)
         dataset = self.dataset_class(self.preprocessed_dataset_folder, self.pool,
                                      folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
-        loader = nnUNetDataLoader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+        batch = self.filtermatch.unlabeled_batch or self.batch_size
+        loader = nnUNetDataLoader(dataset, batch, initial_patch_size, patch_size, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=transforms)
         workers = get_allowed_n_proc_DA()
         if workers == 0:
@@ -308,7 +324,8 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             x_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
         with torch.no_grad():
             out_u = self._labeller()(x_u)
-            y_u = pseudo_labels(out_u[0] if isinstance(out_u, (list, tuple)) else out_u)
+            y_u = pseudo_labels(out_u[0] if isinstance(out_u, (list, tuple)) else out_u, cfg.confidence,
+                                self.label_manager.ignore_label)
         x_s, y_s = strong_view(x_u, y_u, cfg.strong)
 
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,13 +7,16 @@ the same epochs x iterations on the CPU:
 - supervised: the labeled cases only;
 - filtermatch: the labeled cases + the rest of the pool unlabeled, as the reference
   (the network labels its own unlabeled batch, lambda_u = 1 switched on after warm-up);
-- filtermatch_ema: the same with an EMA teacher (decay 0.99) and lambda_u ramped
-  up over ``--ramp`` epochs (ALSeg's options);
+- filtermatch_alseg: ALSeg's options on top: an EMA teacher (decay 0.99) makes the
+  pseudo-labels, voxels below ``--confidence`` top-class probability are ignored,
+  lambda_u is ramped up over ``--ramp`` epochs and the unlabeled batch is
+  ``--unlabeled-batch`` (half the labeled batch by default);
 - full: the whole pool labeled (upper bound, once).
 The test cases are excluded from every model (FilterMatch never sees them, not
 even unlabeled).
 Test Dice is the mean over both classes and the test cases. The step-time ratio
-compares post-warm-up FilterMatch epochs without a filter pass to supervised epochs.
+compares post-warm-up FilterMatch epochs without a filter pass to supervised epochs
+(``step_ratio``: the reference configuration; ``step_ratio_alseg``: ALSeg's options).
 
 Run: .venv/bin/python Testing/Benchmarks/bench_filtermatch.py [--epochs 8 --iters 100]
 Writes Testing/Benchmarks/results/filtermatch.json.
@@ -60,6 +63,14 @@ def epoch_seconds(project: Project, record: dict) -> list[float]:
     return [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
 
 
+def post_warmup_step(project: Project, record: dict, args) -> float:
+    """Seconds per iteration over the post-warm-up epochs without a filter pass."""
+    filtered = {d["epoch"] - 1 for d in record["filtermatch"]["filter_log"]}
+    secs = epoch_seconds(project, record)
+    plain = [s for e, s in enumerate(secs) if e >= args.warmup and e not in filtered]
+    return float(np.mean(plain)) / (args.iters + args.val_iters)
+
+
 def run_arm(project, mode, name, args, test_ids, **kw) -> tuple[float, dict, float]:
     t = time.perf_counter()
     record = train(project, mode, name=name, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
@@ -86,8 +97,10 @@ def main() -> int:
     ap.add_argument("--filter-every", type=int, default=2)
     ap.add_argument("--drop", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ramp", type=int, default=2, help="lambda_u ramp-up epochs of the EMA arm")
-    ap.add_argument("--no-ema", action="store_true", help="skip the EMA-teacher arm")
+    ap.add_argument("--ramp", type=int, default=2, help="lambda_u ramp-up epochs of the alseg arm")
+    ap.add_argument("--confidence", type=float, default=0.9, help="pseudo-label confidence threshold of the alseg arm")
+    ap.add_argument("--unlabeled-batch", type=int, default=None, help="unlabeled batch of the alseg arm (default: batch / 2)")
+    ap.add_argument("--no-alseg", action="store_true", help="skip the arm with ALSeg's options")
     args = ap.parse_args()
     data = shared_data()
     if data is None or not (data / "hippocampus" / "imagesTr").is_dir():
@@ -98,6 +111,10 @@ def main() -> int:
     test_ids = [p.name[: -len(".nii.gz")] for p in test]
     fm_config = FilterMatchConfig(warmup_epochs=args.warmup, filter_start=args.filter_start,
                                   filter_every=args.filter_every, drop_fraction=args.drop)
+    alseg_config = FilterMatchConfig(warmup_epochs=args.warmup, filter_start=args.filter_start,
+                                     filter_every=args.filter_every, drop_fraction=args.drop, teacher="ema",
+                                     ema_decay=0.99, ramp_epochs=args.ramp, confidence=args.confidence,
+                                     unlabeled_batch=args.unlabeled_batch or max(1, args.batch // 2))
     work = Path(tempfile.mkdtemp(prefix="alseg-bench-fm-"))
     results: dict = {}
     step = {}
@@ -113,19 +130,15 @@ def main() -> int:
             plan(project, policy="human", configurations=("2d",), batch_size=args.batch)
             sup, _, _ = run_arm(project, "supervised", "sup", args, test_ids)
             fm, fm_rec, _ = run_arm(project, "filtermatch", "fm", args, test_ids, filtermatch=fm_config)
-            fm_ema = None
-            if not args.no_ema:
-                ema_config = FilterMatchConfig(warmup_epochs=args.warmup, filter_start=args.filter_start,
-                                               filter_every=args.filter_every, drop_fraction=args.drop,
-                                               teacher="ema", ema_decay=0.99, ramp_epochs=args.ramp)
-                fm_ema, _, _ = run_arm(project, "filtermatch", "fm-ema", args, test_ids, filtermatch=ema_config)
-            filtered = {d["epoch"] - 1 for d in fm_rec["filtermatch"]["filter_log"]}
-            secs = epoch_seconds(project, fm_rec)
-            plain = [s for e, s in enumerate(secs) if e >= args.warmup and e not in filtered]
-            step.setdefault("filtermatch", []).append(float(np.mean(plain)) / (args.iters + args.val_iters))
+            step.setdefault("filtermatch", []).append(post_warmup_step(project, fm_rec, args))
+            fm_alseg = None
+            if not args.no_alseg:
+                fm_alseg, alseg_rec, _ = run_arm(project, "filtermatch", "fm-alseg", args, test_ids,
+                                                 filtermatch=alseg_config)
+                step.setdefault("filtermatch_alseg", []).append(post_warmup_step(project, alseg_rec, args))
             results[f"{fraction:.2f}"] = {"labeled": n, "unlabeled": len(pool) - n, "supervised": round(sup, 4),
                                           "filtermatch": round(fm, 4),
-                                          "filtermatch_ema": None if fm_ema is None else round(fm_ema, 4),
+                                          "filtermatch_alseg": None if fm_alseg is None else round(fm_alseg, 4),
                                           "full": round(full_dice, 4),
                                           "filter_log": [{"epoch": d["epoch"], "dropped": len(d["dropped"]),
                                                           "remaining": d["remaining"]} for d in fm_rec["filtermatch"]["filter_log"]]}
@@ -140,13 +153,15 @@ def main() -> int:
         "filtermatch": {"warmup_epochs": args.warmup, "filter_start": args.filter_start,
                         "filter_every": args.filter_every, "drop_fraction": args.drop, "teacher": "none",
                         "unlabeled_weight": 1.0, "ramp_epochs": 0},
-        "filtermatch_ema": None if args.no_ema else {"teacher": "ema", "ema_decay": 0.99, "ramp_epochs": args.ramp,
-                                                     "otherwise": "as filtermatch"},
+        "filtermatch_alseg": None if args.no_alseg else {
+            "teacher": "ema", "ema_decay": 0.99, "ramp_epochs": args.ramp, "confidence": args.confidence,
+            "unlabeled_batch": alseg_config.unlabeled_batch, "otherwise": "as filtermatch"},
         "test_cases_excluded_from_training": True,
         "fractions": results,
-        "step_s": {"supervised": round(step["supervised"], 3),
-                   "filtermatch": round(float(np.mean(step["filtermatch"])), 3)},
+        "step_s": {arm: round(float(np.mean(v)), 3) for arm, v in step.items()},
         "step_ratio": round(float(np.mean(step["filtermatch"])) / step["supervised"], 3),
+        "step_ratio_alseg": None if args.no_alseg else round(
+            float(np.mean(step["filtermatch_alseg"])) / step["supervised"], 3),
         "total_s": round(time.perf_counter() - start, 1),
     })
     return 0

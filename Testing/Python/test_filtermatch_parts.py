@@ -12,6 +12,7 @@ from ALSegLib.nnunet.filtermatch import (
     downsample_labels,
     filter_epochs,
     mean_entropy,
+    pseudo_labels,
     strong_view,
     unlabeled_weight,
 )
@@ -114,3 +115,24 @@ def test_downsampled_targets():
     out = downsample_labels(y, [(8, 8, 8), (4, 4, 4), (2, 2, 2)])
     assert [tuple(t.shape) for t in out] == [(2, 1, 8, 8, 8), (2, 1, 4, 4, 4), (2, 1, 2, 2, 2)]
     assert out[0] is y and out[1].dtype == y.dtype
+
+
+def test_pseudo_labels_confidence_mask():
+    # two classes, 4 voxels: top probabilities 0.5, 0.73, 0.88, 0.98
+    logits = torch.tensor([[0.0, 1.0, 0.0, 4.0], [0.0, 0.0, 2.0, 0.0]]).reshape(1, 2, 2, 2)
+    assert pseudo_labels(logits).flatten().tolist() == [0, 0, 1, 0]
+    masked = pseudo_labels(logits, confidence=0.8, ignore_label=9)
+    assert masked.shape == (1, 1, 2, 2) and masked.flatten().tolist() == [9, 9, 1, 0]
+    with pytest.raises(ValueError, match="ignore label"):
+        pseudo_labels(logits, confidence=0.8)
+
+
+def test_filtermatch_config_checks():
+    from ALSegLib.nnunet.filtermatch import FilterMatchConfig
+
+    for bad in ({"confidence": 1.0}, {"confidence": -0.1}, {"unlabeled_batch": 0}, {"teacher": "mean"}):
+        with pytest.raises(ValueError):
+            FilterMatchConfig(**bad)
+    config = FilterMatchConfig(confidence=0.9, unlabeled_batch=4)
+    from dataclasses import asdict
+    assert FilterMatchConfig.from_json(asdict(config)) == config

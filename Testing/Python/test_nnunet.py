@@ -236,13 +236,15 @@ def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
     project = tiny["project"]
     ensure_human_labels(project)
     labeled = project.labeled_cases("human")
-    config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.4)
+    config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.4,
+                               confidence=0.6, unlabeled_batch=1)
     held_out = project.cases()[-1]  # a test case: never seen, not even unlabeled
     rec = train(project, "filtermatch", name="fm", epochs=3, iterations=2, val_iterations=1, device="cpu",
                 validate=False, filtermatch=config, init_from="pretrain", exclude_cases=[held_out])
     assert rec["status"] == "done" and rec["trainer"] == "ALSegFilterMatchTrainer"
     assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
     fm = rec["filtermatch"]
+    assert fm["config"]["confidence"] == 0.6 and fm["config"]["unlabeled_batch"] == 1
     pool = sorted(set(project.cases()) - set(labeled) - {held_out})
     assert fm["unlabeled_cases"] == len(pool) == 10  # 2 labeled, 10 unlabeled
     assert rec["excluded_cases"] == [held_out]
