@@ -303,6 +303,42 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
+def cmd_select(args) -> int:
+    from .selection.run import select_cases
+
+    project = Project.open(args.project)
+    record = select_cases(project, args.budget, args.strategy, seed=args.seed, model=args.model,
+                          features=args.features, metric=args.metric, exclude=args.exclude or ())
+    if args.json:
+        _print_json(record)
+        return EXIT_OK
+    sel = record["selection"]
+    print(f"Round {record['round']}: {len(record['queue'])} of {sel['candidates']} candidate cases proposed "
+          f"({sel['strategy']}, budget {sel['budget']}, seed {sel['seed']}"
+          + (f", model {sel['model']}" if sel["model"] else "") + (f", {sel['features']} features" if sel["features"] else "") + ")")
+    for item in record["queue"]:
+        print(f"{item['rank']:>3}. {item['case']}: {item['reason']}")
+    return EXIT_OK
+
+
+def cmd_queue(args) -> int:
+    from . import rounds
+
+    project = Project.open(args.project)
+    wanted = [args.round] if args.round is not None else None
+    if wanted:
+        rounds.read_round(project, args.round)  # a clear error for an unknown round
+    items = [i for i in rounds.queue_items(project, wanted) if args.all or i["status"] == "pending"]
+    if args.json:
+        _print_json(items)
+        return EXIT_OK
+    if not items:
+        print("Nothing waiting for review." if not args.all else "No case was ever proposed (alseg select).")
+    for i in items:
+        print(f"round {i['round']} #{i['rank']:<3} {i['case']:<24} {i['status']:<8} score {i['score']:.3f}  {i['reason']}")
+    return EXIT_OK
+
+
 def cmd_trainer_path(args) -> int:
     from .nnunet.trainers import EXT_TRAINER_PATH
 
@@ -486,6 +522,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("models", cmd_models, "List the project's models with their mode, status and budget.")
     p.add_argument("project")
+    p.add_argument("--json", action="store_true")
+
+    p = add("select", cmd_select, "Propose the cases worth a radiologist's time (uncertainty x diversity) and "
+            "write them, with scores and reasons, as a round's review queue.")
+    p.add_argument("project")
+    p.add_argument("--budget", required=True, help="how many cases: a count (10) or a percentage of the project's cases (5%%)")
+    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"),
+                   help="hybrid (default): k-center among the most uncertain; hybrid-weighted: distance x uncertainty; "
+                   "uncertainty; coreset (k-center greedy on features); random")
+    p.add_argument("--seed", type=int, default=0, help="seed for random picks and ties (default 0)")
+    p.add_argument("--model", help="model whose stored probabilities and features are used (default: the latest with "
+                   "probabilities for every candidate)")
+    p.add_argument("--features", default="auto", choices=("auto", "nnunet", "sam", "histogram"),
+                   help="diversity features (auto: the model's, else SAM embeddings, else intensity histograms)")
+    p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
+    p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases never proposed (held-out test cases)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("queue", cmd_queue, "List the cases waiting for review, with their scores and reasons.")
+    p.add_argument("project")
+    p.add_argument("--round", type=int, help="only this round")
+    p.add_argument("--all", action="store_true", help="also the cases already labeled")
     p.add_argument("--json", action="store_true")
 
     add("trainer-path", cmd_trainer_path, "Print the folder to put in nnUNet_extTrainer so that nnU-Net's own tools "

@@ -5,7 +5,9 @@ built by ALSeg's trainer class and weights loaded with ``weights_only=True``
 (no trainer-name lookup, no pickle). Probabilities are stored per case as
 compressed float16 in ``predictions/<model>/<case>.npz`` (``probabilities``:
 classes x z x y x on the image grid; ``class_values``: the project label value
-of each channel, 0 first), for the uncertainty scores of selection.
+of each channel, 0 first), for the uncertainty scores of selection. The same
+pass pools the encoder bottleneck into one feature vector per case
+(``features/nnunet/<model>/<case>.npy``, the diversity features of selection).
 """
 from __future__ import annotations
 
@@ -73,13 +75,18 @@ def predict(
     cases: Sequence[str] | None = None,
     *,
     probabilities: bool = True,
+    features: bool | None = None,
     mirroring: bool = False,
     device: str = "auto",
     round_id: str | None = None,
     tile_step: float = 0.5,
 ) -> list[dict]:
     """Predict ``cases`` (default: every case) with ``model``; writes ``predicted`` labels
-    (and probabilities). Returns one summary per case."""
+    (and probabilities, and bottleneck features; ``features`` defaults to ``probabilities``).
+    Returns one summary per case."""
+    from ..selection.features import BottleneckPool, nnunet_features_path, write_vector
+
+    features = probabilities if features is None else features
     record = read_model(project, model)
     if record["status"] != "done":
         raise InputError(f"model {model!r}", "has not finished training")
@@ -96,9 +103,12 @@ def predict(
     log = project.root / "models" / model / "nnunet.log"
     with nnunet_environment(project.root, log=log):
         predictor = _predictor(project, record, dev, mirroring, tile_step)
+        pool = BottleneckPool(predictor.network) if features else None
         emit("stage", stage="predict", model=model, cases=len(cases))
         for case in track(cases, desc=f"predicting with {model}"):
             data, props = SimpleITKIO().read_images([str(project.image_path(case))])
+            if pool is not None:
+                pool.reset()
             seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)
             label = sitk.GetImageFromArray(back[np.asarray(seg)])
             project.geometry(case).apply(label)
@@ -113,7 +123,14 @@ def predict(
                 with project.lock("store probabilities"):
                     atomic.write_bytes(path, buffer.getvalue())
                 extra["probabilities"] = str(path.relative_to(project.root))
+            if pool is not None:
+                path = nnunet_features_path(project, model, case)
+                with project.lock("store features"):
+                    write_vector(path, pool.vector())
+                extra["features"] = str(path.relative_to(project.root))
             project.write_label(case, "predicted", label, source="nnunet", produced_by=produced_by, **extra)
             out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
                         **extra})
+        if pool is not None:
+            pool.close()
     return out

@@ -284,6 +284,41 @@ def test_filtermatch_resume_restores_pool_and_teacher(tiny):
     assert fm["remaining"] == len(state["pool"]) and fm["config"]["teacher"] == "ema"
 
 
+def test_prediction_pass_stores_bottleneck_features_and_hybrid_selection_uses_them(tiny, run_cli):
+    from ALSegLib import rounds
+    from ALSegLib.selection.features import case_features, nnunet_features_path, read_vector
+
+    project = tiny["project"]
+    ensure_human_labels(project)
+    labeled = project.labeled_cases("human")
+    cases = [c for c in project.cases() if c not in labeled]
+    out = predict(project, "pretrain", cases, device="cpu")
+    assert all(o["features"] == str(nnunet_features_path(project, "pretrain", o["case"]).relative_to(project.root))
+               for o in out)
+    vectors = {c: read_vector(nnunet_features_path(project, "pretrain", c)) for c in cases}
+    dims = {v.shape for v in vectors.values()}
+    net = load_checkpoint_safely(project.root / tiny["pretrain"]["checkpoint"])["network_weights"]
+    last_stage = max(int(k.split(".")[2]) for k in net if k.startswith("encoder.stages."))
+    channels = net[f"encoder.stages.{last_stage}.0.convs.1.conv.weight"].shape[0]
+    assert dims == {(channels,)}  # one value per bottleneck channel
+    assert len({v.tobytes() for v in vectors.values()}) == len(cases)  # cases differ
+    predict(project, "pretrain", cases[:2], device="cpu")  # the same pass again: the same features
+    assert all(np.array_equal(read_vector(nnunet_features_path(project, "pretrain", c)), vectors[c]) for c in cases[:2])
+    source, _ = case_features(project, cases, "auto", model="pretrain")
+    assert source == "nnunet"
+
+    code, text, err = run_cli("select", project.root, "--budget", "3", "--model", "pretrain", "--exclude", cases[-1], "--json")
+    assert code == 0, err
+    record = json.loads(text)
+    queue = record["queue"]
+    assert record["selection"]["features"] == "nnunet" and record["selection"]["model"] == "pretrain"
+    assert record["selection"]["features_computed_for"] == labeled  # the labeled cases' features, made on demand
+    assert len(queue) == 3 and not {q["case"] for q in queue} & (set(labeled) | {cases[-1]})
+    assert all(q["open_with"] == "pseudo" and 0 <= q["uncertainty"]["disagreement"] <= 1 for q in queue)
+    assert all("uncertainty" in q["reason"] and "Dice" in q["reason"] for q in queue)
+    assert rounds.pending_cases(project) == {q["case"] for q in queue}
+
+
 def test_finished_training_is_not_redone_and_pretrain_resumes_on_its_own_dataset(tiny):
     """A model killed after its final checkpoint (e.g. during validation) is completed, not
     retrained; and the pretraining model keeps its dataset when run again."""

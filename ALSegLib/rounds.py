@@ -1,0 +1,63 @@
+"""Rounds of the active-learning loop: ``rounds/<NNNN>/round.json``.
+
+A round records its stages as they complete and, once selection has run, the
+review queue: the proposed cases, best first, each with its score and the
+reason it was picked. A queued case stays *pending* until a human label for it
+is stored; pending cases are never proposed again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import atomic
+from .errors import InputError
+from .project import Project, now_iso, read_json_object
+
+ROUND_FILE = "round.json"
+
+
+def round_dir(project: Project, number: int) -> Path:
+    return project.root / "rounds" / f"{int(number):04d}"
+
+
+def list_rounds(project: Project) -> list[int]:
+    folder = project.root / "rounds"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / ROUND_FILE).is_file())
+
+
+def read_round(project: Project, number: int) -> dict:
+    path = round_dir(project, number) / ROUND_FILE
+    if not path.is_file():
+        known = ", ".join(str(n) for n in list_rounds(project)) or "none"
+        raise InputError(f"round {number}", f"not found in {project.root} (rounds: {known})")
+    record = read_json_object(path)
+    if record.get("round") != number or not isinstance(record.get("stages"), dict):
+        raise InputError(path, "not a round record (needs 'round' equal to its folder number and 'stages')")
+    return record
+
+
+def write_round(project: Project, record: dict) -> None:
+    """Store a round record; the caller holds the project lock."""
+    project._require_lock()
+    atomic.write_json(round_dir(project, record["round"]) / ROUND_FILE, record)
+
+
+def new_round(number: int) -> dict:
+    return {"round": number, "created": now_iso(), "stages": {}}
+
+
+def queue_items(project: Project, rounds: list[int] | None = None) -> list[dict]:
+    """Every queued case of ``rounds`` (default: all), with its status: ``pending`` until
+    a human label exists, then ``labeled``."""
+    labeled = set(project.labeled_cases("human"))
+    out = []
+    for number in rounds if rounds is not None else list_rounds(project):
+        for item in read_round(project, number).get("queue", []):
+            out.append({"round": number, **item, "status": "labeled" if item["case"] in labeled else "pending"})
+    return out
+
+
+def pending_cases(project: Project) -> set[str]:
+    return {item["case"] for item in queue_items(project) if item["status"] == "pending"}

@@ -1,0 +1,1 @@
+"""Core-set selection: uncertainty from stored probabilities x diversity on case features."""

@@ -1,0 +1,152 @@
+"""One feature vector per case for the diversity half of selection; all deterministic.
+
+Sources, best first:
+
+- ``nnunet``: the model's encoder bottleneck activations, averaged over every
+  position of every sliding-window tile. :class:`BottleneckPool` hooks the
+  network during the prediction pass that writes the probabilities (no second
+  pass); ``alseg predict`` stores them in ``features/nnunet/<model>/<case>.npy``.
+- ``sam``: pooled SAM image embeddings written by ``alseg pseudolabel --source sam``
+  (``features/sam/<case>.npy``).
+- ``histogram``: a cheap fallback from the image alone: a 32-bin intensity
+  histogram (CT: fixed HU range −1000..1000; MRI: between the case's 1st and 99th
+  percentiles) plus the mean and standard deviation in those units.
+
+No random crops anywhere (the reference's crops made its selection irreproducible).
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import atomic
+from ..errors import InputError
+from ..project import Project, check_case_id
+
+SOURCES = ("nnunet", "sam", "histogram")
+HISTOGRAM_BINS = 32
+CT_RANGE = (-1000.0, 1000.0)
+
+
+def nnunet_features_path(project: Project, model: str, case: str) -> Path:
+    return project.root / "features" / "nnunet" / check_case_id(model) / f"{check_case_id(case)}.npy"
+
+
+def sam_features_path(project: Project, case: str) -> Path:
+    return project.root / "features" / "sam" / f"{check_case_id(case)}.npy"
+
+
+def write_vector(path: Path, vector: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def read_vector(path: Path) -> np.ndarray:
+    try:
+        vec = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"not a readable feature vector ({exc})") from None
+    if vec.ndim != 1 or not np.isfinite(vec).all():
+        raise InputError(path, f"a feature vector must be one finite 1-d array, got shape {vec.shape}")
+    return vec.astype(np.float32)
+
+
+class BottleneckPool:
+    """Forward hook on the last encoder stage of an nnU-Net network that accumulates the
+    spatial mean of its activations over every call (tiles, mirrored copies) of one case."""
+
+    def __init__(self, network):
+        module = network._orig_mod if hasattr(network, "_orig_mod") else network
+        stages = getattr(getattr(module, "encoder", None), "stages", None)
+        if stages is None or len(stages) == 0:
+            raise ValueError(f"{type(module).__name__} has no encoder stages to take features from")
+        self._handle = stages[-1].register_forward_hook(self._hook)
+        self.reset()
+
+    def _hook(self, _module, _inputs, output) -> None:
+        out = output.detach().float()
+        self._sum = out.mean(dim=tuple(range(2, out.ndim))).sum(dim=0) + (0 if self._sum is None else self._sum)
+        self._calls += out.shape[0]
+
+    def reset(self) -> None:
+        self._sum, self._calls = None, 0
+
+    def vector(self) -> np.ndarray:
+        """The pooled vector of the case seen since the last :meth:`reset`."""
+        if self._sum is None:
+            raise RuntimeError("the network has not run since the last reset")
+        return (self._sum / self._calls).cpu().numpy().astype(np.float32)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def histogram_features(image: sitk.Image, modality: str) -> np.ndarray:
+    """Intensity histogram (density over 32 bins) + mean and standard deviation, in [0, 1] units."""
+    values = sitk.GetArrayViewFromImage(image).astype(np.float32).ravel()
+    if modality == "CT":
+        lo, hi = CT_RANGE
+    else:
+        lo, hi = (float(v) for v in np.percentile(values, [1, 99]))
+        if hi <= lo:
+            hi = lo + 1.0
+    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    hist = np.histogram(scaled, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0].astype(np.float32)
+    hist /= max(1.0, float(hist.sum()))
+    return np.concatenate([hist, [scaled.mean(), scaled.std()]]).astype(np.float32)
+
+
+def available(project: Project, source: str, cases: Sequence[str], model: str | None = None) -> list[str]:
+    """The cases among ``cases`` whose stored features of ``source`` exist."""
+    if source == "histogram":
+        return list(cases)
+    if source == "nnunet":
+        if model is None:
+            return []
+        return [c for c in cases if nnunet_features_path(project, model, c).is_file()]
+    if source == "sam":
+        return [c for c in cases if sam_features_path(project, c).is_file()]
+    raise InputError("--features", f"unknown feature source {source!r}; one of {', '.join(SOURCES)} or auto")
+
+
+def case_features(project: Project, cases: Sequence[str], source: str = "auto",
+                  model: str | None = None) -> tuple[str, np.ndarray]:
+    """(source used, features (len(cases), d) float32) for ``cases`` in order.
+
+    ``auto`` takes the first source that covers every case: the model's bottleneck
+    features, then SAM embeddings, then intensity histograms. A named source must
+    cover every case, otherwise the error names what is missing and how to make it.
+    """
+    cases = list(cases)
+    order = [s for s in SOURCES if s != "nnunet" or model is not None] if source == "auto" else [source]
+    for s in order:
+        have = available(project, s, cases, model)
+        if len(have) == len(cases):
+            return s, _load(project, s, cases, model)
+        if source != "auto":
+            missing = sorted(set(cases) - set(have))
+            how = (f"run 'alseg predict {project.root} --model {model}'" if s == "nnunet"
+                   else "run 'alseg pseudolabel --source sam'")
+            raise InputError(f"features ({s})", f"missing for {len(missing)} of {len(cases)} cases "
+                             f"(e.g. {', '.join(missing[:3])}); {how} first")
+    raise AssertionError("histogram features cover every case")
+
+
+def _load(project: Project, source: str, cases: Sequence[str], model: str | None) -> np.ndarray:
+    if not cases:
+        return np.zeros((0, 0), np.float32)
+    if source == "histogram":
+        rows = [histogram_features(project.read_image(c), project.modality) for c in cases]
+    elif source == "nnunet":
+        rows = [read_vector(nnunet_features_path(project, model, c)) for c in cases]
+    else:
+        rows = [read_vector(sam_features_path(project, c)) for c in cases]
+    dims = {r.shape[0] for r in rows}
+    if len(dims) != 1:
+        raise InputError(f"features ({source})", f"vectors of different lengths {sorted(dims)}; recompute them")
+    return np.stack(rows)
