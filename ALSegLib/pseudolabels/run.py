@@ -24,10 +24,25 @@ import SimpleITK as sitk
 from .. import atomic, progress, volumes
 from ..errors import InputError
 from ..project import Project, _label_index, read_json_object, sha256_file
+from ..selection.features import sam_features_dir
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
-from .sam import LoadedSam, MaskDecoder, SliceEmbeddings, file_sha256, load_checkpoint, save_npy
-from .slices import AXES, Window, default_window, label_image, parse_window, volume_slices
+from .sam import (
+    LoadedSam,
+    MaskDecoder,
+    SliceEmbeddings,
+    file_sha256,
+    load_checkpoint,
+    save_npy,
+)
+from .slices import (
+    AXES,
+    Window,
+    default_window,
+    label_image,
+    parse_window,
+    volume_slices,
+)
 
 CACHE_VERSION = 1
 MODES = ("prompts", "auto", "prior")
@@ -35,10 +50,6 @@ MODES = ("prompts", "auto", "prior")
 
 def cache_root(project: Project) -> Path:
     return project.root / "cache" / "sam"
-
-
-def features_dir(project: Project) -> Path:
-    return project.root / "features" / "sam"
 
 
 def embedding_key(loaded: LoadedSam, axis: int, window: Window) -> tuple[str, dict]:
@@ -286,23 +297,9 @@ def _assemble(project: Project, vs, results: dict[str, dict[int, pr.SliceResult]
 
 
 def _write_features(project: Project, case: str, vec: np.ndarray, loaded: LoadedSam, axis: str, window: Window) -> None:
-    folder = features_dir(project)
+    folder = sam_features_dir(project)
     atomic.write_with(folder / f"{case}.npy", lambda p: save_npy(p, vec))
     atomic.write_json(folder / f"{case}.json", {
         "case": case, "kind": "sam-pooled-embedding", "dims": int(vec.shape[0]), "checkpoint_sha256": loaded.sha256,
         "model_type": loaded.model_type, "axis": axis, "window": window.to_json(),
     })
-
-
-def read_features(project: Project) -> dict[str, np.ndarray]:
-    """Pooled SAM embeddings per case (diversity features for selection), where computed."""
-    folder = features_dir(project)
-    out = {}
-    if folder.is_dir():
-        for f in sorted(folder.glob("*.npy")):
-            if f.name.startswith("."):  # a temporary left by a killed run
-                continue
-            case = f.name[:-4]
-            if project.has_case(case):
-                out[case] = np.load(f, allow_pickle=False)
-    return out

@@ -104,11 +104,10 @@ def select_cases(
         picks = select(strategy, pool, k, seed)
     except ValueError as exc:
         raise InputError(f"--strategy {strategy}", str(exc)) from None
-    proposal = {c: ("pseudo" if c in set(project.labeled_cases("pseudo")) else "predicted" if used_model else None)
-                for c in (p.case for p in picks)}
+    pseudo = set(project.labeled_cases("pseudo"))
     queue = summarize(picks)
-    for item in queue:
-        item["open_with"] = proposal[item["case"]]
+    for item in queue:  # what the case opens with for review
+        item["open_with"] = "pseudo" if item["case"] in pseudo else ("predicted" if used_model else None)
         if pool.uncertainty is not None:
             item["uncertainty"] = pool.uncertainty[item["case"]].to_json()
     with project.lock("select cases"):

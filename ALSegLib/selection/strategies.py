@@ -142,8 +142,6 @@ class CoresetStrategy:
 
     def select(self, pool: Pool, k: int, rng: np.random.Generator) -> list[Pick]:
         pool.need_features(self.name)
-        if not pool.candidates or k <= 0:
-            return []
         centers = k_center_greedy(pool.features, k, seeds=pool.labeled_features, metric=pool.metric,
                                   first=_first_index(pool, rng, None))
         typical = _typical_distance(pool)
@@ -165,8 +163,6 @@ class HybridStrategy:
         scores = pool.need_uncertainty(self.name)
         pool.need_features(self.name)
         n = len(pool.candidates)
-        if n == 0 or k <= 0:
-            return []
         top = _percent_rank(scores)
         typical = _typical_distance(pool)
         if self.variant == "top":
@@ -212,7 +208,10 @@ def select(strategy: str, pool: Pool, k: int, seed: int = 0) -> list[Pick]:
     """Run ``strategy`` for ``k`` picks (capped at the pool size); deterministic for ``seed``."""
     if k < 0:
         raise ValueError("the number of cases to pick cannot be negative")
-    return make_strategy(strategy).select(pool, min(k, len(pool.candidates)), np.random.default_rng(seed))
+    chosen = make_strategy(strategy)
+    if k == 0 or not pool.candidates:
+        return []
+    return chosen.select(pool, min(k, len(pool.candidates)), np.random.default_rng(seed))
 
 
 def summarize(picks: Sequence[Pick]) -> list[dict]:

@@ -20,7 +20,8 @@ from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.pseudolabels import prompts as pr
 from ALSegLib.pseudolabels.postprocess import PostProcess, clean_mask
-from ALSegLib.pseudolabels.run import pseudolabel_with_sam, read_features
+from ALSegLib.pseudolabels.run import pseudolabel_with_sam
+from ALSegLib.selection.features import available, case_features
 from ALSegLib.pseudolabels.sam import (
     PROFILES,
     MaskDecoder,
@@ -327,8 +328,9 @@ def test_second_run_reads_every_embedding_from_the_cache(sam_project, trained_ch
     assert first["encoder"]["forward_passes"] > 0 and second["encoder"]["forward_passes"] == 0
     assert second["encoder"]["cache_hits"] == first["encoder"]["slices_encoded"]
     assert np.array_equal(sitk.GetArrayFromImage(sam_project.read_label("case0", "pseudo")), label1)
-    feats = read_features(sam_project)
-    assert set(feats) == {"case0"} and feats["case0"].shape == (TINY.prompt_embed_dim,)
+    assert available(sam_project, "sam", sam_project.cases()) == ["case0"]  # only the case that was run
+    source, feats = case_features(sam_project, ["case0"], "auto")  # selection reads them
+    assert source == "sam" and feats.shape == (1, TINY.prompt_embed_dim)
 
 
 def test_one_encoder_pass_per_slice_for_several_labels_and_prompts(sam_project, random_checkpoint, tmp_path):
