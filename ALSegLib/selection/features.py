@@ -128,6 +128,8 @@ def case_features(project: Project, cases: Sequence[str], source: str = "auto",
     cover every case, otherwise the error names what is missing and how to make it.
     """
     cases = list(cases)
+    if source == "nnunet" and model is None:
+        raise InputError("--features nnunet", "needs --model: the model whose prediction pass stored the features")
     order = [s for s in SOURCES if s != "nnunet" or model is not None] if source == "auto" else [source]
     for s in order:
         have = available(project, s, cases, model)

@@ -232,6 +232,7 @@ def test_selection_refusals_leave_the_project_untouched(project, run_cli):
         (("--budget", "2", "--strategy", "hybrid"), "predict"),  # no model has probabilities
         (("--budget", "2", "--strategy", "coreset", "--features", "sam"), "missing for 6 of 6"),
         (("--budget", "2", "--strategy", "coreset", "--features", "nnunet", "--model", "m"), "alseg predict"),
+        (("--budget", "2", "--strategy", "coreset", "--features", "nnunet"), "needs --model"),
     ]:
         code, out, err = run_cli("select", project.root, *args)
         assert code == 2 and words in err, (args, err)
