@@ -104,10 +104,11 @@ def select_cases(
         picks = select(strategy, pool, k, seed)
     except ValueError as exc:
         raise InputError(f"--strategy {strategy}", str(exc)) from None
-    pseudo = set(project.labeled_cases("pseudo"))
+    pseudo, predicted = set(project.labeled_cases("pseudo")), set(project.labeled_cases("predicted"))
     queue = summarize(picks)
-    for item in queue:  # what the case opens with for review
-        item["open_with"] = "pseudo" if item["case"] in pseudo else ("predicted" if used_model else None)
+    for item in queue:  # what the case opens with for review: its pseudo-label, else the model's prediction
+        case = item["case"]
+        item["open_with"] = "pseudo" if case in pseudo else ("predicted" if case in predicted else None)
         if pool.uncertainty is not None:
             item["uncertainty"] = pool.uncertainty[item["case"]].to_json()
     with project.lock("select cases"):

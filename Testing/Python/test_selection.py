@@ -208,6 +208,7 @@ def test_select_writes_the_queue_and_never_proposes_labeled_pending_or_excluded_
     assert len(picked) == 2 and not set(picked) & {cases[0], cases[5]}
     assert first["selection"]["features"] == "histogram" and first["stages"]["select"]
     assert all(q["reason"] for q in first["queue"]) and picked[0] in out
+    assert all(q["open_with"] is None for q in first["queue"])  # no pseudo-label or prediction to open with
     code, out, _ = run_cli("queue", project.root, "--json")
     assert code == 0 and [i["case"] for i in json.loads(out)] == picked
     # the second selection skips the cases waiting for review, and gets a new round
