@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from .. import atomic, progress, volumes
 from ..errors import InputError
 from ..project import Project, _label_index, read_json_object, sha256_file
-from ..selection.features import sam_features_dir
+from ..selection.features import sam_features_path, write_vector
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
 from .sam import (
@@ -33,7 +33,6 @@ from .sam import (
     SliceEmbeddings,
     file_sha256,
     load_checkpoint,
-    save_npy,
 )
 from .slices import (
     AXES,
@@ -297,9 +296,9 @@ def _assemble(project: Project, vs, results: dict[str, dict[int, pr.SliceResult]
 
 
 def _write_features(project: Project, case: str, vec: np.ndarray, loaded: LoadedSam, axis: str, window: Window) -> None:
-    folder = sam_features_dir(project)
-    atomic.write_with(folder / f"{case}.npy", lambda p: save_npy(p, vec))
-    atomic.write_json(folder / f"{case}.json", {
+    path = sam_features_path(project, case)
+    write_vector(path, vec)  # the same writer as the model's features: selection reads both alike
+    atomic.write_json(path.with_suffix(".json"), {
         "case": case, "kind": "sam-pooled-embedding", "dims": int(vec.shape[0]), "checkpoint_sha256": loaded.sha256,
         "model_type": loaded.model_type, "axis": axis, "window": window.to_json(),
     })

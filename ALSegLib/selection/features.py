@@ -36,13 +36,9 @@ def nnunet_features_path(project: Project, model: str, case: str) -> Path:
     return project.root / "features" / "nnunet" / check_case_id(model) / f"{check_case_id(case)}.npy"
 
 
-def sam_features_dir(project: Project) -> Path:
-    """Written by ``alseg pseudolabel --source sam`` (one ``.npy`` + ``.json`` per case)."""
-    return project.root / "features" / "sam"
-
-
 def sam_features_path(project: Project, case: str) -> Path:
-    return sam_features_dir(project) / f"{check_case_id(case)}.npy"
+    """Written by ``alseg pseudolabel --source sam`` (with a ``.json`` sidecar)."""
+    return project.root / "features" / "sam" / f"{check_case_id(case)}.npy"
 
 
 def write_vector(path: Path, vector: np.ndarray) -> None:

@@ -35,13 +35,14 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+from bench_filtermatch import make_project  # noqa: E402
 from bench_nnunet import mean_dice, split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
 from ALSegLib.nnunet.plan import plan  # noqa: E402
 from ALSegLib.nnunet.predict import predict  # noqa: E402
 from ALSegLib.nnunet.train import train  # noqa: E402
-from ALSegLib.project import LabelTable, Project  # noqa: E402
+from ALSegLib.project import Project  # noqa: E402
 from ALSegLib.selection.run import select_cases  # noqa: E402
 from ALSegLib.selection.strategies import Pool, select  # noqa: E402
 from ALSegLib.selection.uncertainty import Uncertainty  # noqa: E402
@@ -142,16 +143,6 @@ def speed(args) -> dict:
             "speedup_vs_reference_loop": round(loop_full / seconds["coreset"], 1)}
 
 
-def base_project(root: Path, hippo: Path, pool, test, initial) -> Project:
-    project = Project.create(root, LabelTable.parse("anterior=1,posterior=2"), "MRI")
-    images = pool + test
-    project.add_cases(images, references=[hippo / "labelsTr" / p.name for p in images],
-                      case_ids=[p.name[: -len(".nii.gz")] for p in images])
-    for case in initial:
-        project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
-    return project
-
-
 def quality(args, hippo: Path) -> dict:
     pool, test = split(hippo, args.pool, args.test, 0)
     pool_ids = [p.name[: -len(".nii.gz")] for p in pool]
@@ -164,7 +155,7 @@ def quality(args, hippo: Path) -> dict:
     try:
         for seed in args.seeds:
             initial = sorted(random.Random(seed).sample(pool_ids, args.initial))
-            base = base_project(work / f"s{seed}", hippo, pool, test, initial)
+            base = make_project(work / f"s{seed}", hippo, pool, test, [pool[pool_ids.index(c)] for c in initial])
             plan(base, policy="human", configurations=("2d",), batch_size=args.batch)
             train(base, "supervised", name="initial", epochs=args.initial_epochs, iterations=args.iters,
                   val_iterations=args.val_iters, device="cpu", configuration="2d", validate=False, exclude_cases=test_ids)
