@@ -105,3 +105,36 @@ def k_center_greedy(
         chosen[i] = True
         np.minimum(nearest, distances_to(x, sq, x[i:i + 1], metric)[:, 0], out=nearest)
     return picks
+
+
+TYPICALITY_NEIGHBOURS = 20
+TYPICALITY_REFERENCES = 2048
+
+
+def typicality(features: np.ndarray, metric: str = "cosine", neighbours: int = TYPICALITY_NEIGHBOURS,
+               references: int = TYPICALITY_REFERENCES) -> np.ndarray:
+    """How typical each row is of the set: 1 / (mean distance to its ``neighbours`` nearest rows).
+
+    High in dense regions, low for isolated rows (outliers, rare acquisitions). The
+    neighbours are looked up among at most ``references`` rows, evenly spaced in row
+    order (every row when there are fewer), so the cost is O(N·references·d) and the
+    result deterministic; chunked like :func:`min_distances`. A row is never its own
+    neighbour. Fewer than two rows: all ones.
+    """
+    x = prepare(features, metric)
+    n = x.shape[0]
+    if n < 2:
+        return np.ones(n, dtype=np.float32)
+    ref_idx = np.arange(n) if n <= references else np.linspace(0, n - 1, references).round().astype(np.int64)
+    ref = x[ref_idx]
+    m = max(1, min(int(neighbours), len(ref_idx) - 1))
+    sq = (x * x).sum(axis=1)
+    out = np.empty(n, dtype=np.float32)
+    chunk = max(1, CHUNK_BYTES // (4 * len(ref_idx)))
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(n, start + chunk))
+        dist = distances_to(x[rows], sq[rows], ref, metric)
+        dist[rows[:, None] == ref_idx[None, :]] = np.inf  # not its own neighbour
+        nearest = np.partition(dist, m - 1, axis=1)[:, :m]
+        out[rows] = 1.0 / (nearest.mean(axis=1) + 1e-12)
+    return out

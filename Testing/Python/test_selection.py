@@ -55,6 +55,49 @@ def test_k_center_greedy_equals_brute_force(metric, trial):
     assert got == brute_force(x, 12, seeds, metric, weights, first)
 
 
+def brute_typicality(x, metric, neighbours, ref_idx):
+    x = np.asarray(x, np.float64)
+    if metric == "cosine":
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        d = 1 - u @ u[ref_idx].T
+    else:
+        d = np.sqrt(((x[:, None, :] - x[ref_idx][None, :, :]) ** 2).sum(-1))
+    out = []
+    for i, row in enumerate(d):
+        others = sorted(v for j, v in zip(ref_idx, row) if j != i)
+        out.append(1 / np.mean(others[:neighbours]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("references", [1000, 17])
+def test_typicality_equals_brute_force_with_and_without_a_reference_subset(metric, references, monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(50, 6))
+    monkeypatch.setattr(coreset, "CHUNK_BYTES", 4 * 17 * 7)  # several row chunks
+    got = coreset.typicality(x, metric, neighbours=5, references=references)
+    ref_idx = np.arange(50) if references >= 50 else np.linspace(0, 49, references).round().astype(int)
+    np.testing.assert_allclose(got, brute_typicality(x, metric, 5, ref_idx), rtol=1e-4)
+    assert np.array_equal(got, coreset.typicality(x, metric, neighbours=5, references=references))
+    assert coreset.typicality(x[:1]).tolist() == [1.0]
+
+
+def test_hybrid_leaves_out_an_isolated_case_that_coreset_and_uncertainty_pick_first():
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(4, 8)) * 3
+    x = np.vstack([centers[i % 4] + 0.3 * rng.normal(size=8) for i in range(40)] + [rng.normal(size=8) * 3 + 20])
+    cases = [f"c{i:03d}" for i in range(41)]
+    unc = {c: Uncertainty(0.2, 0.3 + 0.001 * i, None) for i, c in enumerate(cases[2:])}  # the outlier is the most uncertain
+    pool = Pool(cases[2:], cases[:2], x[2:].astype(np.float32), x[:2].astype(np.float32), unc, metric="euclidean")
+    outlier = cases[-1]
+    assert select("coreset", pool, 4)[0].case == outlier
+    assert select("uncertainty", pool, 1)[0].case == outlier
+    picks = select("hybrid", pool, 4)
+    assert outlier not in {p.case for p in picks}
+    # the picks cover the clusters the labeled cases (clusters 0 and 1) leave uncovered
+    assert {int(c[1:]) % 4 for c in (p.case for p in picks[:2])} == {2, 3}
+
+
 def test_k_center_records_distances_and_chunks_seeds(monkeypatch):
     rng = np.random.default_rng(7)
     x, seeds = rng.normal(size=(40, 6)), rng.normal(size=(9, 6))
@@ -121,8 +164,12 @@ def test_strategy_choices_follow_their_definition():
     ranked = sorted(scores, key=lambda c: (-scores[c], c))
     unc = select("uncertainty", pool, 5)
     assert [p.case for p in unc] == ranked[:5] and "top" in unc[0].reason
-    hybrid = select("hybrid", pool, 3)  # within the top max(3k, 25 %) = 9 most uncertain
-    assert {p.case for p in hybrid} <= set(ranked[:9])
+    typ = coreset.typicality(np.vstack([pool.features, pool.labeled_features]))[: len(pool.candidates)]
+    floor = np.quantile(typ, 0.25)
+    typical = [c for c, t in zip(pool.candidates, typ) if t >= floor]
+    hybrid = select("hybrid", pool, 3)  # within the top max(3k, 25 %) = 9 most uncertain typical cases
+    assert {p.case for p in hybrid} <= set([c for c in ranked if c in typical][:9])
+    assert all("typical of the pool" in p.reason for p in hybrid)
     core = select("coreset", pool, 4)
     expected = brute_force(pool.features, 4, pool.labeled_features, "cosine")
     assert [p.case for p in core] == [pool.candidates[i] for i in expected]
@@ -250,3 +297,34 @@ def test_a_broken_feature_file_is_named(project):
     (folder / f"{project.cases()[2]}.npy").write_bytes(b"not numpy")
     with pytest.raises(InputError, match=f"{project.cases()[2]}.npy"):
         case_features(project, project.cases(), "sam")
+
+
+def test_bottleneck_pool_takes_the_last_convolution_before_its_instance_norm():
+    """After nnU-Net's instance norm and leaky ReLU each channel's spatial mean is almost
+    the same for every input; the pre-norm output tells inputs apart."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from ALSegLib.selection.features import BottleneckPool
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv2d, 3, (1, 2, 2), 2, 2, (2, 2), False,
+                        torch.nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                        nonlin_kwargs={"inplace": True}).eval()
+    post = []
+    net.encoder.stages[-1].register_forward_hook(lambda m, i, o: post.append(o.mean(dim=(2, 3))[0].clone()))
+    pool = BottleneckPool(net)
+    pre = []
+    with torch.no_grad():
+        for i in range(6):
+            pool.reset()
+            x = torch.randn(1, 1, 32, 32) * (1 + i) + torch.linspace(0, 3 * i, 32)[None, None, :, None]
+            net(x)
+            pre.append(pool.vector())
+    pre, post = np.stack(pre), torch.stack(post).numpy()
+    assert pre.shape == (6, 32) and np.isfinite(pre).all()
+
+    def spread(v):  # between-input std relative to the typical magnitude
+        return float(v.std(axis=0).mean() / np.abs(v).mean())
+    assert spread(pre) > 2 * spread(post)  # 3.6x with this seed
+    pool.close()
