@@ -298,6 +298,27 @@ def _unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+@contextmanager
+def exclusive_run(path: Path, busy: str) -> Iterator[None]:
+    """Hold a non-waiting lock on ``path`` for a long job (a training, a round): a second
+    process gets a :class:`ProjectLockedError` with ``busy`` and the holder, not a wait.
+    The OS drops the lock when its holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        holder = path.read_text(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ProjectLockedError(path, f"{busy} ({holder})")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        _unlock(fd)
+        os.close(fd)
+
+
 # --- the project ---------------------------------------------------------------------------
 
 

@@ -42,6 +42,18 @@ def load_probabilities(project: Project, model: str, case: str) -> tuple[np.ndar
         return npz["probabilities"].astype(np.float32), [int(v) for v in npz["class_values"]]
 
 
+def stored_with(project: Project, model: str, case: str, digest: str) -> bool:
+    """Whether the case's stored probabilities were made by these weights."""
+    path = probabilities_path(project, model, case)
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "weights_digest" in npz.files and str(npz["weights_digest"]) == digest
+    except (OSError, ValueError):
+        return False
+
+
 def _predictor(project: Project, record: dict, device, mirroring: bool, tile_step: float):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -80,10 +92,12 @@ def predict(
     device: str = "auto",
     round_id: str | None = None,
     tile_step: float = 0.5,
+    reuse: bool = False,
 ) -> list[dict]:
     """Predict ``cases`` (default: every case) with ``model``; writes ``predicted`` labels
     (and probabilities, and bottleneck features; ``features`` defaults to ``probabilities``).
-    Returns one summary per case."""
+    Returns one summary per case. ``reuse``: skip cases whose stored probabilities
+    (and features, if asked for) come from these very weights."""
     from ..selection.features import BottleneckPool, nnunet_features_path, write_vector
 
     features = probabilities if features is None else features
@@ -94,6 +108,14 @@ def predict(
     for case in cases:
         if not project.has_case(case):
             raise InputError(f"case {case!r}", f"not in project {project.root}")
+    if reuse and probabilities:
+        kept = [c for c in cases if stored_with(project, model, c, record["final_weights_digest"])
+                and (not features or nnunet_features_path(project, model, c).is_file())]
+        cases = [c for c in cases if c not in set(kept)]
+        if not cases:
+            return [{"case": c, "reused": True} for c in kept]
+    else:
+        kept = []
     dev = resolve_device(device)
     values = json.loads((folders(project.root).raw / record["dataset"] / "alseg_dataset.json").read_text())["values"]
     back = np.array([0, *values], dtype=np.uint16 if max(values) > 255 else np.uint8)  # nnU-Net index -> project value
@@ -119,7 +141,8 @@ def predict(
                 probs = np.asarray(probs, dtype=np.float16)
                 path = probabilities_path(project, model, case)
                 buffer = io.BytesIO()
-                np.savez_compressed(buffer, probabilities=probs, class_values=back.astype(np.int32))
+                np.savez_compressed(buffer, probabilities=probs, class_values=back.astype(np.int32),
+                                    weights_digest=np.array(record["final_weights_digest"]))
                 with project.lock("store probabilities"):
                     atomic.write_bytes(path, buffer.getvalue())
                 extra["probabilities"] = str(path.relative_to(project.root))
@@ -133,4 +156,4 @@ def predict(
                         **extra})
         if pool is not None:
             pool.close()
-    return out
+    return out + [{"case": c, "reused": True} for c in kept]

@@ -8,21 +8,18 @@ short writes, so labels can be accepted while a model trains.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .. import atomic
-from ..errors import InputError, ProjectLockedError
+from ..errors import InputError
 from ..progress import emit
-from ..project import Project, _try_lock, _unlock, check_case_id, now_iso, read_json_object
-from .dataset import Dataset, find_dataset, export_dataset
+from ..project import Project, check_case_id, exclusive_run, now_iso, read_json_object
+from .dataset import Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS, plan, preprocess, project_plans
 from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
@@ -67,24 +64,9 @@ def _write_record(project: Project, record: dict, event: str) -> None:
         project.log_event(event, model=record["name"], mode=record["mode"], status=record["status"])
 
 
-@contextlib.contextmanager
-def _model_lock(folder: Path) -> Iterator[None]:
+def _model_lock(folder: Path):
     """One training of a model at a time (another process gets a clear error, not a wait)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "train.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _try_lock(fd):
-        holder = path.read_text(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ProjectLockedError(path, f"this model is being trained already ({holder})")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
-        yield
-    finally:
-        os.ftruncate(fd, 0)
-        _unlock(fd)
-        os.close(fd)
+    return exclusive_run(folder / "train.lock", "this model is being trained already")
 
 
 def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] = ()) -> Dataset:

@@ -1,0 +1,397 @@
+"""One round of the active-learning loop, as ordered stages that resume where they stopped.
+
+    pseudolabels → plan → pretrain → predict-pool → select → review → train → predict → evaluate → report
+
+- **pseudolabels**: cases that may be trained on and have no pseudo-label get
+  one from the round's pseudo-label source (SAM, imported labels, or for the
+  oracle experiment only, degraded references); nothing to do if all have one.
+- **plan**: nnU-Net plan + preprocess on the pseudo-labels (first time only).
+- **pretrain**: the ``pretrain`` model on pseudo-labels (first round only; later
+  rounds reuse it).
+- **predict-pool**: the current model (the last round's, else ``pretrain``)
+  predicts the unlabeled pool with probabilities and bottleneck features.
+- **select**: the strategy fills the round's review queue (``alseg select``).
+- **review**: waits until every queued case has a human label. A person accepts
+  them in Slicer (or ``alseg accept``); in the oracle experiment an annotator
+  callback reveals references. Until then the round stops here and says so.
+- **train**: ``finetune`` from the pretrained weights, or ``filtermatch``, on all
+  human labels so far; the model is ``round<NNNN>-<mode>``.
+- **predict** / **evaluate**: the held-out cases (the excluded ones with a
+  reference label) are predicted and scored: Dice, IoU, HD95 per class.
+- **report**: the round's page (markdown, HTML, JSON) and the project's
+  learning curve (:mod:`.report`).
+
+Each stage records its start, end and details in ``rounds/<NNNN>/round.json``
+(written under the project lock) as soon as it completes; running the round
+again skips the finished stages, so a killed round resumes at the first
+unfinished one, and each stage is itself resumable (training from its last
+checkpoint). One round runs at a time per project (``rounds/round.lock``).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+from . import rounds
+from .errors import InputError
+from .progress import emit
+from .project import Project, exclusive_run, now_iso
+
+STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review", "train", "predict", "evaluate", "report")
+MODES = ("finetune", "filtermatch")
+PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
+PRETRAIN = "pretrain"
+
+Annotator = Callable[[Project, str], None]
+
+
+@dataclass
+class RoundSettings:
+    """What a round does. Stored in the round record; a resumed round keeps its settings."""
+
+    budget: str = "5%"  # cases to label this round: a count or a percentage of the project (less held-out cases)
+    strategy: str = "hybrid"
+    mode: str = "finetune"  # finetune | filtermatch
+    seed: int = 0
+    exclude: list[str] = field(default_factory=list)  # held-out cases: never selected nor trained on; evaluated
+    device: str = "auto"
+    configuration: str | None = None  # nnU-Net configuration planned in the first round (default 3d_fullres)
+    batch_size: int | None = None
+    pretrain_epochs: int | None = None  # None: nnU-Net's defaults for the device
+    pretrain_iterations: int | None = None
+    epochs: int | None = None
+    iterations: int | None = None
+    val_iterations: int | None = None
+    features: str = "auto"
+    pseudo: dict | None = None  # {"source": "sam"|"import"|"degraded-reference", ...options}
+    filtermatch: dict | None = None  # FilterMatchConfig fields (mode filtermatch)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
+        self.exclude = sorted(set(self.exclude))
+        self.budget = str(self.budget)
+        if self.pseudo is not None:
+            if not isinstance(self.pseudo, Mapping) or self.pseudo.get("source") not in PSEUDO_SOURCES:
+                raise InputError("pseudo-label source", f"needs 'source' one of {', '.join(PSEUDO_SOURCES)}, got {self.pseudo!r}")
+            self.pseudo = dict(self.pseudo)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str) -> RoundSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(where, f"unknown round settings: {', '.join(unknown)}")
+        return cls(**dict(data))
+
+
+def model_name(number: int, mode: str) -> str:
+    return f"round{number:04d}-{mode}"
+
+
+def annotated_fraction(project: Project, exclude: Sequence[str]) -> tuple[int, int]:
+    """(human-labeled cases, cases that could be labeled) outside ``exclude``."""
+    held = set(exclude)
+    total = [c for c in project.cases() if c not in held]
+    labeled = set(project.labeled_cases("human")) - held
+    return len(labeled), len(total)
+
+
+def current_round(project: Project) -> dict | None:
+    """The last round if it has not finished (its report stage not done), else None."""
+    numbers = rounds.list_rounds(project)
+    if not numbers:
+        return None
+    record = rounds.read_round(project, numbers[-1])
+    return None if "report" in record["stages"] else record
+
+
+def _previous_model(project: Project, number: int) -> str:
+    """The model of the latest finished earlier round, else the pretrained one."""
+    for n in reversed([m for m in rounds.list_rounds(project) if m < number]):
+        record = rounds.read_round(project, n)
+        if "train" in record["stages"] and record.get("model"):
+            return record["model"]
+    return PRETRAIN
+
+
+class Round:
+    """Runs the stages of one round over a project."""
+
+    def __init__(self, project: Project, record: dict, settings: RoundSettings, annotator: Annotator | None):
+        self.project, self.record, self.settings, self.annotator = project, record, settings, annotator
+        self.number = record["round"]
+
+    # bookkeeping --------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        with self.project.lock("record round"):
+            rounds.write_round(self.project, self.record)
+
+    def _reload(self) -> None:
+        """``select`` writes the round file itself (queue, selection): take its additions."""
+        fresh = rounds.read_round(self.project, self.number)
+        fresh["settings"] = self.record["settings"]
+        self.record = fresh
+
+    def _run(self, stage: str, fn: Callable[[], dict | None]) -> bool:
+        """Run one stage unless done; False when the round has to stop here (waiting)."""
+        if stage in self.record["stages"]:
+            return True
+        emit("stage", stage=stage, round=self.number)
+        started, t = now_iso(), time.perf_counter()
+        details = fn()
+        if details is not None and details.get("waiting"):
+            self.record["waiting"] = details
+            self._save()
+            emit("round-waiting", round=self.number, stage=stage, **{k: v for k, v in details.items() if k != "waiting"})
+            return False
+        if stage == "select":
+            self._reload()
+        self.record.pop("waiting", None)
+        self.record["stages"][stage] = {"started": started, "done": now_iso(),
+                                        "seconds": round(time.perf_counter() - t, 2), **(details or {})}
+        self._save()
+        with self.project.lock("log round stage"):
+            self.project.log_event("round_stage_done", round=self.number, stage=stage)
+        emit("stage-done", stage=stage, round=self.number)
+        return True
+
+    def run(self) -> dict:
+        steps = [
+            ("pseudolabels", self.pseudolabels), ("plan", self.plan), ("pretrain", self.pretrain),
+            ("predict-pool", self.predict_pool), ("select", self.select), ("review", self.review),
+            ("train", self.train), ("predict", self.predict), ("evaluate", self.evaluate), ("report", self.report),
+        ]
+        for stage, fn in steps:
+            if not self._run(stage, fn):
+                break
+        return self.record
+
+    # what the stages work on --------------------------------------------------------------
+
+    def trainable(self) -> list[str]:
+        held = set(self.settings.exclude)
+        return [c for c in self.project.cases() if c not in held]
+
+    def evaluation_cases(self) -> list[str]:
+        refs = set(self.project.labeled_cases("reference"))
+        return [c for c in self.settings.exclude if c in refs]
+
+    def pool(self) -> list[str]:
+        labeled = set(self.project.labeled_cases("human"))
+        return [c for c in self.trainable() if c not in labeled and c not in rounds.pending_cases(self.project)]
+
+    # stages ---------------------------------------------------------------------------------
+
+    def pseudolabels(self) -> dict:
+        have = set(self.project.labeled_cases("pseudo"))
+        missing = [c for c in self.trainable() if c not in have]
+        made = 0
+        if missing and self.settings.pseudo is not None:
+            made = len(make_pseudolabels(self.project, missing, self.settings.pseudo))
+        elif missing and not have:
+            raise InputError(self.project.root, "no case has a pseudo-label to pretrain on; give the round a "
+                             "pseudo-label source (SAM checkpoint and prompts, or another model's labels), "
+                             "or make them first with 'alseg pseudolabel'")
+        out: dict = {"made": made, "without": len(missing) - made}
+        refs = set(self.project.labeled_cases("reference"))
+        scored = [c for c in self.trainable() if c in refs and c in set(self.project.labeled_cases("pseudo"))]
+        if scored:  # the pseudo-labels' own quality, where references exist (the experiment)
+            from .evaluation import evaluate
+
+            summary = evaluate(self.project, "pseudo", scored)["summary"]
+            out["pseudo_label_dice"] = summary["mean"]["dice"]["mean"]
+            out["pseudo_label_cases"] = len(scored)
+        return out
+
+    def plan(self) -> dict:
+        from .nnunet.plan import plan, project_plans
+
+        existing = project_plans(self.project)
+        if existing is not None:
+            return {"reused": existing["dataset"]}
+        record = plan(self.project, policy="pseudo", configurations=(self.settings.configuration or "3d_fullres",),
+                      batch_size=self.settings.batch_size)
+        return {"dataset": record["dataset"], "configurations": record["configurations"]}
+
+    def pretrain(self) -> dict:
+        from .nnunet.train import list_models, read_model, train
+
+        if PRETRAIN in list_models(self.project) and read_model(self.project, PRETRAIN)["status"] == "done":
+            return {"model": PRETRAIN, "reused": True}
+        s = self.settings
+        rec = train(self.project, "pretrain", name=PRETRAIN, epochs=s.pretrain_epochs, iterations=s.pretrain_iterations,
+                    val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude)
+        out = {"model": PRETRAIN, "seconds_training": rec["seconds"], "epochs": rec["epochs_done"]}
+        metrics = self._score(PRETRAIN)  # the pseudo-only model: the curve's starting point
+        if metrics:
+            out["metrics"] = metrics
+        return out
+
+    def _score(self, model: str) -> dict | None:
+        """Predict and evaluate the held-out cases with ``model`` (None without any)."""
+        from .evaluation import evaluate
+        from .nnunet.predict import predict
+
+        cases = self.evaluation_cases()
+        if not cases:
+            return None
+        predict(self.project, model, cases, probabilities=False, features=False, device=self.settings.device,
+                round_id=f"{self.number:04d}")
+        summary = evaluate(self.project, "predicted", cases)["summary"]
+        done, total = annotated_fraction(self.project, self.settings.exclude)
+        return {"model": model, "cases": cases, "summary": summary, "annotated": done, "of": total,
+                "fraction": round(done / total, 4) if total else 0.0}
+
+    def predict_pool(self) -> dict:
+        from .nnunet.predict import predict
+
+        model = _previous_model(self.project, self.number)
+        pool = self.pool()
+        out = predict(self.project, model, pool, probabilities=True, features=True, device=self.settings.device,
+                      round_id=f"{self.number:04d}", reuse=True) if pool else []
+        return {"model": model, "cases": len(pool), "reused": sum(1 for o in out if o.get("reused"))}
+
+    def select(self) -> dict:
+        from .selection.run import select_cases
+
+        s = self.settings
+        model = self.record["stages"]["predict-pool"]["model"]
+        record = select_cases(self.project, s.budget, s.strategy, seed=s.seed + self.number, model=model,
+                              features=s.features, exclude=s.exclude)
+        if record["round"] != self.number:  # pragma: no cover - select_cases appends to the open round
+            raise RuntimeError(f"selection wrote round {record['round']}, not {self.number}")
+        return {"cases": [q["case"] for q in record["queue"]]}
+
+    def review(self) -> dict:
+        queued = [q["case"] for q in self.record.get("queue", [])]
+        labeled = set(self.project.labeled_cases("human"))
+        waiting = [c for c in queued if c not in labeled]
+        if waiting and self.annotator is not None:
+            for case in waiting:
+                self.annotator(self.project, case)
+            labeled = set(self.project.labeled_cases("human"))
+            waiting = [c for c in queued if c not in labeled]
+        if waiting:
+            return {"waiting": True, "cases": waiting,
+                    "message": f"{len(waiting)} case(s) wait for review: {', '.join(waiting)}. Accept their labels "
+                               f"(Slicer's ALSeg module or 'alseg accept'), then run the round again."}
+        done, total = annotated_fraction(self.project, self.settings.exclude)
+        return {"labeled": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
+
+    def train(self) -> dict:
+        from .nnunet.filtermatch import FilterMatchConfig
+        from .nnunet.train import train
+
+        s = self.settings
+        name = model_name(self.number, s.mode)
+        config = FilterMatchConfig.from_json(s.filtermatch) if s.mode == "filtermatch" and s.filtermatch else None
+        rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
+                    val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
+                    filtermatch=config, exclude_cases=s.exclude)
+        self.record["model"] = name
+        return {"model": name, "mode": s.mode, "labeled_cases": rec["labeled_cases"], "seconds_training": rec["seconds"]}
+
+    def predict(self) -> dict:
+        from .nnunet.predict import predict
+
+        cases = self.evaluation_cases()
+        if cases:
+            predict(self.project, self.record["model"], cases, probabilities=False, features=False,
+                    device=self.settings.device, round_id=f"{self.number:04d}")
+        return {"cases": len(cases)}
+
+    def evaluate(self) -> dict:
+        from .evaluation import evaluate
+
+        cases = self.evaluation_cases()
+        if not cases:
+            return {"skipped": "no held-out case with a reference label (exclude cases that have one to score rounds)"}
+        summary = evaluate(self.project, "predicted", cases)["summary"]
+        done, total = annotated_fraction(self.project, self.settings.exclude)
+        self.record["metrics"] = {"model": self.record["model"], "cases": cases, "summary": summary,
+                                  "annotated": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
+        return {"mean_dice": summary["mean"]["dice"]["mean"]}
+
+    def report(self) -> dict:
+        from .report import write_round_report
+
+        return {"files": write_round_report(self.project, self.record)}
+
+
+def make_pseudolabels(project: Project, cases: Sequence[str], spec: Mapping) -> list[dict]:
+    """Pseudo-labels for ``cases`` from the source ``spec`` names."""
+    options = {k: v for k, v in spec.items() if k != "source"}
+    source = spec["source"]
+    if source == "degraded-reference":
+        from .pseudolabels.degraded import pseudolabel_degraded
+
+        return pseudolabel_degraded(project, cases, **options)
+    if source == "import":
+        from .pseudolabels.imported import import_pseudolabels
+
+        folder = options.pop("from", None)
+        if folder is None:
+            raise InputError("pseudo-label source import", "needs 'from': the folder of the other model's labels")
+        return import_pseudolabels(project, folder, options.pop("map", None), cases=cases, **options)
+    from .pseudolabels.run import pseudolabel_with_sam
+
+    if "checkpoint" not in options:
+        raise InputError("pseudo-label source sam", "needs 'checkpoint' (and 'prompts', 'auto' or 'from_labels')")
+    return pseudolabel_with_sam(project, options.pop("checkpoint"), cases=cases, **options)
+
+
+def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None) -> dict:
+    """Run (or continue) the project's current round; returns its record.
+
+    An unfinished round continues with its stored settings (``settings``, if
+    given, must equal them); otherwise a new round starts with ``settings``
+    (default :class:`RoundSettings`). The record has ``waiting`` when the round
+    stopped at review for human labels.
+    """
+    with exclusive_run(project.root / "rounds" / "round.lock", "a round of this project is running already"):
+        record = current_round(project)
+        if record is not None and "settings" in record:
+            stored = RoundSettings.from_json(record["settings"], str(rounds.round_dir(project, record["round"])))
+            if settings is not None and settings.to_json() != stored.to_json():
+                changed = sorted(k for k, v in settings.to_json().items() if stored.to_json()[k] != v)
+                raise InputError(f"round {record['round']}", f"is unfinished and was started with other settings "
+                                 f"({', '.join(changed)}); run it again without new settings to finish it")
+            settings = stored
+        else:
+            settings = settings or RoundSettings()
+            _check(project, settings)
+            with project.lock("start round"):
+                if record is None:  # a round left by 'alseg select' alone is taken over
+                    numbers = rounds.list_rounds(project)
+                    record = rounds.new_round(numbers[-1] + 1 if numbers else 1)
+                record["settings"] = settings.to_json()
+                rounds.write_round(project, record)
+                project.log_event("round_started", round=record["round"], strategy=settings.strategy, mode=settings.mode)
+        return Round(project, record, settings, annotator).run()
+
+
+def _check(project: Project, settings: RoundSettings) -> None:
+    """Refuse settings that cannot work before anything is written."""
+    from .selection.strategies import make_strategy, parse_budget
+
+    for case in settings.exclude:
+        if not project.has_case(case):
+            raise InputError(f"--exclude {case}", f"not a case of {project.root}")
+    try:
+        make_strategy(settings.strategy)
+        parse_budget(settings.budget, len(project.cases()))
+    except ValueError as exc:
+        raise InputError("round settings", str(exc)) from None
+    if settings.filtermatch is not None:
+        from .nnunet.filtermatch import FilterMatchConfig
+
+        try:
+            FilterMatchConfig.from_json(settings.filtermatch)
+        except (TypeError, ValueError) as exc:
+            raise InputError("filtermatch settings", str(exc)) from None

@@ -1,0 +1,201 @@
+"""Reports: a page per round, the project's learning curve, and the oracle experiment's page.
+
+Each report is written three ways from the same rows: markdown (``.md``), a
+self-contained HTML page (``.html``, the PNG referenced beside it) and JSON
+(``.json``), plus a learning-curve PNG drawn with matplotlib (Agg, no display).
+Files are replaced atomically.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from . import atomic, rounds
+from .project import Project, now_iso
+
+METRICS = ("dice", "iou", "hd95")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, sections: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence]]], image: str | None) -> tuple[str, str]:
+    """(markdown, html) of a page: sections are (heading, text, table header, table rows)."""
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, text, header, rows in sections:
+        md += [f"## {heading}", ""]
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if text:
+            md += [text, ""]
+            body.append(f"<p>{html.escape(text)}</p>")
+        if header:
+            md += [markdown_table(header, rows), ""]
+            body.append(html_table(header, rows))
+    if image:
+        md += [f"![learning curve]({image})", ""]
+        body.append(f'<p><img src="{html.escape(image)}" alt="learning curve" style="max-width:720px"></p>')
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    return "\n".join(md), page
+
+
+def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str,
+                reference: Mapping[str, float] | None = None) -> Path:
+    """Mean Dice against % annotated, one line per curve; ``reference``: horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    for name, points in curves.items():
+        pts = sorted(points)
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    for name, value in (reference or {}).items():
+        if value is not None and not math.isnan(value):
+            ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+            ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
+    ax.set_xlabel("cases annotated (%)")
+    ax.set_ylabel("mean Dice (held-out cases)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=8, loc="lower right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def class_rows(summary: Mapping) -> list[list]:
+    """One row per class (and the mean): Dice, IoU, HD95 means."""
+    return [[name] + [summary[name][m]["mean"] for m in METRICS] for name in summary]
+
+
+def learning_curve(project: Project) -> list[dict]:
+    """One point per evaluated round (and the pretrained model before the first labels)."""
+    points = []
+    for number in rounds.list_rounds(project):
+        record = rounds.read_round(project, number)
+        pre = record["stages"].get("pretrain", {}).get("metrics")
+        if pre:
+            points.append({"round": 0, "model": pre["model"], "annotated": pre["annotated"], "of": pre["of"],
+                           "fraction": pre["fraction"], "mean_dice": pre["summary"]["mean"]["dice"]["mean"],
+                           "per_class": {c: v["dice"]["mean"] for c, v in pre["summary"].items() if c != "mean"}})
+        m = record.get("metrics")
+        if m:
+            points.append({"round": number, "model": m["model"], "annotated": m["annotated"], "of": m["of"],
+                           "fraction": m["fraction"], "mean_dice": m["summary"]["mean"]["dice"]["mean"],
+                           "per_class": {c: v["dice"]["mean"] for c, v in m["summary"].items() if c != "mean"}})
+    return points
+
+
+def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
+    """rounds/<NNNN>/report.{md,html,json} and reports/learning_curve.{png,json}; returns their paths."""
+    folder = rounds.round_dir(project, record["round"])
+    reports = project.root / "reports"
+    curve = learning_curve(project)
+    if record.get("metrics") and not any(p["round"] == record["round"] for p in curve):
+        m = record["metrics"]  # this round's figures, not yet stored when the report is written
+        curve.append({"round": record["round"], "model": m["model"], "annotated": m["annotated"], "of": m["of"],
+                      "fraction": m["fraction"], "mean_dice": m["summary"]["mean"]["dice"]["mean"],
+                      "per_class": {c: v["dice"]["mean"] for c, v in m["summary"].items() if c != "mean"}})
+    png = reports / "learning_curve.png"
+    classes = list(curve[-1]["per_class"]) if curve else []
+    lines = {"mean": [(p["fraction"], p["mean_dice"]) for p in curve]}
+    lines.update({c: [(p["fraction"], p["per_class"].get(c, math.nan)) for p in curve] for c in classes})
+    plot_curves(lines, png, f"{project.name}: learning curve")
+    atomic.write_json(reports / "learning_curve.json", {"project": project.name, "time": now_iso(), "points": curve})
+
+    settings = record.get("settings", {})
+    from .loop import STAGES
+
+    stages = [[name, record["stages"][name].get("seconds"), record["stages"][name].get("done", "")]
+              for name in STAGES if name in record["stages"] and "done" in record["stages"][name]]
+    sections = [("Settings", "", ["setting", "value"],
+                 [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in settings.items() if v not in (None, [], {})]),
+                ("Stages", "", ["stage", "seconds", "finished"], stages)]
+    queue = record.get("queue", [])
+    if queue:
+        sections.append(("Cases selected for review", "", ["rank", "case", "score", "reason"],
+                         [[q["rank"], q["case"], q["score"], q["reason"]] for q in queue]))
+    pseudo = record["stages"].get("pseudolabels", {})
+    if pseudo.get("pseudo_label_dice") is not None:
+        text = (f"mean Dice of the pseudo-labels against the references: "
+                f"{pseudo['pseudo_label_dice']:.3f} over {pseudo['pseudo_label_cases']} cases")
+        sections.append(("Pseudo-labels", text, [], []))
+    metrics = record.get("metrics")
+    if metrics:
+        heading = (f"Held-out evaluation ({len(metrics['cases'])} cases, model {metrics['model']}, "
+                   f"{metrics['annotated']} of {metrics['of']} cases annotated)")
+        sections.append((heading, "", ["class", "Dice", "IoU", "HD95 (mm)"], class_rows(metrics["summary"])))
+    if curve:
+        sections.append(("Learning curve", "", ["round", "annotated", "% annotated", "mean Dice"] + classes,
+                         [[p["round"], p["annotated"], 100 * p["fraction"], p["mean_dice"]]
+                          + [p["per_class"].get(c) for c in classes] for p in curve]))
+    md, page = _page(f"{project.name} — round {record['round']}", sections, "../../reports/learning_curve.png")
+    atomic.write_bytes(folder / "report.md", md.encode())
+    atomic.write_bytes(folder / "report.html", page.encode())
+    atomic.write_json(folder / "report.json", {"round": record["round"], "settings": settings, "stages": record["stages"],
+                                               "queue": queue, "metrics": metrics, "learning_curve": curve})
+    return {k: str(p.relative_to(project.root)) for k, p in
+            (("markdown", folder / "report.md"), ("html", folder / "report.html"), ("json", folder / "report.json"),
+             ("learning_curve", png))}
+
+
+def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
+    """experiment.{md,html,json} and experiment.png in ``folder`` from :func:`..simulate.simulate`'s results."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arms = results["arms"]
+    curves = {arm: [(p["fraction"], p["mean_dice"]) for p in data["points"]] for arm, data in arms.items()
+              if len(data["points"]) > 1 or arm not in ("pseudo-only", "full supervision")}
+    reference = {arm: arms[arm]["final"]["mean_dice"] for arm in ("pseudo-only", "full supervision") if arm in arms}
+    png = plot_curves(curves, folder / "experiment.png", "oracle experiment (simulated annotator)", reference)
+    rows = []
+    for arm, data in arms.items():
+        for p in data["points"]:
+            rows.append([arm, p.get("round"), 100 * p["fraction"], p["mean_dice"],
+                         *(p["per_class"].get(c) for c in results["classes"]), p.get("ratio_to_full")])
+    setup = results["setup"]
+    text = (f"pool {setup['pool']} cases, {setup['test']} held-out test cases (never selectable); "
+            f"seeds {setup['seeds']}; {setup['rounds']} round(s) of {setup['budget_per_round']} case(s); "
+            f"pseudo-labels: {setup['pseudo_source']} (mean Dice {_fmt(results.get('pseudo_label_dice'))}); "
+            f"every arm's training: {setup['compute']}. Values are means over seeds.")
+    sections = [("Setup", text, [], []),
+                ("Mean Dice vs % annotated", "", ["arm", "round", "% annotated", "mean Dice",
+                                                  *results["classes"], "ratio to full"], rows)]
+    if results.get("sweep"):
+        sections.append(("Final Dice vs pseudo-label Dice", "", ["target pseudo-label Dice", "measured pseudo-label Dice",
+                                                                 "final mean Dice"],
+                         [[s["target"], s["pseudo_label_dice"], s["final_dice"]] for s in results["sweep"]]))
+    md, page = _page("ALSeg oracle experiment", sections, png.name)
+    atomic.write_bytes(folder / "experiment.md", md.encode())
+    atomic.write_bytes(folder / "experiment.html", page.encode())
+    atomic.write_json(folder / "experiment.json", dict(results))
+    return {"markdown": str(folder / "experiment.md"), "html": str(folder / "experiment.html"),
+            "json": str(folder / "experiment.json"), "png": str(png)}
