@@ -10,13 +10,12 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from . import __version__, phantoms, volumes
+from . import __version__, volumes
 from .errors import InputError, ProjectLockedError
 from .project import LABEL_KINDS, LabelTable, Project
 
@@ -198,18 +197,7 @@ def cmd_train(args) -> int:
     from .nnunet.train import train
 
     project = Project.open(args.project)
-    filtermatch = None
-    if args.mode == "filtermatch":
-        from .nnunet.filtermatch import FilterMatchConfig
-
-        try:
-            filtermatch = FilterMatchConfig(
-                warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
-                drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp,
-                teacher=args.teacher, ema_decay=args.ema_decay, confidence=args.confidence,
-                unlabeled_batch=args.unlabeled_batch)
-        except ValueError as exc:
-            raise InputError("train --mode filtermatch", str(exc)) from None
+    filtermatch = _filtermatch_config(args, "train --mode filtermatch") if args.mode == "filtermatch" else None
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
@@ -223,6 +211,19 @@ def cmd_train(args) -> int:
               f"final train loss {record['final_train_loss']:.3f}"
               + (f", validation Dice {v['mean_dice']:.3f} on {v['cases']} case(s)" if v else ""))
     return EXIT_OK
+
+
+def _filtermatch_config(args, where: str):
+    from .nnunet.filtermatch import FilterMatchConfig
+
+    try:
+        return FilterMatchConfig(
+            warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
+            drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp,
+            teacher=args.teacher, ema_decay=args.ema_decay, confidence=args.confidence,
+            unlabeled_batch=args.unlabeled_batch)
+    except ValueError as exc:
+        raise InputError(where, str(exc)) from None
 
 
 def cmd_predict(args) -> int:
@@ -346,33 +347,143 @@ def cmd_trainer_path(args) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args) -> int:
-    """Build a phantom project with reference labels and show its status."""
-    folder = Path(args.dir)
-    marker = folder / ".alseg-demo"
-    if folder.exists() and any(folder.iterdir()):
-        if not marker.exists():
-            raise InputError(folder, "exists and was not made by 'alseg demo'; choose another --dir")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    start = time.perf_counter()
-    images, labels = phantoms.write_dataset(folder / "source", n=args.cases, modality=args.modality, seed=args.seed)
-    table = LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS)
-    project = Project.create(folder / "project", table, args.modality, name="alseg-demo")
-    ids = project.add_cases([images], reference_dir=labels)
-    seg_file = folder / f"{ids[0]}_reference.seg.nrrd"
-    volumes.write_label_file(project.read_label(ids[0], "reference"), seg_file, project.labels.segments())
-    seconds = time.perf_counter() - start
-    status = project.status()
+def _pseudo_spec(args) -> dict | None:
+    if not args.pseudo_source:
+        return None
+    spec: dict = {"source": args.pseudo_source}
+    if args.pseudo_source == "sam":
+        if not args.checkpoint or not (args.prompts or args.from_labels):
+            raise InputError("--pseudo-source sam", "needs --checkpoint and --prompts FILE or --from-labels DIR")
+        spec.update(checkpoint=args.checkpoint, **({"prompts": args.prompts} if args.prompts else {"from_labels": args.from_labels}))
+    elif args.pseudo_source == "import":
+        if not args.from_dir:
+            raise InputError("--pseudo-source import", "needs --from DIR (the other model's label files)")
+        spec.update({"from": args.from_dir, **({"map": args.map} if args.map else {})})
+    else:
+        spec.update(target_dice=args.target_dice)
+    return spec
+
+
+def _round_settings(args):
+    from dataclasses import asdict
+
+    from .loop import RoundSettings
+
+    fm = asdict(_filtermatch_config(args, "round --mode filtermatch")) if args.mode == "filtermatch" else None
+    return RoundSettings(budget=args.budget, strategy=args.strategy, mode=args.mode, seed=args.seed,
+                         exclude=args.exclude or [], device=args.device, configuration=args.configuration,
+                         batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
+                         pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
+                         val_iterations=args.val_iters, features=args.features, pseudo=_pseudo_spec(args),
+                         filtermatch=fm)
+
+
+def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
+    head = f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c[:10]:>10}" for c in classes) + f" {'mean Dice':>10} {'HD95 mm':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<34} {str(r['annotated']) + '/' + str(r['of']):>10} {r['percent']:>6.1f} "
+              + " ".join(f"{_fmt(r['dice'][c]):>10}" for c in classes) + f" {_fmt(r['mean_dice']):>10} {_fmt(r['hd95'], 1):>8}")
+
+
+def cmd_round(args) -> int:
+    from .loop import current_round, run_round
+
+    project = Project.open(args.project)
+    settings = None
+    unfinished = current_round(project)
+    if unfinished is None or "settings" not in unfinished or args.budget is not None:
+        if args.budget is None:
+            raise InputError("round", "a new round needs --budget (cases to review: a count or a percentage)")
+        settings = _round_settings(args)
+    record = run_round(project, settings)
     if args.json:
-        _print_json({"status": status, "seg_nrrd": str(seg_file.resolve()), "seconds": round(seconds, 2)})
+        _print_json(record)
         return EXIT_OK
-    print(f"ALSeg demo: {len(ids)} synthetic {args.modality} phantoms ({phantoms.SPACING[args.modality]} mm voxels) "
-          f"with reference labels, built in {seconds:.1f} s\n")
-    cmd_status(argparse.Namespace(project=project.root, json=False, cases=False))
-    print(f"\nOpen {seg_file} in 3D Slicer (with {project.image_path(ids[0])}) to see the segments.")
-    print(f"Next: alseg status {project.root} --cases")
+    done = [s for s in record["stages"]]
+    print(f"Round {record['round']}: stages done: {', '.join(done)}")
+    if record.get("waiting"):
+        print(record["waiting"]["message"])
+        return EXIT_OK
+    m = record.get("metrics")
+    if m:
+        print(f"Held-out Dice (model {m['model']}, {m['annotated']} of {m['of']} cases annotated): "
+              + ", ".join(f"{c} {_fmt(v['dice']['mean'])}" for c, v in m["summary"].items()))
+    print(f"Report: {project.root / record['stages']['report']['files']['html']}")
+    return EXIT_OK
+
+
+def cmd_simulate(args) -> int:
+    from .simulate import ExperimentSettings, simulate
+
+    source = Project.open(args.project)
+    fm = None
+    if any(a.endswith("+filtermatch") for a in (args.arms or [])) or not args.arms:
+        from dataclasses import asdict
+
+        fm = asdict(_filtermatch_config(args, "simulate"))
+    kw = {"arms": args.arms} if args.arms else {}
+    settings = ExperimentSettings(
+        rounds=args.rounds, budget_per_round=args.budget, seeds=args.seeds, test=args.test,
+        test_fraction=args.test_fraction, pseudo=_pseudo_spec(args) or {"source": "degraded-reference", "target_dice": args.target_dice},
+        configuration=args.configuration, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
+        pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
+        device=args.device, filtermatch=fm, sweep=args.sweep, **kw)
+    results = simulate(source, args.out, settings)
+    if args.json:
+        _print_json(results)
+        return EXIT_OK
+    print(f"Oracle experiment: pool {results['setup']['pool']}, test {results['setup']['test']}, seeds {settings.seeds}, "
+          f"pseudo-labels {results['setup']['pseudo_source']} (Dice {_fmt(results['pseudo_label_dice'])})")
+    for arm, data in results["arms"].items():
+        f = data["final"]
+        print(f"  {arm:<22} {100 * f['fraction']:5.1f} % annotated  mean Dice {_fmt(f['mean_dice'])}  "
+              f"ratio to full {_fmt(f.get('ratio_to_full'))}")
+    print(f"Report: {results['report']['html']}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    """Build a project (phantoms, or --data) and run simulated rounds of the whole loop."""
+    from .demo import (
+        DemoSettings,
+        data_project,
+        phantom_project,
+        prepare_folder,
+        run_demo,
+    )
+
+    if args.rounds < 1:
+        raise InputError("--rounds", f"the demo runs at least one round, not {args.rounds}")
+    if args.cases is not None and args.cases < 4:
+        raise InputError("--cases", f"the demo needs at least 4 cases, not {args.cases}")
+    folder = Path(args.dir)
+    prepare_folder(folder)
+    start = time.perf_counter()
+    if args.data:
+        project = data_project(folder, Path(args.data), args.modality or "MRI", args.labels, args.cases)
+    else:
+        project = phantom_project(folder, args.cases or 24, args.modality or "CT", args.seed)
+    settings = DemoSettings(rounds=args.rounds, budget=args.budget, device=args.device, seed=args.seed,
+                            target_dice=args.target_dice, configuration=args.configuration,
+                            pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.iters,
+                            epochs=args.epochs, iterations=args.iters, strategy=args.strategy, mode=args.mode)
+    if not args.json:
+        print(f"ALSeg demo: {len(project.cases())} cases in {project.root}; {settings.rounds} simulated rounds of "
+              f"{settings.budget} case(s), {settings.strategy} selection, {settings.mode} training; "
+              f"pseudo-labels simulated from the references (target Dice {settings.target_dice})", flush=True)
+    result = run_demo(project, settings)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print(f"\nHeld-out test cases: {len(result['test_cases'])}; simulated pseudo-label Dice "
+          f"{_fmt(result['pseudo_label_dice'])}\n")
+    _print_metrics_table(result["rows"], result["classes"])
+    for number, cases in result["selected"].items():
+        print(f"round {number} selected: {', '.join(cases)}")
+    print(f"\nDone in {result['seconds']:.0f} s. Report: {result['report']}\nLearning curve: {result['learning_curve']}")
     return EXIT_OK
 
 
@@ -529,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("--budget", required=True, help="how many cases: a count (10) or a percentage of the project's cases (5%%)")
     p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"),
-                   help="hybrid (default): k-center among the most uncertain; hybrid-weighted: distance x uncertainty; "
+                   help="hybrid (default): k-center among the most uncertain typical cases; hybrid-weighted: distance x uncertainty; "
                    "uncertainty; coreset (k-center greedy on features); random")
     p.add_argument("--seed", type=int, default=0, help="seed for random picks and ties (default 0)")
     p.add_argument("--model", help="model whose stored probabilities and features are used (default: the latest with "
@@ -549,10 +660,90 @@ def build_parser() -> argparse.ArgumentParser:
     add("trainer-path", cmd_trainer_path, "Print the folder to put in nnUNet_extTrainer so that nnU-Net's own tools "
         "(nnUNetv2_train -tr ALSegTrainer, nnUNetv2_predict) find ALSeg's trainers.")
 
-    p = add("demo", cmd_demo, "Build a demo project of synthetic phantoms and show its status.")
+    def budgets(p, epochs_default=None):
+        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+        p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="nnU-Net configuration to plan (first round)")
+        p.add_argument("--batch-size", type=int, help="batch size (e.g. 12 for 2d or 2 for 3d on a CPU)")
+        p.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default: nnU-Net's for the device)")
+        p.add_argument("--pretrain-iters", type=int, help="pretraining iterations per epoch")
+        p.add_argument("--epochs", type=int, help="epochs of each round's training")
+        p.add_argument("--iters", type=int, help="iterations per epoch of each round's training")
+        p.add_argument("--val-iters", type=int, help="validation iterations per epoch")
+
+    def pseudo_source(p):
+        g = p.add_argument_group("pseudo-labels for cases that have none")
+        g.add_argument("--pseudo-source", choices=("sam", "import", "degraded-reference"),
+                       help="sam (--checkpoint with --prompts or --from-labels), import (--from DIR [--map]), or "
+                       "degraded-reference (references corrupted to --target-dice: simulation only)")
+        g.add_argument("--checkpoint", help="SAM/MedSAM weights")
+        g.add_argument("--prompts", help="SAM prompt file")
+        g.add_argument("--from-labels", help="SAM prompts from coarse prior labels in DIR")
+        g.add_argument("--from", dest="from_dir", help="folder of another model's label files")
+        g.add_argument("--map", help="value mapping of imported labels, e.g. 5=1,6=2")
+        g.add_argument("--target-dice", type=float, default=0.75, help="degraded-reference target Dice (default 0.75)")
+
+    def filtermatch_options(p):
+        fm = p.add_argument_group("filtermatch")
+        fm.add_argument("--warmup", type=int, default=20)
+        fm.add_argument("--filter-start", type=int, default=100)
+        fm.add_argument("--filter-every", type=int, default=100)
+        fm.add_argument("--drop-fraction", type=float, default=0.15)
+        fm.add_argument("--unlabeled-weight", type=float, default=1.0)
+        fm.add_argument("--ramp", type=int, default=0)
+        fm.add_argument("--teacher", choices=("none", "ema"), default="none")
+        fm.add_argument("--ema-decay", type=float, default=0.99)
+        fm.add_argument("--confidence", type=float, default=0.0)
+        fm.add_argument("--unlabeled-batch", type=int, default=None)
+
+    p = add("round", cmd_round, "Run or continue one active-learning round: pseudo-labels, plan, pretrain, predict the "
+            "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
+    p.add_argument("project")
+    p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
+    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
+    p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude", nargs="+", metavar="CASE", help="held-out cases: never selected or trained on; "
+                   "scored each round when they have reference labels")
+    p.add_argument("--features", default="auto", choices=("auto", "nnunet", "sam", "histogram"))
+    budgets(p)
+    pseudo_source(p)
+    filtermatch_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = add("simulate", cmd_simulate, "The oracle experiment: reference labels play the annotator; arms random/hybrid x "
+            "finetune/filtermatch and the baselines pseudo-only, supervised-only and full supervision.")
+    p.add_argument("project", help="a project whose every case has a reference label (left untouched)")
+    p.add_argument("--out", required=True, help="folder for the experiment's projects and report")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--budget", default="2.5%", help="cases per round: a count or a percentage of the pool")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--test", nargs="+", metavar="CASE", help="held-out test cases (default: --test-fraction of the cases)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--arms", nargs="+", help="arms to run (default: all): random+finetune, random+filtermatch, "
+                   "hybrid+finetune, hybrid+filtermatch, pseudo-only, supervised-only, 'full supervision'")
+    p.add_argument("--sweep", type=float, nargs="+", metavar="DICE", help="also: final Dice for these pseudo-label Dice targets")
+    budgets(p)
+    pseudo_source(p)
+    filtermatch_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = add("demo", cmd_demo, "The main job on built-in data: a phantom project (or --data DIR), two simulated "
+            "rounds of the whole loop on a CPU budget, a table and a report.")
     p.add_argument("--dir", default="alseg-demo", help="output folder (default: ./alseg-demo, replaced on re-run)")
-    p.add_argument("--modality", default="CT", choices=("CT", "MRI"))
-    p.add_argument("--cases", type=int, default=24)
+    p.add_argument("--data", help="an imagesTr/labelsTr folder to use instead of phantoms (e.g. MSD Hippocampus)")
+    p.add_argument("--labels", help="label table for --data, e.g. anterior=1,posterior=2 (default: label<value>)")
+    p.add_argument("--modality", choices=("CT", "MRI"), help="default: CT for phantoms, MRI for --data")
+    p.add_argument("--cases", type=int, help="number of cases (phantoms: default 24; --data: default all)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--budget", default="2", help="cases revealed per round (default 2)")
+    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
+    p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
+    p.add_argument("--target-dice", type=float, default=0.75, help="simulated pseudo-label quality (default 0.75)")
+    p.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
+    p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iters", type=int, default=25, help="iterations per epoch (pretraining and rounds)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return parser

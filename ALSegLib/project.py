@@ -322,10 +322,32 @@ def exclusive_run(path: Path, busy: str) -> Iterator[None]:
 # --- the project ---------------------------------------------------------------------------
 
 
-class Project:
-    """An ALSeg project folder. Open with :meth:`open`, make with :meth:`create`."""
+def _read_config(root: Path) -> tuple[dict, LabelTable]:
+    cfg_path = root / CONFIG
+    if not root.is_dir():
+        raise InputError(root, "project folder not found")
+    if not cfg_path.is_file():
+        raise InputError(root, f"not an ALSeg project ({CONFIG} missing)")
+    config = read_json_object(cfg_path)
+    schema = config.get("schema")
+    if not isinstance(schema, int) or schema < 1:
+        raise InputError(cfg_path, f"missing or invalid 'schema' ({schema!r})")
+    if schema > SCHEMA_VERSION:
+        raise InputError(cfg_path, f"schema {schema} is newer than this ALSeg understands ({SCHEMA_VERSION}); upgrade alseg")
+    if not isinstance(config.get("name"), str) or not config["name"]:
+        raise InputError(cfg_path, "missing or invalid 'name'")
+    if config.get("modality") not in MODALITIES:
+        raise InputError(cfg_path, f"'modality' must be CT or MRI, not {config.get('modality')!r}")
+    return config, LabelTable.from_json(config.get("labels"), where=str(cfg_path))
 
-    def __init__(self, root: Path, config: dict, labels: LabelTable):
+
+class Project:
+    """An ALSeg project folder. ``Project(path)`` (or :meth:`open`) opens one; :meth:`create` makes one."""
+
+    def __init__(self, root: str | Path, config: dict | None = None, labels: LabelTable | None = None):
+        root = Path(root)
+        if config is None or labels is None:
+            config, labels = _read_config(root)
         self.root = root
         self.config = config
         self.labels = labels
@@ -372,24 +394,25 @@ class Project:
 
     @classmethod
     def open(cls, root: str | Path) -> "Project":
-        root = Path(root)
-        cfg_path = root / CONFIG
-        if not root.is_dir():
-            raise InputError(root, "project folder not found")
-        if not cfg_path.is_file():
-            raise InputError(root, f"not an ALSeg project ({CONFIG} missing)")
-        config = read_json_object(cfg_path)
-        schema = config.get("schema")
-        if not isinstance(schema, int) or schema < 1:
-            raise InputError(cfg_path, f"missing or invalid 'schema' ({schema!r})")
-        if schema > SCHEMA_VERSION:
-            raise InputError(cfg_path, f"schema {schema} is newer than this ALSeg understands ({SCHEMA_VERSION}); upgrade alseg")
-        if not isinstance(config.get("name"), str) or not config["name"]:
-            raise InputError(cfg_path, "missing or invalid 'name'")
-        if config.get("modality") not in MODALITIES:
-            raise InputError(cfg_path, f"'modality' must be CT or MRI, not {config.get('modality')!r}")
-        table = LabelTable.from_json(config.get("labels"), where=str(cfg_path))
-        return cls(root, config, table)
+        return cls(root)
+
+    # the loop (console API) -----------------------------------------------------------------
+
+    def run_round(self, settings=None, *, annotator=None, **options) -> dict:
+        """Run or continue the current active-learning round (see :mod:`ALSegLib.loop`).
+
+        ``settings``: a :class:`~ALSegLib.loop.RoundSettings`, or its fields as keywords
+        (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``); none to
+        continue an unfinished round. ``annotator(project, case)``: stores a human label
+        for a selected case (the oracle experiment); without it the round stops at review.
+        """
+        from .loop import RoundSettings, run_round
+
+        if settings is not None and options:
+            raise TypeError("give either a RoundSettings or its fields as keywords, not both")
+        if options:
+            settings = RoundSettings(**options)
+        return run_round(self, settings, annotator=annotator)
 
     @property
     def modality(self) -> str:

@@ -15,7 +15,7 @@ def test_console_script_help_and_version():
     exe = [sys.executable, "-m", "ALSegLib"]
     out = subprocess.run(exe + ["--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "init" in out.stdout and "evaluate" in out.stdout
-    for cmd in ("init", "add", "import-labels", "status", "evaluate", "export", "demo"):
+    for cmd in ("init", "add", "import-labels", "status", "evaluate", "export", "demo", "round", "simulate"):
         sub = subprocess.run(exe + [cmd, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and "usage: alseg " + cmd in sub.stdout
     bad = subprocess.run(exe + ["status"], capture_output=True, text=True)
@@ -84,19 +84,6 @@ def test_export_human_versions(project, tmp_path, run_cli):
     run_cli("export", project.root, "phantom_ct_000", "--kind", "human", "--to", tmp_path / "latest.nii.gz")
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v1.nii.gz"))).max() == 3
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "latest.nii.gz"))).max() == 1
-
-
-def test_demo_builds_a_project_and_reruns(tmp_path, run_cli):
-    code, out, _ = run_cli("demo", "--dir", tmp_path / "demo", "--cases", "4", "--json")
-    result = json.loads(out)
-    assert code == 0 and result["status"]["cases"] == 4 and result["status"]["label_counts"]["reference"] == 4
-    code, out, _ = run_cli("demo", "--dir", tmp_path / "demo", "--cases", "3")
-    assert code == 0 and "3 synthetic CT phantoms" in out and "Cases     3" in out
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    code, _, err = run_cli("demo", "--dir", tmp_path / "mine")
-    assert code == 2 and "not made by 'alseg demo'" in err
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
 def test_busy_project_exit_code_3(project, run_cli, monkeypatch):

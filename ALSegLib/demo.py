@@ -1,0 +1,140 @@
+"""``alseg demo``: the whole loop on built-in data, two simulated rounds on a CPU budget.
+
+A project of synthetic phantoms (or an ``imagesTr``/``labelsTr`` folder given
+with ``--data``) with reference labels; a quarter of the cases are held out as
+the test set. Pseudo-labels are ``degraded-reference`` (references corrupted to
+a target Dice: simulated, and named so), so no model weights are needed. Then
+:func:`..loop.run_round` twice with the simulated annotator revealing the
+selected cases' references; the table shows Dice on the held-out cases for the
+pseudo-label-only model and after each round.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import phantoms
+from .errors import InputError
+from .loop import RoundSettings, run_round
+from .project import LabelTable, Project, derive_case_id, expand_sources
+from .simulate import SimulatedAnnotator, check_no_test_revealed
+
+MARKER = ".alseg-demo"
+
+
+@dataclass
+class DemoSettings:
+    rounds: int = 2
+    budget: str = "2"  # cases per round
+    test_fraction: float = 0.25
+    strategy: str = "hybrid"
+    mode: str = "finetune"
+    target_dice: float = 0.75
+    configuration: str = "2d"
+    batch_size: int | None = 12
+    pretrain_epochs: int = 10
+    pretrain_iterations: int = 25
+    epochs: int = 10
+    iterations: int = 25
+    val_iterations: int = 2
+    device: str = "auto"
+    seed: int = 0
+
+
+def prepare_folder(folder: Path) -> None:
+    """An empty folder, or one made by an earlier demo (replaced); anything else is refused."""
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).exists():
+            raise InputError(folder, "exists and was not made by 'alseg demo'; choose another --dir")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).touch()
+
+
+def phantom_project(folder: Path, cases: int, modality: str, seed: int) -> Project:
+    images, labels = phantoms.write_dataset(folder / "source", n=cases, modality=modality, seed=seed)
+    project = Project.create(folder / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), modality,
+                             name="alseg-demo")
+    project.add_cases([images], reference_dir=labels)
+    return project
+
+
+def data_project(folder: Path, data: Path, modality: str, labels: str | None, cases: int | None) -> Project:
+    """A project from an ``imagesTr``/``labelsTr`` folder (nnU-Net/MSD layout; ``_0000`` suffixes allowed)."""
+    images_dir, labels_dir = data / "imagesTr", data / "labelsTr"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise InputError(data, f"needs {d.name}/ (an nnU-Net / Medical Segmentation Decathlon layout)")
+    images = [p for p in expand_sources([images_dir]) if not p.name.startswith(".")]
+    if not images:
+        raise InputError(images_dir, "holds no images")
+    pairs = []
+    for img in sorted(images):
+        case = derive_case_id(img)
+        case = case.removesuffix("_0000")
+        label = next((labels_dir / f"{case}{ext}" for ext in (".nii.gz", ".nii", ".nrrd", ".mha")
+                      if (labels_dir / f"{case}{ext}").is_file()), None)
+        if label is None:
+            raise InputError(img, f"no label file for case {case!r} in {labels_dir}")
+        pairs.append((case, img, label))
+    if cases:
+        pairs = pairs[:cases]
+    if labels:
+        table = LabelTable.parse(labels)
+    else:  # every value found in the labels, named by value
+        values = set()
+        for _, _, label in pairs:
+            values |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label)))) if v}
+        if not values:
+            raise InputError(labels_dir, "the label files hold no foreground value")
+        table = LabelTable.from_mapping({f"label{v}": v for v in sorted(values)})
+    project = Project.create(folder / "project", table, modality, name=f"alseg-demo-{data.name}")
+    project.add_cases([str(p[1]) for p in pairs], references=[p[2] for p in pairs], case_ids=[p[0] for p in pairs])
+    return project
+
+
+def run_demo(project: Project, settings: DemoSettings) -> dict:
+    """Two (``settings.rounds``) simulated rounds; returns the rows of the table and the report."""
+    cases = project.cases()
+    n_test = max(1, round(settings.test_fraction * len(cases)))
+    test = sorted(random.Random(settings.seed).sample(cases, n_test))
+    if len(cases) - n_test < 2:
+        raise InputError(project.root, f"{len(cases)} cases are too few for a demo (held out {n_test})")
+    annotator = SimulatedAnnotator(test)
+    round_settings = RoundSettings(
+        budget=settings.budget, strategy=settings.strategy, mode=settings.mode, seed=settings.seed, exclude=test,
+        device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
+        pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
+        epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
+        pseudo={"source": "degraded-reference", "target_dice": settings.target_dice, "seed": settings.seed},
+    )
+    records = []
+    for _ in range(settings.rounds):
+        record = run_round(project, round_settings, annotator=annotator)
+        records.append(record)
+    check_no_test_revealed(project, test)
+    rows = []
+    first = records[0]["stages"]
+    pre = first["pretrain"].get("metrics")
+    classes = list(project.labels.mapping)
+    if pre:
+        rows.append(_row("pseudo-labels only (pretrained)", 0, pre, classes))
+    for record in records:
+        rows.append(_row(f"round {record['round']} ({settings.strategy}, {settings.mode})", record["round"],
+                         record["metrics"], classes))
+    return {"test_cases": test, "pseudo_label_dice": first["pseudolabels"].get("pseudo_label_dice"),
+            "classes": classes, "rows": rows, "report": str(project.root / records[-1]["stages"]["report"]["files"]["html"]),
+            "learning_curve": str(project.root / records[-1]["stages"]["report"]["files"]["learning_curve"]),
+            "selected": {r["round"]: [q["case"] for q in r["queue"]] for r in records}}
+
+
+def _row(name: str, number: int, metrics: dict, classes: list[str]) -> dict:
+    s = metrics["summary"]
+    return {"model": name, "round": number, "annotated": metrics["annotated"], "of": metrics["of"],
+            "percent": round(100 * metrics["fraction"], 1), "mean_dice": s["mean"]["dice"]["mean"],
+            "dice": {c: s[c]["dice"]["mean"] for c in classes}, "hd95": s["mean"]["hd95"]["mean"]}

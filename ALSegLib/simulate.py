@@ -1,0 +1,338 @@
+"""The oracle experiment: reference labels play the annotator.
+
+Starting from a project whose cases all have reference labels, a fixed set of
+held-out test cases is excluded from everything (never pseudo-labeled for
+training, never selectable, never trained on) and only scored. For each seed:
+
+1. **base**: pseudo-labels for the pool (a SAM checkpoint, another model's
+   labels, or ``degraded-reference``: references corrupted to a target Dice,
+   named as simulated everywhere), nnU-Net planning, pretraining on them, and
+   the pretrained model's pool prediction (shared by every arm's first round).
+2. **arms**, each on its own copy of the base:
+
+   - ``pseudo-only``: the pretrained model, no human label (fraction 0);
+   - ``<strategy>+<mode>`` (``random``/``hybrid`` × ``finetune``/``filtermatch``):
+     ``rounds`` rounds of :func:`..loop.run_round`; at review the annotator
+     reveals each selected case's reference as its human label (source
+     ``simulated``, so the provenance says so) and refuses a test case;
+   - ``supervised-only``: after each round of the first hybrid arm, a model
+     trained from scratch on exactly that arm's labeled cases;
+   - ``full supervision``: every pool case's reference (the upper bound).
+
+   Every training (round, supervised, full) gets the same epochs × iterations;
+   ALSeg's arms start from the pretraining the base paid for once.
+3. **results**: per arm the mean over seeds of Dice (per class and mean) at each
+   % annotated, and its ratio to full supervision; a sweep over pseudo-label
+   quality (final Dice vs pseudo-label Dice) when asked for.
+"""
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import rounds
+from .errors import InputError
+from .loop import (
+    PRETRAIN,
+    RoundSettings,
+    annotated_fraction,
+    make_pseudolabels,
+    run_round,
+)
+from .progress import emit
+from .project import Project, now_iso
+
+SELECTIONS = ("random", "hybrid")
+TRAININGS = ("finetune", "filtermatch")
+BASELINES = ("pseudo-only", "supervised-only", "full supervision")
+
+
+def alseg_arms(selections: Sequence[str] = SELECTIONS, trainings: Sequence[str] = TRAININGS) -> list[str]:
+    return [f"{s}+{t}" for s in selections for t in trainings]
+
+
+@dataclass
+class ExperimentSettings:
+    rounds: int = 2
+    budget_per_round: str = "2.5%"  # of the pool (count or percent)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    test: list[str] | None = None  # held-out cases; default: test_fraction of the cases, drawn with split_seed
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    arms: list[str] = field(default_factory=lambda: [*alseg_arms(), *BASELINES])
+    pseudo: dict = field(default_factory=lambda: {"source": "degraded-reference", "target_dice": 0.75})
+    configuration: str = "3d_fullres"
+    batch_size: int | None = None
+    pretrain_epochs: int | None = None
+    pretrain_iterations: int | None = None
+    epochs: int | None = None
+    iterations: int | None = None
+    val_iterations: int | None = None
+    device: str = "auto"
+    filtermatch: dict | None = None
+    sweep: list[float] | None = None  # pseudo-label target Dice values: final Dice of the best arm for each
+
+    def __post_init__(self):
+        known = set(alseg_arms()) | set(BASELINES)
+        bad = [a for a in self.arms if a not in known]
+        if bad:
+            raise InputError("--arms", f"unknown arm(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        if self.rounds < 1:
+            raise InputError("--rounds", f"must be at least 1, not {self.rounds}")
+        if not self.seeds:
+            raise InputError("--seeds", "give at least one seed")
+        if not 0 < self.test_fraction < 1:
+            raise InputError("--test-fraction", f"must be in (0, 1), not {self.test_fraction}")
+        if self.sweep and self.pseudo.get("source") != "degraded-reference":
+            raise InputError("--sweep", "the pseudo-label quality sweep needs the degraded-reference source")
+
+
+class SimulatedAnnotator:
+    """Reveals a case's reference as its human label (``simulated``); never a test case."""
+
+    def __init__(self, test: Sequence[str]):
+        self.test = set(test)
+        self.revealed: list[str] = []
+
+    def __call__(self, project: Project, case: str) -> None:
+        if case in self.test:
+            raise RuntimeError(f"the simulated annotator was asked to reveal held-out test case {case!r}")
+        project.add_human_label(case, project.read_label(case, "reference"), source="simulated",
+                                produced_by={"simulated": True, "from": "reference"})
+        self.revealed.append(case)
+
+
+def split_test(project: Project, settings: ExperimentSettings) -> list[str]:
+    cases = project.cases()
+    if settings.test is not None:
+        for c in settings.test:
+            if not project.has_case(c):
+                raise InputError(f"--test {c}", f"not a case of {project.root}")
+        return sorted(set(settings.test))
+    n = max(1, round(settings.test_fraction * len(cases)))
+    return sorted(random.Random(settings.split_seed).sample(cases, n))
+
+
+def _copy(project: Project, dest: Path) -> Project:
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(project.root, dest, symlinks=True, ignore=shutil.ignore_patterns("*.lock"))
+    return Project.open(dest)
+
+
+def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test: list[str], seed: int) -> RoundSettings:
+    return RoundSettings(budget=settings.budget_per_round, strategy=strategy, mode=mode, seed=seed, exclude=test,
+                         device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
+                         pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
+                         epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
+                         pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None)
+
+
+def _point(metrics: dict, round_number: int | None) -> dict:
+    summary = metrics["summary"]
+    return {"round": round_number, "annotated": metrics["annotated"], "of": metrics["of"], "fraction": metrics["fraction"],
+            "mean_dice": summary["mean"]["dice"]["mean"],
+            "per_class": {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}}
+
+
+def _score(project: Project, model: str, test: list[str], device: str) -> dict:
+    from .evaluation import evaluate
+    from .nnunet.predict import predict
+
+    predict(project, model, test, probabilities=False, features=False, device=device)
+    summary = evaluate(project, "predicted", test)["summary"]
+    done, total = annotated_fraction(project, test)
+    return {"model": model, "summary": summary, "annotated": done, "of": total,
+            "fraction": round(done / total, 4) if total else 0.0}
+
+
+def _train_supervised(project: Project, name: str, settings: ExperimentSettings, test: list[str]) -> dict:
+    from .nnunet.train import train
+
+    train(project, "supervised", name=name, epochs=settings.epochs, iterations=settings.iterations,
+          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
+    return _score(project, name, test, settings.device)
+
+
+def make_base(source: Project, folder: Path, settings: ExperimentSettings, test: list[str], seed: int,
+              pseudo: dict | None = None) -> tuple[Project, float | None]:
+    """The seed's shared start: pseudo-labels, plans, pretraining, the pool's first prediction."""
+    from .nnunet.plan import plan
+    from .nnunet.predict import predict
+    from .nnunet.train import train
+
+    base = _copy(source, folder)
+    pool = [c for c in base.cases() if c not in set(test)]
+    spec = dict(pseudo or settings.pseudo)
+    if spec.get("source") == "degraded-reference":
+        spec.setdefault("seed", seed)
+    make_pseudolabels(base, pool, spec)
+    from .evaluation import evaluate
+
+    pseudo_dice = evaluate(base, "pseudo", pool)["summary"]["mean"]["dice"]["mean"]
+    plan(base, policy="pseudo", configurations=(settings.configuration,), batch_size=settings.batch_size)
+    train(base, "pretrain", name=PRETRAIN, epochs=settings.pretrain_epochs, iterations=settings.pretrain_iterations,
+          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
+    predict(base, PRETRAIN, pool, probabilities=True, features=True, device=settings.device)
+    return base, pseudo_dice
+
+
+def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str], seed: int) -> tuple[list[dict], list[list[str]]]:
+    strategy, mode = arm.split("+")
+    project = _copy(base, folder)
+    annotator = SimulatedAnnotator(test)
+    points, labeled_after = [], []
+    for _ in range(settings.rounds):
+        record = run_round(project, _round_settings(settings, strategy, mode, test, seed), annotator=annotator)
+        if record.get("waiting") or "metrics" not in record:
+            raise RuntimeError(f"arm {arm}: round {record['round']} did not finish ({record.get('waiting')})")
+        points.append(_point(record["metrics"], record["round"]))
+        labeled_after.append(sorted(set(project.labeled_cases("human")) - set(test)))
+    check_no_test_revealed(project, test)
+    return points, labeled_after
+
+
+def simulate(source: Project, out: str | Path, settings: ExperimentSettings | None = None) -> dict:
+    """Run the oracle experiment on ``source`` (left untouched) under ``out``; returns the results
+    (also written as ``out/experiment.{md,html,json,png}``)."""
+    from .report import write_experiment_report
+
+    settings = settings or ExperimentSettings()
+    refs = set(source.labeled_cases("reference"))
+    missing = [c for c in source.cases() if c not in refs]
+    if missing:
+        raise InputError(source.root, f"the oracle experiment needs a reference label for every case; "
+                         f"{len(missing)} have none (e.g. {', '.join(missing[:3])})")
+    if source.labeled_cases("human"):
+        raise InputError(source.root, "the oracle experiment starts without human labels; this project has some")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    test = split_test(source, settings)
+    pool = [c for c in source.cases() if c not in set(test)]
+    start = time.perf_counter()
+    per_seed: dict[str, list[list[dict]]] = {arm: [] for arm in settings.arms}
+    pseudo_dice: list[float] = []
+    alseg = [a for a in settings.arms if "+" in a]
+    for seed in settings.seeds:
+        emit("stage", stage="experiment-seed", seed=seed)
+        base, pdice = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
+        pseudo_dice.append(pdice)
+        if "pseudo-only" in settings.arms:
+            per_seed["pseudo-only"].append([_point(_score(base, PRETRAIN, test, settings.device), 0)])
+        labeled_rounds = None
+        for arm in alseg:
+            points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test, seed)
+            per_seed[arm].append(points)
+            if labeled_rounds is None and arm.startswith("hybrid"):
+                labeled_rounds = labeled_after
+        if "supervised-only" in settings.arms:
+            if labeled_rounds is None:  # no hybrid arm ran: the labels random selection would pick
+                rng = random.Random(seed)
+                k = _per_round(settings.budget_per_round, len(source.cases()) - len(test))
+                order = rng.sample(pool, len(pool))
+                labeled_rounds = [sorted(order[: k * (r + 1)]) for r in range(settings.rounds)]
+            sup = _copy(base, out / f"seed{seed}" / "supervised-only")
+            points = []
+            for r, labeled in enumerate(labeled_rounds, 1):
+                annotator = SimulatedAnnotator(test)
+                for case in labeled:
+                    if not sup.human_versions(case):
+                        annotator(sup, case)
+                points.append(_point(_train_supervised(sup, f"supervised-r{r}", settings, test), r))
+            per_seed["supervised-only"].append(points)
+        if "full supervision" in settings.arms:
+            full = _copy(base, out / f"seed{seed}" / "full")
+            annotator = SimulatedAnnotator(test)
+            for case in pool:
+                annotator(full, case)
+            per_seed["full supervision"].append([_point(_train_supervised(full, "full", settings, test), None)])
+    classes = list(source.labels.mapping)
+    arms = {arm: _mean_over_seeds(runs, classes) for arm, runs in per_seed.items() if runs}
+    full = arms.get("full supervision", {}).get("final", {}).get("mean_dice")
+    for data in arms.values():
+        for p in data["points"] + [data["final"]]:
+            p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
+    results = {
+        "classes": classes, "arms": arms,
+        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a for p in d["points"]), default=0.0),
+        "dice": {a: d["final"]["mean_dice"] for a, d in arms.items()},
+        "ratio_to_full": {a: d["final"]["ratio_to_full"] for a, d in arms.items()},
+        "pseudo_label_dice": float(np.mean(pseudo_dice)) if pseudo_dice else None,
+        "setup": {"pool": len(pool), "test": len(test), "test_cases": test, "seeds": settings.seeds,
+                  "rounds": settings.rounds,
+                  "budget_per_round": _per_round(settings.budget_per_round, len(source.cases()) - len(test)),
+                  "pseudo_source": f"{settings.pseudo['source']} (simulated)" if settings.pseudo["source"] == "degraded-reference"
+                  else settings.pseudo["source"],
+                  "compute": _compute_text(settings), "settings": asdict(settings)},
+        "seconds": None, "time": now_iso(),
+    }
+    if settings.sweep:
+        results["sweep"] = _sweep(source, out, settings, test)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["report"] = write_experiment_report(results, out)
+    return results
+
+
+def _per_round(budget: str, total: int) -> int:
+    from .selection.strategies import parse_budget
+
+    return parse_budget(budget, total)
+
+
+def _compute_text(s: ExperimentSettings) -> str:
+    def budget(e, i):
+        return f"{e or 'default'} epochs x {i or 'default'} iterations"
+    return (f"pretraining {budget(s.pretrain_epochs, s.pretrain_iterations)}; each round's or baseline's training "
+            f"{budget(s.epochs, s.iterations)}; nnU-Net {s.configuration}, batch {s.batch_size or 'planned'}, device {s.device}")
+
+
+def _mean_over_seeds(runs: list[list[dict]], classes: Sequence[str]) -> dict:
+    """Points averaged over seeds, matched by position (round); final = the last point."""
+    n = min(len(r) for r in runs)
+    points = []
+    for i in range(n):
+        group = [r[i] for r in runs]
+        points.append({
+            "round": group[0]["round"],
+            "fraction": float(np.mean([p["fraction"] for p in group])),
+            "annotated": float(np.mean([p["annotated"] for p in group])),
+            "mean_dice": _nanmean([p["mean_dice"] for p in group]),
+            "per_class": {c: _nanmean([p["per_class"].get(c, math.nan) for p in group]) for c in classes},
+            "per_seed": [p["mean_dice"] for p in group],
+        })
+    return {"points": points, "final": dict(points[-1])}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _sweep(source: Project, out: Path, settings: ExperimentSettings, test: list[str]) -> list[dict]:
+    """Final Dice of the first ALSeg arm against the pseudo-labels' quality (first seed)."""
+    arm = next((a for a in settings.arms if "+" in a), "hybrid+finetune")
+    seed = settings.seeds[0]
+    rows = []
+    for target in settings.sweep:
+        folder = out / f"sweep-{target:.2f}"
+        base, pdice = make_base(source, folder / "base", settings, test, seed,
+                                pseudo={**settings.pseudo, "target_dice": target})
+        points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed)
+        rows.append({"target": target, "pseudo_label_dice": pdice, "final_dice": points[-1]["mean_dice"],
+                     "arm": arm, "seed": seed})
+    return rows
+
+
+def check_no_test_revealed(project: Project, test: Sequence[str]) -> None:
+    """Raise if any held-out case has a human label or was ever queued for review."""
+    bad = set(project.labeled_cases("human")) & set(test)
+    queued = {q["case"] for q in rounds.queue_items(project)} & set(test)
+    if bad or queued:
+        raise AssertionError(f"held-out cases labeled {sorted(bad)} or queued {sorted(queued)}")

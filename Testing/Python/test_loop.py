@@ -1,0 +1,219 @@
+"""The active-learning round end to end on tiny phantoms (real nnU-Net, tiny budgets):
+resume after SIGKILL at every stage boundary, the simulated annotator, reports, the
+oracle experiment and the demo; simulated pseudo-labels reach their target Dice."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ALSegLib import Project, RoundSettings, phantoms, rounds
+from ALSegLib.errors import InputError
+from ALSegLib.loop import STAGES, current_round
+from ALSegLib.project import LabelTable
+from ALSegLib.pseudolabels.degraded import SOURCE, degrade_to_dice, mean_dice, pseudolabel_degraded
+from ALSegLib.simulate import ExperimentSettings, SimulatedAnnotator, check_no_test_revealed, simulate
+
+TINY = dict(device="cpu", configuration="3d_fullres", batch_size=2, pretrain_epochs=2, pretrain_iterations=2,
+            epochs=2, iterations=2, val_iterations=1)
+CLI_TINY = ["--device", "cpu", "--configuration", "3d_fullres", "--batch-size", "2", "--pretrain-epochs", "2",
+            "--pretrain-iters", "2", "--epochs", "2", "--iters", "2", "--val-iters", "1"]
+
+
+def phantom_project(root, n=12, size=32) -> Project:
+    images, labels = phantoms.write_dataset(root / "src", n=n, modality="CT", size=size)
+    project = Project.create(root / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    return project
+
+
+# --- simulated pseudo-labels ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.9, 0.75, 0.5])
+def test_degraded_reference_reaches_its_target_dice_deterministically(target):
+    _, lab = phantoms.make_phantom(3, "CT", size=48)
+    ref = sitk.GetArrayFromImage(lab)
+    a = degrade_to_dice(ref, [1, 2, 3], target, seed=4)
+    assert abs(a.dice - target) < 0.02 and abs(mean_dice(a.label, ref, [1, 2, 3]) - a.dice) < 1e-9
+    b = degrade_to_dice(ref, [1, 2, 3], target, seed=4)
+    assert np.array_equal(a.label, b.label)
+    assert not np.array_equal(a.label, degrade_to_dice(ref, [1, 2, 3], target, seed=5).label)
+    assert set(np.unique(a.label)) <= {0, 1, 2, 3}
+
+
+def test_degraded_pseudo_labels_are_named_simulated_and_need_references(project):
+    out = pseudolabel_degraded(project, project.cases()[:2], target_dice=0.8, seed=1)
+    assert all(abs(o["dice"] - 0.8) < 0.03 for o in out)
+    prov = project.provenance(project.cases()[0], "pseudo")
+    assert prov["source"] == SOURCE and prov["produced_by"]["simulated"] is True
+    bare = Project.create(project.root.parent / "bare", project.labels, "CT")
+    bare.add_cases([project.image_path(project.cases()[0])])
+    with pytest.raises(InputError, match="no reference label"):
+        pseudolabel_degraded(bare)
+    with pytest.raises(InputError, match="target"):
+        pseudolabel_degraded(project, target_dice=1.5)
+
+
+def test_simulated_annotator_never_reveals_a_test_case(project):
+    test = project.cases()[:2]
+    annotator = SimulatedAnnotator(test)
+    with pytest.raises(RuntimeError, match="held-out"):
+        annotator(project, test[0])
+    annotator(project, project.cases()[3])
+    assert project.provenance(project.cases()[3], "human")["source"] == "simulated"
+    check_no_test_revealed(project, test)
+    project.add_human_label(test[1], project.read_label(test[1], "reference"), source="simulated")
+    with pytest.raises(AssertionError):
+        check_no_test_revealed(project, test)
+
+
+# --- the round ------------------------------------------------------------------------------
+
+def run_round_cli(project: Project, extra: list[str], kill_after: str | None) -> list[dict]:
+    """``alseg round`` in a subprocess; SIGKILL right after the ``stage-done`` event of ``kill_after``."""
+    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "round", str(project.root), *extra]
+    env = {**os.environ, "ALSEG_PROGRESS": "jsonl"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    events = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                if events[-1]["event"] == "stage-done" and events[-1]["stage"] == kill_after:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+    return events
+
+
+def stage_times(project: Project, number: int) -> dict:
+    return {k: (v["started"], v["done"]) for k, v in rounds.read_round(project, number)["stages"].items()}
+
+
+def test_round_killed_at_every_stage_boundary_resumes_without_redoing_finished_stages(tmp_path):
+    project = phantom_project(tmp_path)
+    test = project.cases()[-3:]
+    start = ["--budget", "2", "--exclude", *test, "--pseudo-source", "degraded-reference", "--target-dice", "0.75", *CLI_TINY]
+    seen: dict = {}
+    for i, stage in enumerate(STAGES):
+        events = run_round_cli(project, start if i == 0 else [], stage)
+        done = [e["stage"] for e in events if e["event"] == "stage-done"]
+        if stage == "review":  # the round stops for human labels: a person (here the references) labels them
+            assert any(e["event"] == "round-waiting" for e in events) and "review" not in done
+            record = rounds.read_round(project, 1)
+            assert record["waiting"]["cases"] == [q["case"] for q in record["queue"]]
+            for case in record["waiting"]["cases"]:
+                project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
+            events = run_round_cli(project, [], stage)
+            done = [e["stage"] for e in events if e["event"] == "stage-done"]
+        assert done == [stage], (stage, done)  # exactly the next unfinished stage ran
+        times = stage_times(project, 1)
+        assert all(times[s] == t for s, t in seen.items()), stage  # finished stages were not redone
+        seen = times
+    record = rounds.read_round(project, 1)
+    assert set(record["stages"]) == set(STAGES)
+    assert current_round(project) is None
+    assert record["model"] == "round0001-finetune" and record["metrics"]["cases"] == test
+    assert not {q["case"] for q in record["queue"]} & set(test)
+    assert (project.root / record["stages"]["report"]["files"]["html"]).is_file()
+    # a finished round is not run again: a new one needs a budget
+    from ALSegLib import cli
+
+    assert cli.main(["round", str(project.root)]) == 2
+
+
+def test_rounds_through_the_console_api_with_reports_and_learning_curve(tmp_path):
+    project = phantom_project(tmp_path)
+    test = project.cases()[-3:]
+    settings = dict(budget="2", strategy="hybrid", mode="finetune", exclude=test,
+                    pseudo={"source": "degraded-reference", "target_dice": 0.75}, **TINY)
+    annotator = SimulatedAnnotator(test)
+    first = Project(project.root).run_round(annotator=annotator, **settings)
+    assert first["round"] == 1 and "waiting" not in first
+    assert set(first["stages"]) == set(STAGES)
+    pseudo = first["stages"]["pseudolabels"]
+    assert pseudo["made"] == 9 and abs(pseudo["pseudo_label_dice"] - 0.75) < 0.03
+    assert first["stages"]["pretrain"]["metrics"]["annotated"] == 0  # the pseudo-only model is scored
+    second = Project(project.root).run_round(annotator=annotator, **settings)
+    assert second["round"] == 2 and second["stages"]["pretrain"]["reused"] is True
+    assert second["stages"]["predict-pool"]["model"] == "round0001-finetune"
+    assert second["metrics"]["annotated"] == 4 and second["metrics"]["of"] == 9
+    labeled = set(project.labeled_cases("human"))
+    assert len(labeled) == 4 and not labeled & set(test) and set(annotator.revealed) == labeled
+    assert all(project.provenance(c, "human")["source"] == "simulated" for c in labeled)
+    curve = json.loads((project.root / "reports" / "learning_curve.json").read_text())["points"]
+    assert [p["round"] for p in curve] == [0, 1, 2] and [p["annotated"] for p in curve] == [0, 2, 4]
+    png = (project.root / "reports" / "learning_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (rounds.round_dir(project, 2) / "report.md").read_text()
+    assert "Held-out evaluation" in md and "round0002-finetune" in md and "| mean |" in md
+    html = (rounds.round_dir(project, 2) / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "learning_curve.png" in html
+
+
+def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
+    project = phantom_project(tmp_path, n=8)
+    test = project.cases()[-2:]
+    settings = RoundSettings(budget="1", exclude=test, pseudo={"source": "degraded-reference", "target_dice": 0.8}, **TINY)
+    record = project.run_round(settings)
+    assert record["waiting"]["cases"] and "review" not in record["stages"] and "select" in record["stages"]
+    with pytest.raises(InputError, match="other settings"):
+        project.run_round(RoundSettings(**{**settings.to_json(), "strategy": "random"}))
+    again = project.run_round()  # nothing labeled yet: still waiting, nothing redone
+    assert again["waiting"]["cases"] == record["waiting"]["cases"]
+    assert again["stages"]["select"] == record["stages"]["select"]
+    with pytest.raises(InputError, match="pseudo-label"):
+        Project.create(tmp_path / "bare", project.labels, "CT").run_round(budget="1")
+
+
+# --- the experiment and the demo -------------------------------------------------------------
+
+def test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases(tmp_path):
+    source = phantom_project(tmp_path, n=10)
+    before = sorted(p.relative_to(source.root) for p in source.root.rglob("*"))
+    settings = ExperimentSettings(rounds=1, budget_per_round="2", seeds=[0], test_fraction=0.3,
+                                  arms=["random+finetune", "hybrid+filtermatch", "pseudo-only", "supervised-only",
+                                        "full supervision"],
+                                  filtermatch={"warmup_epochs": 1, "filter_start": 1, "filter_every": 1}, **TINY)
+    results = simulate(source, tmp_path / "experiment", settings)
+    assert sorted(p.relative_to(source.root) for p in source.root.rglob("*")) == before  # the source is untouched
+    test = results["setup"]["test_cases"]
+    assert len(test) == 3 and results["setup"]["pool"] == 7
+    arms = results["arms"]
+    assert set(arms) == set(settings.arms)
+    assert arms["pseudo-only"]["final"]["fraction"] == 0 and arms["full supervision"]["final"]["fraction"] == 1
+    for arm in ("random+finetune", "hybrid+filtermatch", "supervised-only"):
+        assert arms[arm]["final"]["annotated"] == 2 and 0 <= arms[arm]["final"]["mean_dice"] <= 1
+    assert results["ratio_to_full"]["full supervision"] == 1.0
+    assert abs(results["pseudo_label_dice"] - 0.75) < 0.03
+    for arm in ("random-finetune", "hybrid-filtermatch"):
+        p = Project(tmp_path / "experiment" / "seed0" / arm)
+        check_no_test_revealed(p, test)
+        assert rounds.read_round(p, 1)["settings"]["exclude"] == test
+    for ext in ("md", "html", "json", "png"):
+        assert (tmp_path / "experiment" / f"experiment.{ext}").is_file()
+    assert "ratio to full" in (tmp_path / "experiment" / "experiment.md").read_text()
+
+
+def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
+    code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--cases", "8", "--budget", "1", "--pretrain-epochs", "1",
+                             "--epochs", "1", "--iters", "2", "--device", "cpu")
+    assert code == 0, err
+    assert "pseudo-labels only" in out and "round 1" in out and "round 2" in out and "Report:" in out
+    report = out.split("Report: ")[1].split()[0]
+    assert os.path.isfile(report)
+    project = Project(tmp_path / "demo" / "project")
+    assert len(project.labeled_cases("human")) == 2 and len(rounds.list_rounds(project)) == 2
+    code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--rounds", "0")
+    assert code == 2 and "--rounds" in err and (tmp_path / "demo" / "project").is_dir()  # refused before replacing
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    code, out, err = run_cli("demo", "--dir", tmp_path / "other")
+    assert code == 2 and "not made by 'alseg demo'" in err and (tmp_path / "other" / "keep.txt").read_text() == "x"
