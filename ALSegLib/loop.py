@@ -354,6 +354,8 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
     (default :class:`RoundSettings`). The record has ``waiting`` when the round
     stopped at review for human labels.
     """
+    if settings is not None and current_round(project) is None:
+        _check(project, settings)  # refused before anything is written, the lock file included
     with exclusive_run(project.root / "rounds" / "round.lock", "a round of this project is running already"):
         record = current_round(project)
         if record is not None and "settings" in record:
@@ -380,9 +382,19 @@ def _check(project: Project, settings: RoundSettings) -> None:
     """Refuse settings that cannot work before anything is written."""
     from .selection.strategies import make_strategy, parse_budget
 
+    if not project.cases():
+        raise InputError(project.root, "the project has no cases; add images first ('alseg add')")
     for case in settings.exclude:
         if not project.has_case(case):
             raise InputError(f"--exclude {case}", f"not a case of {project.root}")
+    held = set(settings.exclude)
+    if settings.pseudo is None and not (set(project.labeled_cases("pseudo")) - held):
+        from .nnunet.train import list_models, read_model
+
+        if PRETRAIN not in list_models(project) or read_model(project, PRETRAIN)["status"] != "done":
+            raise InputError(project.root, "no case has a pseudo-label to pretrain on; give the round a pseudo-label "
+                             "source (SAM checkpoint and prompts, or another model's labels), or make them first "
+                             "with 'alseg pseudolabel'")
     try:
         make_strategy(settings.strategy)
         parse_budget(settings.budget, len(project.cases()))

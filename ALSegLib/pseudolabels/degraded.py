@@ -181,6 +181,9 @@ def pseudolabel_degraded(project: Project, cases: Sequence[str] | None = None, *
     if not 0.0 < target_dice <= 1.0:
         raise InputError("--target-dice", f"must be in (0, 1], not {target_dice}")
     have = set(project.labeled_cases("reference"))
+    if cases is None and not have:
+        raise InputError(project.root, "no case has a reference label to degrade; degraded-reference "
+                         "pseudo-labels exist only for the oracle experiment")
     cases = list(cases) if cases is not None else sorted(have)
     missing = [c for c in cases if c not in have]
     if missing:

@@ -10,13 +10,24 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import tree_hash
 
 from ALSegLib import Project, RoundSettings, phantoms, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.loop import STAGES, current_round
 from ALSegLib.project import LabelTable
-from ALSegLib.pseudolabels.degraded import SOURCE, degrade_to_dice, mean_dice, pseudolabel_degraded
-from ALSegLib.simulate import ExperimentSettings, SimulatedAnnotator, check_no_test_revealed, simulate
+from ALSegLib.pseudolabels.degraded import (
+    SOURCE,
+    degrade_to_dice,
+    mean_dice,
+    pseudolabel_degraded,
+)
+from ALSegLib.simulate import (
+    ExperimentSettings,
+    SimulatedAnnotator,
+    check_no_test_revealed,
+    simulate,
+)
 
 TINY = dict(device="cpu", configuration="3d_fullres", batch_size=2, pretrain_epochs=2, pretrain_iterations=2,
             epochs=2, iterations=2, val_iterations=1)
@@ -52,7 +63,7 @@ def test_degraded_pseudo_labels_are_named_simulated_and_need_references(project)
     assert prov["source"] == SOURCE and prov["produced_by"]["simulated"] is True
     bare = Project.create(project.root.parent / "bare", project.labels, "CT")
     bare.add_cases([project.image_path(project.cases()[0])])
-    with pytest.raises(InputError, match="no reference label"):
+    with pytest.raises(InputError, match="reference label to degrade"):
         pseudolabel_degraded(bare)
     with pytest.raises(InputError, match="target"):
         pseudolabel_degraded(project, target_dice=1.5)
@@ -169,8 +180,14 @@ def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
     again = project.run_round()  # nothing labeled yet: still waiting, nothing redone
     assert again["waiting"]["cases"] == record["waiting"]["cases"]
     assert again["stages"]["select"] == record["stages"]["select"]
-    with pytest.raises(InputError, match="pseudo-label"):
-        Project.create(tmp_path / "bare", project.labels, "CT").run_round(budget="1")
+    bare = Project.create(tmp_path / "bare", project.labels, "CT")
+    with pytest.raises(InputError, match="no cases"):
+        bare.run_round(budget="1")
+    bare.add_cases([project.image_path(c) for c in project.cases()[:3]])
+    before = tree_hash(bare.root)
+    with pytest.raises(InputError, match="no case has a pseudo-label to pretrain on"):
+        bare.run_round(budget="1")
+    assert tree_hash(bare.root) == before  # refused before anything was written
 
 
 # --- the experiment and the demo -------------------------------------------------------------
