@@ -456,6 +456,8 @@ def cmd_demo(args) -> int:
 
     if args.rounds < 1:
         raise InputError("--rounds", f"the demo runs at least one round, not {args.rounds}")
+    if not 24 <= args.size <= 256:
+        raise InputError("--size", f"phantoms are 24 to 256 voxels on a side, not {args.size}")
     if args.cases is not None and args.cases < 4:
         raise InputError("--cases", f"the demo needs at least 4 cases, not {args.cases}")
     folder = Path(args.dir)
@@ -464,7 +466,7 @@ def cmd_demo(args) -> int:
     if args.data:
         project = data_project(folder, Path(args.data), args.modality or "MRI", args.labels, args.cases)
     else:
-        project = phantom_project(folder, args.cases or 24, args.modality or "CT", args.seed)
+        project = phantom_project(folder, args.cases or 24, args.modality or "CT", args.seed, args.size)
     settings = DemoSettings(rounds=args.rounds, budget=args.budget, device=args.device, seed=args.seed,
                             target_dice=args.target_dice, configuration=args.configuration,
                             pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.iters,
@@ -734,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label table for --data, e.g. anterior=1,posterior=2 (default: label<value>)")
     p.add_argument("--modality", choices=("CT", "MRI"), help="default: CT for phantoms, MRI for --data")
     p.add_argument("--cases", type=int, help="number of cases (phantoms: default 24; --data: default all)")
+    p.add_argument("--size", type=int, default=64, help="phantom edge length in voxels (default 64)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--budget", default="2", help="cases revealed per round (default 2)")
     p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))

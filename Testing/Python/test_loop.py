@@ -220,8 +220,8 @@ def test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases(t
 
 
 def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
-    code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--cases", "8", "--budget", "1", "--pretrain-epochs", "1",
-                             "--epochs", "1", "--iters", "2", "--device", "cpu")
+    code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--cases", "8", "--size", "32", "--budget", "1",
+                             "--pretrain-epochs", "1", "--epochs", "1", "--iters", "2", "--device", "cpu")
     assert code == 0, err
     assert "pseudo-labels only" in out and "round 1" in out and "round 2" in out and "Report:" in out
     report = out.split("Report: ")[1].split()[0]
