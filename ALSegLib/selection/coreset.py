@@ -109,6 +109,7 @@ def k_center_greedy(
 
 TYPICALITY_NEIGHBOURS = 20
 TYPICALITY_REFERENCES = 2048
+TYPICALITY_CHUNK_BYTES = 16 * 2**20  # bound on the rows x references block
 
 
 def typicality(features: np.ndarray, metric: str = "cosine", neighbours: int = TYPICALITY_NEIGHBOURS,
@@ -118,7 +119,7 @@ def typicality(features: np.ndarray, metric: str = "cosine", neighbours: int = T
     High in dense regions, low for isolated rows (outliers, rare acquisitions). The
     neighbours are looked up among at most ``references`` rows, evenly spaced in row
     order (every row when there are fewer), so the cost is O(N·references·d) and the
-    result deterministic; chunked like :func:`min_distances`. A row is never its own
+    result deterministic; rows go in blocks of at most 16 MiB of distances. A row is never its own
     neighbour. Fewer than two rows: all ones.
     """
     x = prepare(features, metric)
@@ -129,12 +130,15 @@ def typicality(features: np.ndarray, metric: str = "cosine", neighbours: int = T
     ref = x[ref_idx]
     m = max(1, min(int(neighbours), len(ref_idx) - 1))
     sq = (x * x).sum(axis=1)
+    column = np.full(n, -1, dtype=np.int64)  # each row's column among the references (-1: not one)
+    column[ref_idx] = np.arange(len(ref_idx))
     out = np.empty(n, dtype=np.float32)
-    chunk = max(1, CHUNK_BYTES // (4 * len(ref_idx)))
+    chunk = max(1, TYPICALITY_CHUNK_BYTES // (4 * len(ref_idx)))
     for start in range(0, n, chunk):
         rows = np.arange(start, min(n, start + chunk))
         dist = distances_to(x[rows], sq[rows], ref, metric)
-        dist[rows[:, None] == ref_idx[None, :]] = np.inf  # not its own neighbour
-        nearest = np.partition(dist, m - 1, axis=1)[:, :m]
-        out[rows] = 1.0 / (nearest.mean(axis=1) + 1e-12)
+        own = column[rows] >= 0
+        dist[np.flatnonzero(own), column[rows][own]] = np.inf  # not its own neighbour
+        dist.partition(m - 1, axis=1)
+        out[rows] = 1.0 / (dist[:, :m].mean(axis=1) + 1e-12)
     return out

@@ -199,6 +199,8 @@ def main() -> int:
     ap.add_argument("--loop-n", type=int, default=400)
     ap.add_argument("--loop-k", type=int, default=10)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--keep-quality", action="store_true",
+                    help="speed only; keep the quality figures of the existing results file (and say which commit made them)")
     ap.add_argument("--pool", type=int, default=160)
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--quality-budget", type=float, default=0.05)
@@ -213,7 +215,14 @@ def main() -> int:
     args = ap.parse_args()
     figures = speed(args)
     data = shared_data()
-    if args.skip_quality or data is None or not (data / "hippocampus" / "imagesTr").is_dir():
+    if args.keep_quality:
+        import json
+
+        old = json.loads((Path(__file__).parent / "results" / "selection.json").read_text())
+        quality_keys = ("dice", "mean_dice", "picked", "setup", "quality_seconds", "quality")
+        figures.update({k: old[k] for k in quality_keys if k in old})
+        figures["quality_commit"] = old.get("quality_commit", old["commit"])
+    elif args.skip_quality or data is None or not (data / "hippocampus" / "imagesTr").is_dir():
         figures["dice"] = None
         figures["quality"] = "not measured" + ("" if args.skip_quality else " (shared Hippocampus data not found)")
     else:

@@ -74,7 +74,7 @@ def brute_typicality(x, metric, neighbours, ref_idx):
 def test_typicality_equals_brute_force_with_and_without_a_reference_subset(metric, references, monkeypatch):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(50, 6))
-    monkeypatch.setattr(coreset, "CHUNK_BYTES", 4 * 17 * 7)  # several row chunks
+    monkeypatch.setattr(coreset, "TYPICALITY_CHUNK_BYTES", 4 * 17 * 7)  # several row blocks
     got = coreset.typicality(x, metric, neighbours=5, references=references)
     ref_idx = np.arange(50) if references >= 50 else np.linspace(0, 49, references).round().astype(int)
     np.testing.assert_allclose(got, brute_typicality(x, metric, 5, ref_idx), rtol=1e-4)
