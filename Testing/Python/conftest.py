@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,23 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+def run_until(cmd: list[str], kill_when) -> list[dict]:
+    """Run ``cmd`` (an ``alseg --progress jsonl`` command) and SIGKILL it right after the
+    first JSON-lines event for which ``kill_when(event)`` is true; returns the events seen."""
+    env = {**os.environ, "ALSEG_PROGRESS": "jsonl"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    events = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                if kill_when(events[-1]):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+    return events

@@ -3,14 +3,12 @@ resume after SIGKILL at every stage boundary, the simulated annotator, reports, 
 oracle experiment and the demo; simulated pseudo-labels reach their target Dice."""
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import tree_hash
+from conftest import run_until, tree_hash
 
 from ALSegLib import Project, RoundSettings, phantoms, rounds
 from ALSegLib.errors import InputError
@@ -87,21 +85,7 @@ def test_simulated_annotator_never_reveals_a_test_case(project):
 def run_round_cli(project: Project, extra: list[str], kill_after: str | None) -> list[dict]:
     """``alseg round`` in a subprocess; SIGKILL right after the ``stage-done`` event of ``kill_after``."""
     cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "round", str(project.root), *extra]
-    env = {**os.environ, "ALSEG_PROGRESS": "jsonl"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    events = []
-    try:
-        for line in proc.stderr:
-            if line.startswith("{"):
-                events.append(json.loads(line))
-                if events[-1]["event"] == "stage-done" and events[-1]["stage"] == kill_after:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-        proc.wait(timeout=600)
-    finally:
-        proc.kill()
-        proc.wait()
-    return events
+    return run_until(cmd, lambda e: e["event"] == "stage-done" and e["stage"] == kill_after)
 
 
 def stage_times(project: Project, number: int) -> dict:
@@ -213,7 +197,10 @@ def test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases(t
     for arm in ("random-finetune", "hybrid-filtermatch"):
         p = Project(tmp_path / "experiment" / "seed0" / arm)
         check_no_test_revealed(p, test)
-        assert rounds.read_round(p, 1)["settings"]["exclude"] == test
+        first = rounds.read_round(p, 1)
+        assert first["settings"]["exclude"] == test
+        # the base's pool prediction with the same pretrained weights is reused, not redone
+        assert first["stages"]["predict-pool"]["reused"] == first["stages"]["predict-pool"]["cases"] == 7
     for ext in ("md", "html", "json", "png"):
         assert (tmp_path / "experiment" / f"experiment.{ext}").is_file()
     assert "ratio to full" in (tmp_path / "experiment" / "experiment.md").read_text()

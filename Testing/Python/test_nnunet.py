@@ -6,8 +6,6 @@ probabilities -> evaluate; resume after SIGKILL; the caller's environment is nev
 import json
 import os
 import pickle
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -27,6 +25,7 @@ from ALSegLib.nnunet.train import read_model, train
 from ALSegLib.nnunet.trainers import load_checkpoint_safely
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.volumes import Geometry
+from conftest import run_until
 
 BUDGET = dict(epochs=2, iterations=2, val_iterations=1, device="cpu")
 
@@ -55,19 +54,7 @@ def train_until_killed(project: Project, mode: str, name: str, kill_after_epoch:
     """Run ``alseg train`` in a subprocess and SIGKILL it right after an epoch's event; returns the events seen."""
     cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(project.root), "--mode", mode,
            "--name", name, "--device", "cpu", "--no-validate", *options]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    events = []
-    try:
-        for line in proc.stderr:
-            if line.startswith("{"):
-                events.append(json.loads(line))
-                if events[-1]["event"] == "epoch" and events[-1]["epoch"] == kill_after_epoch:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-    finally:
-        proc.kill()
-        proc.wait()
-    return events
+    return run_until(cmd, lambda e: e["event"] == "epoch" and e["epoch"] == kill_after_epoch)
 
 
 @pytest.fixture(scope="module")
