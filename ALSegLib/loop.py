@@ -12,7 +12,7 @@
   predicts the unlabeled pool with probabilities and bottleneck features.
 - **select**: the strategy fills the round's review queue (``alseg select``).
 - **review**: waits until every queued case has a human label. A person accepts
-  them in Slicer (or ``alseg accept``); in the oracle experiment an annotator
+  them in Slicer (or ``alseg import-labels --kind human``); in the oracle experiment an annotator
   callback reveals references. Until then the round stops here and says so.
 - **train**: ``finetune`` from the pretrained weights, or ``filtermatch``, on all
   human labels so far; the model is ``round<NNNN>-<mode>``.
@@ -183,8 +183,8 @@ class Round:
         return [c for c in self.settings.exclude if c in refs]
 
     def pool(self) -> list[str]:
-        labeled = set(self.project.labeled_cases("human"))
-        return [c for c in self.trainable() if c not in labeled and c not in rounds.pending_cases(self.project)]
+        taken = set(self.project.labeled_cases("human")) | rounds.pending_cases(self.project)
+        return [c for c in self.trainable() if c not in taken]
 
     # stages ---------------------------------------------------------------------------------
 
@@ -199,8 +199,8 @@ class Round:
                              "pseudo-label source (SAM checkpoint and prompts, or another model's labels), "
                              "or make them first with 'alseg pseudolabel'")
         out: dict = {"made": made, "without": len(missing) - made}
-        refs = set(self.project.labeled_cases("reference"))
-        scored = [c for c in self.trainable() if c in refs and c in set(self.project.labeled_cases("pseudo"))]
+        refs = set(self.project.labeled_cases("reference")) & set(self.project.labeled_cases("pseudo"))
+        scored = [c for c in self.trainable() if c in refs]
         if scored:  # the pseudo-labels' own quality, where references exist (the experiment)
             from .evaluation import evaluate
 
@@ -280,7 +280,7 @@ class Round:
         if waiting:
             return {"waiting": True, "cases": waiting,
                     "message": f"{len(waiting)} case(s) wait for review: {', '.join(waiting)}. Accept their labels "
-                               f"(Slicer's ALSeg module or 'alseg accept'), then run the round again."}
+                               f"(Slicer's ALSeg module, or 'alseg import-labels PROJECT DIR --kind human'), then run the round again."}
         done, total = annotated_fraction(self.project, self.settings.exclude)
         return {"labeled": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
 
