@@ -101,6 +101,17 @@ def annotated_fraction(project: Project, exclude: Sequence[str]) -> tuple[int, i
     return len(labeled), len(total)
 
 
+def held_out_metrics(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str]) -> dict:
+    """Metrics of the stored ``predicted`` labels of ``cases`` (made by ``model``) and how
+    many cases were annotated then: what a round, the experiment and the reports record."""
+    from .evaluation import evaluate
+
+    summary = evaluate(project, "predicted", cases)["summary"]
+    done, total = annotated_fraction(project, exclude)
+    return {"model": model, "cases": list(cases), "summary": summary, "annotated": done, "of": total,
+            "fraction": round(done / total, 4) if total else 0.0}
+
+
 def current_round(project: Project) -> dict | None:
     """The last round if it has not finished (its report stage not done), else None."""
     numbers = rounds.list_rounds(project)
@@ -235,7 +246,6 @@ class Round:
 
     def _score(self, model: str) -> dict | None:
         """Predict and evaluate the held-out cases with ``model`` (None without any)."""
-        from .evaluation import evaluate
         from .nnunet.predict import predict
 
         cases = self.evaluation_cases()
@@ -243,10 +253,7 @@ class Round:
             return None
         predict(self.project, model, cases, probabilities=False, features=False, device=self.settings.device,
                 round_id=f"{self.number:04d}")
-        summary = evaluate(self.project, "predicted", cases)["summary"]
-        done, total = annotated_fraction(self.project, self.settings.exclude)
-        return {"model": model, "cases": cases, "summary": summary, "annotated": done, "of": total,
-                "fraction": round(done / total, 4) if total else 0.0}
+        return held_out_metrics(self.project, model, cases, self.settings.exclude)
 
     def predict_pool(self) -> dict:
         from .nnunet.predict import predict
@@ -307,16 +314,11 @@ class Round:
         return {"cases": len(cases)}
 
     def evaluate(self) -> dict:
-        from .evaluation import evaluate
-
         cases = self.evaluation_cases()
         if not cases:
             return {"skipped": "no held-out case with a reference label (exclude cases that have one to score rounds)"}
-        summary = evaluate(self.project, "predicted", cases)["summary"]
-        done, total = annotated_fraction(self.project, self.settings.exclude)
-        self.record["metrics"] = {"model": self.record["model"], "cases": cases, "summary": summary,
-                                  "annotated": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
-        return {"mean_dice": summary["mean"]["dice"]["mean"]}
+        self.record["metrics"] = held_out_metrics(self.project, self.record["model"], cases, self.settings.exclude)
+        return {"mean_dice": self.record["metrics"]["summary"]["mean"]["dice"]["mean"]}
 
     def report(self) -> dict:
         from .report import write_round_report

@@ -97,21 +97,24 @@ def class_rows(summary: Mapping) -> list[list]:
     return [[name] + [summary[name][m]["mean"] for m in METRICS] for name in summary]
 
 
-def learning_curve(project: Project) -> list[dict]:
-    """One point per evaluated round (and the pretrained model before the first labels)."""
+def curve_point(metrics: Mapping, round_number: int | None) -> dict:
+    """A learning-curve point from a metrics record (:func:`..loop.held_out_metrics`)."""
+    summary = metrics["summary"]
+    return {"round": round_number, "model": metrics.get("model"), "annotated": metrics["annotated"],
+            "of": metrics["of"], "fraction": metrics["fraction"], "mean_dice": summary["mean"]["dice"]["mean"],
+            "per_class": {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}}
+
+
+def learning_curve(project: Project, current: Mapping | None = None) -> list[dict]:
+    """One point per evaluated round (and the pretrained model before the first labels);
+    ``current``: a round record newer than its stored file (the one being reported)."""
     points = []
     for number in rounds.list_rounds(project):
-        record = rounds.read_round(project, number)
-        pre = record["stages"].get("pretrain", {}).get("metrics")
-        if pre:
-            points.append({"round": 0, "model": pre["model"], "annotated": pre["annotated"], "of": pre["of"],
-                           "fraction": pre["fraction"], "mean_dice": pre["summary"]["mean"]["dice"]["mean"],
-                           "per_class": {c: v["dice"]["mean"] for c, v in pre["summary"].items() if c != "mean"}})
-        m = record.get("metrics")
-        if m:
-            points.append({"round": number, "model": m["model"], "annotated": m["annotated"], "of": m["of"],
-                           "fraction": m["fraction"], "mean_dice": m["summary"]["mean"]["dice"]["mean"],
-                           "per_class": {c: v["dice"]["mean"] for c, v in m["summary"].items() if c != "mean"}})
+        record = current if current is not None and current["round"] == number else rounds.read_round(project, number)
+        if pre := record["stages"].get("pretrain", {}).get("metrics"):
+            points.append(curve_point(pre, 0))
+        if m := record.get("metrics"):
+            points.append(curve_point(m, number))
     return points
 
 
@@ -119,12 +122,7 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     """rounds/<NNNN>/report.{md,html,json} and reports/learning_curve.{png,json}; returns their paths."""
     folder = rounds.round_dir(project, record["round"])
     reports = project.root / "reports"
-    curve = learning_curve(project)
-    if record.get("metrics") and not any(p["round"] == record["round"] for p in curve):
-        m = record["metrics"]  # this round's figures, not yet stored when the report is written
-        curve.append({"round": record["round"], "model": m["model"], "annotated": m["annotated"], "of": m["of"],
-                      "fraction": m["fraction"], "mean_dice": m["summary"]["mean"]["dice"]["mean"],
-                      "per_class": {c: v["dice"]["mean"] for c, v in m["summary"].items() if c != "mean"}})
+    curve = learning_curve(project, record)
     png = reports / "learning_curve.png"
     classes = list(curve[-1]["per_class"]) if curve else []
     lines = {"mean": [(p["fraction"], p["mean_dice"]) for p in curve]}

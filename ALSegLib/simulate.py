@@ -42,12 +42,13 @@ from .errors import InputError
 from .loop import (
     PRETRAIN,
     RoundSettings,
-    annotated_fraction,
+    held_out_metrics,
     make_pseudolabels,
     run_round,
 )
 from .progress import emit
 from .project import Project, now_iso
+from .report import curve_point
 
 SELECTIONS = ("random", "hybrid")
 TRAININGS = ("finetune", "filtermatch")
@@ -135,22 +136,11 @@ def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test
                          pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None)
 
 
-def _point(metrics: dict, round_number: int | None) -> dict:
-    summary = metrics["summary"]
-    return {"round": round_number, "annotated": metrics["annotated"], "of": metrics["of"], "fraction": metrics["fraction"],
-            "mean_dice": summary["mean"]["dice"]["mean"],
-            "per_class": {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}}
-
-
 def _score(project: Project, model: str, test: list[str], device: str) -> dict:
-    from .evaluation import evaluate
     from .nnunet.predict import predict
 
     predict(project, model, test, probabilities=False, features=False, device=device)
-    summary = evaluate(project, "predicted", test)["summary"]
-    done, total = annotated_fraction(project, test)
-    return {"model": model, "summary": summary, "annotated": done, "of": total,
-            "fraction": round(done / total, 4) if total else 0.0}
+    return held_out_metrics(project, model, test, test)
 
 
 def _train_supervised(project: Project, name: str, settings: ExperimentSettings, test: list[str]) -> dict:
@@ -193,7 +183,7 @@ def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettin
         record = run_round(project, _round_settings(settings, strategy, mode, test, seed), annotator=annotator)
         if record.get("waiting") or "metrics" not in record:
             raise RuntimeError(f"arm {arm}: round {record['round']} did not finish ({record.get('waiting')})")
-        points.append(_point(record["metrics"], record["round"]))
+        points.append(curve_point(record["metrics"], record["round"]))
         labeled_after.append(sorted(set(project.labeled_cases("human")) - set(test)))
     check_no_test_revealed(project, test)
     return points, labeled_after
@@ -225,7 +215,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         base, pdice = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
         pseudo_dice.append(pdice)
         if "pseudo-only" in settings.arms:
-            per_seed["pseudo-only"].append([_point(_score(base, PRETRAIN, test, settings.device), 0)])
+            per_seed["pseudo-only"].append([curve_point(_score(base, PRETRAIN, test, settings.device), 0)])
         labeled_rounds = None
         for arm in alseg:
             points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test, seed)
@@ -245,14 +235,14 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
                 for case in labeled:
                     if not sup.human_versions(case):
                         annotator(sup, case)
-                points.append(_point(_train_supervised(sup, f"supervised-r{r}", settings, test), r))
+                points.append(curve_point(_train_supervised(sup, f"supervised-r{r}", settings, test), r))
             per_seed["supervised-only"].append(points)
         if "full supervision" in settings.arms:
             full = _copy(base, out / f"seed{seed}" / "full")
             annotator = SimulatedAnnotator(test)
             for case in pool:
                 annotator(full, case)
-            per_seed["full supervision"].append([_point(_train_supervised(full, "full", settings, test), None)])
+            per_seed["full supervision"].append([curve_point(_train_supervised(full, "full", settings, test), None)])
     classes = list(source.labels.mapping)
     arms = {arm: _mean_over_seeds(runs, classes) for arm, runs in per_seed.items() if runs}
     full = arms.get("full supervision", {}).get("final", {}).get("mean_dice")
