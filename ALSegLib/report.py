@@ -183,7 +183,7 @@ def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
     text = (f"pool {setup['pool']} cases, {setup['test']} held-out test cases (never selectable); "
             f"seeds {setup['seeds']}; {setup['rounds']} round(s) of {setup['budget_per_round']} case(s); "
             f"pseudo-labels: {setup['pseudo_source']} (mean Dice {_fmt(results.get('pseudo_label_dice'))}); "
-            f"every arm's training: {setup['compute']}. Values are means over seeds.")
+            f"compute: {setup['compute']}. Values are means over seeds.")
     sections = [("Setup", text, [], []),
                 ("Mean Dice vs % annotated", "", ["arm", "round", "% annotated", "mean Dice",
                                                   *results["classes"], "ratio to full"], rows)]

@@ -19,8 +19,11 @@ training, never selectable, never trained on) and only scored. For each seed:
      trained from scratch on exactly that arm's labeled cases;
    - ``full supervision``: every pool case's reference (the upper bound).
 
-   Every training (round, supervised, full) gets the same epochs × iterations;
-   ALSeg's arms start from the pretraining the base paid for once.
+   Same compute per arm: an ALSeg arm's model at any round has had the
+   pretraining's steps plus one round's training (each round fine-tunes from
+   the pretrained weights); the from-scratch baselines (supervised-only, full
+   supervision) get that many steps too (:func:`baseline_budget`), so the
+   upper bound is not under-trained next to the arms it bounds.
 3. **results**: per arm the mean over seeds of Dice (per class and mean) at each
    % annotated, and its ratio to full supervision; a sweep over pseudo-label
    quality (final Dice vs pseudo-label Dice) when asked for.
@@ -143,10 +146,24 @@ def _score(project: Project, model: str, test: list[str], device: str) -> dict:
     return held_out_metrics(project, model, test, test)
 
 
+def baseline_budget(settings: ExperimentSettings) -> tuple[int, int]:
+    """(epochs, iterations) for a from-scratch baseline: as many optimizer steps as an ALSeg
+    arm's model has had (pretraining + one round's training), in the rounds' iterations per epoch."""
+    from .nnunet.env import resolve_device
+    from .nnunet.train import default_budget
+
+    d_epochs, d_iters = default_budget(resolve_device(settings.device))
+    steps = ((settings.pretrain_epochs or d_epochs) * (settings.pretrain_iterations or d_iters)
+             + (settings.epochs or d_epochs) * (settings.iterations or d_iters))
+    iterations = settings.iterations or d_iters
+    return math.ceil(steps / iterations), iterations
+
+
 def _train_supervised(project: Project, name: str, settings: ExperimentSettings, test: list[str]) -> dict:
     from .nnunet.train import train
 
-    train(project, "supervised", name=name, epochs=settings.epochs, iterations=settings.iterations,
+    epochs, iterations = baseline_budget(settings)
+    train(project, "supervised", name=name, epochs=epochs, iterations=iterations,
           val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
     return _score(project, name, test, settings.device)
 
@@ -279,8 +296,10 @@ def _per_round(budget: str, total: int) -> int:
 def _compute_text(s: ExperimentSettings) -> str:
     def budget(e, i):
         return f"{e or 'default'} epochs x {i or 'default'} iterations"
-    return (f"pretraining {budget(s.pretrain_epochs, s.pretrain_iterations)}; each round's or baseline's training "
-            f"{budget(s.epochs, s.iterations)}; nnU-Net {s.configuration}, batch {s.batch_size or 'planned'}, device {s.device}")
+    be, bi = baseline_budget(s)
+    return (f"pretraining {budget(s.pretrain_epochs, s.pretrain_iterations)}; each round's training (from the pretrained "
+            f"weights) {budget(s.epochs, s.iterations)}; each from-scratch baseline {be} epochs x {bi} iterations (the same "
+            f"number of steps); nnU-Net {s.configuration}, batch {s.batch_size or 'planned'}, device {s.device}")
 
 
 def _mean_over_seeds(runs: list[list[dict]], classes: Sequence[str]) -> dict:

@@ -6,8 +6,8 @@ are ``degraded-reference`` (references corrupted to --target-dice: simulated) un
 SAM checkpoint is given. Per seed: pretraining on the pool's pseudo-labels, then
 --rounds rounds of --budget cases for random/hybrid x finetune/filtermatch, and the
 baselines pseudo-only, supervised-only (the hybrid arm's labeled cases, from scratch)
-and full supervision (every pool reference). Every training gets the same
-epochs x iterations.
+and full supervision (every pool reference). Same compute per arm: the from-scratch
+baselines get as many steps as an arm's model (pretraining + one round's training).
 
 CPU run (the recorded one):  .venv/bin/python Testing/Benchmarks/bench_al_round.py
 nnU-Net's default budget on a GPU (the comparison the goals are about):
@@ -33,7 +33,7 @@ from bench_nnunet import split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
 from ALSegLib.project import LabelTable, Project  # noqa: E402
-from ALSegLib.simulate import BASELINES, ExperimentSettings, alseg_arms, simulate  # noqa: E402
+from ALSegLib.simulate import BASELINES, ExperimentSettings, alseg_arms, baseline_budget, simulate  # noqa: E402
 
 
 def main() -> int:
@@ -49,9 +49,9 @@ def main() -> int:
     ap.add_argument("--arms", nargs="+", default=[*alseg_arms(), *BASELINES])
     ap.add_argument("--configuration", default="2d")
     ap.add_argument("--batch-size", type=int, default=12, help="0: the planned batch size")
-    ap.add_argument("--pretrain-epochs", type=int, default=10)
+    ap.add_argument("--pretrain-epochs", type=int, default=5)
     ap.add_argument("--pretrain-iters", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--val-iters", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -108,6 +108,7 @@ def main() -> int:
         },
         "budget": {"device": args.device, "configuration": args.configuration, "batch_size": args.batch_size,
                    "pretrain": f"{args.pretrain_epochs} x {args.pretrain_iters}", "each_training": f"{args.epochs} x {args.iters}",
+                   "each_baseline": "{} x {}".format(*baseline_budget(settings)),
                    "filtermatch": {"warmup": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
                    "rounds": args.rounds, "cases_per_round": args.budget, "seeds": args.seeds,
                    "pool": len(pool), "test": len(test), "split_seed": args.split_seed, "seconds": round(seconds, 1)},

@@ -13,6 +13,7 @@ from conftest import run_until, tree_hash
 from ALSegLib import Project, RoundSettings, phantoms, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.loop import STAGES, current_round
+from ALSegLib.nnunet.train import read_model
 from ALSegLib.project import LabelTable
 from ALSegLib.pseudolabels.degraded import (
     SOURCE,
@@ -204,6 +205,9 @@ def test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases(t
     for ext in ("md", "html", "json", "png"):
         assert (tmp_path / "experiment" / f"experiment.{ext}").is_file()
     assert "ratio to full" in (tmp_path / "experiment" / "experiment.md").read_text()
+    # same compute per arm: the from-scratch baselines get the pretraining's steps plus one round's
+    full = read_model(Project(tmp_path / "experiment" / "seed0" / "full"), "full")["budget"]
+    assert full["epochs"] * full["iterations"] == 2 * 2 + 2 * 2
 
 
 def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
