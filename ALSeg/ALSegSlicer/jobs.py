@@ -1,0 +1,380 @@
+"""Long engine work as a background ``alseg`` process whose progress arrives as JSON lines.
+
+The core is plain Python and runs anywhere: :func:`engine_command` builds the
+command line, :class:`ProgressParser` turns output lines into events and a
+progress state (stage, epoch, loss, time left), :func:`kill_tree` ends a
+process and everything it started, and :class:`SubprocessJob` runs a command
+with a reader thread whose lines are handed over on the caller's thread by
+:meth:`SubprocessJob.poll` (Qt-safe).
+
+Inside Slicer, :func:`start_in_slicer` starts the same command with
+``slicer.util.launchConsoleProcess(blocking=False, ...)`` (Slicer >= 5.12,
+callbacks on the main thread) or, on older Slicer, a ``qt.QProcess``; both
+feed the same parser and cancel through :func:`kill_tree`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENGINE_DIR = Path(__file__).resolve().parents[1]  # next to ALSeg.py in Slicer; ALSeg/ in a checkout
+CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def engine_path() -> Path:
+    """The folder that holds the ``ALSegLib`` package: bundled beside the module, or a checkout's root."""
+    for folder in (ENGINE_DIR, CHECKOUT_ROOT):
+        if (folder / "ALSegLib" / "__init__.py").is_file():
+            return folder
+    raise RuntimeError(f"the ALSeg engine (ALSegLib) was found neither in {ENGINE_DIR} nor in {CHECKOUT_ROOT}")
+
+
+def python_executable() -> str:
+    """Slicer's ``PythonSlicer`` when running inside Slicer (it sets up Slicer's libraries), else this Python."""
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.is_file() else sys.executable
+
+
+def engine_command(*args: str, python: str | None = None) -> list[str]:
+    """``alseg ARGS`` as a command line with JSON-lines progress."""
+    return [python or python_executable(), "-m", "ALSegLib", "--progress", "jsonl", *map(str, args)]
+
+
+def engine_environment(base: dict | None = None) -> dict[str, str]:
+    """Environment for the engine process: the engine on PYTHONPATH, JSON progress, and the
+    nnU-Net settings that keep a desktop responsive (callers may override)."""
+    env = dict(os.environ if base is None else base)
+    parts = [str(engine_path())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["ALSEG_PROGRESS"] = "jsonl"
+    env.setdefault("nnUNet_compile", "f")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What the progress bar shows."""
+    stage: str = ""
+    done: int | None = None
+    total: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    loss: float | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float | None:
+        if self.epoch and self.epochs:
+            return min(1.0, self.epoch / self.epochs)
+        if self.done is not None and self.total:
+            return min(1.0, self.done / self.total)
+        return None
+
+    @property
+    def seconds_left(self) -> float | None:
+        if self.epoch and self.epochs and self.epoch_seconds:
+            recent = self.epoch_seconds[-5:]
+            return (self.epochs - self.epoch) * sum(recent) / len(recent)
+        return None
+
+    def text(self) -> str:
+        parts = [self.stage] if self.stage else []
+        if self.epoch and self.epochs:
+            parts.append(f"epoch {self.epoch}/{self.epochs}")
+        elif self.done is not None and self.total:
+            parts.append(f"{self.done}/{self.total}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.3f}")
+        left = self.seconds_left
+        if left is not None:
+            parts.append(f"{int(left // 60)} min {int(left % 60):02d} s left")
+        return " · ".join(parts)
+
+
+class ProgressParser:
+    """Feed it output lines; it keeps the events, the progress state and the recent text."""
+
+    def __init__(self, on_event: Callable[[dict], None] | None = None, tail_lines: int = 200):
+        self.on_event = on_event
+        self.events: list[dict] = []
+        self.progress = Progress()
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+
+    def feed(self, line: str) -> dict | None:
+        line = line.rstrip("\r\n")
+        event = _as_event(line)
+        if event is None:
+            if line.strip():
+                self.tail.append(line)
+            return None
+        self.events.append(event)
+        self._update(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    def _update(self, e: dict) -> None:
+        p = self.progress
+        kind = e["event"]
+        if kind == "stage":
+            p.stage, p.done, p.total, p.epoch, p.epochs, p.loss = str(e.get("stage", "")), None, None, None, None, None
+            p.epoch_seconds.clear()
+        elif kind == "progress":
+            p.done, p.total = e.get("done"), e.get("total")
+            if e.get("stage") and not p.stage:
+                p.stage = str(e["stage"])
+        elif kind == "epoch":
+            p.epoch, p.epochs = e.get("epoch"), e.get("epochs")
+            loss = e.get("train_loss")
+            p.loss = float(loss) if isinstance(loss, (int, float)) else p.loss
+            if isinstance(e.get("seconds"), (int, float)) and e["seconds"] >= 0:
+                p.epoch_seconds.append(float(e["seconds"]))
+
+    def error_text(self, returncode: int) -> str:
+        """What went wrong, for the user: the engine's own ``alseg: ...`` lines, else the last output."""
+        lines = list(self.tail)
+        own = [ln for ln in lines if ln.startswith("alseg:")]
+        body = "\n".join(own or lines[-15:]) or "(no output)"
+        if returncode < 0:
+            return f"the job was ended by signal {-returncode}\n{body}"
+        return f"the job failed (exit code {returncode})\n{body}"
+
+
+def _as_event(line: str) -> dict | None:
+    text = line.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("event"), str) else None
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started (transitively) by ``pid``: psutil where installed, else /proc."""
+    try:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+    except ImportError:
+        pass
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    parents: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int, grace: float = 3.0) -> None:
+    """End a process and all its descendants: terminate, wait up to ``grace`` seconds, then kill."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, check=False)
+        return
+    pids = [pid, *descendants(pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 0)
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.05)
+        if not any(_alive(p) for p in pids):
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap our own children
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class SubprocessJob:
+    """Run a command in the background; :meth:`poll` delivers its lines and end on the calling thread."""
+
+    def __init__(self, args: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
+                 on_event: Callable[[dict], None] | None = None, on_line: Callable[[str], None] | None = None,
+                 on_done: Callable[[int, str | None], None] | None = None):
+        self.args = list(args)
+        self.parser = ProgressParser(on_event)
+        self.on_line, self.on_done = on_line, on_done
+        self.returncode: int | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self._lines: queue.Queue = queue.Queue()
+        self.process = subprocess.Popen(
+            self.args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, errors="replace", bufsize=1, start_new_session=(os.name != "nt"))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(("line", line))
+        self.process.wait()
+        self._lines.put(("done", self.process.returncode))
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def poll(self) -> bool:
+        """Hand over what arrived; True while the job runs."""
+        while True:
+            try:
+                kind, value = self._lines.get_nowait()
+            except queue.Empty:
+                return self.running
+            if kind == "line":
+                self.parser.feed(value)
+                if self.on_line is not None:
+                    self.on_line(value.rstrip("\n"))
+            else:
+                self._finish(value)
+                return False
+
+    def _finish(self, returncode: int) -> None:
+        self.returncode = returncode
+        if returncode != 0:
+            self.error = "cancelled" if self.cancelled else self.parser.error_text(returncode)
+        if self.on_done is not None:
+            self.on_done(returncode, self.error)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.args[:4]} still running after {timeout} s")
+            time.sleep(0.02)
+        return self.returncode
+
+    def cancel(self) -> None:
+        """End the job and every process it started."""
+        if self.running:
+            self.cancelled = True
+            kill_tree(self.process.pid)
+
+
+# --- inside Slicer --------------------------------------------------------------------------
+
+
+class SlicerJob:
+    """An engine job in Slicer: same parser and cancel as :class:`SubprocessJob`, Slicer's process launcher."""
+
+    def __init__(self, args: Sequence[str], *, on_event=None, on_line=None, on_done=None, env: dict | None = None):
+        import slicer
+
+        self.args = list(args)
+        self.parser = ProgressParser(on_event)
+        self.on_line, self.on_done = on_line, on_done
+        self.returncode: int | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        environment = engine_environment(env)
+        launcher = slicer.util.launchConsoleProcess
+        if "blocking" in inspect.signature(launcher).parameters:  # Slicer >= 5.12
+            self.process = launcher(self.args, useStartupEnvironment=False, updateEnvironment=environment,
+                                    blocking=False, logCallback=self._line, completedCallback=self._finish)
+            self.pid = self.process.pid
+        else:
+            self.process = self._qprocess(environment)
+
+    def _qprocess(self, environment: dict):
+        import qt
+
+        process = qt.QProcess()
+        process.setProcessChannelMode(qt.QProcess.MergedChannels)
+        qenv = qt.QProcessEnvironment()
+        for key, value in environment.items():
+            qenv.insert(key, value)
+        process.setProcessEnvironment(qenv)
+        process.readyReadStandardOutput.connect(
+            lambda: [self._line(ln) for ln in bytes(process.readAllStandardOutput()).decode("utf-8", "replace").splitlines()])
+        process.finished.connect(lambda code, status: self._finish(code if status == qt.QProcess.NormalExit else -9))
+        process.start(self.args[0], self.args[1:])
+        self.pid = int(process.processId())
+        return process
+
+    def _line(self, line: str) -> None:
+        self.parser.feed(line)
+        if self.on_line is not None:
+            self.on_line(line)
+
+    def _finish(self, returncode: int) -> None:
+        self.returncode = returncode
+        if returncode != 0:
+            self.error = "cancelled" if self.cancelled else self.parser.error_text(returncode)
+        if self.on_done is not None:
+            self.on_done(returncode, self.error)
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def cancel(self) -> None:
+        if self.running:
+            self.cancelled = True
+            kill_tree(self.pid)
+
+
+def start_in_slicer(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None) -> SlicerJob:
+    """Run ``alseg ALSEG_ARGS`` in the background from Slicer."""
+    return SlicerJob(engine_command(*alseg_args), on_event=on_event, on_line=on_line, on_done=on_done, env=env)
+
+
+def start(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None,
+          python: str | None = None) -> SubprocessJob:
+    """Run ``alseg ALSEG_ARGS`` in the background outside Slicer (scripts, tests)."""
+    return SubprocessJob(engine_command(*alseg_args, python=python), env=engine_environment(env),
+                         on_event=on_event, on_line=on_line, on_done=on_done)

@@ -1,0 +1,275 @@
+"""Project files <-> MRML nodes: volumes, segmentations, label tables.
+
+Plain functions on a ``vtkMRMLScene`` passed in (``slicer.mrmlScene`` inside
+Slicer), so they run the same in the application and on ``slicer-core``
+without Qt. Images are read and written by the engine (SimpleITK, LPS); the
+nodes get the exact IJK-to-RAS geometry (oblique directions, anisotropic
+spacing). Segments take their names, colors and label values from the
+project's label table, never from Slicer's default color table, and an edited
+segmentation goes back to the image grid with the project's label values,
+matched by segment name (not segment order).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from ALSegLib.errors import InputError
+from ALSegLib.project import LabelTable, Project
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_VTK_TYPES = {np.dtype(np.uint8): vtk.VTK_UNSIGNED_CHAR, np.dtype(np.int8): vtk.VTK_SIGNED_CHAR,
+              np.dtype(np.uint16): vtk.VTK_UNSIGNED_SHORT, np.dtype(np.int16): vtk.VTK_SHORT,
+              np.dtype(np.uint32): vtk.VTK_UNSIGNED_INT, np.dtype(np.int32): vtk.VTK_INT,
+              np.dtype(np.float32): vtk.VTK_FLOAT, np.dtype(np.float64): vtk.VTK_DOUBLE}
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the binary-labelmap <-> closed-surface conversion rules.
+
+    Slicer's Segmentations module registers them at start-up; a bare MRML core
+    (``slicer-core``, a batch script) has none, and then no segment can hold a
+    binary labelmap. Idempotent."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    have = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    for cls in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        if cls.__name__ not in have:
+            factory.RegisterConverterRule(cls())
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of a SimpleITK (LPS) image."""
+    direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    m[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin(), float)
+    return m
+
+
+def node_ijk_to_ras(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def _vtk_matrix(m: np.ndarray) -> vtk.vtkMatrix4x4:
+    out = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            out.SetElement(i, j, float(m[i, j]))
+    return out
+
+
+def _set_voxels(node, array: np.ndarray) -> None:
+    """Give ``node`` a fresh image of ``array`` (k, j, i order, as SimpleITK and arrayFromVolume use)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype not in _VTK_TYPES:
+        raise TypeError(f"no VTK scalar type for {array.dtype}")
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.AllocateScalars(_VTK_TYPES[array.dtype], 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array.ravel()
+    node.SetAndObserveImageData(image)
+
+
+def voxels(node) -> np.ndarray:
+    """A copy of a scalar or labelmap volume node's voxels (k, j, i)."""
+    image = node.GetImageData()
+    if image is None:
+        raise InputError(node.GetName(), "the volume node has no image data")
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+
+
+def volume_node_from_image(scene, image: sitk.Image, name: str, *, labelmap: bool = False):
+    """A new scalar (or labelmap) volume node holding ``image`` with its exact geometry."""
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    _set_voxels(node, sitk.GetArrayFromImage(image))
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(image)))
+    if not labelmap:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def image_from_volume_node(node) -> sitk.Image:
+    """The node's voxels as a SimpleITK image in LPS with the node's geometry (parent transforms ignored)."""
+    image = sitk.GetImageFromArray(voxels(node))
+    m = node_ijk_to_ras(node)
+    lps = LPS_TO_RAS @ m[:3, :3]  # LPS_TO_RAS is its own inverse
+    spacing = np.linalg.norm(lps, axis=0)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (lps / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ m[:3, 3]))
+    return image
+
+
+# --- label tables and segmentations ---------------------------------------------------------
+
+
+def color_table_node(scene, labels: LabelTable, name: str = "ALSeg labels", names: dict[int, str] | None = None):
+    """A color table node with the project's names (or ``names`` by value) and colors at the
+    project's label values."""
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(max(labels.values) + 1)
+    node.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for c in labels.classes:
+        node.SetColor(c.value, (names or {}).get(c.value, c.name), *c.color, 1.0)
+    return node
+
+
+def segmentation_node_from_label(scene, label: sitk.Image | None, reference, labels: LabelTable, name: str):
+    """A segmentation node on ``reference``'s geometry with one segment per class of the label
+    table (segment ID and name = class name, the table's color), filled from ``label``'s values
+    (classes absent from ``label``, or no label at all, give empty segments to draw in)."""
+    ensure_segmentation_converters()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    segmentation = node.GetSegmentation()
+    ids = vtk.vtkStringArray()
+    for c in labels.classes:
+        segmentation.AddEmptySegment(c.name, c.name, list(c.color))
+        ids.InsertNextValue(c.name)
+    if label is None:
+        return node
+    values = sitk.GetArrayFromImage(label)
+    unknown = sorted(set(np.unique(values).tolist()) - {0, *labels.values})
+    if unknown:
+        raise InputError(name, f"label values {unknown} are not in the project's label table {labels.mapping}")
+    # the import fills the i-th listed segment from label value i: renumber the table's values 1..N in table order
+    lookup = np.zeros(max(labels.values) + 1, np.uint16)
+    for i, c in enumerate(labels.classes, 1):
+        lookup[c.value] = i
+    temporary = volume_node_from_image(scene, _like(label, lookup[values]), "__alseg_import__", labelmap=True)
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ids):
+            raise RuntimeError(f"Slicer could not import the label into segmentation {name!r}")
+    finally:
+        scene.RemoveNode(temporary)
+    return node
+
+
+def _like(reference: sitk.Image, array: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(reference)
+    return out
+
+
+def segment_values(segmentation_node, labels: LabelTable) -> dict[str, int]:
+    """Segment ID -> project label value, matched by segment name (case-insensitive).
+
+    A segment whose name is not in the label table is an error naming it: its voxels
+    would otherwise be stored under a value nobody chose."""
+    by_name = {c.name.lower(): c.value for c in labels.classes}
+    segmentation = segmentation_node.GetSegmentation()
+    out, unknown = {}, []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment_name = segmentation.GetSegment(segment_id).GetName()
+        if segment_name.lower() in by_name:
+            out[segment_id] = by_name[segment_name.lower()]
+        else:
+            unknown.append(segment_name)
+    if unknown:
+        raise InputError(segmentation_node.GetName(), f"segment(s) {', '.join(map(repr, unknown))} are not in the project's "
+                         f"label table ({', '.join(c.name for c in labels.classes)}): rename or delete them before accepting")
+    named = {}
+    for segment_id, value in out.items():
+        if value in named:
+            raise InputError(segmentation_node.GetName(), f"two segments are named for label value {value}: "
+                             f"{named[value]!r} and {segment_id!r}")
+        named[value] = segment_id
+    return out
+
+
+def label_from_segmentation(scene, segmentation_node, reference, labels: LabelTable) -> sitk.Image:
+    """The segmentation on ``reference``'s image grid with the project's label values (by segment
+    name; where segments overlap, the one later in the segment list wins, as in Slicer)."""
+    values = segment_values(segmentation_node, labels)
+    grid = image_from_volume_node(reference)
+    if not values:
+        return _like(grid, np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.uint16))
+    ids = vtk.vtkStringArray()
+    for segment_id in values:
+        ids.InsertNextValue(segment_id)
+    # the exporter looks segments up in the color table by exact name: give it the segments' own names
+    segmentation = segmentation_node.GetSegmentation()
+    names = {value: segmentation.GetSegment(segment_id).GetName() for segment_id, value in values.items()}
+    colors = color_table_node(scene, labels, "__alseg_export_colors__", names)
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__alseg_export__")
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, temporary, reference, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colors)
+        if not ok:
+            raise RuntimeError(f"Slicer could not export segmentation {segmentation_node.GetName()!r}")
+        array = voxels(temporary)
+        if not np.allclose(node_ijk_to_ras(temporary), node_ijk_to_ras(reference), atol=1e-6):
+            raise RuntimeError("the exported labelmap is not on the reference volume's grid")
+    finally:
+        scene.RemoveNode(temporary)
+        scene.RemoveNode(colors)
+    present = set(np.unique(array).tolist()) - {0}
+    if not present <= set(values.values()):
+        raise RuntimeError(f"export produced label values {sorted(present)}, expected a subset of {sorted(values.values())}")
+    return _like(grid, array.astype(np.uint16))
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def save_segmentation(segmentation_node, path: str | Path) -> Path:
+    """Write a segmentation node with Slicer's own writer (``.seg.nrrd``)."""
+    path = Path(path)
+    storage = segmentation_node.GetScene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.WriteData(segmentation_node):
+            raise InputError(path, "Slicer could not write the segmentation")
+    finally:
+        segmentation_node.GetScene().RemoveNode(storage)
+    return path
+
+
+def load_segmentation(scene, path: str | Path, name: str | None = None):
+    """Read a ``.seg.nrrd`` with Slicer's own reader into a new segmentation node."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such segmentation file")
+    ensure_segmentation_converters()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name.split(".")[0])
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            scene.RemoveNode(node)
+            raise InputError(path, "Slicer could not read this segmentation file")
+    finally:
+        scene.RemoveNode(storage)
+    return node
+
+
+def add_volume_nodes(project: Project, nodes: Sequence, case_ids: Sequence[str] | None = None) -> list[str]:
+    """Add volumes already in the scene to the project as new cases (name of the node = case id
+    unless given); returns the case ids."""
+    import tempfile
+
+    case_ids = list(case_ids) if case_ids is not None else [n.GetName() for n in nodes]
+    if len(case_ids) != len(nodes):
+        raise InputError("case ids", f"{len(case_ids)} ids for {len(nodes)} volumes")
+    with tempfile.TemporaryDirectory(prefix="alseg-scene-") as tmp:
+        files = []
+        for node, case in zip(nodes, case_ids, strict=True):
+            path = Path(tmp) / f"{case}.nii.gz"
+            sitk.WriteImage(image_from_volume_node(node), str(path), True)
+            files.append(path)
+        return project.add_cases(files, case_ids=case_ids)

@@ -1,0 +1,217 @@
+"""The Slicer module's glue (ALSeg/ALSegSlicer) on Slicer's real MRML core (slicer-core, no Qt)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO
+from test_volumes import OBLIQUE, ORIGIN, SPACING, oblique_image
+
+slicer = pytest.importorskip("slicer")
+sys.path.insert(0, str(REPO / "ALSeg"))
+
+from ALSegSlicer import scene as glue  # noqa: E402
+from ALSegSlicer.review import ReviewSession  # noqa: E402
+
+from ALSegLib import volumes  # noqa: E402
+from ALSegLib.errors import InputError  # noqa: E402
+from ALSegLib.project import LabelClass, LabelTable, Project  # noqa: E402
+from ALSegLib.selection.run import select_cases  # noqa: E402
+
+# values that are neither 1..N nor in the order of the names: a mapping by order would be caught
+TABLE = LabelTable([LabelClass("liver", 5, (0.9, 0.4, 0.3)), LabelClass("spleen", 2, (0.1, 0.8, 0.2)),
+                    LabelClass("tumor", 7, (0.2, 0.3, 0.95))])
+
+
+def labeled_oblique():
+    arr = np.zeros((5, 7, 6), np.uint8)
+    arr[1:3, 2:5, 1:4] = 5
+    arr[3:5, 0:2, 4:6] = 7
+    arr[0, 0, 0:2] = 2
+    return oblique_image(arr)
+
+
+def segment_voxels(scene, seg_node, reference, name):
+    """Voxels of one segment on the reference grid, through Slicer's exporter."""
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(seg_node.GetSegmentation().GetSegmentIdBySegmentName(name))
+    out = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        seg_node, ids, out, reference, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    arr = glue.voxels(out)
+    scene.RemoveNode(out)
+    return arr
+
+
+def paint(scene, seg_node, reference, name, mask):
+    """Replace one segment's voxels, as a Segment Editor effect would."""
+    import vtk
+
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.CopyInformation(glue.image_from_volume_node(reference))
+    temporary = glue.volume_node_from_image(scene, image, "paint", labelmap=True)
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(seg_node.GetSegmentation().GetSegmentIdBySegmentName(name))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, seg_node, ids)
+    scene.RemoveNode(temporary)
+
+
+def test_volume_node_keeps_exact_oblique_anisotropic_geometry(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    img = oblique_image()
+    node = glue.volume_node_from_image(scene, img, "ct")
+    back = glue.image_from_volume_node(node)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
+    np.testing.assert_allclose(back.GetDirection(), OBLIQUE, atol=1e-12)
+    np.testing.assert_allclose(back.GetSpacing(), SPACING, atol=1e-12)
+    np.testing.assert_allclose(back.GetOrigin(), ORIGIN, atol=1e-9)
+    # Slicer's own reader of the same file gives the node the same IJK-to-RAS matrix
+    path = tmp_path / "ct.nii.gz"
+    volumes.write_image(img, path)
+    theirs = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(theirs)
+    np.testing.assert_allclose(glue.node_ijk_to_ras(theirs), glue.node_ijk_to_ras(node), atol=1e-5)
+    assert np.array_equal(glue.voxels(theirs), sitk.GetArrayFromImage(img))
+
+
+def test_segmentation_takes_names_colors_and_values_from_the_label_table():
+    scene = slicer.vtkMRMLScene()
+    label = labeled_oblique()
+    arr = sitk.GetArrayFromImage(label)
+    arr[arr == 2] = 0  # spleen absent: its segment must still exist, empty, to draw in
+    label = _like(label, arr)
+    volume = glue.volume_node_from_image(scene, oblique_image(), "img")
+    seg = glue.segmentation_node_from_label(scene, label, volume, TABLE, "seg")
+    segmentation = seg.GetSegmentation()
+    got = [(segmentation.GetNthSegment(i).GetName(), tuple(round(c, 6) for c in segmentation.GetNthSegment(i).GetColor()))
+           for i in range(segmentation.GetNumberOfSegments())]
+    assert got == [(c.name, tuple(round(v, 6) for v in c.color)) for c in TABLE.classes]
+    for c in TABLE.classes:
+        assert np.array_equal(segment_voxels(scene, seg, volume, c.name) > 0, arr == c.value), c.name
+    # unknown values are refused, naming them
+    bad = arr.copy()
+    bad[0, 0, 0] = 9
+    with pytest.raises(InputError, match=r"\[9\]"):
+        glue.segmentation_node_from_label(scene, _like(label, bad), volume, TABLE, "bad")
+
+
+def _like(ref, arr):
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(ref)
+    return out
+
+
+def test_export_maps_segments_by_name_not_order():
+    scene = slicer.vtkMRMLScene()
+    label = labeled_oblique()
+    volume = glue.volume_node_from_image(scene, oblique_image(), "img")
+    seg = glue.segmentation_node_from_label(scene, label, volume, TABLE, "seg")
+    back = glue.label_from_segmentation(scene, seg, volume, TABLE)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+    np.testing.assert_allclose(back.GetDirection(), OBLIQUE, atol=1e-12)
+    # reorder the segments (tumor first) and rename one's case: values still follow the names
+    segmentation = seg.GetSegmentation()
+    segmentation.SetSegmentIndex(segmentation.GetSegmentIdBySegmentName("tumor"), 0)
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver")).SetName("Liver")
+    assert segmentation.GetNthSegment(0).GetName() == "tumor"
+    back = glue.label_from_segmentation(scene, seg, volume, TABLE)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+    # no transient nodes left behind
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    # a segment the table does not know is an error naming it
+    segmentation.AddEmptySegment("extra", "my new structure", [1, 1, 1])
+    with pytest.raises(InputError, match="my new structure"):
+        glue.label_from_segmentation(scene, seg, volume, TABLE)
+
+
+def test_seg_nrrd_round_trip_through_slicers_writer_and_reader(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    label = labeled_oblique()
+    volume = glue.volume_node_from_image(scene, oblique_image(), "img")
+    seg = glue.segmentation_node_from_label(scene, label, volume, TABLE, "seg")
+    path = glue.save_segmentation(seg, tmp_path / "case.seg.nrrd")
+    other = slicer.vtkMRMLScene()
+    volume2 = glue.volume_node_from_image(other, oblique_image(), "img")
+    loaded = glue.load_segmentation(other, path)
+    names = [loaded.GetSegmentation().GetNthSegment(i).GetName() for i in range(loaded.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["liver", "spleen", "tumor"]
+    back = glue.label_from_segmentation(other, loaded, volume2, TABLE)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+    # and the engine's own .seg.nrrd writer (alseg export) reads back the same through Slicer
+    engine = tmp_path / "engine.seg.nrrd"
+    volumes.write_label_file(label, engine, TABLE.segments())
+    back = glue.label_from_segmentation(other, glue.load_segmentation(other, engine), volume2, TABLE)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(label))
+    with pytest.raises(InputError, match="no such segmentation file"):
+        glue.load_segmentation(other, tmp_path / "missing.seg.nrrd")
+
+
+def test_volumes_in_the_scene_become_project_cases(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    project = Project.create(tmp_path / "p", TABLE, "CT")
+    node = glue.volume_node_from_image(scene, oblique_image(), "scene_volume")
+    assert glue.add_volume_nodes(project, [node]) == ["scene_volume"]
+    stored = project.read_image("scene_volume")
+    np.testing.assert_allclose(stored.GetDirection(), OBLIQUE, atol=1e-6)
+    np.testing.assert_allclose(stored.GetSpacing(), SPACING, atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(oblique_image()))
+
+
+def test_review_opens_the_queue_in_order_and_accept_stores_new_human_versions(project):
+    for case in project.cases():  # pseudo-labels: the reference with the lesion removed
+        arr = sitk.GetArrayFromImage(project.read_label(case, "reference"))
+        arr[arr == 3] = 0
+        ref = project.read_label(case, "reference")
+        project.write_label(case, "pseudo", _like(ref, arr), source="test")
+    record = select_cases(project, 2, "random", seed=1)
+    queued = [q["case"] for q in record["queue"]]
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene, author="dr test")
+    assert [q["case"] for q in session.queue()] == queued
+
+    opened = session.open_next()
+    assert opened.case == queued[0] and opened.started_from == "pseudo" and opened.round == record["round"]
+    reference = sitk.GetArrayFromImage(project.read_label(opened.case, "reference"))
+    # the radiologist draws the missing lesion, then accepts
+    paint(scene, opened.segmentation, opened.volume, "lesion", reference == 3)
+    version, nxt = session.accept_and_next()
+    assert version == 1
+    stored = project.read_label(queued[0], "human", 1)
+    assert np.array_equal(sitk.GetArrayFromImage(stored), reference)
+    prov = project.provenance(queued[0], "human", 1)
+    assert prov["source"] == "human" and prov["author"] == "dr test" and prov["produced_by"]["started_from"] == "pseudo"
+    # the next case opens; the first one's nodes are gone from the scene
+    assert nxt.case == queued[1] and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+    # skipping puts a case last; with one case left it comes straight back
+    assert session.skip().case == queued[1]
+    # re-opening an accepted case starts from its latest human version; accepting again adds v0002, v0001 stays
+    again = session.open(queued[0])
+    assert again.started_from == "human v0001"
+    paint(scene, again.segmentation, again.volume, "lesion", np.zeros_like(reference, bool))
+    assert session.accept() == 2
+    assert np.array_equal(sitk.GetArrayFromImage(project.read_label(queued[0], "human", 1)), reference)
+    assert (sitk.GetArrayFromImage(project.read_label(queued[0], "human", 2)) == 3).sum() == 0
+
+    session.open_next()
+    session.accept()
+    assert session.open_next() is None and session.queue() == []
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_accept_refuses_an_unknown_segment_and_stores_nothing(project):
+    select_cases(project, 1, "random", seed=0)
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene)
+    opened = session.open_next()
+    assert opened.started_from is None  # no pseudo-label, no prediction: empty segments to draw in
+    opened.segmentation.GetSegmentation().AddEmptySegment("x", "Segment_1", [1, 0, 0])
+    with pytest.raises(InputError, match="Segment_1"):
+        session.accept()
+    assert project.human_versions(opened.case) == []
