@@ -215,19 +215,14 @@ def kill_tree(pid: int, grace: float = 3.0) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 0)
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(is_running(p) for p in pids):
             time.sleep(0.05)
-        if not any(_alive(p) for p in pids):
+        if not any(is_running(p) for p in pids):
             return
 
 
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap our own children
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited process not yet reaped, a zombie, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

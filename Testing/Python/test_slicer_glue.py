@@ -215,3 +215,103 @@ def test_accept_refuses_an_unknown_segment_and_stores_nothing(project):
     with pytest.raises(InputError, match="Segment_1"):
         session.accept()
     assert project.human_versions(opened.case) == []
+
+
+# --- the logic facade (what ALSegLogic calls) ----------------------------------------------
+
+def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phantom_dir):
+    from ALSegSlicer.facade import Session
+
+    from ALSegLib.pseudolabels.prompts import case_prompts, read_prompt_file
+    from ALSegLib.pseudolabels.slices import volume_slices
+
+    scene = slicer.vtkMRMLScene()
+    session = Session(scene)
+    project = session.create(tmp_path / "p", "organ=1,vessel=2,lesion=3", "CT")
+    case = session.add_files([phantom_dir / "images"])[0]
+    image = project.read_image(case)
+    volume = glue.volume_node_from_image(scene, image, case)
+    # a point and a box placed on voxel (i, j, k) = (10, 12, 7), in RAS as Slicer's markups hold them
+    ijk_to_ras = glue.node_ijk_to_ras(volume)
+    ras = (ijk_to_ras @ np.array([10, 12, 7, 1.0]))[:3]
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPointWorld(vtk_point(ras))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenterWorld(*ras)
+    roi.SetSizeWorld(6.0, 9.0, 3.0)
+    path = session.add_prompt(case, "organ", points=points, roi=roi)
+    pf = read_prompt_file(path, list(project.labels.mapping), project.cases())
+    (prompt,) = case_prompts(pf, case, image, volume_slices(image, "axial"))["organ"]
+    assert prompt.slice == 7 and prompt.points == [(pytest.approx(10.0), pytest.approx(12.0))]
+    x0, y0, x1, y1 = prompt.box
+    assert (x0 + x1) / 2 == pytest.approx(10.0) and (y0 + y1) / 2 == pytest.approx(12.0)
+    assert x1 - x0 == pytest.approx(6.0 / image.GetSpacing()[0]) and y1 - y0 == pytest.approx(9.0 / image.GetSpacing()[1])
+    with pytest.raises(InputError, match="not in the label table"):
+        session.add_prompt(case, "spleen", points=points)
+
+
+def vtk_point(p):
+    import vtk
+
+    return vtk.vtkVector3d(*map(float, p))
+
+
+def test_round_settings_become_a_command_line_the_engine_accepts(project):
+    from ALSegSlicer.facade import RoundOptions, Session
+
+    from ALSegLib.cli import build_parser
+
+    session = Session(slicer.vtkMRMLScene())
+    session.open(project.root)
+    args = session.round_args(RoundOptions(budget="10%", strategy="coreset", mode="filtermatch", device="cpu",
+                                           pseudo_source="import", import_folder="/data/totalseg", epochs=3))
+    parsed = build_parser().parse_args(args)
+    assert (parsed.command, parsed.budget, parsed.strategy, parsed.mode, parsed.device, parsed.epochs,
+            parsed.pseudo_source, parsed.from_dir) == ("round", "10%", "coreset", "filtermatch", "cpu", 3,
+                                                       "import", "/data/totalseg")
+    with pytest.raises(InputError, match="checkpoint"):
+        session.round_args(RoundOptions(pseudo_source="sam"))
+
+
+def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path):
+    """What the module's self-test does inside Slicer, on slicer-core: a project from volumes in the
+    scene, a tiny real round (engine in a background job), open the proposed case, edit, accept."""
+    from ALSegSlicer import jobs
+    from ALSegSlicer.facade import RoundOptions, Session
+
+    from ALSegLib import phantoms
+
+    scene = slicer.vtkMRMLScene()
+    session = Session(scene)
+    project = session.create(tmp_path / "p", "organ=1,vessel=2,lesion=3", "CT")
+    nodes, labels = [], {}
+    for i in range(5):
+        image, label = phantoms.make_phantom(i, "CT", size=32)
+        nodes.append(glue.volume_node_from_image(scene, image, f"scan{i}"))
+        labels[f"scan{i}"] = label
+    assert session.add_volumes(nodes) == ["scan0", "scan1", "scan2", "scan3", "scan4"]
+    for case, label in labels.items():  # another model's labels as pseudo-labels; scan4 held out with a reference
+        project.write_label(case, "pseudo", label, source="import")
+    project.write_label("scan4", "reference", labels["scan4"], source="test")
+    args = session.round_args(RoundOptions(budget="1", strategy="random", device="cpu", configuration="3d_fullres",
+                                           epochs=1, pretrain_epochs=1, exclude=("scan4",)))
+    seen = []
+    job = jobs.start(*args, "--batch-size", "2", "--iters", "2", "--pretrain-iters", "2", "--val-iters", "1",
+                     python=sys.executable, on_event=seen.append)
+    assert job.wait(timeout=900) == 0, job.error
+    assert "stage" in {e["event"] for e in seen} and "round-waiting" in {e["event"] for e in seen}
+    assert session.rounds_waiting() == [1]
+    (case, score, reason), = session.queue_rows()
+    opened = session.open_next()
+    assert opened.case == case and opened.started_from == "pseudo"
+    paint(scene, opened.segmentation, opened.volume, "lesion", np.ones(sitk.GetArrayFromImage(labels[case]).shape, bool))
+    version, nxt = session.accept_and_next()
+    assert version == 1 and nxt is None
+    assert (project.root / "labels" / "human" / case / "v0001.nrrd").is_file()
+    assert session.rounds_waiting() == []
+    # the round continues (same settings) to its report; the results table has the pseudo-only and round-1 rows
+    job = jobs.start(*session.round_args(RoundOptions()), python=sys.executable)
+    assert job.wait(timeout=900) == 0, job.error
+    header, rows = session.result_rows()
+    assert header[:4] == ["round", "model", "annotated", "mean Dice"] and [r[0] for r in rows] == ["pseudo-only", "1"]
+    assert session.learning_curve_png() is not None

@@ -1,0 +1,204 @@
+"""What the module's logic does, as plain Python on a scene and a project folder.
+
+``ALSegLogic`` in ``ALSeg.py`` hands each call here; nothing below needs Qt, so
+it is tested on ``slicer-core``. Long work is not run here: :meth:`Session.round_args`
+and :meth:`Session.pseudolabel_args` build the ``alseg`` command lines that
+:mod:`.jobs` runs in the background.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ALSegLib import atomic, rounds
+from ALSegLib.errors import InputError
+from ALSegLib.project import LabelTable, Project
+
+from . import scene as glue
+from .review import OpenCase, ReviewSession
+
+STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")
+MODES = ("finetune", "filtermatch")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PROMPTS_FILE = "prompts/slicer.json"
+
+
+@dataclass
+class RoundOptions:
+    """The panel's settings for a round (the parameter node's values)."""
+    budget: str = "5"
+    strategy: str = "hybrid"
+    mode: str = "finetune"
+    device: str = "auto"
+    pseudo_source: str = ""  # "", "sam", "import"
+    checkpoint: str = ""
+    prompts: str = ""
+    import_folder: str = ""
+    configuration: str = ""
+    epochs: int = 0  # 0: the engine's default for the device
+    pretrain_epochs: int = 0
+    exclude: tuple[str, ...] = ()  # held-out cases: never selected or trained on, scored each round
+
+
+class Session:
+    """One open project in one scene: cases in, review, rounds' command lines, results."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.project: Project | None = None
+        self.review: ReviewSession | None = None
+
+    # project -------------------------------------------------------------------------------
+
+    def create(self, folder: str | Path, labels: str, modality: str, name: str | None = None) -> Project:
+        """A new project (``labels``: ``NAME=VALUE[:#RRGGBB],...``)."""
+        self.project = Project.create(folder, LabelTable.parse(labels), modality, name=name)
+        self.review = None
+        return self.project
+
+    def open(self, folder: str | Path) -> Project:
+        self.project = Project.open(folder)
+        self.review = None
+        return self.project
+
+    def require(self) -> Project:
+        if self.project is None:
+            raise InputError("ALSeg", "no project is open: create or open one first")
+        return self.project
+
+    def add_files(self, paths: Sequence[str | Path], reference_dir: str | Path | None = None) -> list[str]:
+        """Images from files, folders or DICOM series folders (with optional reference labels)."""
+        return self.require().add_cases(list(paths), reference_dir=reference_dir, allow_missing_reference=True)
+
+    def add_volumes(self, nodes: Sequence) -> list[str]:
+        """Volumes already loaded in the scene, as new cases named after the nodes."""
+        return glue.add_volume_nodes(self.require(), list(nodes))
+
+    # prompts -------------------------------------------------------------------------------
+
+    def add_prompt(self, case: str, label: str, *, points=None, negative=None, roi=None) -> Path:
+        """Store one SAM prompt placed in the scene for ``case``/``label`` in the project's
+        Slicer prompt file (RAS): positive points and negative points from markups point-list
+        nodes, a box from a markups ROI node (its in-plane extent on the slice through its centre)."""
+        project = self.require()
+        if not project.has_case(case):
+            raise InputError(f"case {case!r}", f"not in project {project.root}")
+        if label not in project.labels.mapping:
+            raise InputError(f"label {label!r}", f"not in the label table ({', '.join(project.labels.mapping)})")
+        entry: dict = {}
+        if roi is not None:
+            center, size = [0.0] * 3, [0.0] * 3
+            roi.GetCenterWorld(center)
+            roi.GetSizeWorld(size)
+            z = center[2]
+            entry["box"] = [[center[0] - size[0] / 2, center[1] - size[1] / 2, z],
+                            [center[0] + size[0] / 2, center[1] + size[1] / 2, z]]
+        if points is not None and points.GetNumberOfControlPoints():
+            entry["points"] = _control_points(points)
+        if negative is not None and negative.GetNumberOfControlPoints():
+            entry["negative"] = _control_points(negative)
+        if "box" not in entry and "points" not in entry:
+            raise InputError(f"prompt for {case}/{label}", "needs a box (ROI) or at least one positive point")
+        path = project.root / PROMPTS_FILE
+        with project.lock("write prompts"):
+            data = json.loads(path.read_text()) if path.is_file() else {"space": "RAS", "cases": {}}
+            data["cases"].setdefault(case, {}).setdefault(label, []).append(entry)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(path, data)
+        return path
+
+    # background work -----------------------------------------------------------------------
+
+    def round_args(self, options: RoundOptions) -> list[str]:
+        """``alseg round`` arguments for the panel's settings (continuing an unfinished round keeps its own)."""
+        from ALSegLib.loop import current_round
+
+        project = self.require()
+        if options.strategy not in STRATEGIES or options.mode not in MODES or options.device not in DEVICES:
+            raise InputError("round settings", f"unknown strategy/mode/device {options.strategy}/{options.mode}/{options.device}")
+        args = ["round", str(project.root)]
+        unfinished = current_round(project)
+        if unfinished is not None and "settings" in unfinished:
+            return args  # the round continues with the settings it started with
+        args += ["--budget", str(options.budget), "--strategy", options.strategy, "--mode", options.mode,
+                 "--device", options.device]
+        if options.exclude:
+            args += ["--exclude", *options.exclude]
+        if options.configuration:
+            args += ["--configuration", options.configuration]
+        if options.epochs:
+            args += ["--epochs", str(options.epochs)]
+        if options.pretrain_epochs:
+            args += ["--pretrain-epochs", str(options.pretrain_epochs)]
+        if options.pseudo_source == "sam":
+            if not options.checkpoint:
+                raise InputError("pseudo-labels", "SAM needs a checkpoint file")
+            prompts = options.prompts or str(project.root / PROMPTS_FILE)
+            args += ["--pseudo-source", "sam", "--checkpoint", options.checkpoint, "--prompts", prompts]
+        elif options.pseudo_source == "import":
+            if not options.import_folder:
+                raise InputError("pseudo-labels", "importing needs the folder of the other model's labels")
+            args += ["--pseudo-source", "import", "--from", options.import_folder]
+        return args
+
+    # review --------------------------------------------------------------------------------
+
+    def start_review(self, author: str | None = None) -> ReviewSession:
+        self.review = ReviewSession(self.require(), self.scene, author=author)
+        return self.review
+
+    def queue_rows(self) -> list[tuple[str, str, str]]:
+        """(case, score, reason) for the review table."""
+        review = self.review or self.start_review()
+        return [(q["case"], "" if q.get("score") is None else f"{q['score']:.3g}", q.get("reason", ""))
+                for q in review.queue()]
+
+    def open_next(self) -> OpenCase | None:
+        return (self.review or self.start_review()).open_next()
+
+    def accept_and_next(self) -> tuple[int, OpenCase | None]:
+        if self.review is None:
+            raise InputError("review", "no case is open")
+        return self.review.accept_and_next()
+
+    def skip(self) -> OpenCase | None:
+        return (self.review or self.start_review()).skip()
+
+    # results -------------------------------------------------------------------------------
+
+    def result_rows(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the per-round results table (held-out Dice per class)."""
+        from ALSegLib.report import learning_curve
+
+        points = learning_curve(self.require())
+        classes = list(self.require().labels.mapping)
+        header = ["round", "model", "annotated", "mean Dice", *classes]
+        rows = []
+        for p in points:
+            rows.append([("pseudo-only" if p["round"] == 0 else str(p["round"])), str(p.get("model") or ""),
+                         f"{p['annotated']}/{p['of']} ({100 * p['fraction']:.1f} %)", _fmt(p["mean_dice"]),
+                         *(_fmt(p["per_class"].get(c)) for c in classes)])
+        return header, rows
+
+    def learning_curve_png(self) -> Path | None:
+        path = self.require().root / "reports" / "learning_curve.png"
+        return path if path.is_file() else None
+
+    def rounds_waiting(self) -> list[int]:
+        """Rounds whose review queue still has cases without a human label."""
+        return sorted({q["round"] for q in rounds.queue_items(self.require()) if q["status"] == "pending"})
+
+
+def _control_points(node) -> list[list[float]]:
+    out = []
+    for i in range(node.GetNumberOfControlPoints()):
+        p = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(i, p)
+        out.append([float(v) for v in p])
+    return out
+
+
+def _fmt(value) -> str:
+    return "" if value is None or value != value else f"{value:.3f}"
