@@ -1,4 +1,5 @@
-"""Draw the extension icon (Icons/ALSeg.png, 128x128) from a phantom slice with its labels.
+"""Draw the extension icon (Icons/ALSeg.png, 128x128) from a phantom slice with its labels;
+the module uses the same picture (ALSeg/Resources/Icons/ALSeg.png).
 
 Run: .venv/bin/python Resources/make_icon.py
 """
@@ -24,9 +25,10 @@ def main() -> None:
     for name, value in phantoms.LABELS.items():
         ax.contour(lab[z] == value, levels=[0.5], colors=[phantoms.COLORS[name]], linewidths=2)
     ax.axis("off")
-    out = Path(__file__).parent / "Icons" / "ALSeg.png"
-    fig.savefig(out, dpi=100)
-    print(out)
+    root = Path(__file__).resolve().parents[1]
+    for out in (root / "Resources" / "Icons" / "ALSeg.png", root / "ALSeg" / "Resources" / "Icons" / "ALSeg.png"):
+        fig.savefig(out, dpi=100)
+        print(out)
 
 
 if __name__ == "__main__":

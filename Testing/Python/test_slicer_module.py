@@ -1,0 +1,145 @@
+"""The Slicer-facing files, checked without Slicer: Slicer API names, the .ui, the build lists.
+
+The widget and the self-test run only inside Slicer (``ctest -R py_ALSeg``); here we
+check what can be checked against the real sources: every ``slicer.util`` name the
+module calls exists in slicer-core's ``slicer.util``, every widget the code touches
+is in the .ui file (and every parameter-node field has its widget), and the CMake
+lists name exactly the files that exist.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import REPO
+
+MODULE_DIR = REPO / "ALSeg"
+UI = MODULE_DIR / "Resources" / "UI" / "ALSeg.ui"
+SOURCES = sorted(p for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def module_tree() -> ast.Module:
+    return ast.parse((MODULE_DIR / "ALSeg.py").read_text())
+
+
+def test_every_slicer_util_name_the_module_calls_exists_in_slicer_core():
+    util = pytest.importorskip("slicer.util")
+    used = set()
+    for path in SOURCES:
+        text = path.read_text()
+        used |= set(re.findall(r"slicer\.util\.([A-Za-z_]\w*)", text))
+        used |= {a.name for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ImportFrom) and n.module == "slicer.util"
+                 for a in n.names}
+    assert {"launchConsoleProcess", "loadUI", "childWidgetVariables", "pip_install", "tryWithErrorDisplay"} <= used
+    missing = sorted(n for n in used if not hasattr(util, n))
+    assert not missing, f"ALSeg calls slicer.util names that slicer-core does not have: {missing}"
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI).getroot()
+    assert root.tag == "ui" and root.find("class").text == "ALSeg"
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_ui_file_has_every_widget_the_code_uses():
+    widgets = ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "ALSeg.py").read_text()))
+    assert {"segmentEditorWidget", "queueTable", "startButton", "progressBar"} <= used
+    assert not sorted(used - set(widgets)), f"used in ALSeg.py but not in {UI.name}: {sorted(used - set(widgets))}"
+    assert widgets["segmentEditorWidget"].get("class") == "qMRMLSegmentEditorWidget"
+    sections = [w.find("property/string").text for w in widgets.values() if w.get("class") == "ctkCollapsibleButton"]
+    assert sections == ["Project", "Pseudo-labels", "Model", "Review", "Results"]
+    # every node selector gets the scene from the module widget
+    root = ET.parse(UI).getroot()
+    receivers = {c.find("receiver").text for c in root.iter("connection") if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    combos = {n for n, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
+    assert combos and combos == receivers
+
+
+def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
+    fields: dict[str, ast.AST] = {}
+    constants = {}
+    for node in module_tree().body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
+            constants[node.targets[0].id] = [e.value for e in node.value.elts]
+        if isinstance(node, ast.ClassDef) and node.name == "ALSegParameterNode":
+            assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
+            fields = {s.target.id: s.annotation for s in node.body if isinstance(s, ast.AnnAssign)}
+    assert {"projectFolder", "checkpoint", "budget", "strategy", "trainingMode", "device"} <= set(fields)
+    bound = {}
+    for name, w in ui_widgets().items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = w
+    assert set(bound) == set(fields)
+    for name, annotation in fields.items():
+        widget = bound[name]
+        if widget.get("class") == "QComboBox":  # items must be exactly the Choice values
+            choice = next(n for n in ast.walk(annotation) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Choice")
+            arg = choice.args[0]
+            values = constants[arg.id] if isinstance(arg, ast.Name) else [e.value for e in arg.elts]
+            items = [i.find("property/string").text for i in widget.findall("item")]
+            assert items == values, name
+    # the engine accepts every choice the panel offers
+    from ALSegLib.cli import build_parser
+
+    for strategy in constants["STRATEGIES"]:
+        for mode in constants["MODES"]:
+            for device in constants["DEVICES"]:
+                build_parser().parse_args(["round", "p", "--budget", "1", "--strategy", strategy, "--mode", mode,
+                                           "--device", device])
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    body = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
+    return [ln.strip() for ln in body.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_cmake_lists_name_exactly_the_module_and_engine_files():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = [s.replace("${MODULE_NAME}", "ALSeg") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    assert sorted(scripts) == sorted(str(p.relative_to(MODULE_DIR)) for p in SOURCES)
+    resources = [s.replace("${MODULE_NAME}", "ALSeg") for s in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
+    assert all((MODULE_DIR / r).is_file() for r in resources) and "Resources/UI/ALSeg.ui" in resources
+    engine = cmake_list(text, "ALSEG_ENGINE_SCRIPTS")
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "ALSegLib").rglob("*.py") if "__pycache__" not in p.parts)
+    assert sorted(engine) == files
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    top = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "find_package(Slicer REQUIRED)", "add_subdirectory(ALSeg)",
+                "${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"):
+        assert key in top, key
+    for url in re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS) "https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/([^"]+)"', top):
+        assert (REPO / url).is_file(), f"{url} is named in CMakeLists.txt but not in the repository"
+    entry = json.loads((REPO / "ALSeg.json").read_text())
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"] and "scm_url" in entry
+
+
+def test_requirements_for_slicer_match_the_engines_dependencies():
+    import tomllib
+
+    sys_path_module = MODULE_DIR / "ALSegSlicer" / "install.py"
+    spec = __import__("importlib.util").util.spec_from_file_location("alseg_install", sys_path_module)
+    install = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    engine = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    bundled_with_slicer = {"numpy", "SimpleITK"}
+    expected = {d for d in engine if re.match(r"[\w-]+", d).group(0) not in bundled_with_slicer | {"torch", "torchvision"}}
+    assert set(install.read_requirements()) == expected
+    assert install.TORCH in engine and install.TORCHVISION in engine
+    # unmet() reads what is really installed
+    assert install.unmet(["numpy>=1.0", "numpy<1.0", "no-such-package-alseg>=1"]) == ["numpy<1.0", "no-such-package-alseg>=1"]
+
+
+def test_module_sources_import_no_qt_below_the_widget():
+    """Glue, jobs and install import no Qt at module level (they run on slicer-core and in tests)."""
+    for path in (MODULE_DIR / "ALSegSlicer").glob("*.py"):
+        top_level = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top_level for a in n.names} | {
+            (n.module or "").split(".")[0] for n in top_level if isinstance(n, ast.ImportFrom)}
+        assert not names & {"qt", "ctk", "slicer.app"}, path.name
+    compile((MODULE_DIR / "ALSeg.py").read_text(), "ALSeg.py", "exec")
