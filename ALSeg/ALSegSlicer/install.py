@@ -8,6 +8,7 @@ progress dialog, offers a restart) or, on older Slicer, a confirmation and
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import threading
 from pathlib import Path
@@ -71,8 +72,11 @@ def ensure(ask: bool = True) -> bool:
         if torch is None:
             return False
     if missing["packages"]:
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
+        try:
+            packaging = importlib.import_module("slicer.packaging")  # Slicer >= 5.12
+        except ModuleNotFoundError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
             try:
                 packaging.pip_ensure(missing["packages"], prompt_install=ask, requester="ALSeg")
             except RuntimeError:  # the user declined

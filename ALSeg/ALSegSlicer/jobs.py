@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +42,13 @@ def engine_path() -> Path:
 
 
 def python_executable() -> str:
-    """Slicer's ``PythonSlicer`` when running inside Slicer (it sets up Slicer's libraries), else this Python."""
+    """Slicer's ``PythonSlicer`` when running inside Slicer (it sets up Slicer's libraries; Slicer puts
+    it on PATH), else this Python."""
     name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.is_file() else sys.executable
 

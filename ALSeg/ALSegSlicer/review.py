@@ -120,13 +120,15 @@ class ReviewSession:
         self.current = None
 
     def uncertainty_volume(self):
-        """The current case's voxel entropy (0..1) from the probabilities its round's selection used,
-        as a scalar volume for the foreground layer; None when none are stored."""
+        """The current case's voxel entropy (0..1) from the probabilities its round's selection used
+        (or, for a selection that used none, the round's pool prediction), as a scalar volume for
+        the foreground layer; None when none are stored."""
         from ALSegLib.selection.uncertainty import entropy_map
 
         if self.current is None or self.current.round is None:
             return None
-        model = rounds.read_round(self.project, self.current.round).get("selection", {}).get("model")
+        record = rounds.read_round(self.project, self.current.round)
+        model = record.get("selection", {}).get("model") or record["stages"].get("predict-pool", {}).get("model")
         if not model:
             return None
         from ALSegLib.nnunet.predict import probabilities_path

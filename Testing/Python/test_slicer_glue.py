@@ -304,9 +304,15 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     (case, score, reason), = session.queue_rows()
     opened = session.open_next()
     assert opened.case == case and opened.started_from == "pseudo"
+    # the uncertainty overlay: voxel entropy of the probabilities the selection used, on the case's grid
+    overlay = session.review.uncertainty_volume()
+    entropy = glue.voxels(overlay)
+    assert entropy.shape == glue.voxels(opened.volume).shape and 0 <= entropy.min() and entropy.max() <= 1 and entropy.max() > 0
+    np.testing.assert_allclose(glue.node_ijk_to_ras(overlay), glue.node_ijk_to_ras(opened.volume), atol=1e-6)
     paint(scene, opened.segmentation, opened.volume, "lesion", np.ones(sitk.GetArrayFromImage(labels[case]).shape, bool))
     version, nxt = session.accept_and_next()
     assert version == 1 and nxt is None
+    assert overlay.GetScene() is None  # closed with its case
     assert (project.root / "labels" / "human" / case / "v0001.nrrd").is_file()
     assert session.rounds_waiting() == []
     # the round continues (same settings) to its report; the results table has the pseudo-only and round-1 rows
