@@ -225,3 +225,23 @@ def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
     (tmp_path / "other" / "keep.txt").write_text("x")
     code, out, err = run_cli("demo", "--dir", tmp_path / "other")
     assert code == 2 and "not made by 'alseg demo'" in err and (tmp_path / "other" / "keep.txt").read_text() == "x"
+
+
+def test_simulate_sweep_reports_final_dice_against_pseudo_label_dice(tmp_path, run_cli):
+    """``alseg simulate --sweep``: one base and one arm per pseudo-label quality, through the CLI (--json)."""
+    source = phantom_project(tmp_path, n=8)
+    code, out, err = run_cli("simulate", source.root, "--out", tmp_path / "exp", "--arms", "random+finetune",
+                             "--rounds", "1", "--budget", "2", "--seeds", "0", "--test-fraction", "0.25",
+                             "--sweep", "0.5", "0.9", "--json", *CLI_TINY)
+    assert code == 0, err
+    results = json.loads(out)
+    sweep = results["sweep"]
+    assert [row["target"] for row in sweep] == [0.5, 0.9]
+    for row in sweep:
+        assert abs(row["pseudo_label_dice"] - row["target"]) < 0.03 and 0 <= row["final_dice"] <= 1
+        assert row["arm"] == "random+finetune" and row["seed"] == 0
+    # each sweep point is its own base (pseudo-labels of that quality) and arm, the test cases held out there too
+    for target in ("0.50", "0.90"):
+        arm = Project(tmp_path / "exp" / f"sweep-{target}" / "random-finetune")
+        check_no_test_revealed(arm, results["setup"]["test_cases"])
+    assert "Final Dice vs pseudo-label Dice" in (tmp_path / "exp" / "experiment.md").read_text()
