@@ -241,22 +241,56 @@ def is_running(pid: int) -> bool:
         return True
 
 
-class SubprocessJob:
+class Job:
+    """What both launchers share: the parser, the end, the error text, cancel."""
+
+    pid: int
+
+    def __init__(self, args: Sequence[str], on_event=None, on_line=None, on_done=None):
+        self.args = list(args)
+        self.parser = ProgressParser(on_event)
+        self.on_line: Callable[[str], None] | None = on_line
+        self.on_done: Callable[[int, str | None], None] | None = on_done
+        self.returncode: int | None = None
+        self.error: str | None = None
+        self.cancelled = False
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def _line(self, line: str) -> None:
+        line = line.rstrip("\n")
+        self.parser.feed(line)
+        if self.on_line is not None:
+            self.on_line(line)
+
+    def _finish(self, returncode: int) -> None:
+        self.returncode = returncode
+        if returncode != 0:
+            self.error = "cancelled" if self.cancelled else self.parser.error_text(returncode)
+        if self.on_done is not None:
+            self.on_done(returncode, self.error)
+
+    def cancel(self) -> None:
+        """End the job and every process it started."""
+        if self.running:
+            self.cancelled = True
+            kill_tree(self.pid)
+
+
+class SubprocessJob(Job):
     """Run a command in the background; :meth:`poll` delivers its lines and end on the calling thread."""
 
     def __init__(self, args: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
                  on_event: Callable[[dict], None] | None = None, on_line: Callable[[str], None] | None = None,
                  on_done: Callable[[int, str | None], None] | None = None):
-        self.args = list(args)
-        self.parser = ProgressParser(on_event)
-        self.on_line, self.on_done = on_line, on_done
-        self.returncode: int | None = None
-        self.error: str | None = None
-        self.cancelled = False
+        super().__init__(args, on_event, on_line, on_done)
         self._lines: queue.Queue = queue.Queue()
         self.process = subprocess.Popen(
             self.args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, errors="replace", bufsize=1, start_new_session=(os.name != "nt"))
+        self.pid = self.process.pid
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -266,10 +300,6 @@ class SubprocessJob:
         self.process.wait()
         self._lines.put(("done", self.process.returncode))
 
-    @property
-    def running(self) -> bool:
-        return self.returncode is None
-
     def poll(self) -> bool:
         """Hand over what arrived; True while the job runs."""
         while True:
@@ -278,19 +308,10 @@ class SubprocessJob:
             except queue.Empty:
                 return self.running
             if kind == "line":
-                self.parser.feed(value)
-                if self.on_line is not None:
-                    self.on_line(value.rstrip("\n"))
+                self._line(value)
             else:
                 self._finish(value)
                 return False
-
-    def _finish(self, returncode: int) -> None:
-        self.returncode = returncode
-        if returncode != 0:
-            self.error = "cancelled" if self.cancelled else self.parser.error_text(returncode)
-        if self.on_done is not None:
-            self.on_done(returncode, self.error)
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -300,28 +321,17 @@ class SubprocessJob:
             time.sleep(0.02)
         return self.returncode
 
-    def cancel(self) -> None:
-        """End the job and every process it started."""
-        if self.running:
-            self.cancelled = True
-            kill_tree(self.process.pid)
-
 
 # --- inside Slicer --------------------------------------------------------------------------
 
 
-class SlicerJob:
-    """An engine job in Slicer: same parser and cancel as :class:`SubprocessJob`, Slicer's process launcher."""
+class SlicerJob(Job):
+    """An engine job in Slicer: Slicer's process launcher, callbacks on the main thread."""
 
     def __init__(self, args: Sequence[str], *, on_event=None, on_line=None, on_done=None, env: dict | None = None):
         import slicer
 
-        self.args = list(args)
-        self.parser = ProgressParser(on_event)
-        self.on_line, self.on_done = on_line, on_done
-        self.returncode: int | None = None
-        self.error: str | None = None
-        self.cancelled = False
+        super().__init__(args, on_event, on_line, on_done)
         environment = engine_environment(env)
         launcher = slicer.util.launchConsoleProcess
         if "blocking" in inspect.signature(launcher).parameters:  # Slicer >= 5.12
@@ -346,27 +356,6 @@ class SlicerJob:
         process.start(self.args[0], self.args[1:])
         self.pid = int(process.processId())
         return process
-
-    def _line(self, line: str) -> None:
-        self.parser.feed(line)
-        if self.on_line is not None:
-            self.on_line(line)
-
-    def _finish(self, returncode: int) -> None:
-        self.returncode = returncode
-        if returncode != 0:
-            self.error = "cancelled" if self.cancelled else self.parser.error_text(returncode)
-        if self.on_done is not None:
-            self.on_done(returncode, self.error)
-
-    @property
-    def running(self) -> bool:
-        return self.returncode is None
-
-    def cancel(self) -> None:
-        if self.running:
-            self.cancelled = True
-            kill_tree(self.pid)
 
 
 def start_in_slicer(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None) -> SlicerJob:
