@@ -22,6 +22,7 @@ from . import phantoms
 from .errors import InputError
 from .loop import RoundSettings, run_round
 from .project import LabelTable, Project, derive_case_id, expand_sources
+from .report import curve_point
 from .simulate import SimulatedAnnotator, check_no_test_revealed
 
 MARKER = ".alseg-demo"
@@ -123,18 +124,18 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
     pre = first["pretrain"].get("metrics")
     classes = list(project.labels.mapping)
     if pre:
-        rows.append(_row("pseudo-labels only (pretrained)", 0, pre, classes))
+        rows.append(_row("pseudo-labels only (pretrained)", 0, pre))
     for record in records:
         rows.append(_row(f"round {record['round']} ({settings.strategy}, {settings.mode})", record["round"],
-                         record["metrics"], classes))
+                         record["metrics"]))
     return {"test_cases": test, "pseudo_label_dice": first["pseudolabels"].get("pseudo_label_dice"),
             "classes": classes, "rows": rows, "report": str(project.root / records[-1]["stages"]["report"]["files"]["html"]),
             "learning_curve": str(project.root / records[-1]["stages"]["report"]["files"]["learning_curve"]),
             "selected": {r["round"]: [q["case"] for q in r["queue"]] for r in records}}
 
 
-def _row(name: str, number: int, metrics: dict, classes: list[str]) -> dict:
-    s = metrics["summary"]
-    return {"model": name, "round": number, "annotated": metrics["annotated"], "of": metrics["of"],
-            "percent": round(100 * metrics["fraction"], 1), "mean_dice": s["mean"]["dice"]["mean"],
-            "dice": {c: s[c]["dice"]["mean"] for c in classes}, "hd95": s["mean"]["hd95"]["mean"]}
+def _row(name: str, number: int, metrics: dict) -> dict:
+    point = curve_point(metrics, number)
+    return {"model": name, "round": number, "annotated": point["annotated"], "of": point["of"],
+            "percent": round(100 * point["fraction"], 1), "mean_dice": point["mean_dice"], "dice": point["per_class"],
+            "hd95": metrics["summary"]["mean"]["hd95"]["mean"]}
