@@ -90,15 +90,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ALSegLogic()
-
-        editorNode = slicer.mrmlScene.GetSingletonNode("ALSeg", "vtkMRMLSegmentEditorNode")
-        if editorNode is None:
-            editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
-            editorNode.UnRegister(None)
-            editorNode.SetSingletonTag("ALSeg")
-            editorNode = slicer.mrmlScene.AddNode(editorNode)
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
-        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.setupSegmentEditor()
 
         self.ui.createProjectButton.connect("clicked(bool)", self.onCreateProject)
         self.ui.openProjectButton.connect("clicked(bool)", self.onOpenProject)
@@ -118,6 +110,17 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+
+    def setupSegmentEditor(self):
+        """The embedded Segment Editor on ALSeg's own editor node (not the Segment Editor module's)."""
+        editorNode = slicer.mrmlScene.GetSingletonNode("ALSeg", "vtkMRMLSegmentEditorNode")
+        if editorNode is None:
+            editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            editorNode.UnRegister(None)
+            editorNode.SetSingletonTag("ALSeg")
+            editorNode = slicer.mrmlScene.AddNode(editorNode)
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
+        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
 
     def cleanup(self):
         self.removeObservers()
@@ -139,6 +142,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.setupSegmentEditor()
         if self.parent.isEntered:
             self.initializeParameterNode()
 
