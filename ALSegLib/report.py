@@ -65,29 +65,33 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path,
                 reference: Mapping[str, float] | None = None) -> Path:
     """Mean Dice against % annotated, one line per curve; ``reference``: horizontal lines."""
     import matplotlib
+    import matplotlib.style
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
-    ax = fig.add_subplot()
-    for name, points in curves.items():
-        pts = sorted(points)
-        if pts:
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
-    for name, value in (reference or {}).items():
-        if value is not None and not math.isnan(value):
-            ax.axhline(value, linestyle="--", linewidth=1, color="gray")
-            ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
-    ax.set_xlabel("cases annotated (%)")
-    ax.set_ylabel("mean Dice (held-out cases)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    if curves:
-        ax.legend(fontsize=8, loc="lower right")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    # matplotlib's own defaults, whatever a library changed globally before (nnU-Net's progress plot
+    # sets seaborn with font_scale 2.5 in this process: titles and ticks were cut off)
+    with matplotlib.style.context("default"):
+        fig = Figure(figsize=(6.4, 4.2), dpi=110)
+        ax = fig.add_subplot()
+        for name, points in curves.items():
+            pts = sorted(points)
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        for name, value in (reference or {}).items():
+            if value is not None and not math.isnan(value):
+                ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+                ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
+        ax.set_xlabel("cases annotated (%)")
+        ax.set_ylabel("mean Dice (held-out cases)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        if curves:
+            ax.legend(fontsize=8, loc="lower right")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
     atomic.write_bytes(path, buffer.getvalue())
     return path
 

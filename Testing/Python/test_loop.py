@@ -245,3 +245,17 @@ def test_simulate_sweep_reports_final_dice_against_pseudo_label_dice(tmp_path, r
         arm = Project(tmp_path / "exp" / f"sweep-{target}" / "random-finetune")
         check_no_test_revealed(arm, results["setup"]["test_cases"])
     assert "Final Dice vs pseudo-label Dice" in (tmp_path / "exp" / "experiment.md").read_text()
+
+
+def test_learning_curve_plot_ignores_style_changes_made_by_other_libraries(tmp_path):
+    """nnU-Net's progress plot sets seaborn (font_scale 2.5) globally in the training process;
+    the learning curve drawn afterwards must look the same as in a fresh process."""
+    import matplotlib
+
+    from ALSegLib.report import plot_curves
+
+    curves = {"mean": [(0.0, 0.7), (0.025, 0.76), (0.05, 0.78)], "anterior": [(0.0, 0.72), (0.05, 0.8)]}
+    clean = plot_curves(curves, tmp_path / "clean.png", "hippocampus: learning curve").read_bytes()
+    with matplotlib.rc_context({"font.size": 30, "axes.facecolor": "#eaeaf2", "axes.grid": True}):
+        styled = plot_curves(curves, tmp_path / "styled.png", "hippocampus: learning curve").read_bytes()
+    assert styled == clean
