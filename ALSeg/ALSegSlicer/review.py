@@ -131,13 +131,11 @@ class ReviewSession:
         model = record.get("selection", {}).get("model") or record["stages"].get("predict-pool", {}).get("model")
         if not model:
             return None
-        from ALSegLib.nnunet.predict import probabilities_path
+        from ALSegLib.nnunet.predict import load_probabilities, probabilities_path
 
-        path = probabilities_path(self.project, model, self.current.case)
-        if not path.is_file():
+        if not probabilities_path(self.project, model, self.current.case).is_file():
             return None
-        with np.load(path, allow_pickle=False) as npz:
-            entropy = entropy_map(npz["probabilities"].astype(np.float32))
+        entropy = entropy_map(load_probabilities(self.project, model, self.current.case)[0])
         image = sitk.GetImageFromArray(entropy.astype(np.float32))
         image.CopyInformation(self.project.read_image(self.current.case))
         node = glue.volume_node_from_image(self.scene, image, f"{self.current.case} uncertainty")
