@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label table for --data, e.g. anterior=1,posterior=2 (default: label<value>)")
     p.add_argument("--modality", choices=("CT", "MRI"), help="default: CT for phantoms, MRI for --data")
     p.add_argument("--cases", type=int, help="number of cases (phantoms: default 24; --data: default all)")
-    p.add_argument("--size", type=int, default=64, help="phantom edge length in voxels (default 64)")
+    p.add_argument("--size", type=int, default=48, help="phantom edge length in voxels (default 48)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--budget", default="2", help="cases revealed per round (default 2)")
     p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))

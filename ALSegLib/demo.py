@@ -57,7 +57,7 @@ def prepare_folder(folder: Path) -> None:
     (folder / MARKER).touch()
 
 
-def phantom_project(folder: Path, cases: int, modality: str, seed: int, size: int = 64) -> Project:
+def phantom_project(folder: Path, cases: int, modality: str, seed: int, size: int = 48) -> Project:
     images, labels = phantoms.write_dataset(folder / "source", n=cases, modality=modality, seed=seed, size=size)
     project = Project.create(folder / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), modality,
                              name="alseg-demo")
