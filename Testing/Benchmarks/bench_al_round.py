@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--filter-start", type=int, default=2)
     ap.add_argument("--filter-every", type=int, default=2)
+    ap.add_argument("--name", default="al_round", help="results file name (default: al_round -> results/al_round.json)")
     ap.add_argument("--keep", help="keep the experiment folder here (default: a temporary folder, removed)")
     args = ap.parse_args()
     data = shared_data()
@@ -113,7 +114,7 @@ def main() -> int:
                    "rounds": args.rounds, "cases_per_round": args.budget, "seeds": args.seeds,
                    "pool": len(pool), "test": len(test), "split_seed": args.split_seed, "seconds": round(seconds, 1)},
     }
-    write_results("al_round", figures)
+    write_results(args.name, figures)
     return 0
 
 
