@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__, volumes
 from .errors import InputError, ProjectLockedError
-from .project import LABEL_KINDS, LabelTable, Project
+from .project import LABEL_KINDS, LabelTable, Project, parse_color
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
@@ -123,6 +123,31 @@ def cmd_status(args) -> int:
         for row in status["case_table"]:
             marks = " ".join(f"{('v%d' % row['human_versions']) if k == 'human' and row[k] else ('yes' if row[k] else '-'):>9}" for k in LABEL_KINDS)
             print(f"{row['case']:<32} {marks}")
+    return EXIT_OK
+
+
+def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InputError(option, f"expected NAME=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_labels(args) -> int:
+    """Show the label table; rename classes or change their colors (values never change)."""
+    project = Project.open(args.project)
+    rename = _pairs(args.rename, "--rename")
+    colors = {name: parse_color(text, "--color", name) for name, text in _pairs(args.color, "--color").items()}
+    table = project.update_labels(rename, colors) if rename or colors else project.labels
+    if args.json:
+        _print_json(table.to_json())
+        return EXIT_OK
+    for c in table.classes:
+        rgb = "#" + "".join(f"{round(v * 255):02x}" for v in c.color)
+        print(f"{c.value:>5}  {c.name:<24} {rgb}")
     return EXIT_OK
 
 
@@ -533,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "Summarise a project: cases, labels of each kind, rounds.")
     p.add_argument("project")
     p.add_argument("--cases", action="store_true", help="also list every case with its labels")
+    p.add_argument("--json", action="store_true")
+
+    p = add("labels", cmd_labels, "Show the label table; rename a class or change its color (its value never changes).")
+    p.add_argument("project")
+    p.add_argument("--rename", action="append", metavar="OLD=NEW", help="rename a label class (repeatable)")
+    p.add_argument("--color", action="append", metavar="NAME=#RRGGBB", help="change a class's color (repeatable)")
     p.add_argument("--json", action="store_true")
 
     p = add("evaluate", cmd_evaluate, "Dice, IoU, HD95 and ASD per class of one label kind against the reference.")

@@ -18,3 +18,12 @@ class InputError(Exception):
 
 class ProjectLockedError(InputError):
     """Another writer holds the project lock and did not release it in time."""
+
+
+class StorageError(InputError):
+    """The disk is full or the folder cannot be written: names the file and the system's
+    reason (``errno``). The write it reports was abandoned; no file is left torn."""
+
+    def __init__(self, where: str | Path | None, problem: str, errno: int | None = None):
+        super().__init__(where, problem)
+        self.errno = errno

@@ -150,11 +150,7 @@ class LabelTable:
                 value = int(value_text.strip())
             except ValueError:
                 raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, got {value_text.strip()!r}") from None
-            color = _PALETTE[i % len(_PALETTE)]
-            if color_text:
-                if not re.fullmatch(r"#[0-9a-fA-F]{6}", color_text.strip()):
-                    raise InputError("--labels", f"color of {name.strip()!r} must look like #RRGGBB, got {color_text!r}")
-                color = tuple(int(color_text.strip()[k : k + 2], 16) / 255 for k in (1, 3, 5))
+            color = parse_color(color_text, "--labels", name.strip()) if color_text else _PALETTE[i % len(_PALETTE)]
             classes.append(LabelClass(name.strip(), value, tuple(color)))
         return cls(classes, where="--labels")
 
@@ -179,6 +175,18 @@ class LabelTable:
             classes.append(LabelClass(str(item["name"]), item["value"], tuple(color)))
         return cls(classes, where=where)
 
+    def updated(self, rename: Mapping[str, str] | None = None, colors: Mapping[str, Sequence[float]] | None = None,
+                where: str = "label table") -> "LabelTable":
+        """A copy with classes renamed and/or recolored; values never change, so stored
+        labels and trained models stay valid. Unknown names are refused."""
+        rename, colors = dict(rename or {}), dict(colors or {})
+        known = {c.name for c in self.classes}
+        for name in [*rename, *colors]:
+            if name not in known:
+                raise InputError(where, f"no label named {name!r} (labels: {', '.join(sorted(known))})")
+        return LabelTable([LabelClass(rename.get(c.name, c.name), c.value, tuple(colors.get(c.name, c.color)))
+                           for c in self.classes], where=where)
+
     def to_json(self) -> list[dict]:
         return [{"name": c.name, "value": c.value, "color": list(c.color)} for c in self.classes]
 
@@ -192,6 +200,14 @@ class LabelTable:
 
     def segments(self) -> list[volumes.Segment]:
         return [volumes.Segment(c.name, c.value, c.color) for c in self.classes]
+
+
+def parse_color(text: str, where: str, name: str) -> tuple[float, float, float]:
+    """``#RRGGBB`` as three numbers in [0, 1]."""
+    text = text.strip()
+    if not re.fullmatch(r"#[0-9a-fA-F]{6}", text):
+        raise InputError(where, f"color of {name!r} must look like #RRGGBB, got {text!r}")
+    return tuple(int(text[k : k + 2], 16) / 255 for k in (1, 3, 5))
 
 
 # --- case ids ----------------------------------------------------------------------------
@@ -304,7 +320,7 @@ def exclusive_run(path: Path, busy: str) -> Iterator[None]:
     process gets a :class:`ProjectLockedError` with ``busy`` and the holder, not a wait.
     The OS drops the lock when its holder dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     if not _try_lock(fd):
         holder = path.read_text(errors="replace").strip() or "another process"
         os.close(fd)
@@ -414,6 +430,22 @@ class Project:
             settings = RoundSettings(**options)
         return run_round(self, settings, annotator=annotator)
 
+    def update_labels(self, rename: Mapping[str, str] | None = None,
+                      colors: Mapping[str, Sequence[float]] | None = None) -> LabelTable:
+        """Rename label classes or change their colors in ``alseg.json`` (values stay).
+
+        The configuration is read again under the lock, so a concurrent change by
+        another process is kept, and replaced atomically."""
+        with self.lock("update labels"):
+            config, table = _read_config(self.root)
+            new = table.updated(rename, colors, where="labels")
+            config = {**config, "labels": new.to_json()}
+            atomic.write_json(self.root / CONFIG, config)
+            self.config, self.labels = config, new
+            self.log_event("labels_updated", rename=dict(rename or {}),
+                           colors={k: list(v) for k, v in (colors or {}).items()}, labels=new.mapping)
+        return new
+
     @property
     def modality(self) -> str:
         return self.config["modality"]
@@ -446,7 +478,7 @@ class Project:
                     self._lock_depth -= 1
                 return
             path = self.root / LOCK
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(path)
             while not _try_lock(fd):
                 if time.monotonic() >= deadline:
                     holder = _read_holder(path)
@@ -457,11 +489,21 @@ class Project:
                 time.sleep(0.05)
             self._lock_depth = 1
             try:
+                # a holder line left in the file: its writer died holding the lock (a clean
+                # release empties it); the OS has dropped that lock, so it is ours now
+                stale = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
                 holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.write(fd, holder.encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    os.write(fd, holder.encode())
+                except OSError as exc:
+                    if exc.errno in atomic.STORAGE_ERRNOS:
+                        raise atomic.storage_error(exc, path) from None
+                    raise
                 self._clean_leftovers()
+                if stale:
+                    self._recover_after_crash(stale)
                 yield
             finally:
                 self._lock_depth = 0
@@ -479,6 +521,34 @@ class Project:
         for sub in ("images", "labels", "rounds"):
             if (self.root / sub).is_dir():
                 atomic.remove_stale_temporaries(self.root / sub)
+
+    def _recover_after_crash(self, stale_holder: str) -> None:
+        """The previous writer was killed holding the lock: record who it was and make
+        the human labels' records whole again. A version file is only ever placed
+        complete (atomic link), but the kill may have come before its provenance
+        sidecar or its event: both are restored here, marked as recovered, so the
+        event log names every stored human label."""
+        m = re.match(r"pid (\d+) on (\S+)", stale_holder)
+        pid, host = (int(m.group(1)), m.group(2)) if m else (None, None)
+        self.log_event("lock_recovered", holder=stale_holder, holder_pid=pid, holder_host=host)
+        logged = {(e.get("case"), e.get("version")) for e in self.events()
+                  if e.get("event") in ("human_label_added", "human_label_recovered")}
+        folder = self.root / "labels" / "human"
+        cases = set(self.cases())
+        for case_dir in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if not case_dir.is_dir() or case_dir.name not in cases:
+                continue
+            for version in self.human_versions(case_dir.name):
+                path = self._label_file(case_dir.name, "human", version)
+                sidecar = path.with_suffix(".json")
+                if not sidecar.is_file():
+                    atomic.write_json(sidecar, {
+                        "kind": "human", "case": case_dir.name, "version": version, "source": "unknown",
+                        "note": "recovered: the writer was killed after storing the label and before its provenance",
+                        "recovered": now_iso(), "file_sha256": sha256_file(path), "tool": f"alseg {__version__}",
+                    }, exclusive=True)
+                if (case_dir.name, version) not in logged:
+                    self.log_event("human_label_recovered", case=case_dir.name, version=version, after=stale_holder)
 
     def _require_lock(self) -> None:
         if not self._lock_depth:
@@ -713,9 +783,12 @@ class Project:
         with self.lock(f"write {kind} label"):
             if kind == "reference" and final.exists() and not replace_reference:
                 raise InputError(final, "a reference label already exists for this case")
-            volumes.write_image(label, final)
-            prov = self._provenance(case, kind, source, produced_by or {}, label, final, **extra)
-            atomic.write_json(final.with_suffix(".json"), prov)
+            # provenance first, from the written temporary: a write that fails (a full disk)
+            # leaves the previous label and its provenance as they were
+            with atomic.atomic_path(final) as tmp:
+                sitk.WriteImage(label, str(tmp), True)
+                prov = self._provenance(case, kind, source, produced_by or {}, label, tmp, **extra)
+                atomic.write_json(final.with_suffix(".json"), prov)
             self.log_event("label_written", case=case, kind=kind, source=source)
         return final
 
@@ -737,10 +810,15 @@ class Project:
             version = (versions[-1] if versions else 0) + 1
             final = self._label_file(case, "human", version)
             volumes.write_image(label, final, exclusive=True)
-            prov = self._provenance(case, "human", source, produced_by or {}, label, final,
-                                    version=version, author=author or _user(), **extra)
-            atomic.write_json(final.with_suffix(".json"), prov, exclusive=True)
-            self.log_event("human_label_added", case=case, version=version, source=source, author=prov["author"])
+            try:
+                prov = self._provenance(case, "human", source, produced_by or {}, label, final,
+                                        version=version, author=author or _user(), **extra)
+                atomic.write_json(final.with_suffix(".json"), prov, exclusive=True)
+                self.log_event("human_label_added", case=case, version=version, source=source, author=prov["author"])
+            except atomic.StorageError as exc:  # disk full after the label itself fit: take back this version
+                final.with_suffix(".json").unlink(missing_ok=True)
+                final.unlink()
+                raise atomic.storage_error(OSError(exc.errno, ""), exc.where, "the label was not stored") from None
         return version
 
     def import_labels(
@@ -814,6 +892,15 @@ class Project:
             {"case": c, **{k: (c in kinds[k]) for k in LABEL_KINDS}, "human_versions": len(self.human_versions(c))}
             for c in self.cases()
         ]
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno in atomic.STORAGE_ERRNOS:
+            raise atomic.storage_error(exc, path) from None
+        raise
 
 
 def _read_holder(path: Path) -> str:
