@@ -586,7 +586,16 @@ class Project:
         return self.image_path(case).is_file()
 
     def image_path(self, case: str) -> Path:
-        return self.root / "images" / f"{check_case_id(case)}{STORE_EXT}"
+        return self._inside(self.root / "images" / f"{check_case_id(case)}{STORE_EXT}")
+
+    def _inside(self, path: Path) -> Path:
+        """``path`` if it stays inside the project once symbolic links are followed: a link
+        planted in a project (a copied or shared folder) must not make ALSeg read or
+        write elsewhere."""
+        real = path.resolve()
+        if not real.is_relative_to(self.root.resolve()):
+            raise InputError(path, f"leads outside the project (to {real}) through a symbolic link: refused")
+        return path
 
     def _require_case(self, case: str) -> None:
         if not self.has_case(case):
@@ -713,11 +722,11 @@ class Project:
         if kind == "human":
             if version is None:
                 raise ValueError("human labels need a version")
-            return self.root / "labels" / "human" / check_case_id(case) / f"v{version:04d}{STORE_EXT}"
-        return self.root / "labels" / kind / f"{check_case_id(case)}{STORE_EXT}"
+            return self._inside(self.root / "labels" / "human" / check_case_id(case) / f"v{version:04d}{STORE_EXT}")
+        return self._inside(self.root / "labels" / kind / f"{check_case_id(case)}{STORE_EXT}")
 
     def human_versions(self, case: str) -> list[int]:
-        folder = self.root / "labels" / "human" / check_case_id(case)
+        folder = self._inside(self.root / "labels" / "human" / check_case_id(case))
         if not folder.is_dir():
             return []
         return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_FILE.match(p.name)))

@@ -17,7 +17,7 @@ ROUND_FILE = "round.json"
 
 
 def round_dir(project: Project, number: int) -> Path:
-    return project.root / "rounds" / f"{int(number):04d}"
+    return project._inside(project.root / "rounds" / f"{int(number):04d}")
 
 
 def list_rounds(project: Project) -> list[int]:

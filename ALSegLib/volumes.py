@@ -169,12 +169,16 @@ def _read_any(path: Path) -> sitk.Image:
         if len(series) > 1:
             raise InputError(path, f"folder holds {len(series)} DICOM series; give one series per folder")
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+        _check_left_out(path, files)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
         try:
-            return reader.Execute()
+            img = reader.Execute()
         except RuntimeError as exc:
             raise InputError(path, f"unreadable DICOM series: {_itk_reason(exc)}") from None
+        _check_slice_spacing(path, reader, img)
+        return img
     if image_extension(path) is None:
         raise unsupported_type(path)
     if path.stat().st_size == 0:
@@ -185,6 +189,39 @@ def _read_any(path: Path) -> sitk.Image:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(path, f"cannot read image (corrupt or truncated file?): {_itk_reason(exc)}") from None
+
+
+def _check_left_out(folder: Path, files: Sequence[str]) -> None:
+    """GDCM leaves out of a series, silently, a DICOM file it cannot parse (a truncated
+    copy): that would be a missing slice. Any such file is refused by name."""
+    used = {Path(f).resolve() for f in files}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR" or p.resolve() in used:
+            continue
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+        if p.suffix.lower() in (".dcm", ".ima") or head[128:132] == b"DICM":
+            raise InputError(p, "unreadable DICOM file (truncated or corrupt?): the series would be missing this slice")
+
+
+def _check_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, img: sitk.Image) -> None:
+    """Slices must be evenly spaced along the slice normal: a gap is a missing slice."""
+    n = img.GetDepth()
+    if n < 3:
+        return
+    normal = np.array(img.GetDirection()).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(n):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return  # no positions to check (secondary captures): ITK's own spacing stands
+        try:
+            positions.append(float(np.dot([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")], normal)))
+        except ValueError:
+            raise InputError(folder, f"slice {i + 1} has an unreadable Image Position (Patient)") from None
+    gaps = np.abs(np.diff(positions))
+    if gaps.min() <= 1e-6 or gaps.max() - gaps.min() > max(0.01, 0.01 * float(np.median(gaps))):
+        raise InputError(folder, f"slices are not evenly spaced (gaps {gaps.min():.3g} to {gaps.max():.3g} mm): "
+                                 "a slice is missing or duplicated")
 
 
 def _itk_reason(exc: RuntimeError) -> str:

@@ -26,7 +26,7 @@ from ..project import Project, check_case_id
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS
 from .train import TRAINER, read_model
-from .trainers import load_checkpoint_safely
+from .trainers import load_checkpoint_safely, load_weights_checked
 
 
 def probabilities_path(project: Project, model: str, case: str) -> Path:
@@ -69,7 +69,7 @@ def _predictor(project: Project, record: dict, device, mirroring: bool, tile_ste
         pm, cm, determine_num_input_channels(pm, cm, dataset_json),
         pm.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False,
     )
-    network.load_state_dict(checkpoint["network_weights"])
+    load_weights_checked(network, checkpoint["network_weights"], project.root / record["checkpoint"])
     predictor = nnUNetPredictor(
         tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
         perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,

@@ -47,6 +47,21 @@ def load_checkpoint_safely(path: str | Path, map_location: str | torch.device = 
     return checkpoint
 
 
+def load_weights_checked(network: torch.nn.Module, weights: dict, path: str | Path) -> None:
+    """Load ``weights`` into ``network`` if every tensor is there with its shape; a checkpoint
+    of another architecture (other plans, labels or configuration) is an InputError naming it."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in weights]
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    extra = [k for k in weights if k not in own]
+    if missing or wrong or extra:
+        first = (wrong or missing or extra)[0]
+        raise InputError(path, f"weights do not fit this network ({len(wrong)} of another shape, {len(missing)} missing, "
+                               f"{len(extra)} unexpected, e.g. {first}): a checkpoint of another architecture "
+                               "(were the plans, labels or configuration changed?)")
+    network.load_state_dict({k: weights[k] for k in own})
+
+
 def weights_digest(state_dict: dict) -> str:
     """A checksum of network weights (names, shapes, values), to prove which weights a model started from."""
     h = hashlib.sha256()
@@ -109,7 +124,8 @@ class ALSegTrainer(nnUNetTrainer):
         network = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
         weights = {k[7:] if k.startswith("module.") and k not in network.state_dict() else k: v
                    for k, v in checkpoint["network_weights"].items()}
-        network.load_state_dict(weights)
+        load_weights_checked(network, weights, filename_or_checkpoint if isinstance(filename_or_checkpoint, (str, Path))
+                             else "checkpoint")
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
@@ -126,9 +142,6 @@ class ALSegTrainer(nnUNetTrainer):
             self.initialize()
         weights = load_checkpoint_safely(checkpoint_file)["network_weights"]
         own = self.network.state_dict()
-        mismatched = [k for k in own if k not in weights or tuple(weights[k].shape) != tuple(own[k].shape)]
-        if mismatched:
-            raise InputError(checkpoint_file, f"weights do not fit this network ({len(mismatched)} tensors differ, "
-                             f"e.g. {mismatched[0]}); were the plans or labels changed?")
-        self.network.load_state_dict({k: weights[k] for k in own})
+        # the pretrained model may carry extra heads (e.g. deep supervision): only ours are needed
+        load_weights_checked(self.network, {k: v for k, v in weights.items() if k in own}, checkpoint_file)
         return weights_digest(self.network.state_dict())

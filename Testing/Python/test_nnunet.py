@@ -217,6 +217,32 @@ def test_malicious_checkpoint_is_refused_never_run(tmp_path):
     assert not sentinel.exists()
 
 
+def test_checkpoint_of_another_architecture_is_a_clear_error(tiny, run_cli):
+    """A model's checkpoint replaced by one of another network (here: one stage wider): prediction
+    through the API and the CLI refuses it by name; the project is byte-identical."""
+    from conftest import tree_hash
+
+    project = tiny["project"]
+    path = project.root / tiny["pretrain"]["checkpoint"]
+    saved = path.read_bytes()
+    try:
+        checkpoint = load_checkpoint_safely(path)
+        name = next(k for k in checkpoint["network_weights"] if k.endswith("conv.weight"))
+        w = checkpoint["network_weights"][name]
+        checkpoint["network_weights"][name] = torch.zeros((w.shape[0] * 2, *w.shape[1:]))
+        torch.save(checkpoint, path)
+        before = tree_hash(project.root)
+        with pytest.raises(InputError, match=r"weights do not fit this network .* another architecture") as err:
+            predict(project, "pretrain", project.cases()[:1], device="cpu")
+        assert str(path) in str(err.value) and name in str(err.value)
+        code, out, err_text = run_cli("predict", project.root, "--model", "pretrain", "--case", project.cases()[0],
+                                      "--device", "cpu")
+        assert code == 2 and path.name in err_text and "another architecture" in err_text and out == ""
+        assert tree_hash(project.root) == before
+    finally:
+        path.write_bytes(saved)
+
+
 def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
     from ALSegLib.nnunet.filtermatch import FilterMatchConfig
 
