@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import InputError
-from .project import Project, now_iso, read_json_object
+from .project import Project, check_case_id, now_iso, read_json_object
 
 ROUND_FILE = "round.json"
 
@@ -35,6 +35,22 @@ def read_round(project: Project, number: int) -> dict:
     record = read_json_object(path)
     if record.get("round") != number or not isinstance(record.get("stages"), dict):
         raise InputError(path, "not a round record (needs 'round' equal to its folder number and 'stages')")
+    for stage, done in record["stages"].items():
+        if not isinstance(done, dict):
+            raise InputError(path, f"stage {stage!r} must be an object, not {type(done).__name__}")
+    for key in ("settings", "selection", "metrics", "model"):
+        if key in record and not isinstance(record[key], (dict, type(None), str)):
+            raise InputError(path, f"{key!r} must be an object, not {type(record[key]).__name__}")
+    queue = record.get("queue", [])
+    if not isinstance(queue, list):
+        raise InputError(path, f"'queue' must be a list, not {type(queue).__name__}")
+    for i, item in enumerate(queue):
+        if not isinstance(item, dict) or not isinstance(item.get("case"), str):
+            raise InputError(path, f"queue item {i} must be an object with a 'case' id")
+        try:
+            check_case_id(item["case"])
+        except InputError as exc:
+            raise InputError(path, f"queue item {i}: {exc}") from None
     return record
 
 

@@ -15,6 +15,7 @@ os.environ.setdefault("ALSEG_LOCK_TIMEOUT", "5")
 
 from ALSegLib import cli, phantoms  # noqa: E402
 from ALSegLib.project import LabelTable, Project  # noqa: E402
+from reliability import run_until, tree_hash  # noqa: E402,F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,16 +66,6 @@ def project(tmp_path, phantom_dir, table) -> Project:
     return p
 
 
-def tree_hash(folder: Path) -> str:
-    """Hash of every path and file content under ``folder``: equal means byte-identical."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode() + b"\0")
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture
 def run_cli(capsys):
     """Run ``alseg`` in-process: returns (exit code, stdout, stderr)."""
@@ -85,23 +76,3 @@ def run_cli(capsys):
         return code, out, err
 
     return run
-
-
-def run_until(cmd: list[str], kill_when) -> list[dict]:
-    """Run ``cmd`` (an ``alseg --progress jsonl`` command) and SIGKILL it right after the
-    first JSON-lines event for which ``kill_when(event)`` is true; returns the events seen."""
-    env = {**os.environ, "ALSEG_PROGRESS": "jsonl"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    events = []
-    try:
-        for line in proc.stderr:
-            if line.startswith("{"):
-                events.append(json.loads(line))
-                if kill_when(events[-1]):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-        proc.wait(timeout=600)
-    finally:
-        proc.kill()
-        proc.wait()
-    return events

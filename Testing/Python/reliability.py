@@ -234,6 +234,128 @@ def kill_trials(root: Path, trials: int, seed: int = 0, max_delay: float = 0.4, 
             "label_and_config_writes": ops_seen, "human_label_files": len(checker.verified)}
 
 
+def run_until(cmd: list[str], kill_when) -> list[dict]:
+    """Run ``cmd`` (an ``alseg --progress jsonl`` command) and SIGKILL it right after the
+    first JSON-lines event for which ``kill_when(event)`` is true; returns the events seen."""
+    env = {**_env(), "ALSEG_PROGRESS": "jsonl"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    events = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                if kill_when(events[-1]):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return events
+
+
+def concurrent_trial(root: Path, n: int, import_dir: Path) -> dict:
+    """Two processes on one project at once: one accepts ``n`` human labels and recolors
+    'organ' after each; the other runs the import pseudo-label stage and recolors 'vessel'
+    through the CLI. Returns what each wrote and the lost updates found afterwards."""
+    from ALSegLib.project import Project
+
+    accept = (
+        "import sys; from ALSegLib.project import Project; p = Project.open(sys.argv[1]); n = int(sys.argv[2])\n"
+        "cases = p.cases()[:3]; got = []\n"
+        "for i in range(n):\n"
+        "    c = cases[i % 3]; got.append((c, p.add_human_label(c, p.read_label(c, 'reference'), source='simulated')))\n"
+        "    p.update_labels(colors={'organ': (i / n, 0.5, 0.5)})\n"
+        "print(repr(got))\n")
+    stage = ("import sys, subprocess\n"
+             "for i in range(int(sys.argv[2])):\n"
+             "    subprocess.run([sys.executable, '-m', 'ALSegLib', 'pseudolabel', sys.argv[1], '--source', 'import',"
+             " '--from', sys.argv[3]], check=True, capture_output=True)\n"
+             "    subprocess.run([sys.executable, '-m', 'ALSegLib', 'labels', sys.argv[1], '--color', "
+             "f'vessel=#{i:02x}0000'], check=True, capture_output=True)\n")
+    stages = max(1, n // 3)
+    before = Project.open(root)
+    versions_before = {c: len(before.human_versions(c)) for c in before.cases()}
+    events_before = len(before.events())
+    a = subprocess.Popen([sys.executable, "-c", accept, str(root), str(n)], stdout=subprocess.PIPE, text=True, env=_env())
+    b = subprocess.Popen([sys.executable, "-c", stage, str(root), str(stages), str(import_dir)], env=_env())
+    out, _ = a.communicate(timeout=600)
+    if a.returncode != 0 or b.wait(timeout=600) != 0:
+        raise RuntimeError(f"a writer failed (exit {a.returncode}, {b.returncode})")
+    import ast
+
+    accepted = ast.literal_eval(out.strip())
+    project = Project.open(root)
+    lost = []
+    if len(set(accepted)) != n:
+        lost.append(f"version numbers given twice: {accepted}")
+    lost += [f"{c} v{v} missing" for c, v in accepted if project.label_path(c, "human", v) is None]
+    added = sum(len(project.human_versions(c)) - versions_before[c] for c in project.cases())
+    if added != n:
+        lost.append(f"{added} new human versions stored, {n} accepted")
+    new_events = project.events()[events_before:]
+    counts = {e: sum(x["event"] == e for x in new_events) for e in ("human_label_added", "labels_updated")}
+    if counts != {"human_label_added": n, "labels_updated": n + stages}:
+        lost.append(f"events {counts}, expected {n} labels and {n + stages} label-table updates")
+    colors = {c.name: c.color for c in project.labels.classes}
+    if not np.allclose(colors["organ"], ((n - 1) / n, 0.5, 0.5)) or not np.allclose(colors["vessel"], ((stages - 1) / 255, 0, 0)):
+        lost.append(f"a label-table update was lost: {colors}")
+    if len(project.labeled_cases("pseudo")) != len(project.cases()):
+        lost.append("pseudo-labels missing")
+    return {"accepted": accepted, "lost_updates": lost}
+
+
+def resume_trial(root: Path, mode: str, name: str, epochs: int, kill_after: int) -> list[str]:
+    """Train ``mode`` in a subprocess, SIGKILL it right after epoch ``kill_after``, resume it
+    in this process, and check that it ends on the planned schedule: every epoch once,
+    the killed run's losses kept, the poly learning-rate schedule unbroken, and (FilterMatch)
+    the filtered unlabeled pool restored."""
+    from ALSegLib.nnunet.filtermatch import FilterMatchConfig
+    from ALSegLib.nnunet.train import read_model, train
+    from ALSegLib.nnunet.trainers import load_checkpoint_safely
+    from ALSegLib.project import Project
+
+    project = Project.open(root)
+    fm = ["--warmup", "1", "--filter-start", "0", "--filter-every", "1", "--drop-fraction", "0.2"] if mode == "filtermatch" else []
+    cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(root), "--mode", mode, "--name", name,
+           "--device", "cpu", "--no-validate", "--epochs", str(epochs), "--iters", "2", "--val-iters", "1", *fm]
+    events = run_until(cmd, lambda e: e["event"] == "epoch" and e["epoch"] == kill_after)
+    seen = [e for e in events if e["event"] == "epoch"]
+    problems = []
+    if [e["epoch"] for e in seen] != list(range(1, kill_after + 1)):
+        return [f"{name}: the killed run reported epochs {[e['epoch'] for e in seen]}"]
+    if read_model(project, name)["status"] != "training":
+        problems.append(f"{name}: not marked as interrupted")
+    state = None
+    if mode == "filtermatch":
+        latest = next((root / "nnunet" / "results").glob(f"*_{name}/*/fold_0/checkpoint_latest.pth"))
+        state = json.loads(latest.with_suffix(".filtermatch.json").read_text())
+    config = FilterMatchConfig(warmup_epochs=1, filter_start=0, filter_every=1, drop_fraction=0.2) if state else None
+    rec = train(project, mode, name=name, epochs=epochs, iterations=2, val_iterations=1, device="cpu", validate=False,
+                filtermatch=config)
+    if rec["status"] != "done" or rec["epochs_done"] != epochs:
+        problems.append(f"{name}: ended {rec['status']} after {rec['epochs_done']} of {epochs} epochs")
+    if rec["resumed_at_epochs"] != [kill_after]:
+        problems.append(f"{name}: resumed at {rec['resumed_at_epochs']}, killed after {kill_after}")
+    if len(rec["train_losses"]) != epochs or not np.allclose(rec["train_losses"][:kill_after],
+                                                              [e["train_loss"] for e in seen], atol=1e-4):
+        problems.append(f"{name}: the killed run's losses were not kept: {rec['train_losses']}")
+    lrs = load_checkpoint_safely(root / rec["checkpoint"])["logging"]["lrs"]
+    expected = [lrs[0] * (1 - e / epochs) ** 0.9 for e in range(epochs)]
+    if len(lrs) != epochs or not np.allclose(lrs, expected, rtol=1e-6):
+        problems.append(f"{name}: learning rates {lrs} are not the poly schedule {expected}")
+    if state is not None:
+        log = rec["filtermatch"]["filter_log"]
+        if log[: len(state["filter_log"])] != state["filter_log"]:
+            problems.append(f"{name}: the filter decisions before the kill were not restored")
+        kept = {c for c in state["pool"]}
+        after = set().union(*({d["case"] for d in entry["dropped"]} for entry in log[len(state["filter_log"]):])) if log[len(state["filter_log"]):] else set()
+        if rec["filtermatch"]["remaining"] != len(kept - after):
+            problems.append(f"{name}: {rec['filtermatch']['remaining']} unlabeled cases remain, expected {len(kept - after)}")
+    return problems
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "writer":
         writer(Path(sys.argv[2]), int(sys.argv[3]))
