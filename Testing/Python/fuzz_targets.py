@@ -89,7 +89,7 @@ JSON = st.recursive(
 
 
 def _valid_prompt_file() -> dict:
-    return {"space": "index", "axis": "axial", "window": None,
+    return {"space": "index", "axis": "axial", "comment": "fuzz seed",
             "labels": {"organ": {"window": [40, 400], "min_iou": 0.5}},
             "cases": {"case0": {"organ": [{"box": [[2, 2, 5], [9, 9, 5]]}, {"points": [[5, 5, 5]], "negative": [[1, 1, 5]]}]}}}
 

@@ -240,21 +240,6 @@ def test_the_good_image_alone_is_added(rich_project, tmp_path, phantom_dir):
     assert rich_project.add_cases([s.src / "fresh.nii.gz"], reference_dir=s.ref) == ["fresh"]
 
 
-def test_malformed_project_config_via_cli(rich_project, run_cli):
-    cfg = rich_project.root / "alseg.json"
-    cfg.write_text('{"schema": 1, "name": "p", "modality": "CT", "labels": [{"name": "a", "value": 1}, {"name": "b", "value": 1}]}')
-    before = tree_hash(rich_project.root)
-    code, _, err = run_cli("status", rich_project.root)
-    assert code == 2 and "alseg.json" in err and "duplicate label value 1" in err
-    assert tree_hash(rich_project.root) == before
-
-
-def test_duplicate_label_values_at_init_create_nothing(tmp_path, run_cli):
-    code, _, err = run_cli("init", tmp_path / "p", "--labels", "liver=1,spleen=1", "--modality", "CT")
-    assert code == 2 and "duplicate label value 1" in err
-    assert not (tmp_path / "p").exists()
-
-
 def test_bad_label_import_leaves_project_untouched(rich_project, tmp_path, run_cli):
     arr = sitk.GetArrayFromImage(rich_project.read_label("phantom_ct_000", "reference"))
     arr[0, 0, 0] = 9
