@@ -491,7 +491,8 @@ class Project:
             try:
                 # a holder line left in the file: its writer died holding the lock (a clean
                 # release empties it); the OS has dropped that lock, so it is ours now
-                stale = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                os.lseek(fd, 0, os.SEEK_SET)  # (not os.pread: Windows has none)
+                stale = os.read(fd, 4096).decode("utf-8", "replace").strip()
                 holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
                 try:
                     os.ftruncate(fd, 0)

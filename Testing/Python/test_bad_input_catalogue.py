@@ -7,6 +7,7 @@ Each kind runs through the API and through the CLI: an InputError / exit code 2,
 message naming the file and the problem, the project folder byte-identical.
 """
 import json
+import locale
 import re
 import time
 
@@ -25,7 +26,19 @@ from conftest import tree_hash
 
 
 def dicom_series(folder, slices=6):
-    """A real DICOM CT series written slice by slice (positions 2 mm apart)."""
+    """A real DICOM CT series written slice by slice (positions 2 mm apart).
+
+    ITK's GDCM writer sets the C library's LC_CTYPE to "C" and leaves it so: Python's
+    default text encoding then turns to ASCII for the rest of the process. The
+    locale is put back afterwards (ALSeg itself reads DICOM, which does not do this)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(folder, slices)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(folder, slices):
     folder.mkdir(parents=True)
     arr = (np.random.default_rng(0).random((slices, 32, 32)) * 100).astype(np.int16)
     img = sitk.GetImageFromArray(arr)
