@@ -19,7 +19,6 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")  # before nnunetv2 is imported
 os.environ.setdefault("nnUNet_compile", "f")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402

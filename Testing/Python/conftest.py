@@ -1,11 +1,7 @@
 """Shared fixtures: phantom data, projects, the shared real data, folder hashing, CLI runner."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 from hypothesis import strategies as st
 
