@@ -365,6 +365,7 @@ class Project:
         if config is None or labels is None:
             config, labels = _read_config(root)
         self.root = root
+        self._real_root = root.resolve()  # for the symbolic-link check on every project path
         self.config = config
         self.labels = labels
         self._thread_lock = threading.RLock()  # threads of this process using this object
@@ -594,7 +595,7 @@ class Project:
         planted in a project (a copied or shared folder) must not make ALSeg read or
         write elsewhere."""
         real = path.resolve()
-        if not real.is_relative_to(self.root.resolve()):
+        if not real.is_relative_to(self._real_root):
             raise InputError(path, f"leads outside the project (to {real}) through a symbolic link: refused")
         return path
 

@@ -11,6 +11,7 @@ time), round records and label-table changes until it is killed.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -283,8 +284,6 @@ def concurrent_trial(root: Path, n: int, import_dir: Path) -> dict:
     out, _ = a.communicate(timeout=600)
     if a.returncode != 0 or b.wait(timeout=600) != 0:
         raise RuntimeError(f"a writer failed (exit {a.returncode}, {b.returncode})")
-    import ast
-
     accepted = ast.literal_eval(out.strip())
     project = Project.open(root)
     lost = []
@@ -349,8 +348,8 @@ def resume_trial(root: Path, mode: str, name: str, epochs: int, kill_after: int)
         log = rec["filtermatch"]["filter_log"]
         if log[: len(state["filter_log"])] != state["filter_log"]:
             problems.append(f"{name}: the filter decisions before the kill were not restored")
-        kept = {c for c in state["pool"]}
-        after = set().union(*({d["case"] for d in entry["dropped"]} for entry in log[len(state["filter_log"]):])) if log[len(state["filter_log"]):] else set()
+        kept = set(state["pool"])
+        after = {d["case"] for entry in log[len(state["filter_log"]):] for d in entry["dropped"]}
         if rec["filtermatch"]["remaining"] != len(kept - after):
             problems.append(f"{name}: {rec['filtermatch']['remaining']} unlabeled cases remain, expected {len(kept - after)}")
     return problems
