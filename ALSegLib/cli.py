@@ -226,7 +226,7 @@ def cmd_train(args) -> int:
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
-                   filtermatch=filtermatch, exclude_cases=args.exclude)
+                   filtermatch=filtermatch, exclude_cases=args.exclude, pseudo_share=args.pseudo_share)
     if args.json:
         _print_json(record)
     else:
@@ -400,7 +400,7 @@ def _round_settings(args):
                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
                          val_iterations=args.val_iters, features=args.features, pseudo=_pseudo_spec(args),
-                         filtermatch=fm)
+                         filtermatch=fm, pseudo_share=args.pseudo_share)
 
 
 def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
@@ -454,7 +454,7 @@ def cmd_simulate(args) -> int:
         test_fraction=args.test_fraction, pseudo=_pseudo_spec(args) or {"source": "degraded-reference", "target_dice": args.target_dice},
         configuration=args.configuration, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
         pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
-        device=args.device, filtermatch=fm, sweep=args.sweep, **kw)
+        device=args.device, filtermatch=fm, sweep=args.sweep, pseudo_share=args.pseudo_share, **kw)
     results = simulate(source, args.out, settings)
     if args.json:
         _print_json(results)
@@ -606,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="the model to start from (finetune: default pretrain; filtermatch: optional)")
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases the model never sees, labeled or unlabeled "
                    "(held-out test cases; FilterMatch would otherwise use them as unlabeled data)")
+    p.add_argument("--pseudo-share", type=float, default=0.0,
+                   help="finetune: also train on the pseudo-labels of cases without a human label, drawn this share "
+                   "of the time (e.g. 0.5; default 0: human labels only)")
     fm = p.add_argument_group("filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
     fm.add_argument("--warmup", type=int, default=20, help="E_start: supervised-only epochs (default 20)")
     fm.add_argument("--filter-start", type=int, default=100, help="E_f: first filter after this epoch (default 100)")
@@ -702,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, help="epochs of each round's training")
         p.add_argument("--iters", type=int, help="iterations per epoch of each round's training")
         p.add_argument("--val-iters", type=int, help="validation iterations per epoch")
+        p.add_argument("--pseudo-share", type=float, default=0.5,
+                       help="finetune: share of training draws from cases that have only a pseudo-label (default 0.5; "
+                       "0: fine-tune on the human labels alone)")
 
     def pseudo_source(p):
         g = p.add_argument_group("pseudo-labels for cases that have none")

@@ -15,7 +15,10 @@
   them in Slicer (or ``alseg import-labels --kind human``); in the oracle experiment an annotator
   callback reveals references. Until then the round stops here and says so.
 - **train**: ``finetune`` from the pretrained weights, or ``filtermatch``, on all
-  human labels so far; the model is ``round<NNNN>-<mode>``.
+  human labels so far; the model is ``round<NNNN>-<mode>``. Fine-tuning also keeps
+  the pseudo-labels of the cases not yet reviewed, drawn ``pseudo_share`` of the
+  time (default half; 0 trains on the human labels alone). Round models train on
+  every label (no validation split held out): the held-out cases score them.
 - **predict** / **evaluate**: the held-out cases (the excluded ones with a
   reference label) are predicted and scored: Dice, IoU, HD95 per class.
 - **report**: the round's page (markdown, HTML, JSON) and the project's
@@ -66,10 +69,14 @@ class RoundSettings:
     features: str = "auto"
     pseudo: dict | None = None  # {"source": "sam"|"import"|"degraded-reference", ...options}
     filtermatch: dict | None = None  # FilterMatchConfig fields (mode filtermatch)
+    # finetune: share of training draws from cases with only a pseudo-label (0: the human labels alone)
+    pseudo_share: float = 0.5
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
+        if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
+            raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
         self.exclude = sorted(set(self.exclude))
         self.budget = str(self.budget)
         if self.pseudo is not None:
@@ -300,7 +307,8 @@ class Round:
         config = FilterMatchConfig.from_json(s.filtermatch) if s.mode == "filtermatch" and s.filtermatch else None
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
-                    filtermatch=config, exclude_cases=s.exclude)
+                    filtermatch=config, exclude_cases=s.exclude,
+                    pseudo_share=s.pseudo_share if s.mode == "finetune" else 0.0)
         self.record["model"] = name
         return {"model": name, "mode": s.mode, "labeled_cases": rec["labeled_cases"], "seconds_training": rec["seconds"]}
 

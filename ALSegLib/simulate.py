@@ -81,6 +81,7 @@ class ExperimentSettings:
     val_iterations: int | None = None
     device: str = "auto"
     filtermatch: dict | None = None
+    pseudo_share: float = 0.5  # finetune arms: share of draws from pseudo-labeled cases (RoundSettings.pseudo_share)
     sweep: list[float] | None = None  # pseudo-label target Dice values: final Dice of the best arm for each
 
     def __post_init__(self):
@@ -136,7 +137,8 @@ def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test
                          device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
                          pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
                          epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
-                         pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None)
+                         pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None,
+                         pseudo_share=settings.pseudo_share if mode == "finetune" else 0.0)
 
 
 def _score(project: Project, model: str, test: list[str], device: str) -> dict:

@@ -123,8 +123,10 @@ def _alseg_plans(base: dict, configurations: Sequence[str], batch_size: int | No
     return plans
 
 
-def preprocess(project: Project, dataset: Dataset, configuration: str, num_processes: int | None = None) -> None:
-    """Preprocess ``dataset`` with the project's plans (moved over first if needed); idempotent."""
+def preprocess(project: Project, dataset: Dataset, configuration: str, num_processes: int | None = None,
+               hold_out: bool = True) -> None:
+    """Preprocess ``dataset`` with the project's plans (moved over first if needed); idempotent.
+    ``hold_out``: keep nnU-Net's 20 % validation split out of training (see :func:`write_split`)."""
     record = project_plans(project)
     f = folders(project.root)
     target = f.preprocessed / dataset.name
@@ -155,14 +157,15 @@ def preprocess(project: Project, dataset: Dataset, configuration: str, num_proce
         with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
             nn_preprocess([dataset.id], PLANS, [configuration], [num_processes or default_processes()])
         atomic.write_bytes(marker, now_iso().encode())
-    write_split(target, dataset.cases)
+    write_split(target, dataset.cases, hold_out=hold_out)
 
 
-def write_split(preprocessed: Path, cases: Sequence[str], seed: int = 12345) -> None:
+def write_split(preprocessed: Path, cases: Sequence[str], seed: int = 12345, hold_out: bool = True) -> None:
     """Fold 0 of ``splits_final.json``: a seeded 80/20 train/validation split from 5
-    cases up; below that every case is used for both (nnU-Net's 'all')."""
+    cases up; below that, or without ``hold_out``, every case is used for both
+    (nnU-Net's 'all': a model scored on other cases, as in a round, trains on every label)."""
     cases = sorted(cases)
-    if len(cases) >= 5:
+    if hold_out and len(cases) >= 5:
         shuffled = cases[:]
         random.Random(seed).shuffle(shuffled)
         n_val = max(1, round(0.2 * len(cases)))

@@ -69,13 +69,28 @@ def _model_lock(folder: Path):
     return exclusive_run(folder / "train.lock", "this model is being trained already")
 
 
-def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] = ()) -> Dataset:
+def sample_repeats(sources: dict[str, str], pseudo_share: float) -> dict[str, int]:
+    """How many times each human-labeled case is listed for sampling so that the
+    pseudo-labeled cases make up about ``pseudo_share`` of the draws (the rest human).
+
+    With 8 human and 152 pseudo-labeled cases and a share of 0.5, each human case is
+    listed 19 times. Empty when nothing needs weighting (a share of 0, or one kind only)."""
+    human = [c for c, src in sources.items() if src.startswith("human")]
+    pseudo = len(sources) - len(human)
+    if not pseudo_share or not human or not pseudo:
+        return {}
+    repeats = max(1, round((1.0 - pseudo_share) / pseudo_share * pseudo / len(human)))
+    return {c: repeats for c in human}
+
+
+def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] = (), policy: str | None = None) -> Dataset:
     """The model's dataset: its own snapshot; a pretraining model may take over the
     pseudo-labeled planning dataset (already preprocessed) if no other model uses it
     and no case is to be left out."""
+    policy = policy or MODES[mode]
     own = find_dataset(project, name)
     if own is not None:
-        if own.policy != MODES[mode] or own.pool_as_ignore != (mode == "filtermatch"):
+        if own.policy != policy or own.pool_as_ignore != (mode == "filtermatch"):
             raise InputError(f"model {name!r}", f"a dataset snapshot {own.name} exists for another kind of model "
                                                 f"({own.policy} labels{', with unlabeled pool' if own.pool_as_ignore else ''}); "
                                                 "choose another --name")
@@ -91,7 +106,7 @@ def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] 
                 if holder is None:
                     atomic.write_bytes(claim, name.encode())
                 return Dataset.load(folder)
-    return export_dataset(project, MODES[mode], name, pool_as_ignore=mode == "filtermatch", exclude=exclude)
+    return export_dataset(project, policy, name, pool_as_ignore=mode == "filtermatch", exclude=exclude)
 
 
 def train(
@@ -109,6 +124,7 @@ def train(
     batch_size: int | None = None,
     filtermatch=None,
     exclude_cases: Sequence[str] | None = None,
+    pseudo_share: float = 0.0,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -117,6 +133,10 @@ def train(
     :class:`~ALSegLib.nnunet.filtermatch.FilterMatchConfig` (default settings if None).
     ``exclude_cases``: cases the model never sees, labeled or not (held-out test
     cases); a resumed model must be given the same ones (or none).
+    ``pseudo_share`` (``finetune`` only): train on the human labels *and* the
+    pseudo-labels of the cases no human has labeled yet, drawing pseudo-labeled
+    cases this share of the time (0: human labels only). A resumed model keeps its own.
+    ``validate=False`` also trains on every labeled case (no validation split held out).
     """
     if mode not in MODES:
         raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
@@ -140,6 +160,14 @@ def train(
                                             f"not these {len(exclude)}; choose another --name")
     if previous and previous["status"] == "done":
         return previous
+    if previous is not None:
+        pseudo_share = previous.get("pseudo_share", 0.0)
+    if not 0.0 <= pseudo_share < 1.0:
+        raise InputError("--pseudo-share", f"must be in [0, 1), not {pseudo_share}")
+    if pseudo_share and mode != "finetune":
+        raise InputError("--pseudo-share", f"mixes pseudo-labels into fine-tuning only, not into {mode!r}")
+    policy = "human+pseudo" if pseudo_share else MODES[mode]
+    hold_out = previous.get("validation_split", True) if previous is not None else validate
 
     init = None
     if mode == "finetune":
@@ -162,11 +190,11 @@ def train(
         if previous is not None:
             dataset = Dataset.load(folders(project.root).raw / previous["dataset"])
         else:
-            dataset = _dataset_for(project, mode, name, exclude)
+            dataset = _dataset_for(project, mode, name, exclude, policy)
             if sorted(dataset.excluded) != exclude:
                 raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
                                                     "choose another --name")
-        preprocess(project, dataset, configuration)
+        preprocess(project, dataset, configuration, hold_out=hold_out)
         f = folders(project.root)
         pre = f.preprocessed / dataset.name
         cls = trainer_class(mode)
@@ -175,6 +203,8 @@ def train(
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
             "plans": PLANS, "trainer": cls.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
             "excluded_cases": sorted(dataset.excluded), "plans_digest": plans_record.get("plans_digest"),
+            "validation_split": hold_out, "pseudo_share": pseudo_share,
+            "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
         }
         record.update({"status": "training", "device": str(dev),
                        "budget": {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations}})
@@ -193,6 +223,7 @@ def train(
             dataset_json = json.loads((pre / "dataset.json").read_text())
             trainer = cls(plans, configuration, 0, dataset_json, dev)
             trainer.set_budget(epochs, iterations, val_iterations)
+            trainer.case_repeats = sample_repeats(dataset.sources, pseudo_share)
             if mode == "filtermatch":
                 from .filtermatch import FilterMatchConfig
 

@@ -79,6 +79,7 @@ class ALSegTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.save_every = 1
+        self.case_repeats: dict[str, int] = {}  # case -> times it is listed for sampling (see sample_weights)
         for attr, var in (("num_epochs", "ALSEG_EPOCHS"), ("num_iterations_per_epoch", "ALSEG_ITERS"),
                           ("num_val_iterations_per_epoch", "ALSEG_VAL_ITERS")):
             if os.environ.get(var):
@@ -90,6 +91,17 @@ class ALSegTrainer(nnUNetTrainer):
         self.num_epochs = int(epochs)
         self.num_iterations_per_epoch = int(iterations)
         self.num_val_iterations_per_epoch = int(val_iterations if val_iterations is not None else max(1, iterations // 5))
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's split, with a case listed ``case_repeats[case]`` times in the training
+        set: nnU-Net draws training cases uniformly from that list, so a case listed k
+        times is drawn k times as often (the few human labels among many pseudo-labels)."""
+        train, val = super().get_tr_and_val_datasets()
+        if any(n > 1 for n in self.case_repeats.values()):
+            listed = [key for key in train.identifiers for _ in range(self.case_repeats.get(key, 1))]
+            train = self.dataset_class(self.preprocessed_dataset_folder, listed,
+                                       folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        return train, val
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically: a kill mid-write never leaves a torn file."""

@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--filter-start", type=int, default=2)
     ap.add_argument("--filter-every", type=int, default=2)
+    ap.add_argument("--pseudo-share", type=float, default=0.5,
+                    help="finetune arms: share of draws from pseudo-labeled cases (0: human labels only)")
     ap.add_argument("--name", default="al_round", help="results file name (default: al_round -> results/al_round.json)")
     ap.add_argument("--keep", help="keep the experiment folder here (default: a temporary folder, removed)")
     args = ap.parse_args()
@@ -81,7 +83,7 @@ def main() -> int:
             pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.pretrain_iters, epochs=args.epochs,
             iterations=args.iters, val_iterations=args.val_iters, device=args.device,
             filtermatch={"warmup_epochs": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
-            sweep=args.sweep or None)
+            sweep=args.sweep or None, pseudo_share=args.pseudo_share)
         start = time.perf_counter()
         results = simulate(source, work / "experiment", settings)
         seconds = time.perf_counter() - start
@@ -111,6 +113,7 @@ def main() -> int:
                    "pretrain": f"{args.pretrain_epochs} x {args.pretrain_iters}", "each_training": f"{args.epochs} x {args.iters}",
                    "each_baseline": "{} x {}".format(*baseline_budget(settings)),
                    "filtermatch": {"warmup": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
+                   "pseudo_share": args.pseudo_share, "training_split": "every label (no validation split)",
                    "rounds": args.rounds, "cases_per_round": args.budget, "seeds": args.seeds,
                    "pool": len(pool), "test": len(test), "split_seed": args.split_seed, "seconds": round(seconds, 1)},
     }

@@ -183,6 +183,47 @@ def test_finetune_starts_from_the_pretrained_weights_then_predicts(tiny, run_cli
     assert code == 2 and "model 'nope'" in err
 
 
+def test_finetune_with_pseudo_share_mixes_labels_and_weights_the_human_ones(tiny):
+    """Fine-tuning on the human labels plus the other cases' pseudo-labels: a human label
+    replaces its case's pseudo-label, human cases are listed so that they make up about
+    half the draws, and a model scored elsewhere (validate=False) trains on every case."""
+    from ALSegLib.nnunet.train import sample_repeats
+    from ALSegLib.nnunet.trainers import ALSegTrainer
+
+    project = tiny["project"]
+    ensure_human_labels(project)
+    human = set(project.labeled_cases("human"))
+    rec = train(project, "finetune", name="mixed", validate=False, pseudo_share=0.5, **BUDGET)
+    assert rec["policy"] == "human+pseudo" and rec["pseudo_share"] == 0.5 and rec["validation_split"] is False
+    assert rec["labeled_cases"] == 13 and rec["human_cases"] == len(human) == 2
+    assert rec["init_weights_digest"] == tiny["pretrain"]["final_weights_digest"]
+    meta = ds.Dataset.load(folders(project.root).raw / rec["dataset"])
+    assert {c for c, src in meta.sources.items() if src.startswith("human")} == human
+    pre = folders(project.root).preprocessed / rec["dataset"]
+    split = json.loads((pre / "splits_final.json").read_text())
+    assert split == [{"train": sorted(project.cases()), "val": sorted(project.cases())}]
+
+    repeats = sample_repeats(meta.sources, 0.5)
+    assert repeats == {c: 6 for c in human}  # 11 pseudo-labeled vs 2 x 6 human listings: about half each
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    plans["continue_training"] = False
+    with nnunet_environment(project.root, training_on_cpu=True):
+        trainer = ALSegTrainer(plans, "3d_fullres", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+        trainer.case_repeats = repeats
+        listed, _ = trainer.get_tr_and_val_datasets()
+    counts = {c: listed.identifiers.count(c) for c in project.cases()}
+    assert all(counts[c] == (6 if c in human else 1) for c in counts)
+    share = sum(counts[c] for c in human) / len(listed.identifiers)
+    assert 0.45 < share < 0.55
+    assert sample_repeats(meta.sources, 0.0) == {} and sample_repeats({"a": "pseudo"}, 0.5) == {}
+    assert sample_repeats({"a": "human v0001", "b": "pseudo"}, 0.9) == {"a": 1}  # never below once
+
+    with pytest.raises(InputError, match="pseudo-share"):
+        train(project, "supervised", name="bad-share", pseudo_share=0.5, **BUDGET)
+    with pytest.raises(InputError, match="pseudo-share"):
+        train(project, "finetune", name="bad-share", pseudo_share=1.0, **BUDGET)
+
+
 def test_training_resumes_after_sigkill(tiny):
     project = tiny["project"]
     ensure_human_labels(project)
