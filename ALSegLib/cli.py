@@ -232,10 +232,19 @@ def cmd_train(args) -> int:
     else:
         v = record.get("validation") or {}
         print(f"Model {record['name']} ({record['mode']}, {record['configuration']}): {record['epochs_done']} epochs x "
-              f"{record['budget']['iterations']} iterations on {record['labeled_cases']} labeled cases in {record['seconds']:.0f} s; "
+              f"{record['budget']['iterations']} iterations on {_training_cases(record)} in {record['seconds']:.0f} s; "
               f"final train loss {record['final_train_loss']:.3f}"
               + (f", validation Dice {v['mean_dice']:.3f} on {v['cases']} case(s)" if v else ""))
     return EXIT_OK
+
+
+def _training_cases(record: dict) -> str:
+    """'12 labeled cases', or for a fine-tuning mixed with pseudo-labels '4 human + 8 pseudo-labeled cases'."""
+    if record.get("pseudo_share"):
+        human = record.get("human_cases", 0)
+        return (f"{human} human + {record['labeled_cases'] - human} pseudo-labeled cases "
+                f"(pseudo-labels drawn {100 * record['pseudo_share']:.0f} % of the time)")
+    return f"{record['labeled_cases']} labeled cases"
 
 
 def _filtermatch_config(args, where: str):

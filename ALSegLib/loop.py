@@ -310,7 +310,9 @@ class Round:
                     filtermatch=config, exclude_cases=s.exclude,
                     pseudo_share=s.pseudo_share if s.mode == "finetune" else 0.0)
         self.record["model"] = name
-        return {"model": name, "mode": s.mode, "labeled_cases": rec["labeled_cases"], "seconds_training": rec["seconds"]}
+        human = rec.get("human_cases", rec["labeled_cases"])
+        return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],
+                "pseudo_share": rec.get("pseudo_share", 0.0), "seconds_training": rec["seconds"]}
 
     def predict(self) -> dict:
         from .nnunet.predict import predict

@@ -141,6 +141,12 @@ def test_rounds_through_the_console_api_with_reports_and_learning_curve(tmp_path
     assert second["round"] == 2 and second["stages"]["pretrain"]["reused"] is True
     assert second["stages"]["predict-pool"]["model"] == "round0001-finetune"
     assert second["metrics"]["annotated"] == 4 and second["metrics"]["of"] == 9
+    # fine-tuned on the 4 human labels and the 5 unreviewed cases' pseudo-labels, test cases never
+    trained = second["stages"]["train"]
+    assert (trained["labeled_cases"], trained["training_cases"], trained["pseudo_share"]) == (4, 9, 0.5)
+    model = read_model(project, "round0002-finetune")
+    assert model["policy"] == "human+pseudo" and model["excluded_cases"] == sorted(test)
+    assert model["validation_split"] is False
     labeled = set(project.labeled_cases("human"))
     assert len(labeled) == 4 and not labeled & set(test) and set(annotator.revealed) == labeled
     assert all(project.provenance(c, "human")["source"] == "simulated" for c in labeled)
@@ -173,6 +179,9 @@ def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
     with pytest.raises(InputError, match="no case has a pseudo-label to pretrain on"):
         bare.run_round(budget="1")
     assert tree_hash(bare.root) == before  # refused before anything was written
+    for share in (1.0, -0.1, "half"):
+        with pytest.raises(InputError, match="pseudo-share"):
+            RoundSettings(budget="1", pseudo_share=share)
 
 
 # --- the experiment and the demo -------------------------------------------------------------
