@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__, volumes
 from .errors import InputError, ProjectLockedError
 from .project import LABEL_KINDS, LabelTable, Project, parse_color
+from .report import format_number
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
@@ -52,7 +53,7 @@ def _print_json(obj) -> None:
 
 
 def _fmt(v: float, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    return format_number(v, digits, missing="n/a")
 
 
 # --- commands -------------------------------------------------------------------------------

@@ -20,12 +20,17 @@ from .project import Project, now_iso
 METRICS = ("dice", "iou", "hd95")
 
 
-def _fmt(value, digits: int = 3) -> str:
+def format_number(value, digits: int = 3, missing: str = "–") -> str:
+    """A metric as text: floats to ``digits`` places, a missing value (None, NaN) as ``missing``,
+    anything else as ``str``. Shared by the reports, the CLI and the Slicer module's tables."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return missing
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+_fmt = format_number
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -201,4 +201,6 @@ def _control_points(node) -> list[list[float]]:
 
 
 def _fmt(value) -> str:
-    return "" if value is None or value != value else f"{value:.3f}"
+    from ALSegLib.report import format_number
+
+    return format_number(value, missing="")
