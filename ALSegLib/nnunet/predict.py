@@ -25,12 +25,12 @@ from ..progress import emit, track
 from ..project import Project, check_case_id
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS
-from .train import TRAINER, read_model
+from .train import TRAINER, model_dir, read_model
 from .trainers import load_checkpoint_safely, load_weights_checked
 
 
 def probabilities_path(project: Project, model: str, case: str) -> Path:
-    return project.root / "predictions" / check_case_id(model) / f"{check_case_id(case)}.npz"
+    return project._inside(project.root / "predictions" / check_case_id(model) / f"{check_case_id(case)}.npz")
 
 
 def load_probabilities(project: Project, model: str, case: str) -> tuple[np.ndarray, list[int]]:
@@ -122,7 +122,7 @@ def predict(
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     out = []
-    log = project.root / "models" / model / "nnunet.log"
+    log = model_dir(project, model) / "nnunet.log"
     with nnunet_environment(project.root, log=log):
         predictor = _predictor(project, record, dev, mirroring, tile_step)
         pool = BottleneckPool(predictor.network) if features else None

@@ -42,7 +42,7 @@ def default_budget(device: torch.device) -> tuple[int, int]:
 
 
 def model_dir(project: Project, name: str) -> Path:
-    return project.root / "models" / check_case_id(name)
+    return project._inside(project.root / "models" / check_case_id(name))
 
 
 def read_model(project: Project, name: str) -> dict:

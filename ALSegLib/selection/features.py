@@ -38,12 +38,12 @@ CT_RANGE = (-1000.0, 1000.0)
 
 
 def nnunet_features_path(project: Project, model: str, case: str) -> Path:
-    return project.root / "features" / "nnunet" / check_case_id(model) / f"{check_case_id(case)}.npy"
+    return project._inside(project.root / "features" / "nnunet" / check_case_id(model) / f"{check_case_id(case)}.npy")
 
 
 def sam_features_path(project: Project, case: str) -> Path:
     """Written by ``alseg pseudolabel --source sam`` (with a ``.json`` sidecar)."""
-    return project.root / "features" / "sam" / f"{check_case_id(case)}.npy"
+    return project._inside(project.root / "features" / "sam" / f"{check_case_id(case)}.npy")
 
 
 def write_vector(path: Path, vector: np.ndarray) -> None:

@@ -212,6 +212,18 @@ def symlinked_image_escapes(p, tmp):
                 f"images/{case}.nrrd", "leads outside the project")
 
 
+def symlinked_model_escapes(p, tmp):
+    """A model folder that is a link to elsewhere: its model.json (and the weights it names) are not read."""
+    from ALSegLib.nnunet.train import read_model
+
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    (outside / "model.json").write_text(json.dumps({"name": "planted", "mode": "pretrain"}))
+    (p.root / "models").mkdir(exist_ok=True)
+    (p.root / "models" / "planted").symlink_to(outside, target_is_directory=True)
+    return Kind(lambda: read_model(p, "planted"), ["models", p.root], "models/planted", "leads outside the project")
+
+
 def case_id_escapes_in_export(p, tmp):
     return Kind(lambda: p.read_label("../../etc/passwd", "reference"),
                 ["export", p.root, "../../etc/passwd", "--kind", "reference", "--to", tmp / "out.nrrd"],
@@ -223,7 +235,7 @@ KINDS = [
     init_duplicate_label_values, round_file_not_json, round_file_wrong_number, prompt_file_not_json,
     prompt_point_outside_image, prompt_unknown_case, sam_checkpoint_wrong_architecture, sam_checkpoint_shapes_mismatch,
     checkpoint_not_a_checkpoint, checkpoint_with_pickled_code, symlinked_label_folder_escapes, symlinked_image_escapes,
-    case_id_escapes_in_export,
+    symlinked_model_escapes, case_id_escapes_in_export,
 ]
 
 
