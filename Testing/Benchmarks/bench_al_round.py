@@ -9,12 +9,18 @@ baselines pseudo-only, supervised-only (the hybrid arm's labeled cases, from scr
 and full supervision (every pool reference). Same compute per arm: the from-scratch
 baselines get as many steps as an arm's model (pretraining + one round's training).
 
-CPU run (the recorded one):  .venv/bin/python Testing/Benchmarks/bench_al_round.py
+The recorded CPU run (results/al_round.json): one seed per invocation (each about 45 min
+on 2 cores), then the runs pooled:
+  for s in 0 1; do .venv/bin/python Testing/Benchmarks/bench_al_round.py --seeds $s \
+      --arms hybrid+finetune random+finetune pseudo-only supervised-only "full supervision" \
+      --name al_round_seed$s; done
+  .venv/bin/python Testing/Benchmarks/bench_al_round.py --name al_round \
+      --merge Testing/Benchmarks/results/al_round_seed0.json Testing/Benchmarks/results/al_round_seed1.json
 nnU-Net's default budget on a GPU (the comparison the goals are about):
-  python Testing/Benchmarks/bench_al_round.py --device cuda --configuration 3d_fullres --batch-size 0 \\
-      --pretrain-epochs 1000 --pretrain-iters 250 --epochs 1000 --iters 250 --val-iters 50 --seeds 0 1 2 \\
+  python Testing/Benchmarks/bench_al_round.py --device cuda --configuration 3d_fullres --batch-size 0 \
+      --pretrain-epochs 1000 --pretrain-iters 250 --epochs 1000 --iters 250 --val-iters 50 --seeds 0 1 2 \
       --warmup 20 --filter-start 100 --filter-every 100
-Writes Testing/Benchmarks/results/al_round.json.
+Writes Testing/Benchmarks/results/NAME.json (--name, default al_round).
 """
 from __future__ import annotations
 
@@ -24,11 +30,13 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("nnUNet_compile", "f")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 from bench_nnunet import split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
@@ -49,7 +57,7 @@ def main() -> int:
     ap.add_argument("--arms", nargs="+", default=[*alseg_arms(), *BASELINES])
     ap.add_argument("--configuration", default="2d")
     ap.add_argument("--batch-size", type=int, default=12, help="0: the planned batch size")
-    ap.add_argument("--pretrain-epochs", type=int, default=5)
+    ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--pretrain-iters", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--iters", type=int, default=100)
@@ -62,7 +70,12 @@ def main() -> int:
                     help="finetune arms: share of draws from pseudo-labeled cases (0: human labels only)")
     ap.add_argument("--name", default="al_round", help="results file name (default: al_round -> results/al_round.json)")
     ap.add_argument("--keep", help="keep the experiment folder here (default: a temporary folder, removed)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                    help="run nothing: pool these results files (same setup, other seeds) into results/NAME.json")
     args = ap.parse_args()
+    if args.merge:
+        write_results(args.name, merge(args.merge))
+        return 0
     data = shared_data()
     if data is None or not (data / "hippocampus" / "imagesTr").is_dir():
         print("shared Hippocampus data not found: nothing measured")
@@ -90,35 +103,87 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    arms = results["arms"]
-    alseg = {a: d["final"]["mean_dice"] for a, d in arms.items() if "+" in a}
-    best = max(alseg, key=alseg.get) if alseg else None
-    full = arms.get("full supervision", {}).get("final", {}).get("mean_dice")
-    figures = {
-        "fraction": results["fraction"],
-        "dice": results["dice"],
-        "ratio_to_full": results["ratio_to_full"],
-        "pseudo_label_dice": results["pseudo_label_dice"],
-        "per_seed": {a: d["final"]["per_seed"] for a, d in arms.items()},
-        "curves": {a: d["points"] for a, d in arms.items()},
-        "sweep": results.get("sweep"),
-        "best_alseg_arm": best,
-        "goals": {
-            "best_alseg_ratio_to_full": results["ratio_to_full"].get(best) if best else None,
-            "best_alseg_at_least_0.97_of_full": bool(best and full and alseg[best] >= 0.97 * full),
-            "hybrid_at_least_random": {m: (arms[f"hybrid+{m}"]["final"]["mean_dice"] >= arms[f"random+{m}"]["final"]["mean_dice"])
-                                       for m in ("finetune", "filtermatch") if f"hybrid+{m}" in arms and f"random+{m}" in arms},
-        },
-        "budget": {"device": args.device, "configuration": args.configuration, "batch_size": args.batch_size,
-                   "pretrain": f"{args.pretrain_epochs} x {args.pretrain_iters}", "each_training": f"{args.epochs} x {args.iters}",
-                   "each_baseline": "{} x {}".format(*baseline_budget(settings)),
-                   "filtermatch": {"warmup": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
-                   "pseudo_share": args.pseudo_share, "training_split": "every label (no validation split)",
-                   "rounds": args.rounds, "cases_per_round": args.budget, "seeds": args.seeds,
-                   "pool": len(pool), "test": len(test), "split_seed": args.split_seed, "seconds": round(seconds, 1)},
-    }
+    budget = {"device": args.device, "configuration": args.configuration, "batch_size": args.batch_size,
+              "pretrain": f"{args.pretrain_epochs} x {args.pretrain_iters}", "each_training": f"{args.epochs} x {args.iters}",
+              "each_baseline": "{} x {}".format(*baseline_budget(settings)),
+              "filtermatch": {"warmup": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
+              "pseudo_share": args.pseudo_share, "training_split": "every label (no validation split)",
+              "rounds": args.rounds, "cases_per_round": args.budget, "seeds": args.seeds,
+              "pool": len(pool), "test": len(test), "split_seed": args.split_seed, "seconds": round(seconds, 1)}
+    figures = summarize({a: d["points"] for a, d in results["arms"].items()}, results["pseudo_label_dice"],
+                        results.get("sweep"), budget)
     write_results(args.name, figures)
     return 0
+
+
+def summarize(curves: dict[str, list[dict]], pseudo_label_dice: float | None, sweep, budget: dict) -> dict:
+    """The results file's figures from each arm's curve (points with ``mean_dice``, ``per_seed``,
+    ``per_class``): the final Dice, the ratio to full supervision and the goals."""
+    full = curves["full supervision"][-1]["mean_dice"] if "full supervision" in curves else None
+    for points in curves.values():
+        for p in points:
+            p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
+    dice = {a: points[-1]["mean_dice"] for a, points in curves.items()}
+    alseg = {a: v for a, v in dice.items() if "+" in a}
+    best = max(alseg, key=alseg.get) if alseg else None
+    return {
+        "fraction": max((p["fraction"] for a, points in curves.items() if "+" in a for p in points), default=0.0),
+        "dice": dice,
+        "ratio_to_full": {a: points[-1]["ratio_to_full"] for a, points in curves.items()},
+        "pseudo_label_dice": pseudo_label_dice,
+        "per_seed": {a: points[-1]["per_seed"] for a, points in curves.items()},
+        "curves": curves,
+        "sweep": sweep,
+        "best_alseg_arm": best,
+        "goals": {
+            "best_alseg_ratio_to_full": round(alseg[best] / full, 4) if best and full else None,
+            "best_alseg_at_least_0.97_of_full": bool(best and full and alseg[best] >= 0.97 * full),
+            "hybrid_at_least_random": {m: dice[f"hybrid+{m}"] >= dice[f"random+{m}"]
+                                       for m in ("finetune", "filtermatch") if f"hybrid+{m}" in dice and f"random+{m}" in dice},
+        },
+        "budget": budget,
+    }
+
+
+def merge(paths: list[str]) -> dict:
+    """One results file from runs of the same setup on different seeds (one seed per run when a
+    run takes hours): each arm's per-seed Dice pooled, means and ratios recomputed."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+
+    def setup(run):
+        return {k: v for k, v in run["budget"].items() if k not in ("seeds", "seconds")}
+
+    for path, run in zip(paths, runs, strict=True):
+        if setup(run) != setup(runs[0]):
+            raise SystemExit(f"{path}: another setup than {paths[0]} ({setup(run)} != {setup(runs[0])})")
+        if run["commit"] != runs[0]["commit"]:
+            raise SystemExit(f"{path}: measured at commit {run['commit']}, {paths[0]} at {runs[0]['commit']}: not pooled")
+        if list(run["curves"]) != list(runs[0]["curves"]):
+            raise SystemExit(f"{path}: other arms than {paths[0]}")
+    seeds = [s for run in runs for s in run["budget"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"a seed is in more than one run: {seeds}")
+    curves = {}
+    for arm in runs[0]["curves"]:
+        points = []
+        for group in zip(*(run["curves"][arm] for run in runs), strict=True):
+            seeds_in = [len(p["per_seed"]) for p in group]  # each run's point is a mean over its seeds
+            per_seed = [d for p in group for d in p["per_seed"]]
+            points.append({"round": group[0]["round"],
+                           "fraction": float(np.average([p["fraction"] for p in group], weights=seeds_in)),
+                           "annotated": float(np.average([p["annotated"] for p in group], weights=seeds_in)),
+                           "mean_dice": float(np.mean(per_seed)),
+                           "per_class": {c: float(np.average([p["per_class"][c] for p in group], weights=seeds_in))
+                                         for c in group[0]["per_class"]},
+                           "per_seed": per_seed})
+        curves[arm] = points
+    weights = [len(run["budget"]["seeds"]) for run in runs]
+    budget = {**runs[0]["budget"], "seeds": seeds, "seconds": round(sum(run["budget"]["seconds"] for run in runs), 1)}
+    figures = summarize(curves, float(np.average([run["pseudo_label_dice"] for run in runs], weights=weights)),
+                        runs[0].get("sweep"), budget)
+    figures["merged_runs"] = [{"file": Path(p).name, "commit": run["commit"], "time": run["time"],
+                               "seeds": run["budget"]["seeds"]} for p, run in zip(paths, runs, strict=True)]
+    return figures
 
 
 if __name__ == "__main__":
