@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_until, tree_hash
 
-from ALSegLib import Project, RoundSettings, phantoms, rounds
+from ALSegLib import Project, RoundSettings, cli, phantoms, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.loop import STAGES, current_round
 from ALSegLib.nnunet.train import read_model
@@ -93,7 +93,7 @@ def stage_times(project: Project, number: int) -> dict:
     return {k: (v["started"], v["done"]) for k, v in rounds.read_round(project, number)["stages"].items()}
 
 
-def test_round_killed_at_every_stage_boundary_resumes_without_redoing_finished_stages(tmp_path):
+def test_round_killed_at_every_stage_boundary_resumes_without_redoing_finished_stages(tmp_path, capsys):
     project = phantom_project(tmp_path)
     test = project.cases()[-3:]
     start = ["--budget", "2", "--exclude", *test, "--pseudo-source", "degraded-reference", "--target-dice", "0.75", *CLI_TINY]
@@ -105,6 +105,10 @@ def test_round_killed_at_every_stage_boundary_resumes_without_redoing_finished_s
             assert any(e["event"] == "round-waiting" for e in events) and "review" not in done
             record = rounds.read_round(project, 1)
             assert record["waiting"]["cases"] == [q["case"] for q in record["queue"]]
+            # asked again (here as `alseg round --json`), the round still waits and says for which cases
+            assert cli.main(["round", str(project.root), "--json"]) == 0
+            answer = json.loads(capsys.readouterr().out)
+            assert answer["waiting"]["cases"] == record["waiting"]["cases"] and "review" not in answer["stages"]
             for case in record["waiting"]["cases"]:
                 project.add_human_label(case, project.read_label(case, "reference"), source="simulated")
             events = run_round_cli(project, [], stage)
@@ -120,8 +124,6 @@ def test_round_killed_at_every_stage_boundary_resumes_without_redoing_finished_s
     assert not {q["case"] for q in record["queue"]} & set(test)
     assert (project.root / record["stages"]["report"]["files"]["html"]).is_file()
     # a finished round is not run again: a new one needs a budget
-    from ALSegLib import cli
-
     assert cli.main(["round", str(project.root)]) == 2
 
 
