@@ -16,6 +16,7 @@ on 2 cores), then the runs pooled:
       --name al_round_seed$s; done
   .venv/bin/python Testing/Benchmarks/bench_al_round.py --name al_round \
       --merge Testing/Benchmarks/results/al_round_seed0.json Testing/Benchmarks/results/al_round_seed1.json
+(the recorded per-seed files were named al_round_mixed.json (seed 0) and al_round_mixed_seed1.json).
 nnU-Net's default budget on a GPU (the comparison the goals are about):
   python Testing/Benchmarks/bench_al_round.py --device cuda --configuration 3d_fullres --batch-size 0 \
       --pretrain-epochs 1000 --pretrain-iters 250 --epochs 1000 --iters 250 --val-iters 50 --seeds 0 1 2 \
@@ -179,7 +180,8 @@ def merge(paths: list[str]) -> dict:
         curves[arm] = points
     weights = [len(run["budget"]["seeds"]) for run in runs]
     budget = {**runs[0]["budget"], "seeds": seeds, "seconds": round(sum(run["budget"]["seconds"] for run in runs), 1)}
-    figures = summarize(curves, float(np.average([run["pseudo_label_dice"] for run in runs], weights=weights)),
+    pseudo = [run["pseudo_label_dice"] for run in runs]
+    figures = summarize(curves, None if None in pseudo else float(np.average(pseudo, weights=weights)),
                         runs[0].get("sweep"), budget)
     figures["merged_runs"] = [{"file": Path(p).name, "commit": run["commit"], "time": run["time"],
                                "seeds": run["budget"]["seeds"]} for p, run in zip(paths, runs, strict=True)]
