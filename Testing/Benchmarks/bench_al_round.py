@@ -138,7 +138,8 @@ def summarize(curves: dict[str, list[dict]], pseudo_label_dice: float | None, sw
         "best_alseg_arm": best,
         "goals": {
             "best_alseg_ratio_to_full": round(alseg[best] / full, 4) if best and full else None,
-            "best_alseg_at_least_0.97_of_full": bool(best and full and alseg[best] >= 0.97 * full),
+            # None where the run had no full-supervision arm to compare with
+            "best_alseg_at_least_0.97_of_full": (alseg[best] >= 0.97 * full) if best and full else None,
             "hybrid_at_least_random": {m: dice[f"hybrid+{m}"] >= dice[f"random+{m}"]
                                        for m in ("finetune", "filtermatch") if f"hybrid+{m}" in dice and f"random+{m}" in dice},
         },
