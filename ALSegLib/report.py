@@ -30,18 +30,16 @@ def format_number(value, digits: int = 3, missing: str = "–") -> str:
     return str(value)
 
 
-_fmt = format_number
-
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_number(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_number(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -191,7 +189,7 @@ def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
     setup = results["setup"]
     text = (f"pool {setup['pool']} cases, {setup['test']} held-out test cases (never selectable); "
             f"seeds {setup['seeds']}; {setup['rounds']} round(s) of {setup['budget_per_round']} case(s); "
-            f"pseudo-labels: {setup['pseudo_source']} (mean Dice {_fmt(results.get('pseudo_label_dice'))}); "
+            f"pseudo-labels: {setup['pseudo_source']} (mean Dice {format_number(results.get('pseudo_label_dice'))}); "
             f"compute: {setup['compute']}. Values are means over seeds.")
     sections = [("Setup", text, [], []),
                 ("Mean Dice vs % annotated", "", ["arm", "round", "% annotated", "mean Dice",

@@ -264,15 +264,8 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
             per_seed["full supervision"].append([curve_point(_train_supervised(full, "full", settings, test), None)])
     classes = list(source.labels.mapping)
     arms = {arm: _mean_over_seeds(runs, classes) for arm, runs in per_seed.items() if runs}
-    full = arms.get("full supervision", {}).get("final", {}).get("mean_dice")
-    for data in arms.values():
-        for p in data["points"] + [data["final"]]:
-            p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
     results = {
-        "classes": classes, "arms": arms,
-        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a for p in d["points"]), default=0.0),
-        "dice": {a: d["final"]["mean_dice"] for a, d in arms.items()},
-        "ratio_to_full": {a: d["final"]["ratio_to_full"] for a, d in arms.items()},
+        "classes": classes, "arms": arms, **compare_arms(arms),
         "pseudo_label_dice": float(np.mean(pseudo_dice)) if pseudo_dice else None,
         "setup": {"pool": len(pool), "test": len(test), "test_cases": test, "seeds": settings.seeds,
                   "rounds": settings.rounds,
@@ -287,6 +280,20 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["report"] = write_experiment_report(results, out)
     return results
+
+
+def compare_arms(arms: dict[str, dict]) -> dict:
+    """Each arm's points get their ratio to full supervision (in place); returns the headline
+    figures: the largest annotated fraction of an ALSeg arm, and each arm's final Dice and ratio."""
+    full = arms.get("full supervision", {}).get("final", {}).get("mean_dice")
+    for data in arms.values():
+        for p in data["points"] + [data["final"]]:
+            p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
+    return {
+        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a for p in d["points"]), default=0.0),
+        "dice": {a: d["final"]["mean_dice"] for a, d in arms.items()},
+        "ratio_to_full": {a: d["final"]["ratio_to_full"] for a, d in arms.items()},
+    }
 
 
 def _per_round(budget: str, total: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ALSegLib import atomic, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
+from ALSegLib.report import format_number
 
 from . import scene as glue
 from .review import OpenCase, ReviewSession
@@ -201,6 +202,4 @@ def _control_points(node) -> list[list[float]]:
 
 
 def _fmt(value) -> str:
-    from ALSegLib.report import format_number
-
     return format_number(value, missing="")

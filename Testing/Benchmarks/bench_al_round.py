@@ -42,7 +42,9 @@ from bench_nnunet import split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
 from ALSegLib.project import LabelTable, Project  # noqa: E402
-from ALSegLib.simulate import BASELINES, ExperimentSettings, alseg_arms, baseline_budget, simulate  # noqa: E402
+from ALSegLib.simulate import (  # noqa: E402
+    BASELINES, ExperimentSettings, alseg_arms, baseline_budget, compare_arms, simulate,
+)
 
 
 def main() -> int:
@@ -111,33 +113,27 @@ def main() -> int:
               "pseudo_share": args.pseudo_share, "training_split": "every label (no validation split)",
               "rounds": args.rounds, "cases_per_round": args.budget, "seeds": args.seeds,
               "pool": len(pool), "test": len(test), "split_seed": args.split_seed, "seconds": round(seconds, 1)}
-    figures = summarize({a: d["points"] for a, d in results["arms"].items()}, results["pseudo_label_dice"],
-                        results.get("sweep"), budget)
+    figures = summarize(results["arms"], results, results["pseudo_label_dice"], results.get("sweep"), budget)
     write_results(args.name, figures)
     return 0
 
 
-def summarize(curves: dict[str, list[dict]], pseudo_label_dice: float | None, sweep, budget: dict) -> dict:
-    """The results file's figures from each arm's curve (points with ``mean_dice``, ``per_seed``,
-    ``per_class``): the final Dice, the ratio to full supervision and the goals."""
-    full = curves["full supervision"][-1]["mean_dice"] if "full supervision" in curves else None
-    for points in curves.values():
-        for p in points:
-            p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
-    dice = {a: points[-1]["mean_dice"] for a, points in curves.items()}
+def summarize(arms: dict[str, dict], headline: dict, pseudo_label_dice: float | None, sweep, budget: dict) -> dict:
+    """The results file's figures: ``headline`` (fraction, dice, ratio_to_full from
+    :func:`compare_arms`), each arm's curve and per-seed Dice, and the goals."""
+    dice, ratio = headline["dice"], headline["ratio_to_full"]
+    full = dice.get("full supervision")
     alseg = {a: v for a, v in dice.items() if "+" in a}
     best = max(alseg, key=alseg.get) if alseg else None
     return {
-        "fraction": max((p["fraction"] for a, points in curves.items() if "+" in a for p in points), default=0.0),
-        "dice": dice,
-        "ratio_to_full": {a: points[-1]["ratio_to_full"] for a, points in curves.items()},
+        **{k: headline[k] for k in ("fraction", "dice", "ratio_to_full")},
         "pseudo_label_dice": pseudo_label_dice,
-        "per_seed": {a: points[-1]["per_seed"] for a, points in curves.items()},
-        "curves": curves,
+        "per_seed": {a: d["final"]["per_seed"] for a, d in arms.items()},
+        "curves": {a: d["points"] for a, d in arms.items()},
         "sweep": sweep,
         "best_alseg_arm": best,
         "goals": {
-            "best_alseg_ratio_to_full": round(alseg[best] / full, 4) if best and full else None,
+            "best_alseg_ratio_to_full": ratio[best] if best else None,
             # None where the run had no full-supervision arm to compare with
             "best_alseg_at_least_0.97_of_full": (alseg[best] >= 0.97 * full) if best and full else None,
             "hybrid_at_least_random": {m: dice[f"hybrid+{m}"] >= dice[f"random+{m}"]
@@ -165,7 +161,7 @@ def merge(paths: list[str]) -> dict:
     seeds = [s for run in runs for s in run["budget"]["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"a seed is in more than one run: {seeds}")
-    curves = {}
+    arms = {}
     for arm in runs[0]["curves"]:
         points = []
         for group in zip(*(run["curves"][arm] for run in runs), strict=True):
@@ -178,11 +174,11 @@ def merge(paths: list[str]) -> dict:
                            "per_class": {c: float(np.average([p["per_class"][c] for p in group], weights=seeds_in))
                                          for c in group[0]["per_class"]},
                            "per_seed": per_seed})
-        curves[arm] = points
+        arms[arm] = {"points": points, "final": dict(points[-1])}
     weights = [len(run["budget"]["seeds"]) for run in runs]
     budget = {**runs[0]["budget"], "seeds": seeds, "seconds": round(sum(run["budget"]["seconds"] for run in runs), 1)}
     pseudo = [run["pseudo_label_dice"] for run in runs]
-    figures = summarize(curves, None if None in pseudo else float(np.average(pseudo, weights=weights)),
+    figures = summarize(arms, compare_arms(arms), None if None in pseudo else float(np.average(pseudo, weights=weights)),
                         runs[0].get("sweep"), budget)
     figures["merged_runs"] = [{"file": Path(p).name, "commit": run["commit"], "time": run["time"],
                                "seeds": run["budget"]["seeds"]} for p, run in zip(paths, runs, strict=True)]
