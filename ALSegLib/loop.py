@@ -353,9 +353,8 @@ def make_pseudolabels(project: Project, cases: Sequence[str], spec: Mapping) -> 
         return import_pseudolabels(project, folder, options.pop("map", None), cases=cases, **options)
     from .pseudolabels.run import pseudolabel_with_sam
 
-    if "checkpoint" not in options:
-        raise InputError("pseudo-label source sam", "needs 'checkpoint' (and 'prompts', 'auto' or 'from_labels')")
-    return pseudolabel_with_sam(project, options.pop("checkpoint"), cases=cases, **options)
+    # no 'checkpoint': the built-in LiteMedSAM
+    return pseudolabel_with_sam(project, options.pop("checkpoint", None), cases=cases, **options)
 
 
 def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None) -> dict:

@@ -182,6 +182,8 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
     spec = dict(pseudo or settings.pseudo)
     if spec.get("source") == "degraded-reference":
         spec.setdefault("seed", seed)
+    if spec.get("source") == "sam":
+        spec["exclude"] = sorted(set(spec.get("exclude", ())) | set(test))  # held-out cases never get prompts
     make_pseudolabels(base, pool, spec)
     from .evaluation import evaluate
 

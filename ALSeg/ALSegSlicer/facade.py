@@ -133,11 +133,10 @@ class Session:
             args += ["--epochs", str(options.epochs)]
         if options.pretrain_epochs:
             args += ["--pretrain-epochs", str(options.pretrain_epochs)]
-        if options.pseudo_source == "sam":
-            if not options.checkpoint:
-                raise InputError("pseudo-labels", "SAM needs a checkpoint file")
+        if options.pseudo_source == "sam":  # no checkpoint: the built-in LiteMedSAM
             prompts = options.prompts or str(project.root / PROMPTS_FILE)
-            args += ["--pseudo-source", "sam", "--checkpoint", options.checkpoint, "--prompts", prompts]
+            args += ["--pseudo-source", "sam", *(["--checkpoint", options.checkpoint] if options.checkpoint else []),
+                     "--prompts", prompts]
         elif options.pseudo_source == "import":
             if not options.import_folder:
                 raise InputError("pseudo-labels", "importing needs the folder of the other model's labels")

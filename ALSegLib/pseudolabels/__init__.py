@@ -8,3 +8,8 @@
 - :mod:`.run`: the per-case driver behind ``alseg pseudolabel --source sam``;
 - :mod:`.imported`: labels made by another model, with a value mapping.
 """
+
+# light constants (no torch import): the CLI's choices and defaults
+MODEL_TYPES = ("litemedsam", "vit_b", "vit_l", "vit_h", "medsam")  # litemedsam: built in
+REFERENCE_BOX_MARGIN = 5.0  # pixels of the encoder's input (256 for LiteMedSAM) around a box drawn from a reference
+SIMULATE_REFERENCE_BOXES = 1  # boxes per structure per case in `alseg simulate --pseudo-source sam`

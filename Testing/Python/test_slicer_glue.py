@@ -269,8 +269,13 @@ def test_round_settings_become_a_command_line_the_engine_accepts(project):
     assert (parsed.command, parsed.budget, parsed.strategy, parsed.mode, parsed.device, parsed.epochs,
             parsed.pseudo_source, parsed.from_dir) == ("round", "10%", "coreset", "filtermatch", "cpu", 3,
                                                        "import", "/data/totalseg")
-    with pytest.raises(InputError, match="checkpoint"):
-        session.round_args(RoundOptions(pseudo_source="sam"))
+    # SAM without a checkpoint file: the built-in LiteMedSAM (no --checkpoint), with the scene's prompts
+    parsed = build_parser().parse_args(session.round_args(RoundOptions(budget="2", pseudo_source="sam")))
+    assert parsed.pseudo_source == "sam" and parsed.checkpoint is None
+    assert parsed.prompts == str(project.root / "prompts" / "slicer.json")
+    parsed = build_parser().parse_args(session.round_args(RoundOptions(budget="2", pseudo_source="sam",
+                                                                       checkpoint="/w/sam_vit_b.pth")))
+    assert parsed.checkpoint == "/w/sam_vit_b.pth"
 
 
 def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path):
