@@ -31,6 +31,7 @@ training, never selectable, never trained on) and only scored. For each seed:
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
@@ -125,10 +126,20 @@ def split_test(project: Project, settings: ExperimentSettings) -> list[str]:
     return sorted(random.Random(settings.split_seed).sample(cases, n))
 
 
-def _copy(project: Project, dest: Path) -> Project:
+def _copy(project: Project, dest: Path, cache: bool = False) -> Project:
+    """A copy of the project for one seed or arm. The SAM embedding cache (GBs for a pool of volumes) is left
+    out, or with ``cache`` hard-linked: its files are only ever replaced whole, never written in place."""
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(project.root, dest, symlinks=True, ignore=shutil.ignore_patterns("*.lock"))
+    ignore = shutil.ignore_patterns("*.lock")
+    shutil.copytree(project.root, dest, symlinks=True,
+                    ignore=lambda d, names: set(ignore(d, names)) | ({"cache"} if Path(d) == project.root else set()))
+    if cache and (project.root / "cache").is_dir():
+        try:
+            shutil.copytree(project.root / "cache", dest / "cache", symlinks=True, copy_function=os.link, ignore=ignore)
+        except OSError:  # another file system: a plain copy
+            shutil.rmtree(dest / "cache", ignore_errors=True)
+            shutil.copytree(project.root / "cache", dest / "cache", symlinks=True, ignore=ignore)
     return Project.open(dest)
 
 
@@ -177,7 +188,7 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
     from .nnunet.predict import predict
     from .nnunet.train import train
 
-    base = _copy(source, folder)
+    base = _copy(source, folder, cache=True)
     pool = [c for c in base.cases() if c not in set(test)]
     spec = dict(pseudo or settings.pseudo)
     if spec.get("source") == "degraded-reference":
