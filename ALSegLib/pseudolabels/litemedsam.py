@@ -17,9 +17,12 @@
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,9 +52,12 @@ def is_litemedsam_state(sd) -> bool:
     return ENCODER_KEY in sd
 
 
-def package_file() -> Path:
+def package_file(module: str = MODULE) -> Path:
     """The checkpoint file inside the installed package (not checked)."""
-    spec = importlib.util.find_spec(MODULE)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise InputError("LiteMedSAM", f"the built-in model needs the package {PACKAGE}, which is not installed; {INSTALL_HINT}")
     return Path(next(iter(spec.submodule_search_locations))) / "asset" / CHECKPOINT_NAME
@@ -122,13 +128,16 @@ class OnnxEncoder:
 
     ``folder`` keeps the exported graphs (``<checkpoint sha>-b<batch>-torch<version>.onnx``
     and a JSON stamp with the graph's own SHA-256, checked before loading). A chunk
-    smaller than the batch runs slice by slice through the batch-1 graph.
+    smaller than the batch runs slice by slice through the batch-1 graph. The export
+    runs once, in a child process (tracing took 1.6 GiB on top of the run's 1.5 GiB);
+    ``checkpoint`` is the file it loads there (None: the built-in one).
     """
 
-    def __init__(self, model, checkpoint_sha256: str, folder: Path, batch: int, threads: int | None = None):
+    def __init__(self, checkpoint: str | None, checkpoint_sha256: str, folder: Path, batch: int,
+                 threads: int | None = None):
         import onnxruntime as ort
 
-        self.model = model
+        self.checkpoint = checkpoint
         self.sha = checkpoint_sha256
         self.folder = Path(folder)
         self.batch = max(1, int(batch))
@@ -163,13 +172,14 @@ class OnnxEncoder:
         return sess
 
     def _export(self, b: int, graph: Path, stamp: Path) -> None:
-        x = torch.zeros(b, 3, IMAGE_SIZE, IMAGE_SIZE)
-
         def write(tmp: Path) -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(self.model.image_encoder, (x,), str(tmp), input_names=["image"],
-                                  output_names=["embedding"], opset_version=17, dynamo=False)
+            cmd = [sys.executable, "-m", __name__, "--out", str(tmp), "--batch", str(b), "--sha256", self.sha]
+            if self.checkpoint:
+                cmd += ["--checkpoint", self.checkpoint]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+                raise RuntimeError(f"the ONNX export exited with {proc.returncode}: {lines[-1] if lines else ''}")
 
         atomic.write_with(graph, write)
         atomic.write_json(stamp, {"sha256": _sha256(graph), "checkpoint_sha256": self.sha, "batch": b,
@@ -183,3 +193,27 @@ class OnnxEncoder:
             return torch.from_numpy(self._session(n).run(None, {"image": arr})[0])
         one = self._session(1)
         return torch.cat([torch.from_numpy(one.run(None, {"image": arr[i: i + 1]})[0]) for i in range(n)])
+
+
+def export_encoder(checkpoint: str | None, batch: int, out: Path, sha256: str) -> None:
+    """Trace the image encoder of ``checkpoint`` (None: the built-in one) to ONNX at ``out`` (the child's work)."""
+    from .sam import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, "litemedsam" if checkpoint is None else None, "cpu")
+    if loaded.sha256 and loaded.sha256 != sha256:
+        raise SystemExit(f"{checkpoint}: changed since it was loaded (sha256 {loaded.sha256[:12]}…)")
+    x = torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(loaded.model.image_encoder, (x,), str(out), input_names=["image"],
+                          output_names=["embedding"], opset_version=17, dynamo=False)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Export LiteMedSAM's image encoder to ONNX (run by OnnxEncoder).")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--sha256", required=True)
+    ap.add_argument("--checkpoint")
+    a = ap.parse_args()
+    export_encoder(a.checkpoint, a.batch, Path(a.out), a.sha256)

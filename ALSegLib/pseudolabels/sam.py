@@ -395,7 +395,7 @@ def use_onnx_encoder(loaded: LoadedSam, folder: Path, batch: int, backend: str =
                                                "onnxruntime and onnx packages")
         return None
     try:
-        enc = litemedsam.OnnxEncoder(loaded.model, loaded.sha256, folder, batch)
+        enc = litemedsam.OnnxEncoder(None if loaded.builtin else loaded.checkpoint, loaded.sha256, folder, batch)
     except Exception as exc:  # an exporter that cannot trace this torch version: torch runs instead
         if backend == "onnx":
             raise
