@@ -489,3 +489,78 @@ def test_cli_refuses_contradictory_or_missing_options(sam_project, random_checkp
         code, _, err = run_cli("pseudolabel", root, "--source", "sam", *options)
         assert code == 2 and message in err, (options, err)
     assert tree_hash(sam_project.root) == before
+
+
+# ---------------------------------------------------------------------------------------
+# prompts from the reference (experiments), 3D boxes, re-anchoring
+
+
+def test_reference_prompts_largest_slice_then_spread_along_the_structure():
+    ref = np.zeros((10, 20, 20), np.uint8)
+    areas = [0, 2, 3, 5, 4, 9, 6, 2, 1, 0]
+    for k, a in enumerate(areas):
+        ref[k, 5:5 + a, 6:6 + a] = 1
+    (one,) = pr.reference_prompts(ref, 1, 1, (1.0, 1.0))
+    assert one.slice == 5 and one.range == (1, 8) and one.box == (5.0, 4.0, 15.0, 14.0)
+    three = pr.reference_prompts(ref, 1, 3, (0.0, 0.0))
+    # present slices 1..8 cut into runs [1,2,3], [4,5,6], [7,8]; the largest slice of each
+    assert [p.slice for p in three] == [3, 5, 7] and all(p.range == (1, 8) for p in three)
+    assert three == pr.reference_prompts(ref, 1, 3, (0.0, 0.0))  # deterministic
+    assert len(pr.reference_prompts(ref, 1, 50, (0.0, 0.0))) == 8  # at most one box per slice
+    assert pr.reference_prompts(ref, 2, 3, (0.0, 0.0)) == []
+    with pytest.raises(InputError, match="whole number"):
+        pr.reference_prompts(ref, 1, 0, (0.0, 0.0))
+
+
+def test_prompts_from_reference_never_touch_excluded_cases_and_are_recorded(sam_project, trained_checkpoint):
+    before = {c: sam_project.label_path(c, "pseudo") for c in sam_project.cases()}
+    assert not any(before.values())
+    runs = []
+    for _ in range(2):
+        out = pseudolabel_with_sam(sam_project, trained_checkpoint, prompts_from_reference=2, exclude=["case1"])
+        runs.append(out)
+        assert [s["case"] for s in out] == ["case0", "case2"]
+        assert sam_project.label_path("case1", "pseudo") is None  # the held-out case: nothing, ever
+    for case in ("case0", "case2"):
+        prov = sam_project.provenance(case, "pseudo")
+        assert prov["mode"] == "reference" and prov["prompts_simulated"]["boxes_per_structure"] == 2
+        assert len(prov["prompts"]["organ"]) == 2 and all("range" in p for p in prov["prompts"]["organ"])
+    # same prompts, same labels on a second run
+    assert [s["labels"] for s in runs[0]] == [s["labels"] for s in runs[1]]
+    with pytest.raises(InputError, match="no reference label"):
+        p2 = Project.create(sam_project.root.parent / "noref", TABLE, "CT")
+        p2.add_cases([sam_project.image_path("case0")], case_ids=["c"])
+        pseudolabel_with_sam(p2, trained_checkpoint, prompts_from_reference=1, cases=["c"])
+
+
+def test_a_3d_box_propagates_only_within_its_slices(sam_project, trained_checkpoint, tmp_path):
+    obj = box_prompt_file(sam_project, tmp_path / "p.json", ["case0"], space="index")
+    (a, b) = obj["cases"]["case0"]["organ"][0]["box"]
+    k = a[2]
+    a, b = [a[0], a[1], k - 2], [b[0], b[1], k + 2]  # the same box, spanning 5 slices
+    obj["cases"]["case0"]["organ"] = [{"box": [a, b]}]
+    (tmp_path / "p.json").write_text(json.dumps(obj))
+    (s,) = pseudolabel_with_sam(sam_project, trained_checkpoint, prompts=tmp_path / "p.json")
+    track = s["labels"]["organ"]["tracks"][0]
+    assert track["slice"] == k and track["reached"] == [k - 2, k + 2]
+    assert set(track["stop"].values()) == {"end of the box's slices"}
+    pseudo = sitk.GetArrayFromImage(sam_project.read_label("case0", "pseudo"))
+    assert set(np.flatnonzero((pseudo == 1).any(axis=(1, 2)))) <= set(range(k - 2, k + 3))
+
+
+def test_boxes_on_two_slices_re_anchor_and_can_be_interpolated(sam_project, trained_checkpoint, tmp_path):
+    ref = organ_reference(sam_project, "case0")
+    ks = np.flatnonzero(ref.any(axis=(1, 2)))
+    prompts = pr.reference_prompts(ref.astype(np.uint8), 1, 2, (1.0, 1.0))
+    assert len(prompts) == 2 and prompts[0].slice < prompts[1].slice
+    for between in ("mask", "interpolate"):
+        settings = tmp_path / f"{between}.json"
+        settings.write_text(json.dumps({"labels": {"organ": {"between": between}}}))
+        (s,) = pseudolabel_with_sam(sam_project, trained_checkpoint, prompts_from_reference=2, cases=["case0"],
+                                    settings_file=settings)
+        first, second = s["labels"]["organ"]["tracks"]
+        assert first["stop"]["up"] == second["stop"]["down"] == "reached another prompted slice"
+        assert first["reached"][1] < second["slice"] and second["reached"][0] > first["slice"]
+        pseudo = sitk.GetArrayFromImage(sam_project.read_label("case0", "pseudo"))
+        assert dice(pseudo == 1, ref) > 0.8, between
+        assert set(np.flatnonzero((pseudo == 1).any(axis=(1, 2)))) <= set(range(ks[0], ks[-1] + 1))
