@@ -520,17 +520,22 @@ def cmd_demo(args) -> int:
     settings = DemoSettings(rounds=args.rounds, budget=args.budget, device=args.device, seed=args.seed,
                             target_dice=args.target_dice, configuration=args.configuration,
                             pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.iters,
-                            epochs=args.epochs, iterations=args.iters, strategy=args.strategy, mode=args.mode)
+                            epochs=args.epochs, iterations=args.iters, strategy=args.strategy, mode=args.mode,
+                            pseudo_source=args.pseudo_source)
     if not args.json:
+        made = (f"pseudo-labels simulated from the references (target Dice {settings.target_dice})"
+                if settings.pseudo_source == "degraded-reference" else
+                "pseudo-labels from the built-in LiteMedSAM, one box per structure per case from the references "
+                "(about a second per slice on a CPU)")
         print(f"ALSeg demo: {len(project.cases())} cases in {project.root}; {settings.rounds} simulated rounds of "
-              f"{settings.budget} case(s), {settings.strategy} selection, {settings.mode} training; "
-              f"pseudo-labels simulated from the references (target Dice {settings.target_dice})", flush=True)
+              f"{settings.budget} case(s), {settings.strategy} selection, {settings.mode} training; {made}", flush=True)
     result = run_demo(project, settings)
     result["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         _print_json(result)
         return EXIT_OK
-    print(f"\nHeld-out test cases: {len(result['test_cases'])}; simulated pseudo-label Dice "
+    print(f"\nHeld-out test cases: {len(result['test_cases'])}; "
+          f"{'simulated ' if settings.pseudo_source == 'degraded-reference' else 'LiteMedSAM '}pseudo-label Dice "
           f"{_fmt(result['pseudo_label_dice'])}\n")
     _print_metrics_table(result["rows"], result["classes"])
     for number, cases in result["selected"].items():
@@ -820,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
     p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
     p.add_argument("--target-dice", type=float, default=0.75, help="simulated pseudo-label quality (default 0.75)")
+    p.add_argument("--pseudo-source", default="degraded-reference", choices=("degraded-reference", "sam"),
+                   help="degraded-reference (default: references corrupted to --target-dice) or sam (the built-in "
+                   "LiteMedSAM, one box per structure per case from the references)")
     p.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=10)

@@ -3,7 +3,9 @@
 A project of synthetic phantoms (or an ``imagesTr``/``labelsTr`` folder given
 with ``--data``) with reference labels; a quarter of the cases are held out as
 the test set. Pseudo-labels are ``degraded-reference`` (references corrupted to
-a target Dice: simulated, and named so), so no model weights are needed. Then
+a target Dice: simulated, and named so), so no model weights are needed; or,
+with ``pseudo_source="sam"``, the built-in LiteMedSAM's from one box per
+structure per case drawn from the references (simulated prompts, real model). Then
 :func:`..loop.run_round` twice with the simulated annotator revealing the
 selected cases' references; the table shows Dice on the held-out cases for the
 pseudo-label-only model and after each round.
@@ -36,6 +38,8 @@ class DemoSettings:
     strategy: str = "hybrid"
     mode: str = "finetune"
     target_dice: float = 0.75
+    pseudo_source: str = "degraded-reference"  # or "sam": the built-in LiteMedSAM, boxes from the references
+    reference_boxes: int = 1
     configuration: str = "2d"
     batch_size: int | None = 12
     pretrain_epochs: int = 10
@@ -112,7 +116,7 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
         device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
         pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
         epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
-        pseudo={"source": "degraded-reference", "target_dice": settings.target_dice, "seed": settings.seed},
+        pseudo=demo_pseudo_source(settings),
     )
     records = []
     for _ in range(settings.rounds):
@@ -132,6 +136,14 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
             "classes": classes, "rows": rows, "report": str(project.root / records[-1]["stages"]["report"]["files"]["html"]),
             "learning_curve": str(project.root / records[-1]["stages"]["report"]["files"]["learning_curve"]),
             "selected": {r["round"]: [q["case"] for q in r["queue"]] for r in records}}
+
+
+def demo_pseudo_source(settings: DemoSettings) -> dict:
+    if settings.pseudo_source == "degraded-reference":
+        return {"source": "degraded-reference", "target_dice": settings.target_dice, "seed": settings.seed}
+    if settings.pseudo_source == "sam":
+        return {"source": "sam", "prompts_from_reference": settings.reference_boxes}
+    raise InputError("--pseudo-source", f"the demo takes degraded-reference or sam, not {settings.pseudo_source!r}")
 
 
 def _row(name: str, number: int, metrics: dict) -> dict:
