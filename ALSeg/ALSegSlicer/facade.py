@@ -82,7 +82,9 @@ class Session:
     def add_prompt(self, case: str, label: str, *, points=None, negative=None, roi=None) -> Path:
         """Store one SAM prompt placed in the scene for ``case``/``label`` in the project's
         Slicer prompt file (RAS): positive points and negative points from markups point-list
-        nodes, a box from a markups ROI node (its in-plane extent on the slice through its centre)."""
+        nodes, a box from a markups ROI node: its in-plane extent on the slice through its centre, or,
+        for an ROI deeper than two of the image's largest voxel spacings, a 3D box whose slices bound
+        the propagation (the structure's extent, as the radiologist drew it)."""
         project = self.require()
         if not project.has_case(case):
             raise InputError(f"case {case!r}", f"not in project {project.root}")
@@ -93,9 +95,11 @@ class Session:
             center, size = [0.0] * 3, [0.0] * 3
             roi.GetCenterWorld(center)
             roi.GetSizeWorld(size)
-            z = center[2]
-            entry["box"] = [[center[0] - size[0] / 2, center[1] - size[1] / 2, z],
-                            [center[0] + size[0] / 2, center[1] + size[1] / 2, z]]
+            z0 = z1 = center[2]
+            if size[2] > 2 * max(project.read_image(case).GetSpacing()):
+                z0, z1 = center[2] - size[2] / 2, center[2] + size[2] / 2
+            entry["box"] = [[center[0] - size[0] / 2, center[1] - size[1] / 2, z0],
+                            [center[0] + size[0] / 2, center[1] + size[1] / 2, z1]]
         if points is not None and points.GetNumberOfControlPoints():
             entry["points"] = _control_points(points)
         if negative is not None and negative.GetNumberOfControlPoints():

@@ -246,6 +246,13 @@ def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phant
     x0, y0, x1, y1 = prompt.box
     assert (x0 + x1) / 2 == pytest.approx(10.0) and (y0 + y1) / 2 == pytest.approx(12.0)
     assert x1 - x0 == pytest.approx(6.0 / image.GetSpacing()[0]) and y1 - y0 == pytest.approx(9.0 / image.GetSpacing()[1])
+    # a deep ROI is a 3D box: the middle slice, propagated only through the ROI's slices
+    roi.SetSizeWorld(6.0, 9.0, 5 * image.GetSpacing()[2])
+    path = session.add_prompt(case, "vessel", roi=roi)
+    pf = read_prompt_file(path, list(project.labels.mapping), project.cases())
+    (deep,) = case_prompts(pf, case, image, volume_slices(image, "axial"))["vessel"]
+    lo, hi = deep.range
+    assert 4 <= hi - lo <= 6 and lo <= 7 <= hi and deep.slice == (lo + hi) // 2
     with pytest.raises(InputError, match="not in the label table"):
         session.add_prompt(case, "spleen", points=points)
 
