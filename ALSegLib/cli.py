@@ -405,6 +405,8 @@ def _pseudo_spec(args, experiment: bool = False) -> dict | None:
             spec["checkpoint"] = args.checkpoint
         if args.model_type:
             spec["model_type"] = args.model_type
+        if args.axis:
+            spec["axis"] = args.axis
     elif args.pseudo_source == "import":
         if not args.from_dir:
             raise InputError("--pseudo-source import", "needs --from DIR (the other model's label files)")
@@ -763,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--from-labels", help="SAM prompts from coarse prior labels in DIR")
         g.add_argument("--prompts-from-reference", type=int, metavar="N",
                        help="simulation: N boxes per structure per pool case from its reference (never test cases)")
+        g.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="sam: slicing axis (default axial)")
         g.add_argument("--from", dest="from_dir", help="folder of another model's label files")
         g.add_argument("--map", help="value mapping of imported labels, e.g. 5=1,6=2")
         g.add_argument("--target-dice", type=float, default=0.75, help="degraded-reference target Dice (default 0.75)")

