@@ -305,6 +305,8 @@ def main() -> None:
         print(f"[{name}]", flush=True)
         t = time.perf_counter()
         figures = parts[name](args)
+        if RESULTS.is_file():  # another part may have run meanwhile in another process: keep its fields
+            record = json.loads(RESULTS.read_text())
         for key, value in figures.items():
             value["commit"], value["wall_s"] = commit(), round(time.perf_counter() - t)
             record[key] = value
