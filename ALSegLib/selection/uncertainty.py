@@ -55,7 +55,9 @@ def entropy_map(probabilities: np.ndarray) -> np.ndarray:
     for channel in p:  # one class at a time: no second C-sized copy
         h -= channel * np.log(np.clip(channel, 1e-12, 1.0))
     h /= math.log(p.shape[0])
-    return h
+    # stored probabilities are float16: a near-uniform voxel whose classes sum to slightly over 1 would score
+    # above the maximum (1.0000074 was seen); entropy of a distribution is at most log C
+    return np.clip(h, 0.0, 1.0, out=h)
 
 
 def focus_region(probabilities: np.ndarray, band: int = 2) -> np.ndarray:

@@ -328,3 +328,12 @@ def test_bottleneck_pool_takes_the_last_convolution_before_its_instance_norm():
         return float(v.std(axis=0).mean() / np.abs(v).mean())
     assert spread(pre) > 2 * spread(post)  # 3.6x with this seed
     pool.close()
+
+
+def test_entropy_of_float16_probabilities_stays_in_0_1():
+    from ALSegLib.selection.uncertainty import entropy_map
+
+    p = np.full((2, 4, 4), 0.5003, dtype=np.float16)  # a near-uniform voxel whose float16 classes sum past 1
+    assert float(p.astype(np.float32).sum(axis=0).max()) > 1.0
+    h = entropy_map(p)
+    assert h.max() <= 1.0 and h.min() >= 0.0 and h.max() > 0.999
