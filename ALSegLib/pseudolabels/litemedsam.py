@@ -11,7 +11,7 @@
   ``weights_only=True``. No model code is copied into ALSeg.
 - :class:`OnnxEncoder` runs the image encoder through ONNX Runtime on a CPU
   (exported once per checkpoint, batch size and torch version, cached on disk;
-  0.85 s instead of 1.95 s per slice on the development machine's 2 cores, see
+  0.82 s instead of torch's 1.67 s per slice on the development machine's 2 cores,
   ``Testing/Benchmarks/bench_litemedsam.py``). Where ONNX Runtime is missing
   or the export fails, the torch encoder runs and the provenance says so.
 """

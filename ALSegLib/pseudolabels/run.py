@@ -234,8 +234,8 @@ def pseudolabel_with_sam(
 
     if not loaded.builtin:
         loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
-    # LiteMedSAM on a CPU: one slice per encoder call through ONNX Runtime was fastest here (0.85 s vs 1.0 s per
-    # slice in batches of 4, bench_litemedsam.py); a GPU takes 8 at a time
+    # on a CPU one slice per encoder call was fastest here (bench_litemedsam.py: torch 1.67 s per slice alone,
+    # 2.63 s in batches of 4; ONNX Runtime 0.82 s alone, about 1.0 s in batches of 4 in a probe); a GPU takes 8
     batch = batch or (1 if loaded.device.type == "cpu" else 8)
     note = use_onnx_encoder(loaded, cache_root(project) / "onnx", batch, backend)
     if note:

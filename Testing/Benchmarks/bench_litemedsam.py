@@ -177,7 +177,7 @@ def encoder_figures(summaries: list[dict], seconds: float) -> dict:
     return {"slices_encoded": slices, "seconds": round(seconds, 1),
             "s_per_slice": round(seconds / slices, 3) if slices else None,
             "encoder_calls_per_slice": max((s["encoder"]["max_calls_per_slice"] for s in summaries), default=None),
-            "s_per_volume": round(seconds / len(summaries), 2), "boxes_per_case": None}
+            "s_per_volume": round(seconds / len(summaries), 2)}
 
 
 def part_dataset(project, pool, exclude, axis, dataset: str, variants) -> dict:
