@@ -164,14 +164,16 @@ def test_strategy_choices_follow_their_definition():
     ranked = sorted(scores, key=lambda c: (-scores[c], c))
     unc = select("uncertainty", pool, 5)
     assert [p.case for p in unc] == ranked[:5] and "top" in unc[0].reason
-    typ = coreset.typicality(np.vstack([pool.features, pool.labeled_features]))[: len(pool.candidates)]
+    every = np.vstack([pool.features, pool.labeled_features])
+    mean = every.astype(np.float64).mean(axis=0).astype(np.float32)  # cosine reads centred features
+    typ = coreset.typicality(every - mean)[: len(pool.candidates)]
     floor = np.quantile(typ, 0.25)
     typical = [c for c, t in zip(pool.candidates, typ) if t >= floor]
     hybrid = select("hybrid", pool, 3)  # within the top max(3k, 25 %) = 9 most uncertain typical cases
     assert {p.case for p in hybrid} <= set([c for c in ranked if c in typical][:9])
     assert all("typical of the pool" in p.reason for p in hybrid)
     core = select("coreset", pool, 4)
-    expected = brute_force(pool.features, 4, pool.labeled_features, "cosine")
+    expected = brute_force(pool.features - mean, 4, pool.labeled_features - mean, "cosine")
     assert [p.case for p in core] == [pool.candidates[i] for i in expected]
     assert "labeled" in core[0].reason or "covered" in core[0].reason
     assert select("random", pool, 5, seed=1) != select("random", pool, 5, seed=2)
@@ -339,3 +341,31 @@ def test_entropy_of_float16_probabilities_stays_in_0_1():
     assert float(p.astype(np.float32).sum(axis=0).max()) > 1.0
     h = entropy_map(p)
     assert h.max() <= 1.0 and h.min() >= 0.0 and h.max() > 0.999
+
+
+def test_cosine_selection_reads_features_centred_on_their_common_mean():
+    """Pooled activations share a large offset (the demo's phantoms: channel means 0.36 against a
+    spread of 0.013 between cases): raw cosine put every pair 0.000 apart. Two groups that differ only
+    along that offset are one direction to raw cosine; centred, coreset picks the uncovered group and
+    the reason's distance is a real one, far beyond the pool's median."""
+    rng = np.random.default_rng(5)
+    offset = np.abs(rng.normal(size=16)) + 1.0
+    group_a = [offset * 1.00 + 0.002 * rng.normal(size=16) for _ in range(10)]
+    group_b = [offset * 1.06 + 0.002 * rng.normal(size=16) for _ in range(10)]
+    x = np.vstack(group_a + group_b).astype(np.float32)
+    cases = [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)]
+    raw = 1 - (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    assert raw.max() < 1e-3  # what the strategies saw before
+    labeled = [0, 1]  # two cases of group a are labeled
+    rest = [i for i in range(20) if i not in labeled]
+    pool = Pool([cases[i] for i in rest], [cases[i] for i in labeled], x[rest], x[labeled])
+    pick = select("coreset", pool, 1)[0]
+    assert pick.case.startswith("b")
+    assert pick.reason.startswith("away from the cases already covered") and "distance 0.000" not in pick.reason
+    assert float(pick.reason.split("distance ")[1].split(",")[0]) > 0.5
+    # the labeled rows are shifted by the same mean: a labeled copy of a candidate is at distance 0
+    twin = Pool([cases[i] for i in rest], ["copy"], x[rest], x[rest[:1]])
+    assert select("coreset", twin, len(rest))[-1].score == pytest.approx(0.0, abs=1e-5)
+    # without labeled cases the yardstick is the pool's own spacing, so the words still carry a ratio
+    first_two = select("coreset", Pool(cases, [], x, None), 2, seed=3)
+    assert "x the pool's median" in first_two[1].reason and first_two[1].case[0] != first_two[0].case[0]
