@@ -512,6 +512,8 @@ def cmd_demo(args) -> int:
         raise InputError("--size", f"phantoms are 24 to 256 voxels on a side, not {args.size}")
     if args.cases is not None and args.cases < 4:
         raise InputError("--cases", f"the demo needs at least 4 cases, not {args.cases}")
+    if not 0.0 <= args.pseudo_share < 1.0:
+        raise InputError("--pseudo-share", f"must be a number in [0, 1), not {args.pseudo_share}")
     folder = Path(args.dir)
     prepare_folder(folder)
     start = time.perf_counter()
@@ -523,7 +525,7 @@ def cmd_demo(args) -> int:
                             target_dice=args.target_dice, configuration=args.configuration,
                             pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.iters,
                             epochs=args.epochs, iterations=args.iters, strategy=args.strategy, mode=args.mode,
-                            pseudo_source=args.pseudo_source)
+                            pseudo_source=args.pseudo_source, pseudo_share=args.pseudo_share)
     if not args.json:
         made = (f"pseudo-labels simulated from the references (target Dice {settings.target_dice})"
                 if settings.pseudo_source == "degraded-reference" else
@@ -550,6 +552,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoSettings  # the demo's defaults, defined once
     parser = _Parser(
         prog="alseg",
         description="ALSeg: active learning for nnU-Net segmentation with foundation-model pseudo-labels.",
@@ -832,9 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="degraded-reference (default: references corrupted to --target-dice) or sam (the built-in "
                    "LiteMedSAM, one box per structure per case from the references)")
     p.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
-    p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iters", type=int, default=25, help="iterations per epoch (pretraining and rounds)")
+    p.add_argument("--pseudo-share", type=float, default=DemoSettings.pseudo_share,
+                   help=f"fine-tuning: share of draws from pseudo-labeled cases (default {DemoSettings.pseudo_share})")
+    p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)
+    p.add_argument("--epochs", type=int, default=DemoSettings.epochs)
+    p.add_argument("--iters", type=int, default=DemoSettings.iterations, help="iterations per epoch (pretraining and rounds)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

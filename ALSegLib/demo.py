@@ -8,7 +8,13 @@ with ``pseudo_source="sam"``, the built-in LiteMedSAM's from one box per
 structure per case drawn from the references (simulated prompts, real model). Then
 :func:`..loop.run_round` twice with the simulated annotator revealing the
 selected cases' references; the table shows Dice on the held-out cases for the
-pseudo-label-only model and after each round.
+pseudo-label-only model, after each round, and for a model trained from scratch
+on the last round's human labels alone (what the pseudo-labels buy).
+
+The default budget (2d, batch 6, 750 pretraining steps, 250 per round) comes
+from measurements (Testing/Benchmarks/README.md): with 250 pretraining steps at
+batch 12 the pretrained model had learned neither the vessel nor the lesion;
+``bench_demo.py`` runs it over seeds.
 """
 from __future__ import annotations
 
@@ -20,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import phantoms
 from .errors import InputError
 from .loop import RoundSettings, run_round
 from .project import LabelTable, Project, derive_case_id, expand_sources
@@ -41,14 +46,16 @@ class DemoSettings:
     pseudo_source: str = "degraded-reference"  # or "sam": the built-in LiteMedSAM, boxes from the references
     reference_boxes: int = 1
     configuration: str = "2d"
-    batch_size: int | None = 12
-    pretrain_epochs: int = 10
+    batch_size: int | None = 6  # a step costs its samples here (batch 12: 0.36 s, 6: 0.19 s on 2 cores)
+    pretrain_epochs: int = 30  # 750 steps: at 250 the pretrained model had learned neither vessel nor lesion
     pretrain_iterations: int = 25
-    epochs: int = 10
+    epochs: int = 10  # 250 steps per round (700 / 200 fit 10 minutes but left the lesion at 0.00: see demo.json)
     iterations: int = 25
     val_iterations: int = 2
     device: str = "auto"
     seed: int = 0
+    supervised_only: bool = True  # the from-scratch row on the same human labels
+    pseudo_share: float = 0.5  # fine-tuning: share of draws from pseudo-labeled cases (RoundSettings.pseudo_share)
 
 
 def prepare_folder(folder: Path) -> None:
@@ -62,6 +69,8 @@ def prepare_folder(folder: Path) -> None:
 
 
 def phantom_project(folder: Path, cases: int, modality: str, seed: int, size: int = 48) -> Project:
+    from . import phantoms  # scipy: kept out of the command line's start (the parser reads DemoSettings)
+
     images, labels = phantoms.write_dataset(folder / "source", n=cases, modality=modality, seed=seed, size=size)
     project = Project.create(folder / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), modality,
                              name="alseg-demo")
@@ -116,7 +125,7 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
         device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
         pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
         epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
-        pseudo=demo_pseudo_source(settings),
+        pseudo=demo_pseudo_source(settings), pseudo_share=settings.pseudo_share,
     )
     records = []
     for _ in range(settings.rounds):
@@ -132,10 +141,34 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
     for record in records:
         rows.append(_row(f"round {record['round']} ({settings.strategy}, {settings.mode})", record["round"],
                          record["metrics"]))
+    if settings.supervised_only:
+        last = records[-1]["round"]
+        rows.append(_row(f"supervised only (round {last}'s human labels, from scratch)", last,
+                         supervised_only(project, settings, test)))
     return {"test_cases": test, "pseudo_label_dice": first["pseudolabels"].get("pseudo_label_dice"),
             "classes": classes, "rows": rows, "report": str(project.root / records[-1]["stages"]["report"]["files"]["html"]),
             "learning_curve": str(project.root / records[-1]["stages"]["report"]["files"]["learning_curve"]),
             "selected": {r["round"]: [q["case"] for q in r["queue"]] for r in records}}
+
+
+def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -> dict:
+    """The baseline that shows what the pseudo-labels buy: a model trained from scratch on the
+    human labels alone (the cases the rounds had labeled), with as many optimizer steps as the
+    last round's model had in all (pretraining + its fine-tuning), scored on the same held-out
+    cases. It trains in a copy of the project next to it, so the project's own predictions and
+    models stay those of the rounds."""
+    from .loop import held_out_metrics
+    from .nnunet.predict import predict
+    from .nnunet.train import train
+    from .simulate import _copy
+
+    copy = _copy(project, project.root.parent / "supervised-only")
+    steps = settings.pretrain_epochs * settings.pretrain_iterations + settings.epochs * settings.iterations
+    epochs = -(-steps // settings.iterations)
+    train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=settings.iterations,
+          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
+    predict(copy, "supervised-only", test, probabilities=False, features=False, device=settings.device)
+    return held_out_metrics(copy, "supervised-only", test, test)
 
 
 def demo_pseudo_source(settings: DemoSettings) -> dict:

@@ -230,8 +230,18 @@ def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
     assert os.path.isfile(report)
     project = Project(tmp_path / "demo" / "project")
     assert len(project.labeled_cases("human")) == 2 and len(rounds.list_rounds(project)) == 2
+    # the supervised-only row: from scratch on the same human labels, in a copy beside the project,
+    # with the steps the last round's model had in all (pretraining 1 x 2 + fine-tuning 1 x 2)
+    assert "supervised only (round 2's human labels, from scratch)" in out
+    sup = Project(tmp_path / "demo" / "supervised-only")
+    budget = read_model(sup, "supervised-only")["budget"]
+    assert budget["epochs"] * budget["iterations"] == 4 and read_model(sup, "supervised-only")["mode"] == "supervised"
+    assert sorted(sup.labeled_cases("human")) == sorted(project.labeled_cases("human"))
+    assert not (project.root / "models" / "supervised-only").exists()
     code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--rounds", "0")
     assert code == 2 and "--rounds" in err and (tmp_path / "demo" / "project").is_dir()  # refused before replacing
+    code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--pseudo-share", "1.5")
+    assert code == 2 and "--pseudo-share" in err and (tmp_path / "demo" / "supervised-only").is_dir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
     code, out, err = run_cli("demo", "--dir", tmp_path / "other")

@@ -138,6 +138,10 @@ def test_pretrain_record(tiny):
     assert rec["dataset"] == tiny["plans"]["dataset"]  # trained on the planning (pseudo) dataset
     assert len(rec["train_losses"]) == 2 and all(np.isfinite(rec["train_losses"]))
     assert (tiny["project"].root / rec["checkpoint"]).is_file()
+    # nnU-Net's progress plot is drawn once, after the last epoch (not after every epoch: 1.3 s each here),
+    # and the logger's own method is back in place afterwards
+    progress = (tiny["project"].root / rec["checkpoint"]).parent / "progress.png"
+    assert progress.is_file() and progress.stat().st_size > 1000
 
 
 def test_finetune_starts_from_the_pretrained_weights_then_predicts(tiny, run_cli):
