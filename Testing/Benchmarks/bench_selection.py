@@ -44,7 +44,7 @@ from ALSegLib.nnunet.predict import predict  # noqa: E402
 from ALSegLib.nnunet.train import train  # noqa: E402
 from ALSegLib.project import Project  # noqa: E402
 from ALSegLib.selection.run import select_cases  # noqa: E402
-from ALSegLib.selection.strategies import Pool, select  # noqa: E402
+from ALSegLib.selection.strategies import Pool, centred, select  # noqa: E402
 from ALSegLib.selection.uncertainty import Uncertainty  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "coreset", "hybrid", "hybrid-weighted")
@@ -124,12 +124,14 @@ def speed(args) -> dict:
     for strategy in STRATEGIES:
         picks[strategy], seconds[strategy], peak[strategy] = measured(lambda: select(strategy, pool, k, seed=0))
         print(f"{strategy:>16}: {seconds[strategy]:.2f} s, peak {peak[strategy]:.0f} MiB", flush=True)
-    matrix_picks, matrix_s, matrix_peak = measured(lambda: matrix_method(pool.features, pool.labeled_features, k))
+    c = centred(pool)  # the features every strategy reads (cosine on features centred on their mean)
+    matrix_picks, matrix_s, matrix_peak = measured(lambda: matrix_method(c.features, c.labeled_features, k))
     same = [pool.candidates[i] for i in matrix_picks] == [p.case for p in picks["coreset"]]
     print(f"  distance matrix: {matrix_s:.2f} s, peak {matrix_peak:.0f} MiB, same picks as coreset: {same}", flush=True)
     sub_n, sub_k, sub_l = args.loop_n, args.loop_k, max(1, args.labeled * args.loop_n // args.n)
     sub = synthetic(sub_n, args.d, sub_l, seed=1)
-    _, loop_s, _ = measured(lambda: reference_loop(sub.features, sub.labeled_features, sub_k), memory=False)
+    sc = centred(sub)
+    _, loop_s, _ = measured(lambda: reference_loop(sc.features, sc.labeled_features, sub_k), memory=False)
     loop_full = loop_s * loop_cost(args.n, k, args.labeled) / loop_cost(sub_n, sub_k, sub_l)
     print(f"  reference loop: {loop_s:.2f} s on N={sub_n}, k={sub_k} -> {loop_full:.0f} s extrapolated", flush=True)
     return {"n": args.n, "d": args.d, "k": k, "labeled": args.labeled,
