@@ -836,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "LiteMedSAM, one box per structure per case from the references)")
     p.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
     p.add_argument("--pseudo-share", type=float, default=DemoSettings.pseudo_share,
-                   help=f"fine-tuning: share of draws from pseudo-labeled cases (default {DemoSettings.pseudo_share})")
+                   help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DemoSettings.pseudo_share}; "
+                   "not used by filtermatch)")
     p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)
     p.add_argument("--epochs", type=int, default=DemoSettings.epochs)
     p.add_argument("--iters", type=int, default=DemoSettings.iterations, help="iterations per epoch (pretraining and rounds)")

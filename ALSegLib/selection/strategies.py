@@ -265,7 +265,11 @@ def centred(pool: Pool) -> Pool:
         return pool
     every = pool.features if pool.labeled_features is None or not len(pool.labeled_features) else \
         np.vstack([pool.features, pool.labeled_features])
-    mean = np.asarray(every, dtype=np.float64).mean(axis=0).astype(np.float32)
+    mean = np.asarray(every, dtype=np.float64).mean(axis=0)
+    spread = np.abs(np.asarray(every, dtype=np.float64) - mean).max()
+    if spread <= 1e-6 * max(np.abs(mean).max(), 1e-30):  # identical vectors: centring would only magnify noise
+        return pool
+    mean = mean.astype(np.float32)
     labeled = None if pool.labeled_features is None else np.asarray(pool.labeled_features, np.float32) - mean
     return replace(pool, features=np.asarray(pool.features, np.float32) - mean, labeled_features=labeled)
 

@@ -78,9 +78,10 @@ def main() -> None:
         rows = [s["rows"][key] for s in per_seed.values() if key in s["rows"]]
         mean[key] = {"mean_dice": round(float(np.mean([r["mean_dice"] for r in rows])), 4),
                      "dice": {c: round(float(np.mean([r["dice"][c] for r in rows])), 4) for c in classes},
-                     "hd95": round(float(np.nanmean([r["hd95"] if r["hd95"] is not None else np.nan for r in rows])), 2),
+                     "hd95": (round(float(np.mean(h)), 2) if (h := [r["hd95"] for r in rows if r["hd95"] is not None
+                                                                        and np.isfinite(r["hd95"])]) else None),
                      "seeds": len(rows)}
-    rounds = sorted(k for k in keys if k.startswith("round "))
+    rounds = sorted((k for k in keys if k.startswith("round ")), key=lambda k: int(k.split()[1]))
     chain = ["pseudo-only", *rounds] if "pseudo-only" in mean else rounds
     values = [mean[k]["mean_dice"] for k in chain]
     last = mean[rounds[-1]]
