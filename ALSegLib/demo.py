@@ -157,18 +157,15 @@ def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -
     last round's model had in all (pretraining + its fine-tuning), scored on the same held-out
     cases. It trains in a copy of the project next to it, so the project's own predictions and
     models stay those of the rounds."""
-    from .loop import held_out_metrics
-    from .nnunet.predict import predict
     from .nnunet.train import train
-    from .simulate import _copy
+    from .simulate import _copy, _score
 
     copy = _copy(project, project.root.parent / "supervised-only")
     steps = settings.pretrain_epochs * settings.pretrain_iterations + settings.epochs * settings.iterations
     epochs = -(-steps // settings.iterations)
     train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=settings.iterations,
           val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
-    predict(copy, "supervised-only", test, probabilities=False, features=False, device=settings.device)
-    return held_out_metrics(copy, "supervised-only", test, test)
+    return _score(copy, "supervised-only", test, settings.device)  # predict the held-out cases, then score them
 
 
 def demo_pseudo_source(settings: DemoSettings) -> dict:
