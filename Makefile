@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   build a local virtual environment (first use only) and run the demo
 #   make test   build the same environment and run the test suite
+#   make lint   the gates CI runs before the tests (ruff)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.alseg-installed
 export nnUNet_def_n_proc ?= 1
 export nnUNet_compile ?= f
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q Testing/Python
+
+lint: $(STAMP)
+	$(BIN)/ruff check ALSegLib ALSeg Testing
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -123,7 +123,8 @@ def cmd_status(args) -> int:
         print()
         print(f"{'case':<32} " + " ".join(f"{k:>9}" for k in LABEL_KINDS))
         for row in status["case_table"]:
-            marks = " ".join(f"{('v%d' % row['human_versions']) if k == 'human' and row[k] else ('yes' if row[k] else '-'):>9}" for k in LABEL_KINDS)
+            cells = (f"v{row['human_versions']}" if k == "human" and row[k] else ("yes" if row[k] else "-") for k in LABEL_KINDS)
+            marks = " ".join(f"{cell:>9}" for cell in cells)
             print(f"{row['case']:<32} {marks}")
     return EXIT_OK
 
@@ -353,7 +354,8 @@ def cmd_select(args) -> int:
     sel = record["selection"]
     print(f"Round {record['round']}: {len(record['queue'])} of {sel['candidates']} candidate cases proposed "
           f"({sel['strategy']}, budget {sel['budget']}, seed {sel['seed']}"
-          + (f", model {sel['model']}" if sel["model"] else "") + (f", {sel['features']} features" if sel["features"] else "") + ")")
+          + (f", model {sel['model']}" if sel["model"] else "")
+          + (f", {sel['features']} features" if sel["features"] else "") + ")")
     for item in record["queue"]:
         print(f"{item['rank']:>3}. {item['case']}: {item['reason']}")
     return EXIT_OK
@@ -431,7 +433,8 @@ def _round_settings(args):
 
 
 def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
-    head = f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c[:10]:>10}" for c in classes) + f" {'mean Dice':>10} {'HD95 mm':>8}"
+    head = (f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c[:10]:>10}" for c in classes)
+            + f" {'mean Dice':>10} {'HD95 mm':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -478,7 +481,8 @@ def cmd_simulate(args) -> int:
     kw = {"arms": args.arms} if args.arms else {}
     settings = ExperimentSettings(
         rounds=args.rounds, budget_per_round=args.budget, seeds=args.seeds, test=args.test,
-        test_fraction=args.test_fraction, pseudo=_pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice},
+        test_fraction=args.test_fraction,
+        pseudo=_pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice},
         configuration=args.configuration, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
         pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
         device=args.device, filtermatch=fm, sweep=args.sweep, pseudo_share=args.pseudo_share, **kw)
@@ -690,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--prompts", metavar="FILE", help="JSON prompt file: boxes/points per case and label, propagated")
     how.add_argument("--auto", nargs="?", const="", metavar="FILE",
                      help="automatic grid prompts; optional JSON of filters per label (intensity, area_mm2, region)")
-    how.add_argument("--from-labels", metavar="DIR", help="coarse prior labels (e.g. an earlier model): a box per slice and component")
+    how.add_argument("--from-labels", metavar="DIR",
+                     help="coarse prior labels (e.g. an earlier model): a box per slice and component")
     how.add_argument("--prompts-from-reference", type=int, metavar="N",
                      help="experiments only: N boxes per structure per case drawn from its reference label (1: on the "
                      "slice where it is largest; more: spread along it), recorded as simulated prompts")
@@ -701,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image encoder runtime (default auto: ONNX Runtime for LiteMedSAM on a CPU, else torch)")
     g.add_argument("--box-margin", type=float, metavar="PX",
                    help=f"--prompts-from-reference: box margin in encoder-input pixels (default {REFERENCE_BOX_MARGIN:g})")
-    g.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slicing axis (default: the prompt file's, else axial)")
+    g.add_argument("--axis", choices=("axial", "coronal", "sagittal"),
+                   help="slicing axis (default: the prompt file's, else axial)")
     g.add_argument("--window", help="intensity window for every label: a preset (soft_tissue, bone, lung, liver, brain, "
                    "abdomen), WIDTH,LEVEL, or percentile (default: soft_tissue for CT, 0.5-99.5 percentiles for MRI)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -723,8 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("--budget", required=True, help="how many cases: a count (10) or a percentage of the project's cases (5%%)")
     p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"),
-                   help="hybrid (default): k-center among the most uncertain typical cases; hybrid-weighted: distance x uncertainty; "
-                   "uncertainty; coreset (k-center greedy on features); random")
+                   help="hybrid (default): k-center among the most uncertain typical cases; "
+                   "hybrid-weighted: distance x uncertainty; uncertainty; coreset (k-center greedy on features); random")
     p.add_argument("--seed", type=int, default=0, help="seed for random picks and ties (default 0)")
     p.add_argument("--model", help="model whose stored probabilities and features are used (default: the latest with "
                    "probabilities for every candidate)")
@@ -745,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def budgets(p, epochs_default=None):
         p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-        p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="nnU-Net configuration to plan (first round)")
+        p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"),
+                       help="nnU-Net configuration to plan (first round)")
         p.add_argument("--batch-size", type=int, help="batch size (e.g. 12 for 2d or 2 for 3d on a CPU)")
         p.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default: nnU-Net's for the device)")
         p.add_argument("--pretrain-iters", type=int, help="pretraining iterations per epoch")

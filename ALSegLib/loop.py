@@ -294,7 +294,8 @@ class Round:
         if waiting:
             return {"waiting": True, "cases": waiting,
                     "message": f"{len(waiting)} case(s) wait for review: {', '.join(waiting)}. Accept their labels "
-                               f"(Slicer's ALSeg module, or 'alseg import-labels PROJECT DIR --kind human'), then run the round again."}
+                               "(Slicer's ALSeg module, or 'alseg import-labels PROJECT DIR --kind human'), "
+                               "then run the round again."}
         done, total = annotated_fraction(self.project, self.settings.exclude)
         return {"labeled": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
 

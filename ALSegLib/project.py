@@ -117,7 +117,8 @@ class LabelTable:
         names: dict[str, str] = {}
         values: dict[int, str] = {}
         for c in classes:
-            if not isinstance(c.name, str) or not re.fullmatch(r"[^=,:|\s][^=,:|\x00-\x1f\x7f]*", c.name) or c.name != c.name.strip():
+            if (not isinstance(c.name, str) or not re.fullmatch(r"[^=,:|\s][^=,:|\x00-\x1f\x7f]*", c.name)
+                    or c.name != c.name.strip()):
                 raise InputError(where, f"invalid label name {c.name!r} (no '=', ',', ':', '|' or control characters)")
             if c.name.lower() in RESERVED_LABEL_NAMES:
                 raise InputError(where, f"label name {c.name!r} is reserved")
@@ -138,7 +139,7 @@ class LabelTable:
         self.classes = tuple(classes)
 
     @classmethod
-    def parse(cls, spec: str) -> "LabelTable":
+    def parse(cls, spec: str) -> LabelTable:
         """``NAME=VALUE[:#RRGGBB],...`` as given on the command line."""
         classes = []
         for i, item in enumerate(s.strip() for s in spec.split(",")):
@@ -149,20 +150,21 @@ class LabelTable:
             try:
                 value = int(value_text.strip())
             except ValueError:
-                raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, got {value_text.strip()!r}") from None
+                raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, "
+                                             f"got {value_text.strip()!r}") from None
             color = parse_color(color_text, "--labels", name.strip()) if color_text else _PALETTE[i % len(_PALETTE)]
             classes.append(LabelClass(name.strip(), value, tuple(color)))
         return cls(classes, where="--labels")
 
     @classmethod
-    def from_mapping(cls, labels: Mapping[str, int], colors: Mapping[str, Sequence[float]] | None = None) -> "LabelTable":
+    def from_mapping(cls, labels: Mapping[str, int], colors: Mapping[str, Sequence[float]] | None = None) -> LabelTable:
         colors = colors or {}
         return cls(
             [LabelClass(n, v, tuple(colors.get(n, _PALETTE[i % len(_PALETTE)]))) for i, (n, v) in enumerate(labels.items())]
         )
 
     @classmethod
-    def from_json(cls, items: object, where: str) -> "LabelTable":
+    def from_json(cls, items: object, where: str) -> LabelTable:
         if not isinstance(items, list):
             raise InputError(where, "'labels' must be a list of {name, value, color}")
         classes = []
@@ -176,7 +178,7 @@ class LabelTable:
         return cls(classes, where=where)
 
     def updated(self, rename: Mapping[str, str] | None = None, colors: Mapping[str, Sequence[float]] | None = None,
-                where: str = "label table") -> "LabelTable":
+                where: str = "label table") -> LabelTable:
         """A copy with classes renamed and/or recolored; values never change, so stored
         labels and trained models stay valid. Unknown names are refused."""
         rename, colors = dict(rename or {}), dict(colors or {})
@@ -377,7 +379,7 @@ class Project:
     @classmethod
     def create(
         cls, root: str | Path, labels: LabelTable | Mapping[str, int], modality: str, name: str | None = None
-    ) -> "Project":
+    ) -> Project:
         root = Path(root)
         table = labels if isinstance(labels, LabelTable) else LabelTable.from_mapping(labels)
         modality = str(modality).upper()
@@ -410,7 +412,7 @@ class Project:
         return project
 
     @classmethod
-    def open(cls, root: str | Path) -> "Project":
+    def open(cls, root: str | Path) -> Project:
         return cls(root)
 
     # the loop (console API) -----------------------------------------------------------------
@@ -469,7 +471,8 @@ class Project:
         timeout = lock_timeout() if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._thread_lock.acquire(timeout=timeout):
-            raise ProjectLockedError(self.root / LOCK, f"project is busy: another thread of this process writes; waited {timeout:g} s")
+            raise ProjectLockedError(self.root / LOCK, "project is busy: another thread of this process writes; "
+                                                       f"waited {timeout:g} s")
         try:
             if self._lock_depth:
                 self._lock_depth += 1
@@ -709,7 +712,8 @@ class Project:
             label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
             lab_tmp = staging / "labels" / "reference" / f"{case}{STORE_EXT}"
             volumes.write_image(label, lab_tmp)
-            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)}, label, lab_tmp)
+            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)},
+                                    label, lab_tmp)
             atomic.write_json(lab_tmp.with_suffix(".json"), prov)
             final = self._label_file(case, "reference")
             out += [(lab_tmp.with_suffix(".json"), final.with_suffix(".json")), (lab_tmp, final)]
@@ -765,7 +769,8 @@ class Project:
         prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
         return prov
 
-    def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path, **extra) -> dict:
+    def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path,
+                    **extra) -> dict:
         present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
         return {
             "kind": kind, "case": case, "source": source, "produced_by": dict(produced_by), "time": now_iso(),
@@ -856,7 +861,8 @@ class Project:
             for case, label, path in plan:
                 produced_by = {"file": str(path.resolve()), "sha256": sha256_file(path)}
                 if kind == "human":
-                    out.append((case, self.add_human_label(case, label, author=author, source="human-import", produced_by=produced_by)))
+                    out.append((case, self.add_human_label(case, label, author=author, source="human-import",
+                                                           produced_by=produced_by)))
                 else:
                     self.write_label(case, kind, label, source=source, produced_by=produced_by)
                     out.append((case, None))

@@ -206,7 +206,8 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
     return base, pseudo_dice
 
 
-def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str], seed: int) -> tuple[list[dict], list[list[str]]]:
+def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str],
+               seed: int) -> tuple[list[dict], list[list[str]]]:
     strategy, mode = arm.split("+")
     project = _copy(base, folder)
     annotator = SimulatedAnnotator(test)

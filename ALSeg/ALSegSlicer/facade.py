@@ -194,6 +194,17 @@ class Session:
         """Rounds whose review queue still has cases without a human label."""
         return sorted({q["round"] for q in rounds.queue_items(self.require()) if q["status"] == "pending"})
 
+    def summary_text(self) -> str:
+        """One line for the panel: the project, its cases, how many have each kind of label, what waits."""
+        status = self.require().status()
+        counts = status["label_counts"]
+        labeled = ", ".join(f"{counts[kind]} {kind}" for kind in ("human", "pseudo", "predicted", "reference")
+                            if counts.get(kind))
+        waiting = self.rounds_waiting()
+        return (f"{status['name']} ({status['modality']}): {status['cases']} cases"
+                + (f"; labels: {labeled}" if labeled else "; no labels yet")
+                + (f"; round(s) {', '.join(map(str, waiting))} wait for review" if waiting else ""))
+
 
 def _control_points(node) -> list[list[float]]:
     out = []

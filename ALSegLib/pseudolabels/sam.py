@@ -32,6 +32,7 @@ from .. import atomic
 from ..errors import InputError
 from ..project import sha256_file
 from . import MODEL_TYPES, litemedsam  # MODEL_TYPES: litemedsam, vit_b, vit_l, vit_h, medsam
+
 # (embed dim, depth) of the published encoders; MedSAM is a fine-tuned vit_b
 KNOWN_ENCODERS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 DECODER_HEADS = 8  # SAM's two-way transformer; not recoverable from tensor shapes
@@ -135,7 +136,8 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, where: str) -> tuple[int, .
 
 
 def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in sd
+           if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
     return max(idx) + 1 if idx else 0
 
 
@@ -280,7 +282,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if reason is None:
             raise InputError(path, f"not a readable PyTorch checkpoint ({_first_line(exc)})") from None
         raise InputError(path, "refused: the checkpoint holds pickled code or objects that ALSeg will not execute "
-                               f"(loaded with weights_only=True: {reason}). Re-save it as a plain state dict of tensors.") from None
+                               f"(loaded with weights_only=True: {reason}). "
+                               "Re-save it as a plain state dict of tensors.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputError(path, f"not a readable PyTorch checkpoint ({_first_line(exc)})") from None
     for key in ("model", "state_dict"):

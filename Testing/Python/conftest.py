@@ -9,9 +9,10 @@ import pytest
 os.environ.setdefault("ALSEG_PROGRESS", "off")
 os.environ.setdefault("ALSEG_LOCK_TIMEOUT", "5")
 
+from reliability import run_until, tree_hash  # noqa: E402,F401 - shared with the tests
+
 from ALSegLib import cli, phantoms  # noqa: E402
 from ALSegLib.project import LabelTable, Project  # noqa: E402
-from reliability import run_until, tree_hash  # noqa: E402,F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,6 @@ from ALSegLib.project import LabelTable, Project
 from ALSegLib.pseudolabels import prompts as pr
 from ALSegLib.pseudolabels.postprocess import PostProcess, clean_mask
 from ALSegLib.pseudolabels.run import pseudolabel_with_sam
-from ALSegLib.selection.features import available, case_features
 from ALSegLib.pseudolabels.sam import (
     PROFILES,
     MaskDecoder,
@@ -42,6 +41,7 @@ from ALSegLib.pseudolabels.slices import (
     to_uint8,
     volume_slices,
 )
+from ALSegLib.selection.features import available, case_features
 
 TABLE = LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS)
 
@@ -79,7 +79,8 @@ def oblique_anisotropic(image: sitk.Image, label: sitk.Image) -> tuple[sitk.Imag
     ref.SetDirection(direction)
     # keep the centre where it was
     centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size])
-    half = np.array(direction).reshape(3, 3) @ (np.array([(size[0] - 1) * sx, (size[1] // 2 - 1) * sy * 2, (size[2] - 1) * sz]) / 2)
+    half = np.array(direction).reshape(3, 3) @ (np.array([(size[0] - 1) * sx, (size[1] // 2 - 1) * sy * 2,
+                                                          (size[2] - 1) * sz]) / 2)
     ref.SetOrigin(tuple(np.array(centre) - half))
     img = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1000, sitk.sitkInt16)
     lab = sitk.Resample(label, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -258,8 +259,8 @@ def test_anisotropic_slices_are_made_square_for_sam_not_for_medsam():
     model = tiny_sam()
     x = encoder_input(np.full((2, 48, 48), 200, np.uint8), frame, model, PROFILES["sam"])
     assert x.shape == (2, 3, 256, 256)
-    x = encoder_input(np.arange(48 * 48, dtype=np.uint8).reshape(1, 48, 48), slice_frame((48, 48), (1, 2), 256, PROFILES["medsam"]),
-                      model, PROFILES["medsam"])
+    x = encoder_input(np.arange(48 * 48, dtype=np.uint8).reshape(1, 48, 48),
+                      slice_frame((48, 48), (1, 2), 256, PROFILES["medsam"]), model, PROFILES["medsam"])
     assert x.shape == (1, 3, 256, 256) and float(x.min()) == 0.0 and float(x.max()) == 1.0
 
 

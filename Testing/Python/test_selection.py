@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import tree_hash
 
 from ALSegLib import rounds
 from ALSegLib.errors import InputError
@@ -14,8 +15,6 @@ from ALSegLib.selection.features import case_features, histogram_features
 from ALSegLib.selection.run import select_cases
 from ALSegLib.selection.strategies import Pool, parse_budget, select
 from ALSegLib.selection.uncertainty import Uncertainty, case_uncertainty, entropy_map, focus_region, label_disagreement
-
-from conftest import tree_hash
 
 
 def brute_force(x, k, seeds=None, metric="cosine", weights=None, first=0):
