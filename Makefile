@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   build a local virtual environment (first use only) and run the demo
 #   make test   build the same environment and run the test suite
-#   make lint   the gates CI runs before the tests (ruff)
+#   make lint   the gates CI runs before the tests (ruff, import-linter's contracts)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -33,6 +33,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ALSegLib ALSeg Testing
+	PYTHONPATH=ALSeg $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,7 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, volumes
+from . import volumes
+from ._version import __version__
 from .errors import InputError, ProjectLockedError
 from .project import LABEL_KINDS, LabelTable, Project, parse_color
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES

@@ -41,7 +41,6 @@ from .errors import InputError
 from .progress import emit
 from .project import Project, exclusive_run, now_iso
 
-STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review", "train", "predict", "evaluate", "report")
 MODES = ("finetune", "filtermatch")
 PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
 PRETRAIN = "pretrain"
@@ -358,14 +357,22 @@ def make_pseudolabels(project: Project, cases: Sequence[str], spec: Mapping) -> 
     return pseudolabel_with_sam(project, options.pop("checkpoint", None), cases=cases, **options)
 
 
-def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None) -> dict:
+def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None,
+              **options) -> dict:
     """Run (or continue) the project's current round; returns its record.
 
     An unfinished round continues with its stored settings (``settings``, if
     given, must equal them); otherwise a new round starts with ``settings``
-    (default :class:`RoundSettings`). The record has ``waiting`` when the round
-    stopped at review for human labels.
+    (default :class:`RoundSettings`), given as one or as its fields in keywords
+    (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``).
+    ``annotator(project, case)`` stores a human label for a selected case (the
+    oracle experiment); without it the round stops at review: the record then has
+    ``waiting``.
     """
+    if settings is not None and options:
+        raise TypeError("give either a RoundSettings or its fields as keywords, not both")
+    if options:
+        settings = RoundSettings(**options)
     if settings is not None and current_round(project) is None:
         _check(project, settings)  # refused before anything is written, the lock file included
     with exclusive_run(project.root / "rounds" / "round.lock", "a round of this project is running already"):

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, atomic, volumes
+from . import atomic, volumes
+from ._version import __version__
 from .errors import InputError, ProjectLockedError
 from .progress import track
 
@@ -416,22 +417,6 @@ class Project:
         return cls(root)
 
     # the loop (console API) -----------------------------------------------------------------
-
-    def run_round(self, settings=None, *, annotator=None, **options) -> dict:
-        """Run or continue the current active-learning round (see :mod:`ALSegLib.loop`).
-
-        ``settings``: a :class:`~ALSegLib.loop.RoundSettings`, or its fields as keywords
-        (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``); none to
-        continue an unfinished round. ``annotator(project, case)``: stores a human label
-        for a selected case (the oracle experiment); without it the round stops at review.
-        """
-        from .loop import RoundSettings, run_round
-
-        if settings is not None and options:
-            raise TypeError("give either a RoundSettings or its fields as keywords, not both")
-        if options:
-            settings = RoundSettings(**options)
-        return run_round(self, settings, annotator=annotator)
 
     def update_labels(self, rename: Mapping[str, str] | None = None,
                       colors: Mapping[str, Sequence[float]] | None = None) -> LabelTable:

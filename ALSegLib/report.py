@@ -141,10 +141,9 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     atomic.write_json(reports / "learning_curve.json", {"project": project.name, "time": now_iso(), "points": curve})
 
     settings = record.get("settings", {})
-    from .loop import STAGES
 
     stages = [[name, record["stages"][name].get("seconds"), record["stages"][name].get("done", "")]
-              for name in STAGES if name in record["stages"] and "done" in record["stages"][name]]
+              for name in rounds.STAGES if name in record["stages"] and "done" in record["stages"][name]]
     sections = [("Settings", "", ["setting", "value"],
                  [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
                   for k, v in settings.items() if v not in (None, [], {})]),

@@ -14,6 +14,8 @@ from .errors import InputError
 from .project import Project, check_case_id, now_iso, read_json_object
 
 ROUND_FILE = "round.json"
+# a round's stages, in the order they run (ALSegLib.loop runs them; the reports list them)
+STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review", "train", "predict", "evaluate", "report")
 
 
 def round_dir(project: Project, number: int) -> Path:

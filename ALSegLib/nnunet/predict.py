@@ -98,7 +98,8 @@ def predict(
     (and probabilities, and bottleneck features; ``features`` defaults to ``probabilities``).
     Returns one summary per case. ``reuse``: skip cases whose stored probabilities
     (and features, if asked for) come from these very weights."""
-    from ..selection.features import BottleneckPool, nnunet_features_path, write_vector
+    from ..store.features import nnunet_features_path, write_vector
+    from .features import BottleneckPool
 
     features = probabilities if features is None else features
     record = read_model(project, model)

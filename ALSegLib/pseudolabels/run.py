@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from .. import atomic, progress, volumes
 from ..errors import InputError
 from ..project import Project, _label_index, read_json_object, sha256_file
-from ..selection.features import sam_features_path, write_vector
+from ..store.features import sam_features_path, write_vector
 from . import REFERENCE_BOX_MARGIN
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask

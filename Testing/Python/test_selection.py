@@ -306,7 +306,7 @@ def test_bottleneck_pool_takes_the_last_convolution_before_its_instance_norm():
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from ALSegLib.selection.features import BottleneckPool
+    from ALSegLib.nnunet.features import BottleneckPool
 
     torch.manual_seed(0)
     net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv2d, 3, (1, 2, 2), 2, 2, (2, 2), False,
