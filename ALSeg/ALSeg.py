@@ -392,8 +392,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic):
         return self.session.learning_curve_png()
 
     def latestReport(self):
-        reports = sorted((self.session.require().root / "rounds").glob("*/report.html"))
-        return reports[-1] if reports else None
+        return self.session.latest_report()
 
     def cases(self):
         return self.session.require().cases()

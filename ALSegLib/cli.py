@@ -466,7 +466,7 @@ def cmd_round(args) -> int:
     if m:
         print(f"Held-out Dice (model {m['model']}, {m['annotated']} of {m['of']} cases annotated): "
               + ", ".join(f"{c} {_fmt(v['dice']['mean'])}" for c, v in m["summary"].items()))
-    print(f"Report: {project.root / record['stages']['report']['files']['html']}")
+    print(f"Report: {project.layout.resolve(record['stages']['report']['files']['html'])}")
     return EXIT_OK
 
 

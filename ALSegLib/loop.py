@@ -118,6 +118,16 @@ def held_out_metrics(project: Project, model: str, cases: Sequence[str], exclude
             "fraction": round(done / total, 4) if total else 0.0}
 
 
+def score_held_out(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str], device: str,
+                   round_id: str | None = None) -> dict:
+    """Predict ``cases`` with ``model``, then :func:`held_out_metrics` of those predictions: how a round,
+    the experiment's baselines and the demo's supervised-only row each score a model."""
+    from .nnunet.predict import predict
+
+    predict(project, model, cases, probabilities=False, features=False, device=device, round_id=round_id)
+    return held_out_metrics(project, model, cases, exclude)
+
+
 def current_round(project: Project) -> dict | None:
     """The last round if it has not finished (its report stage not done), else None."""
     numbers = rounds.list_rounds(project)
@@ -252,14 +262,10 @@ class Round:
 
     def _score(self, model: str) -> dict | None:
         """Predict and evaluate the held-out cases with ``model`` (None without any)."""
-        from .nnunet.predict import predict
-
         cases = self.evaluation_cases()
         if not cases:
             return None
-        predict(self.project, model, cases, probabilities=False, features=False, device=self.settings.device,
-                round_id=f"{self.number:04d}")
-        return held_out_metrics(self.project, model, cases, self.settings.exclude)
+        return score_held_out(self.project, model, cases, self.settings.exclude, self.settings.device, f"{self.number:04d}")
 
     def predict_pool(self) -> dict:
         from .nnunet.predict import predict
@@ -375,7 +381,7 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
         settings = RoundSettings(**options)
     if settings is not None and current_round(project) is None:
         _check(project, settings)  # refused before anything is written, the lock file included
-    with exclusive_run(project.root / "rounds" / "round.lock", "a round of this project is running already"):
+    with exclusive_run(project.layout.round_lock, "a round of this project is running already"):
         record = current_round(project)
         if record is not None and "settings" in record:
             stored = RoundSettings.from_json(record["settings"], str(rounds.round_dir(project, record["round"])))

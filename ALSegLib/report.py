@@ -131,9 +131,9 @@ def learning_curve(project: Project, current: Mapping | None = None) -> list[dic
 def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     """rounds/<NNNN>/report.{md,html,json} and reports/learning_curve.{png,json}; returns their paths."""
     folder = rounds.round_dir(project, record["round"])
-    reports = project.root / "reports"
+    reports = project.layout.reports
     curve = learning_curve(project, record)
-    png = reports / "learning_curve.png"
+    png = project.layout.learning_curve_png
     classes = list(curve[-1]["per_class"]) if curve else []
     lines = {"mean": [(p["fraction"], p["mean_dice"]) for p in curve]}
     lines.update({c: [(p["fraction"], p["per_class"].get(c, math.nan)) for p in curve] for c in classes})

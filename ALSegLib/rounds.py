@@ -19,11 +19,11 @@ STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review"
 
 
 def round_dir(project: Project, number: int) -> Path:
-    return project._inside(project.root / "rounds" / f"{int(number):04d}")
+    return project.layout.round(number)
 
 
 def list_rounds(project: Project) -> list[int]:
-    folder = project.root / "rounds"
+    folder = project.layout.rounds
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / ROUND_FILE).is_file())
@@ -58,7 +58,7 @@ def read_round(project: Project, number: int) -> dict:
 
 def write_round(project: Project, record: dict) -> None:
     """Store a round record; the caller holds the project lock."""
-    project._require_lock()
+    project.require_lock()
     atomic.write_json(round_dir(project, record["round"]) / ROUND_FILE, record)
 
 

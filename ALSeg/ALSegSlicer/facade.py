@@ -23,7 +23,7 @@ from .review import OpenCase, ReviewSession
 STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")
 MODES = ("finetune", "filtermatch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PROMPTS_FILE = "prompts/slicer.json"
+PROMPTS_FILE = "prompts/slicer.json"  # Layout.slicer_prompts, relative to the project
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Session:
             entry["negative"] = _control_points(negative)
         if "box" not in entry and "points" not in entry:
             raise InputError(f"prompt for {case}/{label}", "needs a box (ROI) or at least one positive point")
-        path = project.root / PROMPTS_FILE
+        path = project.layout.slicer_prompts
         with project.lock("write prompts"):
             data = json.loads(path.read_text()) if path.is_file() else {"space": "RAS", "cases": {}}
             data["cases"].setdefault(case, {}).setdefault(label, []).append(entry)
@@ -138,7 +138,7 @@ class Session:
         if options.pretrain_epochs:
             args += ["--pretrain-epochs", str(options.pretrain_epochs)]
         if options.pseudo_source == "sam":  # no checkpoint: the built-in LiteMedSAM
-            prompts = options.prompts or str(project.root / PROMPTS_FILE)
+            prompts = options.prompts or str(project.layout.slicer_prompts)
             args += ["--pseudo-source", "sam", *(["--checkpoint", options.checkpoint] if options.checkpoint else []),
                      "--prompts", prompts]
         elif options.pseudo_source == "import":
@@ -187,8 +187,13 @@ class Session:
         return header, rows
 
     def learning_curve_png(self) -> Path | None:
-        path = self.require().root / "reports" / "learning_curve.png"
+        path = self.require().layout.learning_curve_png
         return path if path.is_file() else None
+
+    def latest_report(self) -> Path | None:
+        """The last round's HTML report."""
+        reports = self.require().layout.round_reports()
+        return reports[-1] if reports else None
 
     def rounds_waiting(self) -> list[int]:
         """Rounds whose review queue still has cases without a human label."""

@@ -10,33 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class NnunetFolders:
-    root: Path
-
-    @property
-    def raw(self) -> Path:
-        return self.root / "raw"
-
-    @property
-    def preprocessed(self) -> Path:
-        return self.root / "preprocessed"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results"
+from ..store.layout import Layout, NnunetFolders
 
 
 def folders(project_root: Path) -> NnunetFolders:
-    return NnunetFolders(Path(project_root) / "nnunet")
+    return Layout(project_root).nnunet
 
 
 @contextlib.contextmanager

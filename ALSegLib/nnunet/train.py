@@ -42,7 +42,7 @@ def default_budget(device: torch.device) -> tuple[int, int]:
 
 
 def model_dir(project: Project, name: str) -> Path:
-    return project._inside(project.root / "models" / check_case_id(name))
+    return project.layout.model(name)
 
 
 def read_model(project: Project, name: str) -> dict:
@@ -54,7 +54,7 @@ def read_model(project: Project, name: str) -> dict:
 
 
 def list_models(project: Project) -> list[str]:
-    folder = project.root / "models"
+    folder = project.layout.models
     return sorted(p.name for p in folder.iterdir() if (p / "model.json").is_file()) if folder.is_dir() else []
 
 
@@ -235,9 +235,10 @@ def train(
                 record["resumed_at_epochs"].append(trainer.current_epoch)
                 emit("resume", model=name, epoch=trainer.current_epoch)
             elif init is not None:
-                digest = trainer.load_pretrained_weights(project.root / init["checkpoint"])
+                weights = project.layout.resolve(init["checkpoint"])
+                digest = trainer.load_pretrained_weights(weights)
                 if digest != init["weights_digest"]:
-                    raise InputError(project.root / init["checkpoint"], "pretrained weights changed since that model finished")
+                    raise InputError(weights, "pretrained weights changed since that model finished")
                 record["init_weights_digest"] = digest
             if not final.is_file():
                 try:

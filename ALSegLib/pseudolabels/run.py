@@ -27,8 +27,9 @@ import SimpleITK as sitk
 
 from .. import atomic, progress, volumes
 from ..errors import InputError
-from ..project import Project, _label_index, read_json_object, sha256_file
+from ..project import Project, read_json_object, sha256_file
 from ..store.features import sam_features_path, write_vector
+from ..store.ids import label_index
 from . import REFERENCE_BOX_MARGIN
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
@@ -55,7 +56,7 @@ MODES = ("prompts", "auto", "prior", "reference")
 
 
 def cache_root(project: Project) -> Path:
-    return project.root / "cache" / "sam"
+    return project.layout.sam_cache
 
 
 def embedding_key(loaded: LoadedSam, axis: int, window: Window) -> tuple[str, dict]:
@@ -169,7 +170,7 @@ def pseudolabel_with_sam(
         folder = Path(from_labels)
         if not folder.is_dir():
             raise InputError(folder, "prior label folder not found")
-        index = _label_index(folder)
+        index = label_index(folder)
         for case, files in index.items():
             if len(files) > 1 and (not cases or case in cases):
                 raise InputError(folder, f"several label files match case {case!r}: {', '.join(p.name for p in files)}")

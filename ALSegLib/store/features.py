@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import atomic
 from ..errors import InputError
-from ..project import Project, check_case_id
+
+if TYPE_CHECKING:  # the store sits below Project: it reads the project's layout only
+    from ..project import Project
 
 
 def nnunet_features_path(project: Project, model: str, case: str) -> Path:
-    return project._inside(project.root / "features" / "nnunet" / check_case_id(model) / f"{check_case_id(case)}.npy")
+    return project.layout.nnunet_features(model, case)
 
 
 def sam_features_path(project: Project, case: str) -> Path:
     """Written by ``alseg pseudolabel --source sam`` (with a ``.json`` sidecar)."""
-    return project._inside(project.root / "features" / "sam" / f"{check_case_id(case)}.npy")
+    return project.layout.sam_features(case)
 
 
 def write_vector(path: Path, vector: np.ndarray) -> None:

@@ -333,3 +333,4 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     header, rows = session.result_rows()
     assert header[:4] == ["round", "model", "annotated", "mean Dice"] and [r[0] for r in rows] == ["pseudo-only", "1"]
     assert session.learning_curve_png() is not None
+    assert session.latest_report() == project.root / "rounds" / "0001" / "report.html"

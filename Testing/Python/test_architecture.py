@@ -1,0 +1,84 @@
+"""The house rules that keep the engine changeable, read from the sources (no import of the code).
+
+- every path of a project folder comes from the store's :class:`ALSegLib.store.layout.Layout`:
+  no module outside ``ALSegLib/store`` joins a path onto a ``.root``;
+- no module reaches into another's private names (``_name`` defined in the engine or the Slicer glue);
+- the layers and the absence of import cycles are import-linter's contracts (``make lint``).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = sorted(p for base in ("ALSegLib", "ALSeg") for p in (REPO / base).rglob("*.py"))
+
+
+def _trees() -> dict[Path, ast.Module]:
+    return {p: ast.parse(p.read_text(encoding="utf-8"), str(p)) for p in SOURCES}
+
+
+def root_joins(tree: ast.Module) -> list[tuple[int, str]]:
+    """``<anything>.root / ...`` expressions: a path built by hand under a project (or other) root."""
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)  # the innermost join of a chain
+                and isinstance(node.left, ast.Attribute) and node.left.attr == "root"):
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_the_sources_are_there():
+    names = {p.relative_to(REPO).as_posix() for p in SOURCES}
+    assert {"ALSegLib/project.py", "ALSegLib/store/layout.py", "ALSeg/ALSeg.py", "ALSeg/ALSegSlicer/facade.py"} <= names
+
+
+def test_no_project_path_is_built_outside_the_store():
+    bad = [f"{p.relative_to(REPO)}:{line}: {text}" for p, tree in _trees().items()
+           if p.relative_to(REPO).parts[:2] != ("ALSegLib", "store") for line, text in root_joins(tree)]
+    assert not bad, "paths built by hand (use project.layout):\n" + "\n".join(bad)
+
+
+def test_the_check_finds_a_path_built_by_hand():
+    assert [line for line, _ in root_joins(ast.parse('x = project.root / "models" / name'))] == [1]
+    assert root_joins(ast.parse("x = project.layout.model(name)")) == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    trees = _trees()
+    private = {n.name for t in trees.values() for n in ast.walk(t)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+               and n.name.startswith("_") and not n.name.startswith("__")}
+    assert "_read_config" in private  # the set is the engine's own private functions and methods
+    bad = []
+    for p, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ALSeg")):
+                bad += [f"{p.relative_to(REPO)}:{node.lineno}: imports {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and node.attr in private
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                bad.append(f"{p.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("folder", ["images", "labels", "rounds", "models", "predictions", "features", "cache",
+                                    "reports", "nnunet", "prompts"])
+def test_the_layout_documents_every_folder_it_builds(folder):
+    doc = (REPO / "ALSegLib" / "store" / "layout.py").read_text(encoding="utf-8").split('"""')[1]
+    assert f"{folder}/" in doc
+
+
+def test_a_path_a_record_stores_cannot_lead_out_of_the_project(tmp_path):
+    from ALSegLib.errors import InputError
+    from ALSegLib.store.layout import Layout
+
+    (tmp_path / "p").mkdir()
+    layout = Layout(tmp_path / "p")
+    assert layout.resolve("models/a/checkpoint_final.pth") == tmp_path / "p" / "models" / "a" / "checkpoint_final.pth"
+    with pytest.raises(InputError, match="outside the project"):
+        layout.resolve("../elsewhere/checkpoint_final.pth")
+    with pytest.raises(InputError, match="case id"):
+        layout.model("../x")
