@@ -17,7 +17,9 @@ from pathlib import Path
 
 from . import volumes
 from ._version import __version__
+from .devices import DEVICE_HELP, device_name
 from .errors import InputError, ProjectLockedError
+from .nnunet.modes import MODES as TRAINING_MODES
 from .project import LABEL_KINDS, LabelTable, Project, parse_color
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
@@ -31,6 +33,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         self.print_usage(sys.stderr)
         raise InputError(self.prog, message)
+
+
+def _device(value: str) -> str:
+    """argparse type of --device: the spelling checked here (exit 2), availability where it is used."""
+    try:
+        return device_name(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
 
 
 def _json_default(obj):
@@ -635,12 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
             "pretrained weights), supervised (human labels, from scratch) or filtermatch (human labels + unlabeled "
             "cases, semi-supervised). Resumes after a kill.")
     p.add_argument("project")
-    p.add_argument("--mode", required=True, choices=("pretrain", "finetune", "supervised", "filtermatch"))
+    p.add_argument("--mode", required=True, choices=tuple(TRAINING_MODES))
     p.add_argument("--name", help="model name (default: the mode); a finished model is kept, not retrained: give a new name")
     p.add_argument("--epochs", type=int, help="epochs (default: 1000 on a GPU, 20 on a CPU)")
     p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
     p.add_argument("--val-iters", type=int, help="validation iterations per epoch (default: iters / 5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="default: the planned one")
     p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
     p.add_argument("--init", help="the model to start from (finetune: default pretrain; filtermatch: optional)")
@@ -673,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
     p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
     p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--round", help="round id recorded in the provenance")
     p.add_argument("--json", action="store_true")
 
@@ -711,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slicing axis (default: the prompt file's, else axial)")
     g.add_argument("--window", help="intensity window for every label: a preset (soft_tissue, bone, lung, liver, brain, "
                    "abdomen), WIDTH,LEVEL, or percentile (default: soft_tissue for CT, 0.5-99.5 percentiles for MRI)")
-    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    g.add_argument("--device", type=_device, help=f"{DEVICE_HELP} (default cpu)")
     g.add_argument("--batch", type=int, help="slices per encoder call (default 1 on CPU, 8 on CUDA; halved on out-of-memory)")
     g.add_argument("--memory-gib", type=float, help="embeddings kept in memory per case (default 1 GiB)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
@@ -751,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(nnUNetv2_train -tr ALSegTrainer, nnUNetv2_predict) find ALSeg's trainers.")
 
     def budgets(p, epochs_default=None):
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+        p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
         p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"),
                        help="nnU-Net configuration to plan (first round)")
         p.add_argument("--batch-size", type=int, help="batch size (e.g. 12 for 2d or 2 for 3d on a CPU)")
@@ -849,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)
     p.add_argument("--epochs", type=int, default=DemoSettings.epochs)
     p.add_argument("--iters", type=int, default=DemoSettings.iterations, help="iterations per epoch (pretraining and rounds)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return parser

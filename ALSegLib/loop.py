@@ -38,10 +38,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import rounds
 from .errors import InputError
+from .nnunet.modes import MODES as TRAINING_MODES
+from .nnunet.modes import ROUND_MODES
 from .progress import emit
 from .project import Project, exclusive_run, now_iso
 
-MODES = ("finetune", "filtermatch")
+MODES = ROUND_MODES  # the training modes a round may use (ALSegLib.nnunet.modes)
 PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
 PRETRAIN = "pretrain"
 
@@ -314,7 +316,7 @@ class Round:
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude,
-                    pseudo_share=s.pseudo_share if s.mode == "finetune" else 0.0)
+                    pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
         return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],

@@ -48,6 +48,7 @@ from .loop import (
     run_round,
     score_held_out,
 )
+from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project, now_iso
 from .report import curve_point
@@ -130,7 +131,7 @@ def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test
                          pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
                          epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
                          pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None,
-                         pseudo_share=settings.pseudo_share if mode == "finetune" else 0.0)
+                         pseudo_share=settings.pseudo_share if TRAINING_MODES[mode].mixes_pseudo else 0.0)
 
 
 def baseline_budget(settings: ExperimentSettings) -> tuple[int, int]:

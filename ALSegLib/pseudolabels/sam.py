@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import atomic
+from ..devices import resolve_device
 from ..errors import InputError
 from ..project import sha256_file
 from . import MODEL_TYPES, litemedsam  # MODEL_TYPES: litemedsam, vit_b, vit_l, vit_h, medsam
@@ -324,16 +325,6 @@ class LoadedSam:
         if self.builtin:
             out["builtin"] = f"{litemedsam.PACKAGE}=={litemedsam.PACKAGE_VERSION}"
         return out
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device", f"{device} requested but no CUDA device is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise InputError("--device", f"unknown device {device!r}; cpu, cuda, cuda:N or auto")
-    return torch.device(device)
 
 
 def load_checkpoint(path: str | Path | None, model_type: str | None = None, device: str = "cpu",
