@@ -23,6 +23,8 @@ from .nnunet.modes import MODES as TRAINING_MODES
 from .project import LABEL_KINDS, LabelTable, Project, parse_color
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
+from .settings import CONFIGURATIONS, DEFAULT_STRATEGY, FEATURE_SOURCES, PSEUDO_SOURCES, STRATEGIES, RoundSettings
+from .settings import MODES as ROUND_MODES
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
@@ -432,8 +434,6 @@ def _pseudo_spec(args, experiment: bool = False) -> dict | None:
 def _round_settings(args):
     from dataclasses import asdict
 
-    from .loop import RoundSettings
-
     fm = asdict(_filtermatch_config(args, "round --mode filtermatch")) if args.mode == "filtermatch" else None
     return RoundSettings(budget=args.budget, strategy=args.strategy, mode=args.mode, seed=args.seed,
                          exclude=args.exclude or [], device=args.device, configuration=args.configuration,
@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "nnU-Net self-configuration: fingerprint, plans and preprocessing (on pseudo-labels by default).")
     p.add_argument("project")
     p.add_argument("--policy", default="pseudo", choices=("pseudo", "human", "human+pseudo"), help="labels to plan on")
-    p.add_argument("--configuration", action="append", choices=("2d", "3d_fullres", "3d_lowres"),
+    p.add_argument("--configuration", action="append", choices=CONFIGURATIONS,
                    help="configuration(s) to preprocess (repeatable; default 3d_fullres)")
     p.add_argument("--batch-size", type=int, help="override nnU-Net's batch size (e.g. 2 for 3d or 12 for 2d on a CPU)")
     p.add_argument("--processes", type=int, help="worker processes for planning and preprocessing")
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
     p.add_argument("--val-iters", type=int, help="validation iterations per epoch (default: iters / 5)")
     p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
-    p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="default: the planned one")
+    p.add_argument("--configuration", choices=CONFIGURATIONS, help="default: the planned one")
     p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
     p.add_argument("--init", help="the model to start from (finetune: default pretrain; filtermatch: optional)")
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases the model never sees, labeled or unlabeled "
@@ -739,13 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
             "write them, with scores and reasons, as a round's review queue.")
     p.add_argument("project")
     p.add_argument("--budget", required=True, help="how many cases: a count (10) or a percentage of the project's cases (5%%)")
-    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"),
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
                    help="hybrid (default): k-center among the most uncertain typical cases; "
                    "hybrid-weighted: distance x uncertainty; uncertainty; coreset (k-center greedy on features); random")
     p.add_argument("--seed", type=int, default=0, help="seed for random picks and ties (default 0)")
     p.add_argument("--model", help="model whose stored probabilities and features are used (default: the latest with "
                    "probabilities for every candidate)")
-    p.add_argument("--features", default="auto", choices=("auto", "nnunet", "sam", "histogram"),
+    p.add_argument("--features", default="auto", choices=FEATURE_SOURCES,
                    help="diversity features (auto: the model's, else SAM embeddings, else intensity histograms)")
     p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases never proposed (held-out test cases)")
@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def budgets(p, epochs_default=None):
         p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
-        p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"),
+        p.add_argument("--configuration", choices=CONFIGURATIONS,
                        help="nnU-Net configuration to plan (first round)")
         p.add_argument("--batch-size", type=int, help="batch size (e.g. 12 for 2d or 2 for 3d on a CPU)")
         p.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default: nnU-Net's for the device)")
@@ -770,13 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, help="epochs of each round's training")
         p.add_argument("--iters", type=int, help="iterations per epoch of each round's training")
         p.add_argument("--val-iters", type=int, help="validation iterations per epoch")
-        p.add_argument("--pseudo-share", type=float, default=0.5,
-                       help="finetune: share of training draws from cases that have only a pseudo-label (default 0.5; "
-                       "0: fine-tune on the human labels alone)")
+        p.add_argument("--pseudo-share", type=float, default=RoundSettings.pseudo_share,
+                       help="finetune: share of training draws from cases that have only a pseudo-label (default "
+                       f"{RoundSettings.pseudo_share:g}; 0: fine-tune on the human labels alone)")
 
     def pseudo_source(p):
         g = p.add_argument_group("pseudo-labels for cases that have none")
-        g.add_argument("--pseudo-source", choices=("sam", "import", "degraded-reference"),
+        g.add_argument("--pseudo-source", choices=PSEUDO_SOURCES,
                        help="sam (the built-in LiteMedSAM, or --checkpoint; with --prompts, --from-labels or, in "
                        f"simulate, --prompts-from-reference N, default {SIMULATE_REFERENCE_BOXES}), import (--from DIR "
                        "[--map]), or degraded-reference (references corrupted to --target-dice: simulation only)")
@@ -808,12 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
     p.add_argument("project")
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
-    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
-    p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="held-out cases: never selected or trained on; "
                    "scored each round when they have reference labels")
-    p.add_argument("--features", default="auto", choices=("auto", "nnunet", "sam", "histogram"))
+    p.add_argument("--features", default="auto", choices=FEATURE_SOURCES)
     budgets(p)
     pseudo_source(p)
     filtermatch_options(p)
@@ -846,8 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=48, help="phantom edge length in voxels (default 48)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--budget", default="2", help="cases revealed per round (default 2)")
-    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
-    p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--target-dice", type=float, default=0.75, help="simulated pseudo-label quality (default 0.75)")
     p.add_argument("--pseudo-source", default="degraded-reference", choices=("degraded-reference", "sam"),
                    help="degraded-reference (default: references corrupted to --target-dice) or sam (the built-in "

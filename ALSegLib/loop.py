@@ -34,67 +34,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
 
 from . import rounds
 from .errors import InputError
 from .nnunet.modes import MODES as TRAINING_MODES
-from .nnunet.modes import ROUND_MODES
 from .progress import emit
 from .project import Project, exclusive_run, now_iso
+from .settings import MODES, PSEUDO_SOURCES, RoundSettings  # noqa: F401 (the loop's public names)
 
-MODES = ROUND_MODES  # the training modes a round may use (ALSegLib.nnunet.modes)
-PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
 PRETRAIN = "pretrain"
 
 Annotator = Callable[[Project, str], None]
-
-
-@dataclass
-class RoundSettings:
-    """What a round does. Stored in the round record; a resumed round keeps its settings."""
-
-    budget: str = "5%"  # cases to label this round: a count or a percentage of the project (less held-out cases)
-    strategy: str = "hybrid"
-    mode: str = "finetune"  # finetune | filtermatch
-    seed: int = 0
-    exclude: list[str] = field(default_factory=list)  # held-out cases: never selected nor trained on; evaluated
-    device: str = "auto"
-    configuration: str | None = None  # nnU-Net configuration planned in the first round (default 3d_fullres)
-    batch_size: int | None = None
-    pretrain_epochs: int | None = None  # None: nnU-Net's defaults for the device
-    pretrain_iterations: int | None = None
-    epochs: int | None = None
-    iterations: int | None = None
-    val_iterations: int | None = None
-    features: str = "auto"
-    pseudo: dict | None = None  # {"source": "sam"|"import"|"degraded-reference", ...options}
-    filtermatch: dict | None = None  # FilterMatchConfig fields (mode filtermatch)
-    # finetune: share of training draws from cases with only a pseudo-label (0: the human labels alone)
-    pseudo_share: float = 0.5
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
-        if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
-            raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
-        self.exclude = sorted(set(self.exclude))
-        self.budget = str(self.budget)
-        if self.pseudo is not None:
-            if not isinstance(self.pseudo, Mapping) or self.pseudo.get("source") not in PSEUDO_SOURCES:
-                raise InputError("pseudo-label source", f"needs 'source' one of {', '.join(PSEUDO_SOURCES)}, got {self.pseudo!r}")
-            self.pseudo = dict(self.pseudo)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping, where: str) -> RoundSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(where, f"unknown round settings: {', '.join(unknown)}")
-        return cls(**dict(data))
 
 
 def model_name(number: int, mode: str) -> str:

@@ -16,13 +16,11 @@ from ALSegLib import atomic, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.report import format_number
+from ALSegLib.settings import DEVICES, MODES, STRATEGIES  # the panel offers the engine's lists
 
 from . import scene as glue
 from .review import OpenCase, ReviewSession
 
-STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")
-MODES = ("finetune", "filtermatch")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 PROMPTS_FILE = "prompts/slicer.json"  # Layout.slicer_prompts, relative to the project
 
 

@@ -82,3 +82,42 @@ def test_a_path_a_record_stores_cannot_lead_out_of_the_project(tmp_path):
         layout.resolve("../elsewhere/checkpoint_final.pth")
     with pytest.raises(InputError, match="case id"):
         layout.model("../x")
+
+
+def test_choice_lists_are_defined_once_and_every_interface_offers_them():
+    from ALSegLib import settings
+    from ALSegLib.cli import build_parser
+    from ALSegLib.nnunet.modes import MODES as TRAINING_MODES
+    from ALSegLib.selection import features, strategies
+
+    assert set(strategies.STRATEGIES) == set(settings.STRATEGIES)
+    assert settings.DEFAULT_STRATEGY in settings.STRATEGIES and settings.RoundSettings().strategy == settings.DEFAULT_STRATEGY
+    assert set(features.SOURCES) | {"auto"} == set(settings.FEATURE_SOURCES)
+    assert set(settings.MODES) == {m for m, mode in TRAINING_MODES.items() if mode.in_rounds} == {"finetune", "filtermatch"}
+    # the command line: each round-shaped command's choices and defaults come from the settings
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("round", "demo", "select"):
+        actions = {a.dest: a for a in sub[command]._actions}
+        assert tuple(actions["strategy"].choices) == settings.STRATEGIES, command
+        assert actions["strategy"].default == settings.DEFAULT_STRATEGY, command
+        if "mode" in actions:
+            assert tuple(actions["mode"].choices) == settings.MODES and actions["mode"].default == "finetune", command
+    assert sub["round"]._option_string_actions["--pseudo-share"].default == settings.RoundSettings.pseudo_share
+    assert tuple(sub["train"]._option_string_actions["--mode"].choices) == tuple(TRAINING_MODES)
+    # the Slicer panel's lists (literal in ALSeg.py: the parameter node reads them at class definition)
+    panel = {n.targets[0].id: [e.value for e in n.value.elts] for n in ast.parse((REPO / "ALSeg" / "ALSeg.py").read_text()).body
+             if isinstance(n, ast.Assign) and isinstance(n.value, ast.List)}
+    assert tuple(panel["STRATEGIES"]) == settings.STRATEGIES
+    assert tuple(panel["MODES"]) == settings.MODES
+    assert tuple(panel["DEVICES"]) == settings.DEVICES
+
+
+def test_every_engine_module_sits_in_a_layer_of_the_import_contract():
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    engine = next(c for c in contracts if c["type"] == "layers" and "containers" not in c)
+    listed = {name.strip() for layer in engine["layers"] for name in layer.replace("|", ":").split(":")}
+    modules = {f"ALSegLib.{p.stem}" for p in (REPO / "ALSegLib").glob("*.py") if p.stem != "__init__"}
+    modules |= {f"ALSegLib.{p.parent.name}" for p in (REPO / "ALSegLib").glob("*/__init__.py")}
+    assert modules - listed == set(), "modules outside every layer escape the contract"
