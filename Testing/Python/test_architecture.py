@@ -121,3 +121,13 @@ def test_every_engine_module_sits_in_a_layer_of_the_import_contract():
     modules = {f"ALSegLib.{p.stem}" for p in (REPO / "ALSegLib").glob("*.py") if p.stem != "__init__"}
     modules |= {f"ALSegLib.{p.parent.name}" for p in (REPO / "ALSegLib").glob("*/__init__.py")}
     assert modules - listed == set(), "modules outside every layer escape the contract"
+
+
+def test_every_test_named_slow_exists():
+    from conftest import SLOW_MODULES, SLOW_TESTS
+
+    here = Path(__file__).parent
+    for module, names in {**SLOW_TESTS, **{m: set() for m in SLOW_MODULES}}.items():
+        defined = {n.name for n in ast.parse((here / module).read_text(encoding="utf-8")).body
+                   if isinstance(n, ast.FunctionDef)}
+        assert names <= defined, f"{module}: {sorted(names - defined)} listed as slow but not defined"
