@@ -131,3 +131,17 @@ def test_every_test_named_slow_exists():
         defined = {n.name for n in ast.parse((here / module).read_text(encoding="utf-8")).body
                    if isinstance(n, ast.FunctionDef)}
         assert names <= defined, f"{module}: {sorted(names - defined)} listed as slow but not defined"
+
+
+def test_light_entry_points_do_not_import_torch_or_nnunet():
+    """Why the engine has imports inside functions: the command line, the package and the Slicer glue's
+    settings start without torch, nnU-Net, segment-anything or scipy (a fresh interpreter checks it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import ALSegLib, ALSegLib.cli, ALSegLib.settings; ALSegLib.cli.build_parser(); "
+            "heavy = [m for m in ('torch', 'nnunetv2', 'segment_anything', 'scipy') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"imported at start: {done.stdout.strip()}"
