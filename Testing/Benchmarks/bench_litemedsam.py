@@ -22,6 +22,10 @@ Parts (``--parts``, default all; each part updates its own fields of the results
   test cases), pseudo-labels from LiteMedSAM with ``--oracle-boxes`` boxes per structure (from the cache),
   arms pseudo-only, hybrid+finetune, random+finetune, supervised-only, full supervision; 2 rounds of
   ``--oracle-budget`` cases (5 % of an 80-case pool: 2 x 2).
+- ``share``: after ``oracle``, on its pretrained base (same pseudo-labels, same pretrained weights, same test
+  cases): the hybrid+finetune arm again with each ``--shares`` value of the pseudo-label share of fine-tuning
+  (the oracle part ran ``--pseudo-share``, default 0.5). Does mixing LiteMedSAM's pseudo-labels into
+  fine-tuning help or hurt against human labels alone?
 
 Run alone on the machine (benchmarks sharing the 2 cores with tests doubled their times here):
   .venv/bin/python Testing/Benchmarks/bench_litemedsam.py --parts speed hippocampus ct
@@ -323,13 +327,41 @@ def part_oracle(args) -> dict:
                        "compute": results["setup"]["compute"], "pseudo_share": args.pseudo_share}}
 
 
+def part_share(args) -> dict:
+    from ALSegLib import Project
+    from ALSegLib.simulate import ExperimentSettings, _alseg_arm
+
+    base_dir = WORK / "oracle" / "seed0" / "base"
+    if not (base_dir / "models" / "pretrain").is_dir():
+        raise SystemExit(f"{base_dir}: no pretrained base; run --parts oracle first")
+    base = Project.open(base_dir)
+    _, pool, test = hippocampus_project(args)
+    runs = {}
+    for share in args.shares:
+        settings = ExperimentSettings(
+            rounds=2, budget_per_round=str(args.oracle_budget), seeds=[0], test=test, arms=["hybrid+finetune"],
+            pseudo={"source": "sam", "prompts_from_reference": args.oracle_boxes, "axis": args.axis},
+            configuration=args.configuration, batch_size=args.batch_size or None, pretrain_epochs=args.pretrain_epochs,
+            pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
+            val_iterations=args.val_iters, device=args.device, pseudo_share=share)
+        t = time.perf_counter()
+        points, labeled = _alseg_arm(base, WORK / "oracle" / "seed0" / f"hybrid-finetune-share{share:g}",
+                                     "hybrid+finetune", settings, test, 0)
+        runs[f"{share:g}"] = {"points": points, "final_dice": points[-1]["mean_dice"],
+                              "labeled": labeled[-1], "seconds": round(time.perf_counter() - t)}
+        print(f"  share {share:g}: final Dice {points[-1]['mean_dice']:.4f}", flush=True)
+    return {"oracle_share": {"arm": "hybrid+finetune", "runs": runs, "pool": len(pool), "test": len(test),
+                             "what": "fine-tuning from the oracle part's pretrained weights with this share of each "
+                                     "batch's draws from pseudo-labeled cases (0: human labels only)"}}
+
+
 # ---------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["speed", "hippocampus", "ct", "memory", "oracle"],
-                    choices=("speed", "hippocampus", "ct", "memory", "oracle"))
+    ap.add_argument("--parts", nargs="+", default=["speed", "hippocampus", "ct", "memory", "oracle", "share"],
+                    choices=("speed", "hippocampus", "ct", "memory", "oracle", "share"))
     ap.add_argument("--speed-arm", help=argparse.SUPPRESS)
     ap.add_argument("--memory-arm", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--memory-cases", type=int, nargs="+", default=[4, 12])
@@ -348,6 +380,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--val-iters", type=int, default=10)
     ap.add_argument("--pseudo-share", type=float, default=0.5)
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.0])
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.speed_arm:
@@ -364,7 +397,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmark": "litemedsam"}
     parts = {"speed": part_speed, "hippocampus": part_hippocampus, "ct": part_ct, "memory": part_memory,
-             "oracle": part_oracle}
+             "oracle": part_oracle, "share": part_share}
     for name in args.parts:
         print(f"[{name}]", flush=True)
         t = time.perf_counter()
