@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   build a local virtual environment (first use only) and run the demo
 #   make test   build the same environment and run the test suite
+#   make lint   the gates CI runs before the tests (ruff, import-linter's contracts)
+#   make test-fast  the engine's quick tests (not marked slow): the developer loop
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +13,7 @@ STAMP  := $(VENV)/.alseg-installed
 export nnUNet_def_n_proc ?= 1
 export nnUNet_compile ?= f
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast lint venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +31,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q Testing/Python
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" Testing/Python
+
+lint: $(STAMP)
+	$(BIN)/ruff check ALSegLib ALSeg Testing
+	PYTHONPATH=ALSeg $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -287,7 +287,8 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fillTable(self.ui.resultsTable, header, rows)
         png = self.logic.learningCurvePng()
         self.ui.learningCurveLabel.setPixmap(qt.QPixmap(str(png)) if png else qt.QPixmap())
-        for combo, items in ((self.ui.promptCaseComboBox, self.logic.cases()), (self.ui.promptLabelComboBox, self.logic.labelNames())):
+        for combo, items in ((self.ui.promptCaseComboBox, self.logic.cases()),
+                             (self.ui.promptLabelComboBox, self.logic.labelNames())):
             current = combo.currentText
             combo.clear()
             combo.addItems(items)
@@ -391,8 +392,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic):
         return self.session.learning_curve_png()
 
     def latestReport(self):
-        reports = sorted((self.session.require().root / "rounds").glob("*/report.html"))
-        return reports[-1] if reports else None
+        return self.session.latest_report()
 
     def cases(self):
         return self.session.require().cases()
@@ -401,11 +401,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic):
         return list(self.session.require().labels.mapping)
 
     def summaryText(self):
-        status = self.session.require().status()
-        waiting = self.session.rounds_waiting()
-        return (f"{status['name']} ({status['modality']}): {status['cases']} cases; "
-                + ", ".join(f"{k} {len(v)}" for k, v in status.get("labeled", {}).items())
-                + (f"; round(s) {waiting} wait for review" if waiting else ""))
+        return self.session.summary_text()
 
 
 class ALSegTest(ScriptedLoadableModuleTest):
@@ -424,9 +420,8 @@ class ALSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Starting the ALSeg round/review test")
         logic = ALSegLogic()
         self.assertTrue(logic.ensureDependencies(ask=False))
-        from ALSegSlicer import scene as glue
-
         from ALSegLib import phantoms
+        from ALSegSlicer import scene as glue
 
         folder = pathlib.Path(slicer.util.tempDirectory("ALSegTest")) / "project"
         project = logic.createProject(folder, "organ=1,vessel=2,lesion=3", "CT")

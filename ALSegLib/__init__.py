@@ -2,11 +2,10 @@
 
 Console API (no Slicer import; usable from Slicer's Python console)::
 
-    from ALSegLib import Project, RoundSettings, simulate, ExperimentSettings
-    Project("my_project").run_round(budget="5%", strategy="hybrid", mode="finetune")
+    from ALSegLib import Project, RoundSettings, run_round, simulate, ExperimentSettings
+    run_round(Project("my_project"), budget="5%", strategy="hybrid", mode="finetune")
 """
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .loop import RoundSettings, run_round  # noqa: E402
 from .project import LabelTable, Project  # noqa: E402
 from .simulate import ExperimentSettings, simulate  # noqa: E402

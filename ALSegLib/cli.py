@@ -15,11 +15,16 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, volumes
+from . import volumes
+from ._version import __version__
+from .devices import DEVICE_HELP, device_name
 from .errors import InputError, ProjectLockedError
+from .nnunet.modes import MODES as TRAINING_MODES
 from .project import LABEL_KINDS, LabelTable, Project, parse_color
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
+from .settings import CONFIGURATIONS, DEFAULT_STRATEGY, FEATURE_SOURCES, PSEUDO_SOURCES, STRATEGIES, RoundSettings
+from .settings import MODES as ROUND_MODES
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
@@ -30,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         self.print_usage(sys.stderr)
         raise InputError(self.prog, message)
+
+
+def _device(value: str) -> str:
+    """argparse type of --device: the spelling checked here (exit 2), availability where it is used."""
+    try:
+        return device_name(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
 
 
 def _json_default(obj):
@@ -123,7 +136,8 @@ def cmd_status(args) -> int:
         print()
         print(f"{'case':<32} " + " ".join(f"{k:>9}" for k in LABEL_KINDS))
         for row in status["case_table"]:
-            marks = " ".join(f"{('v%d' % row['human_versions']) if k == 'human' and row[k] else ('yes' if row[k] else '-'):>9}" for k in LABEL_KINDS)
+            cells = (f"v{row['human_versions']}" if k == "human" and row[k] else ("yes" if row[k] else "-") for k in LABEL_KINDS)
+            marks = " ".join(f"{cell:>9}" for cell in cells)
             print(f"{row['case']:<32} {marks}")
     return EXIT_OK
 
@@ -353,7 +367,8 @@ def cmd_select(args) -> int:
     sel = record["selection"]
     print(f"Round {record['round']}: {len(record['queue'])} of {sel['candidates']} candidate cases proposed "
           f"({sel['strategy']}, budget {sel['budget']}, seed {sel['seed']}"
-          + (f", model {sel['model']}" if sel["model"] else "") + (f", {sel['features']} features" if sel["features"] else "") + ")")
+          + (f", model {sel['model']}" if sel["model"] else "")
+          + (f", {sel['features']} features" if sel["features"] else "") + ")")
     for item in record["queue"]:
         print(f"{item['rank']:>3}. {item['case']}: {item['reason']}")
     return EXIT_OK
@@ -419,8 +434,6 @@ def _pseudo_spec(args, experiment: bool = False) -> dict | None:
 def _round_settings(args):
     from dataclasses import asdict
 
-    from .loop import RoundSettings
-
     fm = asdict(_filtermatch_config(args, "round --mode filtermatch")) if args.mode == "filtermatch" else None
     return RoundSettings(budget=args.budget, strategy=args.strategy, mode=args.mode, seed=args.seed,
                          exclude=args.exclude or [], device=args.device, configuration=args.configuration,
@@ -431,7 +444,8 @@ def _round_settings(args):
 
 
 def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
-    head = f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c[:10]:>10}" for c in classes) + f" {'mean Dice':>10} {'HD95 mm':>8}"
+    head = (f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c[:10]:>10}" for c in classes)
+            + f" {'mean Dice':>10} {'HD95 mm':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -462,7 +476,7 @@ def cmd_round(args) -> int:
     if m:
         print(f"Held-out Dice (model {m['model']}, {m['annotated']} of {m['of']} cases annotated): "
               + ", ".join(f"{c} {_fmt(v['dice']['mean'])}" for c, v in m["summary"].items()))
-    print(f"Report: {project.root / record['stages']['report']['files']['html']}")
+    print(f"Report: {project.layout.resolve(record['stages']['report']['files']['html'])}")
     return EXIT_OK
 
 
@@ -478,7 +492,8 @@ def cmd_simulate(args) -> int:
     kw = {"arms": args.arms} if args.arms else {}
     settings = ExperimentSettings(
         rounds=args.rounds, budget_per_round=args.budget, seeds=args.seeds, test=args.test,
-        test_fraction=args.test_fraction, pseudo=_pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice},
+        test_fraction=args.test_fraction,
+        pseudo=_pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice},
         configuration=args.configuration, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
         pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
         device=args.device, filtermatch=fm, sweep=args.sweep, pseudo_share=args.pseudo_share, **kw)
@@ -619,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "nnU-Net self-configuration: fingerprint, plans and preprocessing (on pseudo-labels by default).")
     p.add_argument("project")
     p.add_argument("--policy", default="pseudo", choices=("pseudo", "human", "human+pseudo"), help="labels to plan on")
-    p.add_argument("--configuration", action="append", choices=("2d", "3d_fullres", "3d_lowres"),
+    p.add_argument("--configuration", action="append", choices=CONFIGURATIONS,
                    help="configuration(s) to preprocess (repeatable; default 3d_fullres)")
     p.add_argument("--batch-size", type=int, help="override nnU-Net's batch size (e.g. 2 for 3d or 12 for 2d on a CPU)")
     p.add_argument("--processes", type=int, help="worker processes for planning and preprocessing")
@@ -630,13 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
             "pretrained weights), supervised (human labels, from scratch) or filtermatch (human labels + unlabeled "
             "cases, semi-supervised). Resumes after a kill.")
     p.add_argument("project")
-    p.add_argument("--mode", required=True, choices=("pretrain", "finetune", "supervised", "filtermatch"))
+    p.add_argument("--mode", required=True, choices=tuple(TRAINING_MODES))
     p.add_argument("--name", help="model name (default: the mode); a finished model is kept, not retrained: give a new name")
     p.add_argument("--epochs", type=int, help="epochs (default: 1000 on a GPU, 20 on a CPU)")
     p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
     p.add_argument("--val-iters", type=int, help="validation iterations per epoch (default: iters / 5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="default: the planned one")
+    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+    p.add_argument("--configuration", choices=CONFIGURATIONS, help="default: the planned one")
     p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
     p.add_argument("--init", help="the model to start from (finetune: default pretrain; filtermatch: optional)")
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases the model never sees, labeled or unlabeled "
@@ -668,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
     p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
     p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--round", help="round id recorded in the provenance")
     p.add_argument("--json", action="store_true")
 
@@ -690,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--prompts", metavar="FILE", help="JSON prompt file: boxes/points per case and label, propagated")
     how.add_argument("--auto", nargs="?", const="", metavar="FILE",
                      help="automatic grid prompts; optional JSON of filters per label (intensity, area_mm2, region)")
-    how.add_argument("--from-labels", metavar="DIR", help="coarse prior labels (e.g. an earlier model): a box per slice and component")
+    how.add_argument("--from-labels", metavar="DIR",
+                     help="coarse prior labels (e.g. an earlier model): a box per slice and component")
     how.add_argument("--prompts-from-reference", type=int, metavar="N",
                      help="experiments only: N boxes per structure per case drawn from its reference label (1: on the "
                      "slice where it is largest; more: spread along it), recorded as simulated prompts")
@@ -701,10 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image encoder runtime (default auto: ONNX Runtime for LiteMedSAM on a CPU, else torch)")
     g.add_argument("--box-margin", type=float, metavar="PX",
                    help=f"--prompts-from-reference: box margin in encoder-input pixels (default {REFERENCE_BOX_MARGIN:g})")
-    g.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="slicing axis (default: the prompt file's, else axial)")
+    g.add_argument("--axis", choices=("axial", "coronal", "sagittal"),
+                   help="slicing axis (default: the prompt file's, else axial)")
     g.add_argument("--window", help="intensity window for every label: a preset (soft_tissue, bone, lung, liver, brain, "
                    "abdomen), WIDTH,LEVEL, or percentile (default: soft_tissue for CT, 0.5-99.5 percentiles for MRI)")
-    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    g.add_argument("--device", type=_device, help=f"{DEVICE_HELP} (default cpu)")
     g.add_argument("--batch", type=int, help="slices per encoder call (default 1 on CPU, 8 on CUDA; halved on out-of-memory)")
     g.add_argument("--memory-gib", type=float, help="embeddings kept in memory per case (default 1 GiB)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
@@ -722,13 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
             "write them, with scores and reasons, as a round's review queue.")
     p.add_argument("project")
     p.add_argument("--budget", required=True, help="how many cases: a count (10) or a percentage of the project's cases (5%%)")
-    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"),
-                   help="hybrid (default): k-center among the most uncertain typical cases; hybrid-weighted: distance x uncertainty; "
-                   "uncertainty; coreset (k-center greedy on features); random")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                   help="hybrid (default): k-center among the most uncertain typical cases; "
+                   "hybrid-weighted: distance x uncertainty; uncertainty; coreset (k-center greedy on features); random")
     p.add_argument("--seed", type=int, default=0, help="seed for random picks and ties (default 0)")
     p.add_argument("--model", help="model whose stored probabilities and features are used (default: the latest with "
                    "probabilities for every candidate)")
-    p.add_argument("--features", default="auto", choices=("auto", "nnunet", "sam", "histogram"),
+    p.add_argument("--features", default="auto", choices=FEATURE_SOURCES,
                    help="diversity features (auto: the model's, else SAM embeddings, else intensity histograms)")
     p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases never proposed (held-out test cases)")
@@ -744,21 +761,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(nnUNetv2_train -tr ALSegTrainer, nnUNetv2_predict) find ALSeg's trainers.")
 
     def budgets(p, epochs_default=None):
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-        p.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"), help="nnU-Net configuration to plan (first round)")
+        p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+        p.add_argument("--configuration", choices=CONFIGURATIONS,
+                       help="nnU-Net configuration to plan (first round)")
         p.add_argument("--batch-size", type=int, help="batch size (e.g. 12 for 2d or 2 for 3d on a CPU)")
         p.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default: nnU-Net's for the device)")
         p.add_argument("--pretrain-iters", type=int, help="pretraining iterations per epoch")
         p.add_argument("--epochs", type=int, help="epochs of each round's training")
         p.add_argument("--iters", type=int, help="iterations per epoch of each round's training")
         p.add_argument("--val-iters", type=int, help="validation iterations per epoch")
-        p.add_argument("--pseudo-share", type=float, default=0.5,
-                       help="finetune: share of training draws from cases that have only a pseudo-label (default 0.5; "
-                       "0: fine-tune on the human labels alone)")
+        p.add_argument("--pseudo-share", type=float, default=RoundSettings.pseudo_share,
+                       help="finetune: share of training draws from cases that have only a pseudo-label (default "
+                       f"{RoundSettings.pseudo_share:g}; 0: fine-tune on the human labels alone)")
 
     def pseudo_source(p):
         g = p.add_argument_group("pseudo-labels for cases that have none")
-        g.add_argument("--pseudo-source", choices=("sam", "import", "degraded-reference"),
+        g.add_argument("--pseudo-source", choices=PSEUDO_SOURCES,
                        help="sam (the built-in LiteMedSAM, or --checkpoint; with --prompts, --from-labels or, in "
                        f"simulate, --prompts-from-reference N, default {SIMULATE_REFERENCE_BOXES}), import (--from DIR "
                        "[--map]), or degraded-reference (references corrupted to --target-dice: simulation only)")
@@ -790,12 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
     p.add_argument("project")
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
-    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
-    p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="held-out cases: never selected or trained on; "
                    "scored each round when they have reference labels")
-    p.add_argument("--features", default="auto", choices=("auto", "nnunet", "sam", "histogram"))
+    p.add_argument("--features", default="auto", choices=FEATURE_SOURCES)
     budgets(p)
     pseudo_source(p)
     filtermatch_options(p)
@@ -828,8 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=48, help="phantom edge length in voxels (default 48)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--budget", default="2", help="cases revealed per round (default 2)")
-    p.add_argument("--strategy", default="hybrid", choices=("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"))
-    p.add_argument("--mode", default="finetune", choices=("finetune", "filtermatch"))
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--target-dice", type=float, default=0.75, help="simulated pseudo-label quality (default 0.75)")
     p.add_argument("--pseudo-source", default="degraded-reference", choices=("degraded-reference", "sam"),
                    help="degraded-reference (default: references corrupted to --target-dice) or sam (the built-in "
@@ -841,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)
     p.add_argument("--epochs", type=int, default=DemoSettings.epochs)
     p.add_argument("--iters", type=int, default=DemoSettings.iterations, help="iterations per epoch (pretraining and rounds)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return parser

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .loop import RoundSettings, run_round
+from .loop import RoundSettings, run_round, score_held_out
 from .project import LabelTable, Project, derive_case_id, expand_sources
 from .report import curve_point
 from .simulate import SimulatedAnnotator, check_no_test_revealed
@@ -145,9 +145,10 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
         last = records[-1]["round"]
         rows.append(_row(f"supervised only (round {last}'s human labels, from scratch)", last,
                          supervised_only(project, settings, test)))
+    files = records[-1]["stages"]["report"]["files"]
     return {"test_cases": test, "pseudo_label_dice": first["pseudolabels"].get("pseudo_label_dice"),
-            "classes": classes, "rows": rows, "report": str(project.root / records[-1]["stages"]["report"]["files"]["html"]),
-            "learning_curve": str(project.root / records[-1]["stages"]["report"]["files"]["learning_curve"]),
+            "classes": classes, "rows": rows, "report": str(project.layout.resolve(files["html"])),
+            "learning_curve": str(project.layout.resolve(files["learning_curve"])),
             "selected": {r["round"]: [q["case"] for q in r["queue"]] for r in records}}
 
 
@@ -158,14 +159,12 @@ def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -
     cases. It trains in a copy of the project next to it, so the project's own predictions and
     models stay those of the rounds."""
     from .nnunet.train import train
-    from .simulate import _copy, _score
-
-    copy = _copy(project, project.root.parent / "supervised-only")
+    copy = project.copy_to(project.root.parent / "supervised-only")
     steps = settings.pretrain_epochs * settings.pretrain_iterations + settings.epochs * settings.iterations
     epochs = -(-steps // settings.iterations)
     train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=settings.iterations,
           val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
-    return _score(copy, "supervised-only", test, settings.device)  # predict the held-out cases, then score them
+    return score_held_out(copy, "supervised-only", test, test, settings.device)
 
 
 def demo_pseudo_source(settings: DemoSettings) -> dict:

@@ -34,66 +34,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
 
 from . import rounds
 from .errors import InputError
+from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project, exclusive_run, now_iso
+from .settings import MODES, PSEUDO_SOURCES, RoundSettings  # noqa: F401 (the loop's public names)
 
-STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review", "train", "predict", "evaluate", "report")
-MODES = ("finetune", "filtermatch")
-PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
 PRETRAIN = "pretrain"
 
 Annotator = Callable[[Project, str], None]
-
-
-@dataclass
-class RoundSettings:
-    """What a round does. Stored in the round record; a resumed round keeps its settings."""
-
-    budget: str = "5%"  # cases to label this round: a count or a percentage of the project (less held-out cases)
-    strategy: str = "hybrid"
-    mode: str = "finetune"  # finetune | filtermatch
-    seed: int = 0
-    exclude: list[str] = field(default_factory=list)  # held-out cases: never selected nor trained on; evaluated
-    device: str = "auto"
-    configuration: str | None = None  # nnU-Net configuration planned in the first round (default 3d_fullres)
-    batch_size: int | None = None
-    pretrain_epochs: int | None = None  # None: nnU-Net's defaults for the device
-    pretrain_iterations: int | None = None
-    epochs: int | None = None
-    iterations: int | None = None
-    val_iterations: int | None = None
-    features: str = "auto"
-    pseudo: dict | None = None  # {"source": "sam"|"import"|"degraded-reference", ...options}
-    filtermatch: dict | None = None  # FilterMatchConfig fields (mode filtermatch)
-    # finetune: share of training draws from cases with only a pseudo-label (0: the human labels alone)
-    pseudo_share: float = 0.5
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
-        if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
-            raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
-        self.exclude = sorted(set(self.exclude))
-        self.budget = str(self.budget)
-        if self.pseudo is not None:
-            if not isinstance(self.pseudo, Mapping) or self.pseudo.get("source") not in PSEUDO_SOURCES:
-                raise InputError("pseudo-label source", f"needs 'source' one of {', '.join(PSEUDO_SOURCES)}, got {self.pseudo!r}")
-            self.pseudo = dict(self.pseudo)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping, where: str) -> RoundSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(where, f"unknown round settings: {', '.join(unknown)}")
-        return cls(**dict(data))
 
 
 def model_name(number: int, mode: str) -> str:
@@ -117,6 +68,16 @@ def held_out_metrics(project: Project, model: str, cases: Sequence[str], exclude
     done, total = annotated_fraction(project, exclude)
     return {"model": model, "cases": list(cases), "summary": summary, "annotated": done, "of": total,
             "fraction": round(done / total, 4) if total else 0.0}
+
+
+def score_held_out(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str], device: str,
+                   round_id: str | None = None) -> dict:
+    """Predict ``cases`` with ``model``, then :func:`held_out_metrics` of those predictions: how a round,
+    the experiment's baselines and the demo's supervised-only row each score a model."""
+    from .nnunet.predict import predict
+
+    predict(project, model, cases, probabilities=False, features=False, device=device, round_id=round_id)
+    return held_out_metrics(project, model, cases, exclude)
 
 
 def current_round(project: Project) -> dict | None:
@@ -253,14 +214,10 @@ class Round:
 
     def _score(self, model: str) -> dict | None:
         """Predict and evaluate the held-out cases with ``model`` (None without any)."""
-        from .nnunet.predict import predict
-
         cases = self.evaluation_cases()
         if not cases:
             return None
-        predict(self.project, model, cases, probabilities=False, features=False, device=self.settings.device,
-                round_id=f"{self.number:04d}")
-        return held_out_metrics(self.project, model, cases, self.settings.exclude)
+        return score_held_out(self.project, model, cases, self.settings.exclude, self.settings.device, f"{self.number:04d}")
 
     def predict_pool(self) -> dict:
         from .nnunet.predict import predict
@@ -294,7 +251,8 @@ class Round:
         if waiting:
             return {"waiting": True, "cases": waiting,
                     "message": f"{len(waiting)} case(s) wait for review: {', '.join(waiting)}. Accept their labels "
-                               f"(Slicer's ALSeg module, or 'alseg import-labels PROJECT DIR --kind human'), then run the round again."}
+                               "(Slicer's ALSeg module, or 'alseg import-labels PROJECT DIR --kind human'), "
+                               "then run the round again."}
         done, total = annotated_fraction(self.project, self.settings.exclude)
         return {"labeled": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
 
@@ -308,7 +266,7 @@ class Round:
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude,
-                    pseudo_share=s.pseudo_share if s.mode == "finetune" else 0.0)
+                    pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
         return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],
@@ -357,17 +315,25 @@ def make_pseudolabels(project: Project, cases: Sequence[str], spec: Mapping) -> 
     return pseudolabel_with_sam(project, options.pop("checkpoint", None), cases=cases, **options)
 
 
-def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None) -> dict:
+def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None,
+              **options) -> dict:
     """Run (or continue) the project's current round; returns its record.
 
     An unfinished round continues with its stored settings (``settings``, if
     given, must equal them); otherwise a new round starts with ``settings``
-    (default :class:`RoundSettings`). The record has ``waiting`` when the round
-    stopped at review for human labels.
+    (default :class:`RoundSettings`), given as one or as its fields in keywords
+    (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``).
+    ``annotator(project, case)`` stores a human label for a selected case (the
+    oracle experiment); without it the round stops at review: the record then has
+    ``waiting``.
     """
+    if settings is not None and options:
+        raise TypeError("give either a RoundSettings or its fields as keywords, not both")
+    if options:
+        settings = RoundSettings(**options)
     if settings is not None and current_round(project) is None:
         _check(project, settings)  # refused before anything is written, the lock file included
-    with exclusive_run(project.root / "rounds" / "round.lock", "a round of this project is running already"):
+    with exclusive_run(project.layout.round_lock, "a round of this project is running already"):
         record = current_round(project)
         if record is not None and "settings" in record:
             stored = RoundSettings.from_json(record["settings"], str(rounds.round_dir(project, record["round"])))

@@ -52,10 +52,13 @@ def make_phantom(index: int, modality: str = "CT", seed: int = 0, size: int = 64
     label = np.zeros((size,) * 3, np.uint8)
     label[organ] = LABELS["organ"]
 
-    coords = np.argwhere(organ)
+    # the lesion sits inside the organ (centre at least 3 voxels in): a hypodense lesion at the organ's edge
+    # would look like the soft tissue around it, and the organ's outline would be lost
+    inner = ndimage.binary_erosion(organ, iterations=3)
+    coords = np.argwhere(inner if inner.any() else organ)
     if len(coords):
         centre = coords[rng.integers(len(coords))] / (size - 1) * 2 - 1
-        radius = rng.uniform(0.09, 0.17)
+        radius = rng.uniform(0.15, 0.24)
         lesion = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 < radius**2) & organ
         label[lesion] = LABELS["lesion"]
 
@@ -73,7 +76,7 @@ def make_phantom(index: int, modality: str = "CT", seed: int = 0, size: int = 64
         img[spine] = 700.0
         organ_hu = rng.uniform(70, 110)
         img[label == LABELS["organ"]] = organ_hu
-        img[label == LABELS["lesion"]] = organ_hu + rng.choice([-1, 1]) * rng.uniform(25, 50)
+        img[label == LABELS["lesion"]] = organ_hu - rng.uniform(40, 70)  # hypodense, as most liver lesions
         img[label == LABELS["vessel"]] = rng.uniform(150, 260)
         img = ndimage.gaussian_filter(img, 0.7)
         img += 8.0 * bias * body + rng.normal(0, rng.uniform(8, 20), img.shape)

@@ -36,23 +36,20 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, atomic, volumes
+from . import atomic, volumes
+from ._version import __version__
 from .errors import InputError, ProjectLockedError
 from .progress import track
+from .store.ids import check_case_id, derive_case_id, label_index
+from .store.layout import CONFIG, STORE_EXT, Layout
 
 SCHEMA_VERSION = 1
-CONFIG = "alseg.json"
-LOCK = "alseg.lock"
-EVENTS = "events.jsonl"
-STORE_EXT = ".nrrd"  # double-precision geometry, read by Slicer, ITK and nnU-Net
 MODALITIES = ("CT", "MRI")
 LABEL_KINDS = ("reference", "pseudo", "human", "predicted")
 MACHINE_KINDS = ("pseudo", "predicted")
 HUMAN_SOURCES = ("human", "simulated", "human-import")
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}[A-Za-z0-9_-]$|^[A-Za-z0-9]$")
-_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 RESERVED_LABEL_NAMES = ("mean", "background")
 _VERSION_FILE = re.compile(r"^v(\d{4,})" + re.escape(STORE_EXT) + "$")
 _PALETTE = [
@@ -117,7 +114,8 @@ class LabelTable:
         names: dict[str, str] = {}
         values: dict[int, str] = {}
         for c in classes:
-            if not isinstance(c.name, str) or not re.fullmatch(r"[^=,:|\s][^=,:|\x00-\x1f\x7f]*", c.name) or c.name != c.name.strip():
+            if (not isinstance(c.name, str) or not re.fullmatch(r"[^=,:|\s][^=,:|\x00-\x1f\x7f]*", c.name)
+                    or c.name != c.name.strip()):
                 raise InputError(where, f"invalid label name {c.name!r} (no '=', ',', ':', '|' or control characters)")
             if c.name.lower() in RESERVED_LABEL_NAMES:
                 raise InputError(where, f"label name {c.name!r} is reserved")
@@ -138,7 +136,7 @@ class LabelTable:
         self.classes = tuple(classes)
 
     @classmethod
-    def parse(cls, spec: str) -> "LabelTable":
+    def parse(cls, spec: str) -> LabelTable:
         """``NAME=VALUE[:#RRGGBB],...`` as given on the command line."""
         classes = []
         for i, item in enumerate(s.strip() for s in spec.split(",")):
@@ -149,20 +147,21 @@ class LabelTable:
             try:
                 value = int(value_text.strip())
             except ValueError:
-                raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, got {value_text.strip()!r}") from None
+                raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, "
+                                             f"got {value_text.strip()!r}") from None
             color = parse_color(color_text, "--labels", name.strip()) if color_text else _PALETTE[i % len(_PALETTE)]
             classes.append(LabelClass(name.strip(), value, tuple(color)))
         return cls(classes, where="--labels")
 
     @classmethod
-    def from_mapping(cls, labels: Mapping[str, int], colors: Mapping[str, Sequence[float]] | None = None) -> "LabelTable":
+    def from_mapping(cls, labels: Mapping[str, int], colors: Mapping[str, Sequence[float]] | None = None) -> LabelTable:
         colors = colors or {}
         return cls(
             [LabelClass(n, v, tuple(colors.get(n, _PALETTE[i % len(_PALETTE)]))) for i, (n, v) in enumerate(labels.items())]
         )
 
     @classmethod
-    def from_json(cls, items: object, where: str) -> "LabelTable":
+    def from_json(cls, items: object, where: str) -> LabelTable:
         if not isinstance(items, list):
             raise InputError(where, "'labels' must be a list of {name, value, color}")
         classes = []
@@ -176,7 +175,7 @@ class LabelTable:
         return cls(classes, where=where)
 
     def updated(self, rename: Mapping[str, str] | None = None, colors: Mapping[str, Sequence[float]] | None = None,
-                where: str = "label table") -> "LabelTable":
+                where: str = "label table") -> LabelTable:
         """A copy with classes renamed and/or recolored; values never change, so stored
         labels and trained models stay valid. Unknown names are refused."""
         rename, colors = dict(rename or {}), dict(colors or {})
@@ -213,31 +212,6 @@ def parse_color(text: str, where: str, name: str) -> tuple[float, float, float]:
 # --- case ids ----------------------------------------------------------------------------
 
 
-def check_case_id(case: str) -> str:
-    """Refuse ids that could escape the project or clash on disk."""
-    if not isinstance(case, str) or not case:
-        raise InputError(f"case id {case!r}", "must be a non-empty string")
-    if "/" in case or "\\" in case or ".." in case or os.path.isabs(case):
-        raise InputError(f"case id {case!r}", "must not contain path separators, '..' or be an absolute path")
-    if not _CASE_ID.fullmatch(case):
-        raise InputError(f"case id {case!r}", "use letters, digits, '.', '_' and '-' (start with a letter or digit, "
-                         "do not end with '.', at most 128 characters)")
-    if _WINDOWS_RESERVED.match(case):
-        raise InputError(f"case id {case!r}", "is a reserved device name on Windows")
-    return case
-
-
-def derive_case_id(source: Path) -> str:
-    """A stable id from a file or DICOM folder name: characters outside
-    ``[A-Za-z0-9._-]`` become ``_``, runs of dots collapse, leading dots/dashes go."""
-    stem = volumes.strip_extension(source) if source.is_file() or volumes.image_extension(source) else source.name
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
-    cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128].rstrip(".")
-    if not cleaned:
-        raise InputError(source, "cannot derive a case id from this name; pass one explicitly")
-    return check_case_id(cleaned)
-
-
 def expand_sources(paths: Iterable[str | Path]) -> list[Path]:
     """Files as given; a folder is a DICOM series, or else its image files and
     DICOM-series subfolders (sorted, hidden entries skipped)."""
@@ -267,18 +241,6 @@ def expand_sources(paths: Iterable[str | Path]) -> list[Path]:
             raise InputError(p, "folder holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd) and no DICOM series")
         out.extend(found)
     return out
-
-
-def _label_index(folder: Path) -> dict[str, list[Path]]:
-    """Label files in ``folder`` by the case id their names give."""
-    index: dict[str, list[Path]] = {}
-    for child in sorted(folder.iterdir()):
-        if child.is_file() and not child.name.startswith(".") and volumes.image_extension(child):
-            try:
-                index.setdefault(derive_case_id(child), []).append(child)
-            except InputError:
-                continue  # a name no case could have
-    return index
 
 
 # --- locking -----------------------------------------------------------------------------
@@ -339,7 +301,7 @@ def exclusive_run(path: Path, busy: str) -> Iterator[None]:
 
 
 def _read_config(root: Path) -> tuple[dict, LabelTable]:
-    cfg_path = root / CONFIG
+    cfg_path = Layout(root).config
     if not root.is_dir():
         raise InputError(root, "project folder not found")
     if not cfg_path.is_file():
@@ -365,7 +327,7 @@ class Project:
         if config is None or labels is None:
             config, labels = _read_config(root)
         self.root = root
-        self._real_root = root.resolve()  # for the symbolic-link check on every project path
+        self.layout = Layout(root)  # every path of the folder, each checked to stay inside it
         self.config = config
         self.labels = labels
         self._thread_lock = threading.RLock()  # threads of this process using this object
@@ -377,7 +339,7 @@ class Project:
     @classmethod
     def create(
         cls, root: str | Path, labels: LabelTable | Mapping[str, int], modality: str, name: str | None = None
-    ) -> "Project":
+    ) -> Project:
         root = Path(root)
         table = labels if isinstance(labels, LabelTable) else LabelTable.from_mapping(labels)
         modality = str(modality).upper()
@@ -387,7 +349,7 @@ class Project:
             raise InputError("--modality", f"must be CT or MRI, not {modality!r}")
         if root.exists() and not root.is_dir():
             raise InputError(root, "exists and is not a folder")
-        if (root / CONFIG).exists():
+        if Layout(root).config.exists():
             raise InputError(root, "is already an ALSeg project")
         if root.exists() and any(root.iterdir()):
             raise InputError(root, "folder is not empty; create a project in a new or empty folder")
@@ -403,33 +365,37 @@ class Project:
         project = cls(root, config, table)
         with project.lock("init"):
             try:
-                atomic.write_json(root / CONFIG, config, exclusive=True)
+                atomic.write_json(Layout(root).config, config, exclusive=True)
             except FileExistsError:
                 raise InputError(root, "is already an ALSeg project (created concurrently)") from None
             project.log_event("project_created", modality=modality, labels=table.mapping)
         return project
 
     @classmethod
-    def open(cls, root: str | Path) -> "Project":
+    def open(cls, root: str | Path) -> Project:
         return cls(root)
 
     # the loop (console API) -----------------------------------------------------------------
 
-    def run_round(self, settings=None, *, annotator=None, **options) -> dict:
-        """Run or continue the current active-learning round (see :mod:`ALSegLib.loop`).
-
-        ``settings``: a :class:`~ALSegLib.loop.RoundSettings`, or its fields as keywords
-        (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``); none to
-        continue an unfinished round. ``annotator(project, case)``: stores a human label
-        for a selected case (the oracle experiment); without it the round stops at review.
-        """
-        from .loop import RoundSettings, run_round
-
-        if settings is not None and options:
-            raise TypeError("give either a RoundSettings or its fields as keywords, not both")
-        if options:
-            settings = RoundSettings(**options)
-        return run_round(self, settings, annotator=annotator)
+    def copy_to(self, dest: str | Path, *, cache: bool = False) -> Project:
+        """A copy of the whole folder at ``dest`` (replaced if it exists), opened: one per seed or arm of the
+        experiment, or the demo's supervised-only baseline. Lock files are left behind. The SAM embedding
+        cache (GBs for a pool of volumes) is left out, or with ``cache`` hard-linked: its files are only
+        ever replaced whole, never written in place."""
+        dest = Path(dest)
+        if dest.exists():
+            shutil.rmtree(dest)
+        ignore = shutil.ignore_patterns("*.lock")
+        cache_dir, dest_cache = self.layout.cache, Layout(dest).cache
+        shutil.copytree(self.root, dest, symlinks=True,
+                        ignore=lambda d, names: set(ignore(d, names)) | ({cache_dir.name} if Path(d) == self.root else set()))
+        if cache and cache_dir.is_dir():
+            try:
+                shutil.copytree(cache_dir, dest_cache, symlinks=True, copy_function=os.link, ignore=ignore)
+            except OSError:  # another file system: a plain copy
+                shutil.rmtree(dest_cache, ignore_errors=True)
+                shutil.copytree(cache_dir, dest_cache, symlinks=True, ignore=ignore)
+        return Project.open(dest)
 
     def update_labels(self, rename: Mapping[str, str] | None = None,
                       colors: Mapping[str, Sequence[float]] | None = None) -> LabelTable:
@@ -441,7 +407,7 @@ class Project:
             config, table = _read_config(self.root)
             new = table.updated(rename, colors, where="labels")
             config = {**config, "labels": new.to_json()}
-            atomic.write_json(self.root / CONFIG, config)
+            atomic.write_json(self.layout.config, config)
             self.config, self.labels = config, new
             self.log_event("labels_updated", rename=dict(rename or {}),
                            colors={k: list(v) for k, v in (colors or {}).items()}, labels=new.mapping)
@@ -469,7 +435,8 @@ class Project:
         timeout = lock_timeout() if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._thread_lock.acquire(timeout=timeout):
-            raise ProjectLockedError(self.root / LOCK, f"project is busy: another thread of this process writes; waited {timeout:g} s")
+            raise ProjectLockedError(self.layout.lock, "project is busy: another thread of this process writes; "
+                                                       f"waited {timeout:g} s")
         try:
             if self._lock_depth:
                 self._lock_depth += 1
@@ -478,7 +445,7 @@ class Project:
                 finally:
                     self._lock_depth -= 1
                 return
-            path = self.root / LOCK
+            path = self.layout.lock
             fd = _open_lock_file(path)
             while not _try_lock(fd):
                 if time.monotonic() >= deadline:
@@ -520,9 +487,9 @@ class Project:
         for staging in self.root.glob(".staging-*"):
             shutil.rmtree(staging, ignore_errors=True)
         atomic.remove_stale_temporaries(self.root, recursive=False)
-        for sub in ("images", "labels", "rounds"):
-            if (self.root / sub).is_dir():
-                atomic.remove_stale_temporaries(self.root / sub)
+        for sub in (self.layout.images, self.layout.labels("human").parent, self.layout.rounds):
+            if sub.is_dir():
+                atomic.remove_stale_temporaries(sub)
 
     def _recover_after_crash(self, stale_holder: str) -> None:
         """The previous writer was killed holding the lock: record who it was and make
@@ -535,7 +502,7 @@ class Project:
         self.log_event("lock_recovered", holder=stale_holder, holder_pid=pid, holder_host=host)
         logged = {(e.get("case"), e.get("version")) for e in self.events()
                   if e.get("event") in ("human_label_added", "human_label_recovered")}
-        folder = self.root / "labels" / "human"
+        folder = self.layout.labels("human")
         cases = set(self.cases())
         for case_dir in sorted(folder.iterdir()) if folder.is_dir() else ():
             if not case_dir.is_dir() or case_dir.name not in cases:
@@ -552,18 +519,19 @@ class Project:
                 if (case_dir.name, version) not in logged:
                     self.log_event("human_label_recovered", case=case_dir.name, version=version, after=stale_holder)
 
-    def _require_lock(self) -> None:
+    def require_lock(self) -> None:
+        """Refuse a write made without holding the project lock (a programming error)."""
         if not self._lock_depth:
             raise RuntimeError("project write outside the project lock")
 
     def log_event(self, event: str, **details) -> None:
-        self._require_lock()
+        self.require_lock()
         record = {"time": now_iso(), "event": event, "pid": os.getpid(), "user": _user(), **details}
-        atomic.append_line(self.root / EVENTS, json.dumps(record, sort_keys=True, default=str))
+        atomic.append_line(self.layout.events, json.dumps(record, sort_keys=True, default=str))
 
     def events(self) -> list[dict]:
         """All events; a torn last line (writer killed mid-append) is skipped."""
-        path = self.root / EVENTS
+        path = self.layout.events
         if not path.exists():
             return []
         out = []
@@ -579,7 +547,7 @@ class Project:
     # cases ---------------------------------------------------------------------------------
 
     def cases(self) -> list[str]:
-        folder = self.root / "images"
+        folder = self.layout.images
         if not folder.is_dir():
             return []
         return sorted(p.name[: -len(STORE_EXT)] for p in folder.glob(f"*{STORE_EXT}") if not p.name.startswith("."))
@@ -588,16 +556,7 @@ class Project:
         return self.image_path(case).is_file()
 
     def image_path(self, case: str) -> Path:
-        return self._inside(self.root / "images" / f"{check_case_id(case)}{STORE_EXT}")
-
-    def _inside(self, path: Path) -> Path:
-        """``path`` if it stays inside the project once symbolic links are followed: a link
-        planted in a project (a copied or shared folder) must not make ALSeg read or
-        write elsewhere."""
-        real = path.resolve()
-        if not real.is_relative_to(self._real_root):
-            raise InputError(path, f"leads outside the project (to {real}) through a symbolic link: refused")
-        return path
+        return self.layout.image(case)
 
     def _require_case(self, case: str) -> None:
         if not self.has_case(case):
@@ -653,7 +612,7 @@ class Project:
             rdir = Path(reference_dir)
             if not rdir.is_dir():
                 raise InputError(rdir, "reference folder not found")
-            index = _label_index(rdir)
+            index = label_index(rdir)
             for case in ids:
                 if len(index.get(case, [])) > 1:
                     raise InputError(rdir, f"several label files match case {case!r}: {', '.join(p.name for p in index[case])}")
@@ -664,7 +623,7 @@ class Project:
                                  + (" …" if len(missing) > 10 else "") + " (or pass --allow-missing-reference)")
 
         with self.lock("add"):
-            staging = self.root / f".staging-{secrets.token_hex(4)}"
+            staging = self.layout.staging(secrets.token_hex(4))
             try:
                 staged = []
                 for case, src, ref in track(list(zip(ids, items, refs)), desc="reading images"):
@@ -709,7 +668,8 @@ class Project:
             label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
             lab_tmp = staging / "labels" / "reference" / f"{case}{STORE_EXT}"
             volumes.write_image(label, lab_tmp)
-            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)}, label, lab_tmp)
+            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)},
+                                    label, lab_tmp)
             atomic.write_json(lab_tmp.with_suffix(".json"), prov)
             final = self._label_file(case, "reference")
             out += [(lab_tmp.with_suffix(".json"), final.with_suffix(".json")), (lab_tmp, final)]
@@ -724,11 +684,11 @@ class Project:
         if kind == "human":
             if version is None:
                 raise ValueError("human labels need a version")
-            return self._inside(self.root / "labels" / "human" / check_case_id(case) / f"v{version:04d}{STORE_EXT}")
-        return self._inside(self.root / "labels" / kind / f"{check_case_id(case)}{STORE_EXT}")
+            return self.layout.human_version(case, version)
+        return self.layout.label(kind, case)
 
     def human_versions(self, case: str) -> list[int]:
-        folder = self._inside(self.root / "labels" / "human" / check_case_id(case))
+        folder = self.layout.human_versions(case)
         if not folder.is_dir():
             return []
         return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_FILE.match(p.name)))
@@ -765,7 +725,8 @@ class Project:
         prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
         return prov
 
-    def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path, **extra) -> dict:
+    def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path,
+                    **extra) -> dict:
         present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
         return {
             "kind": kind, "case": case, "source": source, "produced_by": dict(produced_by), "time": now_iso(),
@@ -856,7 +817,8 @@ class Project:
             for case, label, path in plan:
                 produced_by = {"file": str(path.resolve()), "sha256": sha256_file(path)}
                 if kind == "human":
-                    out.append((case, self.add_human_label(case, label, author=author, source="human-import", produced_by=produced_by)))
+                    out.append((case, self.add_human_label(case, label, author=author, source="human-import",
+                                                           produced_by=produced_by)))
                 else:
                     self.write_label(case, kind, label, source=source, produced_by=produced_by)
                     out.append((case, None))
@@ -866,7 +828,7 @@ class Project:
         """Cases of the project that have a label of ``kind`` (human: at least one version)."""
         if kind not in LABEL_KINDS:
             raise InputError("--kind", f"unknown label kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
-        folder = self.root / "labels" / kind
+        folder = self.layout.labels(kind)
         if not folder.is_dir():
             return []
         cases = set(self.cases())
@@ -880,7 +842,7 @@ class Project:
         cases = self.cases()
         kinds = {kind: self.labeled_cases(kind) for kind in LABEL_KINDS}
         human_versions = sum(len(self.human_versions(c)) for c in kinds["human"])
-        rounds = sorted(p.name for p in (self.root / "rounds").iterdir() if p.is_dir()) if (self.root / "rounds").is_dir() else []
+        rounds = sorted(p.name for p in self.layout.rounds.iterdir() if p.is_dir()) if self.layout.rounds.is_dir() else []
         events = self.events()
         return {
             "project": str(self.root.resolve()),
@@ -892,7 +854,7 @@ class Project:
             "human_versions": human_versions,
             "unlabeled": len(set(cases) - set(kinds["human"]) - set(kinds["pseudo"])),
             "rounds": rounds,
-            "models": sorted(p.parent.name for p in (self.root / "models").glob("*/model.json")),
+            "models": sorted(p.parent.name for p in self.layout.models.glob("*/model.json")),
             "events": len(events),
             "last_event": {k: events[-1][k] for k in ("time", "event")} if events else None,
         }

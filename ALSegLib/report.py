@@ -43,7 +43,8 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _page(title: str, sections: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence]]], image: str | None) -> tuple[str, str]:
+def _page(title: str, sections: Sequence[tuple[str, str, Sequence[str], Sequence[Sequence]]],
+          image: str | None) -> tuple[str, str]:
     """(markdown, html) of a page: sections are (heading, text, table header, table rows)."""
     md = [f"# {title}", ""]
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -59,8 +60,10 @@ def _page(title: str, sections: Sequence[tuple[str, str, Sequence[str], Sequence
     if image:
         md += [f"![learning curve]({image})", ""]
         body.append(f'<p><img src="{html.escape(image)}" alt="learning curve" style="max-width:720px"></p>')
-    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
     return "\n".join(md), page
 
 
@@ -128,9 +131,9 @@ def learning_curve(project: Project, current: Mapping | None = None) -> list[dic
 def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     """rounds/<NNNN>/report.{md,html,json} and reports/learning_curve.{png,json}; returns their paths."""
     folder = rounds.round_dir(project, record["round"])
-    reports = project.root / "reports"
+    reports = project.layout.reports
     curve = learning_curve(project, record)
-    png = reports / "learning_curve.png"
+    png = project.layout.learning_curve_png
     classes = list(curve[-1]["per_class"]) if curve else []
     lines = {"mean": [(p["fraction"], p["mean_dice"]) for p in curve]}
     lines.update({c: [(p["fraction"], p["per_class"].get(c, math.nan)) for p in curve] for c in classes})
@@ -138,12 +141,12 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     atomic.write_json(reports / "learning_curve.json", {"project": project.name, "time": now_iso(), "points": curve})
 
     settings = record.get("settings", {})
-    from .loop import STAGES
 
     stages = [[name, record["stages"][name].get("seconds"), record["stages"][name].get("done", "")]
-              for name in STAGES if name in record["stages"] and "done" in record["stages"][name]]
+              for name in rounds.STAGES if name in record["stages"] and "done" in record["stages"][name]]
     sections = [("Settings", "", ["setting", "value"],
-                 [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in settings.items() if v not in (None, [], {})]),
+                 [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                  for k, v in settings.items() if v not in (None, [], {})]),
                 ("Stages", "", ["stage", "seconds", "finished"], stages)]
     queue = record.get("queue", [])
     if queue:

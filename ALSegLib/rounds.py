@@ -14,14 +14,16 @@ from .errors import InputError
 from .project import Project, check_case_id, now_iso, read_json_object
 
 ROUND_FILE = "round.json"
+# a round's stages, in the order they run (ALSegLib.loop runs them; the reports list them)
+STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review", "train", "predict", "evaluate", "report")
 
 
 def round_dir(project: Project, number: int) -> Path:
-    return project._inside(project.root / "rounds" / f"{int(number):04d}")
+    return project.layout.round(number)
 
 
 def list_rounds(project: Project) -> list[int]:
-    folder = project.root / "rounds"
+    folder = project.layout.rounds
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / ROUND_FILE).is_file())
@@ -56,7 +58,7 @@ def read_round(project: Project, number: int) -> dict:
 
 def write_round(project: Project, record: dict) -> None:
     """Store a round record; the caller holds the project lock."""
-    project._require_lock()
+    project.require_lock()
     atomic.write_json(round_dir(project, record["round"]) / ROUND_FILE, record)
 
 

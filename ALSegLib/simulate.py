@@ -31,9 +31,7 @@ training, never selectable, never trained on) and only scored. For each seed:
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,10 +44,11 @@ from .errors import InputError
 from .loop import (
     PRETRAIN,
     RoundSettings,
-    held_out_metrics,
     make_pseudolabels,
     run_round,
+    score_held_out,
 )
+from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project, now_iso
 from .report import curve_point
@@ -126,37 +125,13 @@ def split_test(project: Project, settings: ExperimentSettings) -> list[str]:
     return sorted(random.Random(settings.split_seed).sample(cases, n))
 
 
-def _copy(project: Project, dest: Path, cache: bool = False) -> Project:
-    """A copy of the project for one seed or arm. The SAM embedding cache (GBs for a pool of volumes) is left
-    out, or with ``cache`` hard-linked: its files are only ever replaced whole, never written in place."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    ignore = shutil.ignore_patterns("*.lock")
-    shutil.copytree(project.root, dest, symlinks=True,
-                    ignore=lambda d, names: set(ignore(d, names)) | ({"cache"} if Path(d) == project.root else set()))
-    if cache and (project.root / "cache").is_dir():
-        try:
-            shutil.copytree(project.root / "cache", dest / "cache", symlinks=True, copy_function=os.link, ignore=ignore)
-        except OSError:  # another file system: a plain copy
-            shutil.rmtree(dest / "cache", ignore_errors=True)
-            shutil.copytree(project.root / "cache", dest / "cache", symlinks=True, ignore=ignore)
-    return Project.open(dest)
-
-
 def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test: list[str], seed: int) -> RoundSettings:
     return RoundSettings(budget=settings.budget_per_round, strategy=strategy, mode=mode, seed=seed, exclude=test,
                          device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
                          pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
                          epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
                          pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None,
-                         pseudo_share=settings.pseudo_share if mode == "finetune" else 0.0)
-
-
-def _score(project: Project, model: str, test: list[str], device: str) -> dict:
-    from .nnunet.predict import predict
-
-    predict(project, model, test, probabilities=False, features=False, device=device)
-    return held_out_metrics(project, model, test, test)
+                         pseudo_share=settings.pseudo_share if TRAINING_MODES[mode].mixes_pseudo else 0.0)
 
 
 def baseline_budget(settings: ExperimentSettings) -> tuple[int, int]:
@@ -178,7 +153,7 @@ def _train_supervised(project: Project, name: str, settings: ExperimentSettings,
     epochs, iterations = baseline_budget(settings)
     train(project, "supervised", name=name, epochs=epochs, iterations=iterations,
           val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
-    return _score(project, name, test, settings.device)
+    return score_held_out(project, name, test, test, settings.device)
 
 
 def make_base(source: Project, folder: Path, settings: ExperimentSettings, test: list[str], seed: int,
@@ -188,7 +163,7 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
     from .nnunet.predict import predict
     from .nnunet.train import train
 
-    base = _copy(source, folder, cache=True)
+    base = source.copy_to(folder, cache=True)
     pool = [c for c in base.cases() if c not in set(test)]
     spec = dict(pseudo or settings.pseudo)
     if spec.get("source") == "degraded-reference":
@@ -206,9 +181,10 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
     return base, pseudo_dice
 
 
-def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str], seed: int) -> tuple[list[dict], list[list[str]]]:
+def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str],
+               seed: int) -> tuple[list[dict], list[list[str]]]:
     strategy, mode = arm.split("+")
-    project = _copy(base, folder)
+    project = base.copy_to(folder)
     annotator = SimulatedAnnotator(test)
     points, labeled_after = [], []
     for _ in range(settings.rounds):
@@ -247,7 +223,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         base, pdice = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
         pseudo_dice.append(pdice)
         if "pseudo-only" in settings.arms:
-            per_seed["pseudo-only"].append([curve_point(_score(base, PRETRAIN, test, settings.device), 0)])
+            per_seed["pseudo-only"].append([curve_point(score_held_out(base, PRETRAIN, test, test, settings.device), 0)])
         labeled_rounds = None
         for arm in alseg:
             points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test, seed)
@@ -260,7 +236,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
                 k = _per_round(settings.budget_per_round, len(source.cases()) - len(test))
                 order = rng.sample(pool, len(pool))
                 labeled_rounds = [sorted(order[: k * (r + 1)]) for r in range(settings.rounds)]
-            sup = _copy(base, out / f"seed{seed}" / "supervised-only")
+            sup = base.copy_to(out / f"seed{seed}" / "supervised-only")
             points = []
             for r, labeled in enumerate(labeled_rounds, 1):
                 annotator = SimulatedAnnotator(test)
@@ -270,7 +246,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
                 points.append(curve_point(_train_supervised(sup, f"supervised-r{r}", settings, test), r))
             per_seed["supervised-only"].append(points)
         if "full supervision" in settings.arms:
-            full = _copy(base, out / f"seed{seed}" / "full")
+            full = base.copy_to(out / f"seed{seed}" / "full")
             annotator = SimulatedAnnotator(test)
             for case in pool:
                 annotator(full, case)

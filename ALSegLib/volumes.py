@@ -75,11 +75,11 @@ class Geometry:
     direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, img: sitk.Image | sitk.ImageFileReader) -> "Geometry":
+    def of(cls, img: sitk.Image | sitk.ImageFileReader) -> Geometry:
         return cls(tuple(img.GetSize()), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
     @classmethod
-    def read(cls, path: str | Path) -> "Geometry":
+    def read(cls, path: str | Path) -> Geometry:
         """Geometry from a file header only (no voxel data read)."""
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -94,7 +94,7 @@ class Geometry:
         img.SetOrigin(self.origin)
         img.SetDirection(self.direction)
 
-    def differences(self, other: "Geometry") -> list[str]:
+    def differences(self, other: Geometry) -> list[str]:
         """Human-readable differences beyond the tolerances (empty if they match)."""
         out = []
         if self.size != other.size:
@@ -144,7 +144,8 @@ def _check_nifti_payload(path: Path) -> None:
         raise InputError(path, "corrupt NIfTI header (sizeof_hdr is neither 348 nor 540)")
     ndim = dims[0]
     if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1 : ndim + 1]) or bitpix <= 0 or offset < 0:
-        raise InputError(path, f"corrupt NIfTI header (dim {list(dims[: ndim + 1]) if 0 <= ndim <= 7 else ndim}, bitpix {bitpix})")
+        raise InputError(path, f"corrupt NIfTI header (dim {list(dims[: ndim + 1]) if 0 <= ndim <= 7 else ndim}, "
+                               f"bitpix {bitpix})")
     count = int(np.prod(dims[1 : ndim + 1], dtype=np.int64))
     expected = offset + count * bitpix // 8
     if len(payload) < expected:
@@ -293,7 +294,8 @@ def validate_label(
 ) -> sitk.Image:
     """Checks of :func:`read_label` on an image already in memory (e.g. from Slicer)."""
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(where, f"label must be a 3D scalar volume, got {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} components")
+        raise InputError(where, f"label must be a 3D scalar volume, got {img.GetDimension()}D "
+                                f"with {img.GetNumberOfComponentsPerPixel()} components")
     if geometry is not None:
         diffs = geometry.differences(Geometry.of(img))
         if diffs:

@@ -16,14 +16,12 @@ from ALSegLib import atomic, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.report import format_number
+from ALSegLib.settings import DEVICES, MODES, STRATEGIES  # the panel offers the engine's lists
 
 from . import scene as glue
 from .review import OpenCase, ReviewSession
 
-STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")
-MODES = ("finetune", "filtermatch")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PROMPTS_FILE = "prompts/slicer.json"
+PROMPTS_FILE = "prompts/slicer.json"  # Layout.slicer_prompts, relative to the project
 
 
 @dataclass
@@ -106,7 +104,7 @@ class Session:
             entry["negative"] = _control_points(negative)
         if "box" not in entry and "points" not in entry:
             raise InputError(f"prompt for {case}/{label}", "needs a box (ROI) or at least one positive point")
-        path = project.root / PROMPTS_FILE
+        path = project.layout.slicer_prompts
         with project.lock("write prompts"):
             data = json.loads(path.read_text()) if path.is_file() else {"space": "RAS", "cases": {}}
             data["cases"].setdefault(case, {}).setdefault(label, []).append(entry)
@@ -138,7 +136,7 @@ class Session:
         if options.pretrain_epochs:
             args += ["--pretrain-epochs", str(options.pretrain_epochs)]
         if options.pseudo_source == "sam":  # no checkpoint: the built-in LiteMedSAM
-            prompts = options.prompts or str(project.root / PROMPTS_FILE)
+            prompts = options.prompts or str(project.layout.slicer_prompts)
             args += ["--pseudo-source", "sam", *(["--checkpoint", options.checkpoint] if options.checkpoint else []),
                      "--prompts", prompts]
         elif options.pseudo_source == "import":
@@ -187,12 +185,28 @@ class Session:
         return header, rows
 
     def learning_curve_png(self) -> Path | None:
-        path = self.require().root / "reports" / "learning_curve.png"
+        path = self.require().layout.learning_curve_png
         return path if path.is_file() else None
+
+    def latest_report(self) -> Path | None:
+        """The last round's HTML report."""
+        reports = self.require().layout.round_reports()
+        return reports[-1] if reports else None
 
     def rounds_waiting(self) -> list[int]:
         """Rounds whose review queue still has cases without a human label."""
         return sorted({q["round"] for q in rounds.queue_items(self.require()) if q["status"] == "pending"})
+
+    def summary_text(self) -> str:
+        """One line for the panel: the project, its cases, how many have each kind of label, what waits."""
+        status = self.require().status()
+        counts = status["label_counts"]
+        labeled = ", ".join(f"{counts[kind]} {kind}" for kind in ("human", "pseudo", "predicted", "reference")
+                            if counts.get(kind))
+        waiting = self.rounds_waiting()
+        return (f"{status['name']} ({status['modality']}): {status['cases']} cases"
+                + (f"; labels: {labeled}" if labeled else "; no labels yet")
+                + (f"; round(s) {', '.join(map(str, waiting))} wait for review" if waiting else ""))
 
 
 def _control_points(node) -> list[list[float]]:

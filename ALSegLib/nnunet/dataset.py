@@ -49,7 +49,7 @@ class Dataset:
     pool_as_ignore: bool = False  # the pool exported with all-ignore labels (semi-supervised)
 
     @classmethod
-    def load(cls, folder: Path) -> "Dataset":
+    def load(cls, folder: Path) -> Dataset:
         meta = json.loads((folder / ALSEG_META).read_text())
         m = _DATASET.match(folder.name)
         return cls(int(m.group(1)), folder.name, folder, meta["policy"], meta["cases"], meta["pool"], meta["sources"],

@@ -10,33 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-
-
-@dataclass(frozen=True)
-class NnunetFolders:
-    root: Path
-
-    @property
-    def raw(self) -> Path:
-        return self.root / "raw"
-
-    @property
-    def preprocessed(self) -> Path:
-        return self.root / "preprocessed"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results"
+from ..devices import resolve_device  # noqa: F401 (nnU-Net callers import it from here)
+from ..store.layout import Layout, NnunetFolders
 
 
 def folders(project_root: Path) -> NnunetFolders:
-    return NnunetFolders(Path(project_root) / "nnunet")
+    return Layout(project_root).nnunet
 
 
 @contextlib.contextmanager
@@ -77,21 +60,4 @@ def nnunet_environment(project_root: Path, *, training_on_cpu: bool = False, log
                 os.environ[k] = v
         torch.set_num_threads(threads)
 
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device must be available."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda", "no CUDA device is available here")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise InputError("--device mps", "no Apple MPS device is available here")
-    if name not in ("cpu", "cuda", "mps"):
-        raise InputError("--device", f"must be auto, cpu, cuda or mps, not {name!r}")
-    return torch.device(name)
 

@@ -222,7 +222,7 @@ class FilterMatchConfig:
             raise ValueError(f"unlabeled batch must be at least 1, not {self.unlabeled_batch}")
 
     @classmethod
-    def from_json(cls, data: dict) -> "FilterMatchConfig":
+    def from_json(cls, data: dict) -> FilterMatchConfig:
         data = dict(data)
         strong = StrongAugmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("strong", {}).items()})
         return cls(strong=strong, **data)
@@ -239,7 +239,7 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - mirrors nnUNetTrainer.__init__
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.filtermatch = FilterMatchConfig()
         self.pool: list[str] = []

@@ -35,7 +35,7 @@ def default_processes() -> int:
 
 def project_plans(project: Project) -> dict | None:
     """The project's plans record (planning dataset, configurations), or None before planning."""
-    path = folders(project.root).root / RECORD
+    path = folders(project.root).plans_record
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -77,7 +77,7 @@ def plan(
         plan_experiments,
     )
 
-    with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
+    with nnunet_environment(project.root, log=f.logs / "plan.log"):
         extract_fingerprints([dataset.id], num_processes=nproc, check_dataset_integrity=True, clean=True, verbose=False)
         plan_experiments([dataset.id])
         base = json.loads((f.preprocessed / dataset.name / "nnUNetPlans.json").read_text())
@@ -101,7 +101,7 @@ def plan(
     for c in configurations:
         preprocess(project, dataset, c, nproc)
     with project.lock("record nnU-Net plans"):
-        atomic.write_json(f.root / RECORD, record)
+        atomic.write_json(f.plans_record, record)
         project.log_event("nnunet_planned", **{k: record[k] for k in ("dataset", "configurations", "batch_size", "patch_size")})
     return record
 
@@ -143,7 +143,7 @@ def preprocess(project: Project, dataset: Dataset, configuration: str, num_proce
         # ... and the trainer copies the fingerprint the plans were made from
         fingerprint = f.preprocessed / record["dataset"] / "dataset_fingerprint.json"
         atomic.write_bytes(target / "dataset_fingerprint.json", fingerprint.read_bytes())
-        with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
+        with nnunet_environment(project.root, log=f.logs / "plan.log"):
             move_plans_between_datasets(record["dataset"], dataset.name, PLANS, PLANS)
     plans = json.loads((target / f"{PLANS}.json").read_text())
     if configuration not in plans["configurations"]:
@@ -154,7 +154,7 @@ def preprocess(project: Project, dataset: Dataset, configuration: str, num_proce
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nn_preprocess
 
         emit("stage", stage="preprocess", dataset=dataset.name, configuration=configuration)
-        with nnunet_environment(project.root, log=f.root / "logs" / "plan.log"):
+        with nnunet_environment(project.root, log=f.logs / "plan.log"):
             nn_preprocess([dataset.id], PLANS, [configuration], [num_processes or default_processes()])
         atomic.write_bytes(marker, now_iso().encode())
     write_split(target, dataset.cases, hold_out=hold_out)

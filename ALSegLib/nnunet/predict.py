@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from .. import atomic
 from ..errors import InputError
 from ..progress import emit, track
-from ..project import Project, check_case_id
+from ..project import Project
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS
 from .train import TRAINER, model_dir, read_model
@@ -30,7 +30,7 @@ from .trainers import load_checkpoint_safely, load_weights_checked
 
 
 def probabilities_path(project: Project, model: str, case: str) -> Path:
-    return project._inside(project.root / "predictions" / check_case_id(model) / f"{check_case_id(case)}.npz")
+    return project.layout.prediction(model, case)
 
 
 def load_probabilities(project: Project, model: str, case: str) -> tuple[np.ndarray, list[int]]:
@@ -64,12 +64,12 @@ def _predictor(project: Project, record: dict, device, mirroring: bool, tile_ste
     dataset_json = json.loads((pre / "dataset.json").read_text())
     pm = PlansManager(plans)
     cm = pm.get_configuration(record["configuration"])
-    checkpoint = load_checkpoint_safely(project.root / record["checkpoint"])
+    checkpoint = load_checkpoint_safely(project.layout.resolve(record["checkpoint"]))
     network = TRAINER.build_network_architecture(
         pm, cm, determine_num_input_channels(pm, cm, dataset_json),
         pm.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False,
     )
-    load_weights_checked(network, checkpoint["network_weights"], project.root / record["checkpoint"])
+    load_weights_checked(network, checkpoint["network_weights"], project.layout.resolve(record["checkpoint"]))
     predictor = nnUNetPredictor(
         tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
         perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
@@ -98,7 +98,8 @@ def predict(
     (and probabilities, and bottleneck features; ``features`` defaults to ``probabilities``).
     Returns one summary per case. ``reuse``: skip cases whose stored probabilities
     (and features, if asked for) come from these very weights."""
-    from ..selection.features import BottleneckPool, nnunet_features_path, write_vector
+    from ..store.features import nnunet_features_path, write_vector
+    from .features import BottleneckPool
 
     features = probabilities if features is None else features
     record = read_model(project, model)

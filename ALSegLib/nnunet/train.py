@@ -21,19 +21,21 @@ from ..progress import emit
 from ..project import Project, check_case_id, exclusive_run, now_iso, read_json_object
 from .dataset import Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment, resolve_device
+from .modes import MODES, TrainingMode
 from .plan import PLANS, plan, preprocess, project_plans
 from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
 
-MODES = {"pretrain": "pseudo", "finetune": "human", "supervised": "human", "filtermatch": "human"}
 TRAINER = ALSegTrainer  # the class whose network predict.py builds (all ALSeg trainers share it)
 
 
-def trainer_class(mode: str) -> type[ALSegTrainer]:
-    if mode == "filtermatch":
-        from .filtermatch import ALSegFilterMatchTrainer
+def training_mode(mode: str) -> TrainingMode:
+    if mode not in MODES:
+        raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
+    return MODES[mode]
 
-        return ALSegFilterMatchTrainer
-    return ALSegTrainer
+
+def trainer_class(mode: str) -> type[ALSegTrainer]:
+    return training_mode(mode).trainer_class()
 
 
 def default_budget(device: torch.device) -> tuple[int, int]:
@@ -42,7 +44,7 @@ def default_budget(device: torch.device) -> tuple[int, int]:
 
 
 def model_dir(project: Project, name: str) -> Path:
-    return project._inside(project.root / "models" / check_case_id(name))
+    return project.layout.model(name)
 
 
 def read_model(project: Project, name: str) -> dict:
@@ -54,7 +56,7 @@ def read_model(project: Project, name: str) -> dict:
 
 
 def list_models(project: Project) -> list[str]:
-    folder = project.root / "models"
+    folder = project.layout.models
     return sorted(p.name for p in folder.iterdir() if (p / "model.json").is_file()) if folder.is_dir() else []
 
 
@@ -83,20 +85,19 @@ def sample_repeats(sources: dict[str, str], pseudo_share: float) -> dict[str, in
     return {c: repeats for c in human}
 
 
-def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] = (), policy: str | None = None) -> Dataset:
-    """The model's dataset: its own snapshot; a pretraining model may take over the
-    pseudo-labeled planning dataset (already preprocessed) if no other model uses it
-    and no case is to be left out."""
-    policy = policy or MODES[mode]
+def _dataset_for(project: Project, mode: TrainingMode, name: str, exclude: Sequence[str], policy: str) -> Dataset:
+    """The model's dataset: its own snapshot; a model on pseudo-labels alone (pretraining) may
+    take over the pseudo-labeled planning dataset (already preprocessed) if no other model uses
+    it and no case is to be left out."""
     own = find_dataset(project, name)
     if own is not None:
-        if own.policy != policy or own.pool_as_ignore != (mode == "filtermatch"):
+        if own.policy != policy or own.pool_as_ignore != mode.pool_as_ignore:
             raise InputError(f"model {name!r}", f"a dataset snapshot {own.name} exists for another kind of model "
                                                 f"({own.policy} labels{', with unlabeled pool' if own.pool_as_ignore else ''}); "
                                                 "choose another --name")
         return own
     record = project_plans(project)
-    if mode == "pretrain" and record and record["policy"] == "pseudo" and not exclude:
+    if policy == "pseudo" and record and record["policy"] == "pseudo" and not exclude:
         folder = folders(project.root).raw / record["dataset"]
         claim = folder / ".alseg-claimed-by"
         with project.lock("claim the planning dataset"):  # two pretraining models must not both take it
@@ -106,7 +107,7 @@ def _dataset_for(project: Project, mode: str, name: str, exclude: Sequence[str] 
                 if holder is None:
                     atomic.write_bytes(claim, name.encode())
                 return Dataset.load(folder)
-    return export_dataset(project, policy, name, pool_as_ignore=mode == "filtermatch", exclude=exclude)
+    return export_dataset(project, policy, name, pool_as_ignore=mode.pool_as_ignore, exclude=exclude)
 
 
 def train(
@@ -138,66 +139,33 @@ def train(
     cases this share of the time (0: human labels only). A resumed model keeps its own.
     ``validate=False`` also trains on every labeled case (no validation split held out).
     """
-    if mode not in MODES:
-        raise InputError("--mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
+    m = training_mode(mode)
     name = check_case_id(name or mode)
     dev = resolve_device(device)
     folder = model_dir(project, name)
     previous = read_model(project, name) if (folder / "model.json").is_file() else None
-    d_epochs, d_iters = default_budget(dev)
-    budget = (previous or {}).get("budget", {})  # a resumed run keeps its budget unless told otherwise
-    epochs = epochs or budget.get("epochs") or d_epochs
-    iterations = iterations or budget.get("iterations") or d_iters
-    val_iterations = val_iterations or budget.get("val_iterations")
-    if previous and previous["mode"] != mode:
-        raise InputError(f"model {name!r}", f"exists with mode {previous['mode']!r}; choose another --name")
-    exclude = sorted(set(exclude_cases or ()))
-    for case in exclude:
-        if not project.has_case(case):
-            raise InputError(f"--exclude {case}", "no such case in the project")
-    if previous and exclude_cases is not None and exclude != previous.get("excluded_cases", []):
-        raise InputError(f"model {name!r}", f"was trained with {len(previous.get('excluded_cases', []))} excluded case(s), "
-                                            f"not these {len(exclude)}; choose another --name")
+    exclude = _resolve_exclusions(project, name, m, previous, exclude_cases)
     if previous and previous["status"] == "done":
         return previous
+    budget = _resolve_budget(previous, dev, epochs, iterations, val_iterations)
     if previous is not None:
-        pseudo_share = previous.get("pseudo_share", 0.0)
+        pseudo_share = previous.get("pseudo_share", 0.0)  # a resumed model keeps its own
     if not 0.0 <= pseudo_share < 1.0:
         raise InputError("--pseudo-share", f"must be in [0, 1), not {pseudo_share}")
-    if pseudo_share and mode != "finetune":
+    if pseudo_share and not m.mixes_pseudo:
         raise InputError("--pseudo-share", f"mixes pseudo-labels into fine-tuning only, not into {mode!r}")
-    policy = "human+pseudo" if pseudo_share else MODES[mode]
+    policy = m.policy(pseudo_share)
     hold_out = previous.get("validation_split", True) if previous is not None else validate
-
-    init = None
-    if mode == "finetune":
-        init_from = init_from or "pretrain"
-    if init_from is not None and mode in ("finetune", "filtermatch"):
-        source = read_model(project, init_from)
-        if source["status"] != "done":
-            raise InputError(f"model {init_from!r}", "has not finished training; cannot fine-tune from it")
-        init = {"model": init_from, "checkpoint": source["checkpoint"], "weights_digest": source["final_weights_digest"]}
-        current = (project_plans(project) or {}).get("plans_digest")
-        if source.get("plans_digest") and current and source["plans_digest"] != current:
-            raise InputError(f"model {init_from!r}", "was trained under other plans (the project was planned again "
-                                                     "since); its weights do not fit the current network")
+    init = _resolve_init(project, m, init_from)
 
     with _model_lock(folder):
         if project_plans(project) is None:
-            plan(project, policy=MODES[mode], configurations=(configuration or "3d_fullres",), batch_size=batch_size)
+            plan(project, policy=m.labels, configurations=(configuration or "3d_fullres",), batch_size=batch_size)
         plans_record = project_plans(project)
         configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
-        if previous is not None:
-            dataset = Dataset.load(folders(project.root).raw / previous["dataset"])
-        else:
-            dataset = _dataset_for(project, mode, name, exclude, policy)
-            if sorted(dataset.excluded) != exclude:
-                raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
-                                                    "choose another --name")
+        dataset = _model_dataset(project, m, name, previous, exclude, policy)
         preprocess(project, dataset, configuration, hold_out=hold_out)
-        f = folders(project.root)
-        pre = f.preprocessed / dataset.name
-        cls = trainer_class(mode)
+        cls = m.trainer_class()
         record = previous or {
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
@@ -206,39 +174,17 @@ def train(
             "validation_split": hold_out, "pseudo_share": pseudo_share,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
         }
-        record.update({"status": "training", "device": str(dev),
-                       "budget": {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations}})
+        record.update({"status": "training", "device": str(dev), "budget": budget})
         _write_record(project, record, "training_started")
-        emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=epochs, iterations=iterations)
+        emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=budget["epochs"],
+             iterations=budget["iterations"])
 
         start = time.perf_counter()
         with nnunet_environment(project.root, training_on_cpu=dev.type == "cpu", log=folder / "nnunet.log"):
-            plans = json.loads((pre / f"{PLANS}.json").read_text())
-            if batch_size is not None:
-                plans["configurations"][configuration]["batch_size"] = int(batch_size)
-            output = f.results / dataset.name / f"{cls.__name__}__{PLANS}__{configuration}" / "fold_0"
-            latest = output / "checkpoint_latest.pth"
+            trainer, output = _make_trainer(project, m, dataset, configuration, batch_size, budget, dev, pseudo_share,
+                                            filtermatch)
             final = output / "checkpoint_final.pth"
-            plans["continue_training"] = latest.is_file() or final.is_file()
-            dataset_json = json.loads((pre / "dataset.json").read_text())
-            trainer = cls(plans, configuration, 0, dataset_json, dev)
-            trainer.set_budget(epochs, iterations, val_iterations)
-            trainer.case_repeats = sample_repeats(dataset.sources, pseudo_share)
-            if mode == "filtermatch":
-                from .filtermatch import FilterMatchConfig
-
-                trainer.configure_filtermatch(filtermatch or FilterMatchConfig(), dataset.pool)
-            if final.is_file():  # killed after training, during validation: do not train again
-                trainer.load_checkpoint(str(final))
-            elif latest.is_file():
-                trainer.load_checkpoint(str(latest))
-                record["resumed_at_epochs"].append(trainer.current_epoch)
-                emit("resume", model=name, epoch=trainer.current_epoch)
-            elif init is not None:
-                digest = trainer.load_pretrained_weights(project.root / init["checkpoint"])
-                if digest != init["weights_digest"]:
-                    raise InputError(project.root / init["checkpoint"], "pretrained weights changed since that model finished")
-                record["init_weights_digest"] = digest
+            _resume_or_start(project, trainer, output, record, init, name)
             if not final.is_file():
                 try:
                     trainer.run_training()
@@ -250,28 +196,117 @@ def train(
             if validate:
                 trainer.perform_actual_validation(False)
                 validation = _validation_summary(output / "validation" / "summary.json", dataset)
-            losses = [float(v) for v in trainer.logger.get_value("train_losses", None)]
-            record.update({
-                "status": "done",
-                "finished": now_iso(),
-                "seconds": round(time.perf_counter() - start + record.get("seconds", 0.0), 1),
-                "epochs_done": trainer.current_epoch,
-                "iterations_done": trainer.current_epoch * iterations,
-                "final_train_loss": losses[-1],
-                "final_pseudo_dice": float(trainer.logger.get_value("mean_fg_dice", -1)),
-                "train_losses": [round(v, 5) for v in losses],
-                "validation": validation,
-                "checkpoint": str(final.relative_to(project.root)),
-                "final_weights_digest": weights_digest(load_checkpoint_safely(final)["network_weights"]),
-            })
-            if mode == "filtermatch":
-                from dataclasses import asdict
-
-                record["filtermatch"] = {"config": asdict(trainer.filtermatch), "unlabeled_cases": len(dataset.pool),
-                                         "remaining": len(trainer.pool), "filter_log": trainer.filter_log}
+            record.update(_finished_fields(project, trainer, final, budget, validation,
+                                           seconds=time.perf_counter() - start + record.get("seconds", 0.0)))
+            record.update(m.record_fields(trainer, dataset))
         _write_record(project, record, "training_finished")
         emit("stage", stage="train-done", model=name, seconds=record["seconds"])
         return record
+
+
+def _resolve_budget(previous: dict | None, dev: torch.device, epochs, iterations, val_iterations) -> dict:
+    """Epochs, iterations per epoch and validation iterations: as given, else a resumed run's own, else the defaults."""
+    d_epochs, d_iters = default_budget(dev)
+    budget = (previous or {}).get("budget", {})  # a resumed run keeps its budget unless told otherwise
+    return {"epochs": epochs or budget.get("epochs") or d_epochs,
+            "iterations": iterations or budget.get("iterations") or d_iters,
+            "val_iterations": val_iterations or budget.get("val_iterations")}
+
+
+def _resolve_exclusions(project: Project, name: str, mode: TrainingMode, previous: dict | None,
+                        exclude_cases: Sequence[str] | None) -> list[str]:
+    """The held-out cases the model never sees; a model run again must be given the same (or none)."""
+    if previous and previous["mode"] != mode.name:
+        raise InputError(f"model {name!r}", f"exists with mode {previous['mode']!r}; choose another --name")
+    exclude = sorted(set(exclude_cases or ()))
+    for case in exclude:
+        if not project.has_case(case):
+            raise InputError(f"--exclude {case}", "no such case in the project")
+    if previous and exclude_cases is not None and exclude != previous.get("excluded_cases", []):
+        raise InputError(f"model {name!r}", f"was trained with {len(previous.get('excluded_cases', []))} excluded case(s), "
+                                            f"not these {len(exclude)}; choose another --name")
+    return exclude
+
+
+def _resolve_init(project: Project, mode: TrainingMode, init_from: str | None) -> dict | None:
+    """The weights the model starts from: the mode's default model unless another is named."""
+    init_from = init_from or mode.default_init
+    if init_from is None or not mode.takes_init:
+        return None
+    source = read_model(project, init_from)
+    if source["status"] != "done":
+        raise InputError(f"model {init_from!r}", "has not finished training; cannot fine-tune from it")
+    current = (project_plans(project) or {}).get("plans_digest")
+    if source.get("plans_digest") and current and source["plans_digest"] != current:
+        raise InputError(f"model {init_from!r}", "was trained under other plans (the project was planned again "
+                                                 "since); its weights do not fit the current network")
+    return {"model": init_from, "checkpoint": source["checkpoint"], "weights_digest": source["final_weights_digest"]}
+
+
+def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: dict | None, exclude: list[str],
+                   policy: str) -> Dataset:
+    if previous is not None:
+        return Dataset.load(folders(project.root).raw / previous["dataset"])
+    dataset = _dataset_for(project, mode, name, exclude, policy)
+    if sorted(dataset.excluded) != exclude:
+        raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
+                                            "choose another --name")
+    return dataset
+
+
+def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, batch_size: int | None,
+                  budget: dict, dev: torch.device, pseudo_share: float, options) -> tuple[ALSegTrainer, Path]:
+    """The mode's nnU-Net trainer on the preprocessed dataset, with its budget and sampling; and its output folder."""
+    f = folders(project.root)
+    pre = f.preprocessed / dataset.name
+    cls = mode.trainer_class()
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    if batch_size is not None:
+        plans["configurations"][configuration]["batch_size"] = int(batch_size)
+    output = f.results / dataset.name / f"{cls.__name__}__{PLANS}__{configuration}" / "fold_0"
+    plans["continue_training"] = (output / "checkpoint_latest.pth").is_file() or (output / "checkpoint_final.pth").is_file()
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = cls(plans, configuration, 0, dataset_json, dev)
+    trainer.set_budget(budget["epochs"], budget["iterations"], budget["val_iterations"])
+    trainer.case_repeats = sample_repeats(dataset.sources, pseudo_share)
+    mode.configure(trainer, dataset, options)
+    return trainer, output
+
+
+def _resume_or_start(project: Project, trainer: ALSegTrainer, output: Path, record: dict, init: dict | None,
+                     name: str) -> None:
+    """Continue from the last checkpoint of a killed run, else start from the initial weights (checked)."""
+    latest, final = output / "checkpoint_latest.pth", output / "checkpoint_final.pth"
+    if final.is_file():  # killed after training, during validation: do not train again
+        trainer.load_checkpoint(str(final))
+    elif latest.is_file():
+        trainer.load_checkpoint(str(latest))
+        record["resumed_at_epochs"].append(trainer.current_epoch)
+        emit("resume", model=name, epoch=trainer.current_epoch)
+    elif init is not None:
+        weights = project.layout.resolve(init["checkpoint"])
+        digest = trainer.load_pretrained_weights(weights)
+        if digest != init["weights_digest"]:
+            raise InputError(weights, "pretrained weights changed since that model finished")
+        record["init_weights_digest"] = digest
+
+
+def _finished_fields(project: Project, trainer: ALSegTrainer, final: Path, budget: dict, validation: dict | None,
+                     seconds: float) -> dict:
+    losses = [float(v) for v in trainer.logger.get_value("train_losses", None)]
+    return {
+        "status": "done",
+        "finished": now_iso(),
+        "seconds": round(seconds, 1),
+        "epochs_done": trainer.current_epoch,
+        "iterations_done": trainer.current_epoch * budget["iterations"],
+        "final_train_loss": losses[-1],
+        "final_pseudo_dice": float(trainer.logger.get_value("mean_fg_dice", -1)),
+        "train_losses": [round(v, 5) for v in losses],
+        "validation": validation,
+        "checkpoint": str(final.relative_to(project.root)),
+        "final_weights_digest": weights_digest(load_checkpoint_safely(final)["network_weights"]),
+    }
 
 
 def _validation_summary(path: Path, dataset: Dataset) -> dict | None:

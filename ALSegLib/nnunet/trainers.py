@@ -76,7 +76,7 @@ class ALSegTrainer(nnUNetTrainer):
     """nnU-Net's default trainer with ALSeg's budget, per-epoch checkpoints and progress events."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - mirrors nnUNetTrainer.__init__
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.save_every = 1
         self.case_repeats: dict[str, int] = {}  # case -> times it is listed for sampling (see sample_weights)

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 from .. import progress, volumes
 from ..errors import InputError
-from ..project import Project, _label_index, sha256_file
+from ..project import Project, sha256_file
+from ..store.ids import label_index
 
 _ITEM = re.compile(r"^\s*(\d+)\s*=\s*(\d+)\s*$")
 
@@ -87,7 +88,7 @@ def import_pseudolabels(
         raise InputError(folder, "folder of label files not found")
     values = project.labels.values
     lut = parse_mapping(mapping, values) if isinstance(mapping, str) else (dict(mapping) if mapping else None)
-    index = _label_index(folder)
+    index = label_index(folder)
     if not index:
         raise InputError(folder, "holds no label files (.nii, .nii.gz, .nrrd, .mha)")
     unknown = sorted(c for c in index if not project.has_case(c))

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import subprocess
@@ -165,7 +164,7 @@ class OnnxEncoder:
 
     def _export(self, b: int, graph: Path, stamp: Path) -> None:
         def write(tmp: Path) -> None:
-            cmd = [sys.executable, "-m", __name__, "--out", str(tmp), "--batch", str(b), "--sha256", self.sha]
+            cmd = [sys.executable, "-m", f"{__package__}.onnx_export", "--out", str(tmp), "--batch", str(b), "--sha256", self.sha]
             if self.checkpoint:
                 cmd += ["--checkpoint", self.checkpoint]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -185,27 +184,3 @@ class OnnxEncoder:
             return torch.from_numpy(self._session(n).run(None, {"image": arr})[0])
         one = self._session(1)
         return torch.cat([torch.from_numpy(one.run(None, {"image": arr[i: i + 1]})[0]) for i in range(n)])
-
-
-def export_encoder(checkpoint: str | None, batch: int, out: Path, sha256: str) -> None:
-    """Trace the image encoder of ``checkpoint`` (None: the built-in one) to ONNX at ``out`` (the child's work)."""
-    from .sam import load_checkpoint
-
-    loaded = load_checkpoint(checkpoint, "litemedsam" if checkpoint is None else None, "cpu")
-    if loaded.sha256 and loaded.sha256 != sha256:
-        raise SystemExit(f"{checkpoint}: changed since it was loaded (sha256 {loaded.sha256[:12]}…)")
-    x = torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(loaded.model.image_encoder, (x,), str(out), input_names=["image"],
-                          output_names=["embedding"], opset_version=17, dynamo=False)
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Export LiteMedSAM's image encoder to ONNX (run by OnnxEncoder).")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--batch", type=int, required=True)
-    ap.add_argument("--sha256", required=True)
-    ap.add_argument("--checkpoint")
-    a = ap.parse_args()
-    export_encoder(a.checkpoint, a.batch, Path(a.out), a.sha256)

@@ -18,7 +18,7 @@ class PostProcess:
     min_island_mm3: float = 0.0  # components smaller than this are removed
 
     @classmethod
-    def from_json(cls, obj: dict, where: str, base: "PostProcess | None" = None) -> "PostProcess":
+    def from_json(cls, obj: dict, where: str, base: PostProcess | None = None) -> PostProcess:
         base = base or cls()
         keep = obj.get("keep_components", base.keep_components)
         fill = obj.get("fill_holes", base.fill_holes)

@@ -81,7 +81,7 @@ class Propagation:
     between: str = "mask"  # between two prompted slices: "mask" (box from the previous mask) or "interpolate"
 
     @classmethod
-    def from_json(cls, obj: Mapping, where: str, base: "Propagation | None" = None) -> "Propagation":
+    def from_json(cls, obj: Mapping, where: str, base: Propagation | None = None) -> Propagation:
         base = base or cls()
         kw = {}
         for name, lo, hi in (("min_iou", 0.0, 1.0), ("min_area_ratio", 0.0, 1.0), ("max_area_ratio", 1.0, float("inf")),
@@ -112,7 +112,7 @@ class AutoSettings:
     region: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] = ((0, 1), (0, 1), (0, 1))  # i, j, k fractions
 
     @classmethod
-    def from_json(cls, obj: Mapping, where: str) -> "AutoSettings":
+    def from_json(cls, obj: Mapping, where: str) -> AutoSettings:
         if not isinstance(obj, Mapping):
             raise InputError(where, "auto settings must be an object")
         unknown = set(obj) - {"grid", "min_iou", "intensity", "area_mm2", "region"}
@@ -330,7 +330,8 @@ def read_prompt_file(path: str | Path, label_names: Sequence[str], case_ids: Seq
 
 def _is_points(v) -> bool:
     return (isinstance(v, list) and len(v) > 0 and all(
-        isinstance(p, list) and len(p) == 3 and all(isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in p)
+        isinstance(p, list) and len(p) == 3
+        and all(isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) for c in p)
         for p in v))
 
 
@@ -423,7 +424,8 @@ SliceCallback = Callable[[int, SliceResult], None]
 
 
 def propagate(embeddings: SliceEmbeddings, decoder: MaskDecoder, prompts: Sequence[SlicePrompt],
-              settings: Propagation = Propagation(), on_slice: SliceCallback | None = None) -> tuple[dict[int, SliceResult], list[dict]]:
+              settings: Propagation = Propagation(),
+              on_slice: SliceCallback | None = None) -> tuple[dict[int, SliceResult], list[dict]]:
     """Masks of one label from its prompts, propagated up and down from each prompted slice.
 
     Returns per-slice results (masks of several tracks on one slice are united, the
@@ -547,7 +549,8 @@ def automatic(embeddings: SliceEmbeddings, decoder: MaskDecoder, vs: VolumeSlice
     # the region's fractions are along the image axes i (x), j (y), k (z); map them to slice axes
     array_axes = {2: "i", 1: "j", 0: "k"}
     in_plane = [a for a in range(3) if a != vs.axis]
-    ks = range(int(np.floor(frac[array_axes[vs.axis]][0] * (vs.n - 1))), int(np.ceil(frac[array_axes[vs.axis]][1] * (vs.n - 1))) + 1)
+    ks = range(int(np.floor(frac[array_axes[vs.axis]][0] * (vs.n - 1))),
+               int(np.ceil(frac[array_axes[vs.axis]][1] * (vs.n - 1))) + 1)
     row_lo, row_hi = (f * (rows - 1) for f in frac[array_axes[in_plane[0]]])
     col_lo, col_hi = (f * (cols - 1) for f in frac[array_axes[in_plane[1]]])
     gy = (np.arange(settings.grid) + 0.5) / settings.grid * rows - 0.5
@@ -561,7 +564,8 @@ def automatic(embeddings: SliceEmbeddings, decoder: MaskDecoder, vs: VolumeSlice
         raw = vs.raw[k]
         pts = grid
         if settings.intensity is not None and len(pts):
-            vals = raw[np.clip(np.round(pts[:, 1]).astype(int), 0, rows - 1), np.clip(np.round(pts[:, 0]).astype(int), 0, cols - 1)]
+            vals = raw[np.clip(np.round(pts[:, 1]).astype(int), 0, rows - 1),
+                       np.clip(np.round(pts[:, 0]).astype(int), 0, cols - 1)]
             pts = pts[(vals >= settings.intensity[0]) & (vals <= settings.intensity[1])]
         if not len(pts):
             continue

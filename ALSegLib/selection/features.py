@@ -8,9 +8,10 @@ Sources, best first:
   its affine parameters) and leaky ReLU, every channel's spatial mean is nearly
   the same constant for every input (measured on Hippocampus: 0.389 ± 0.005 in
   every channel), so pooled post-norm activations barely tell cases apart.
-  :class:`BottleneckPool` hooks the
+  :class:`ALSegLib.nnunet.features.BottleneckPool` hooks the
   network during the prediction pass that writes the probabilities (no second
-  pass); ``alseg predict`` stores them in ``features/nnunet/<model>/<case>.npy``.
+  pass); ``alseg predict`` stores them in ``features/nnunet/<model>/<case>.npy``
+  (paths and files: :mod:`ALSegLib.store.features`).
 - ``sam``: pooled SAM image embeddings written by ``alseg pseudolabel --source sam``
   (``features/sam/<case>.npy``).
 - ``histogram``: a cheap fallback from the image alone: a 32-bin intensity
@@ -21,81 +22,18 @@ No random crops anywhere (the reference's crops made its selection irreproducibl
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .. import atomic
 from ..errors import InputError
-from ..project import Project, check_case_id
+from ..project import Project
+from ..store.features import nnunet_features_path, read_vector, sam_features_path, write_vector  # noqa: F401 (re-exported)
 
 SOURCES = ("nnunet", "sam", "histogram")
 HISTOGRAM_BINS = 32
 CT_RANGE = (-1000.0, 1000.0)
-
-
-def nnunet_features_path(project: Project, model: str, case: str) -> Path:
-    return project._inside(project.root / "features" / "nnunet" / check_case_id(model) / f"{check_case_id(case)}.npy")
-
-
-def sam_features_path(project: Project, case: str) -> Path:
-    """Written by ``alseg pseudolabel --source sam`` (with a ``.json`` sidecar)."""
-    return project._inside(project.root / "features" / "sam" / f"{check_case_id(case)}.npy")
-
-
-def write_vector(path: Path, vector: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-    atomic.write_bytes(path, buffer.getvalue())
-
-
-def read_vector(path: Path) -> np.ndarray:
-    try:
-        vec = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"not a readable feature vector ({exc})") from None
-    if vec.ndim != 1 or not np.isfinite(vec).all():
-        raise InputError(path, f"a feature vector must be one finite 1-d array, got shape {vec.shape}")
-    return vec.astype(np.float32)
-
-
-class BottleneckPool:
-    """Forward hook on the last convolution of an nnU-Net network's last encoder stage
-    (before its normalisation) that accumulates the spatial mean of its output over
-    every call (tiles, mirrored copies) of one case."""
-
-    def __init__(self, network):
-        import torch
-
-        module = network._orig_mod if hasattr(network, "_orig_mod") else network
-        stages = getattr(getattr(module, "encoder", None), "stages", None)
-        if stages is None or len(stages) == 0:
-            raise ValueError(f"{type(module).__name__} has no encoder stages to take features from")
-        convs = [m for m in stages[-1].modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-        if not convs:
-            raise ValueError(f"the last encoder stage of {type(module).__name__} has no convolution")
-        self._handle = convs[-1].register_forward_hook(self._hook)
-        self.reset()
-
-    def _hook(self, _module, _inputs, output) -> None:
-        out = output.detach().float()
-        self._sum = out.mean(dim=tuple(range(2, out.ndim))).sum(dim=0) + (0 if self._sum is None else self._sum)
-        self._calls += out.shape[0]
-
-    def reset(self) -> None:
-        self._sum, self._calls = None, 0
-
-    def vector(self) -> np.ndarray:
-        """The pooled vector of the case seen since the last :meth:`reset`."""
-        if self._sum is None:
-            raise RuntimeError("the network has not run since the last reset")
-        return (self._sum / self._calls).cpu().numpy().astype(np.float32)
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 def histogram_features(image: sitk.Image, modality: str) -> np.ndarray:

@@ -113,7 +113,8 @@ def select_cases(
             item["uncertainty"] = pool.uncertainty[item["case"]].to_json()
     with project.lock("select cases"):
         # what was computed above must still hold: nothing labeled or queued meanwhile
-        if set(project.labeled_cases("human")) & {p.case for p in picks} or rounds.pending_cases(project) & {p.case for p in picks}:
+        if (set(project.labeled_cases("human")) & {p.case for p in picks}
+                or rounds.pending_cases(project) & {p.case for p in picks}):
             raise InputError(str(project.root), "cases were labeled or queued while selecting; run the selection again")
         existing = rounds.list_rounds(project)
         record = rounds.read_round(project, existing[-1]) if existing else None

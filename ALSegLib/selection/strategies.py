@@ -214,7 +214,8 @@ class HybridStrategy:
         out = []
         for i, distance in picked:
             case = pool.candidates[i]
-            reason = f"{_uncertainty_words(pool.uncertainty[case], top[i])}; {_distance_words(distance, typical, 'the most uncertain')}"
+            reason = (f"{_uncertainty_words(pool.uncertainty[case], top[i])}; "
+                      f"{_distance_words(distance, typical, 'the most uncertain')}")
             if i in typical_words:
                 reason += f"; {typical_words[i]}"
             out.append(Pick(case, float(scores[i]), reason))

@@ -43,7 +43,12 @@ from common import shared_data, write_results  # noqa: E402
 
 from ALSegLib.project import LabelTable, Project  # noqa: E402
 from ALSegLib.simulate import (  # noqa: E402
-    BASELINES, ExperimentSettings, alseg_arms, baseline_budget, compare_arms, simulate,
+    BASELINES,
+    ExperimentSettings,
+    alseg_arms,
+    baseline_budget,
+    compare_arms,
+    simulate,
 )
 
 

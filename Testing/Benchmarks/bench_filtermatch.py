@@ -141,7 +141,8 @@ def main() -> int:
                                           "filtermatch_alseg": None if fm_alseg is None else round(fm_alseg, 4),
                                           "full": round(full_dice, 4),
                                           "filter_log": [{"epoch": d["epoch"], "dropped": len(d["dropped"]),
-                                                          "remaining": d["remaining"]} for d in fm_rec["filtermatch"]["filter_log"]]}
+                                                          "remaining": d["remaining"]}
+                                                         for d in fm_rec["filtermatch"]["filter_log"]]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results("filtermatch", {

@@ -312,12 +312,13 @@ def part_oracle(args) -> dict:
     t = time.perf_counter()
     results = simulate(project, out, settings)
     seconds = time.perf_counter() - t
-    per_class = {arm: {c: d["final"].get("dice", {}).get(c) for c in results["classes"]} if isinstance(d["final"].get("dice"), dict)
-                 else None for arm, d in results["arms"].items()}
+    per_class = {arm: {c: d["final"].get("dice", {}).get(c) for c in results["classes"]}
+                 if isinstance(d["final"].get("dice"), dict) else None for arm, d in results["arms"].items()}
     best = max((a for a in results["dice"] if "+" in a), key=lambda a: results["dice"][a], default=None)
     return {"oracle": {"fraction": results["fraction"], "dice": results["dice"], "ratio_to_full": results["ratio_to_full"],
                        "best_alseg_arm": best, "best_alseg_ratio_to_full": results["ratio_to_full"].get(best) if best else None,
-                       "goal_0.97": (results["ratio_to_full"][best] >= 0.97) if best and results["ratio_to_full"].get(best) else None,
+                       "goal_0.97": ((results["ratio_to_full"][best] >= 0.97)
+                                     if best and results["ratio_to_full"].get(best) else None),
                        "per_class": per_class, "points": {a: d["points"] for a, d in results["arms"].items()},
                        "pseudo_source": f"litemedsam (built in), {args.oracle_boxes} box(es) per structure per case from "
                        f"the reference (simulated prompts), {args.axis} slices",

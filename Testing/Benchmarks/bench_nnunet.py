@@ -33,8 +33,8 @@ from common import shared_data, write_results  # noqa: E402
 
 from ALSegLib import metrics  # noqa: E402
 from ALSegLib.nnunet import trainers  # noqa: E402
-from ALSegLib.nnunet.env import folders  # noqa: E402
 from ALSegLib.nnunet.dataset import export_dataset  # noqa: E402
+from ALSegLib.nnunet.env import folders  # noqa: E402
 from ALSegLib.nnunet.plan import PLANS, plan, preprocess  # noqa: E402
 from ALSegLib.nnunet.predict import predict  # noqa: E402
 from ALSegLib.nnunet.train import train  # noqa: E402

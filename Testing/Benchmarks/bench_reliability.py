@@ -94,7 +94,7 @@ def fuzz(examples: int, folder: Path) -> dict:
         @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(strategy)
         def run(value):
-            outcomes.append(target(value, work))
+            outcomes.append(target(value, work))  # noqa: B023 - run() is called below, within this iteration
 
         start = time.perf_counter()
         try:

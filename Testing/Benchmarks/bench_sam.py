@@ -167,7 +167,7 @@ def real_weights_dice(checkpoint: str, model_type: str | None) -> dict:
     seg = sitk.ReadImage(str(ct / "example_seg.nii.gz"))
     arr = sitk.GetArrayFromImage(seg)
     ref = np.zeros_like(arr, np.uint8)
-    for i, (name, v) in enumerate(organs.items(), 1):
+    for i, v in enumerate(organs.values(), 1):
         ref[arr == v] = i
     ref_img = sitk.GetImageFromArray(ref)
     ref_img.CopyInformation(seg)
@@ -194,7 +194,8 @@ def real_weights_dice(checkpoint: str, model_type: str | None) -> dict:
         if b.any():
             dice[name] = round(2 * float((a & b).sum()) / float(a.sum() + b.sum()), 4)
     del image
-    return {"dice": dice, "mean_dice": round(float(np.mean(list(dice.values()))), 4), "seconds": round(time.perf_counter() - t, 1),
+    return {"dice": dice, "mean_dice": round(float(np.mean(list(dice.values()))), 4),
+            "seconds": round(time.perf_counter() - t, 1),
             "reference": "TotalSegmentator label of the shared CT example (model-made, not expert)",
             "prompts": "one box per organ on its middle axial slice, propagated with the default stop rules",
             "model": summary}

@@ -55,7 +55,8 @@ def synthetic(n: int, d: int, labeled: int, seed: int = 0) -> Pool:
     centers = rng.normal(size=(64, d)).astype(np.float32)
     x = centers[rng.integers(0, 64, n + labeled)] + 0.5 * rng.normal(size=(n + labeled, d)).astype(np.float32)
     cases = [f"case{i:05d}" for i in range(n + labeled)]
-    unc = {c: Uncertainty(float(a), float(b), None) for c, a, b in zip(cases[labeled:], rng.uniform(0, 0.3, n), rng.uniform(0, 1, n))}
+    unc = {c: Uncertainty(float(a), float(b), None)
+           for c, a, b in zip(cases[labeled:], rng.uniform(0, 0.3, n), rng.uniform(0, 1, n))}
     return Pool(cases[labeled:], cases[:labeled], x[labeled:], x[:labeled], unc)
 
 
@@ -122,7 +123,7 @@ def speed(args) -> dict:
     seconds, peak = {}, {}
     picks = {}
     for strategy in STRATEGIES:
-        picks[strategy], seconds[strategy], peak[strategy] = measured(lambda: select(strategy, pool, k, seed=0))
+        picks[strategy], seconds[strategy], peak[strategy] = measured(lambda s=strategy: select(s, pool, k, seed=0))
         print(f"{strategy:>16}: {seconds[strategy]:.2f} s, peak {peak[strategy]:.0f} MiB", flush=True)
     c = centred(pool)  # the features every strategy reads (cosine on features centred on their mean)
     matrix_picks, matrix_s, matrix_peak = measured(lambda: matrix_method(c.features, c.labeled_features, k))
@@ -173,7 +174,7 @@ def quality(args, hippo: Path) -> dict:
                       val_iterations=args.val_iters, device="cpu", configuration="2d", validate=False,
                       exclude_cases=test_ids)
                 predict(project, "final", test_ids, probabilities=False, device="cpu")
-                score = mean_dice(project, test_ids, lambda c: sitk.GetArrayFromImage(project.read_label(c, "predicted")))
+                score = mean_dice(project, test_ids, lambda c, p=project: sitk.GetArrayFromImage(p.read_label(c, "predicted")))
                 dice[strategy].append(round(score, 4))
                 picked[strategy].append(chosen)
                 print(f"seed {seed} {strategy}: Dice {score:.4f} ({', '.join(chosen)})", flush=True)

@@ -9,9 +9,10 @@ import pytest
 os.environ.setdefault("ALSEG_PROGRESS", "off")
 os.environ.setdefault("ALSEG_LOCK_TIMEOUT", "5")
 
+from reliability import run_until, tree_hash  # noqa: E402,F401 - shared with the tests
+
 from ALSegLib import cli, phantoms  # noqa: E402
 from ALSegLib.project import LabelTable, Project  # noqa: E402
-from reliability import run_until, tree_hash  # noqa: E402,F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,3 +73,35 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+# --- make test-fast: the quick tests, by what they do --------------------------------------------
+# A test is "slow" (left out of `make test-fast`, run by `make test` and CI) if it uses a fixture that trains
+# a model, or is listed here: measured at 3 s or more alone on the 2 cores (pytest --durations, 2026-12-01).
+SLOW_FIXTURES = {
+    "trained_checkpoint": "trains a tiny SAM on phantom slices (about 90 s)",
+    "tiny": "plans and pretrains nnU-Net on phantoms (about 40 s)",
+}
+SLOW_MODULES = {"test_litemedsam.py": "the real LiteMedSAM weights on phantom slices"}
+SLOW_TESTS = {
+    "test_loop.py": {"test_simulate_sweep_reports_final_dice_against_pseudo_label_dice",
+                     "test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases",
+                     "test_round_killed_at_every_stage_boundary_resumes_without_redoing_finished_stages",
+                     "test_rounds_through_the_console_api_with_reports_and_learning_curve",
+                     "test_demo_runs_two_simulated_rounds_and_prints_the_table",
+                     "test_round_waits_for_review_and_refuses_conflicting_settings"},
+    "test_slicer_glue.py": {"test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene"},
+    "test_reliability.py": {"test_writers_killed_at_random_moments_leave_every_label_whole",
+                            "test_concurrent_writers_are_serialised_without_lost_updates"},
+    "test_fuzz.py": {"test_fuzz"},
+    "test_cli.py": {"test_console_script_help_and_version"},
+    "test_nnunet.py": {"test_training_resumes_after_sigkill", "test_checkpoint_of_another_architecture_is_a_clear_error"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        if (SLOW_FIXTURES.keys() & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES
+                or getattr(item, "originalname", item.name) in SLOW_TESTS.get(module, ())):
+            item.add_marker(pytest.mark.slow)

@@ -316,7 +316,8 @@ def resume_trial(root: Path, mode: str, name: str, epochs: int, kill_after: int)
     from ALSegLib.project import Project
 
     project = Project.open(root)
-    fm = ["--warmup", "1", "--filter-start", "0", "--filter-every", "1", "--drop-fraction", "0.2"] if mode == "filtermatch" else []
+    fm = (["--warmup", "1", "--filter-start", "0", "--filter-every", "1", "--drop-fraction", "0.2"]
+          if mode == "filtermatch" else [])
     cmd = [sys.executable, "-m", "ALSegLib", "--progress", "jsonl", "train", str(root), "--mode", mode, "--name", name,
            "--device", "cpu", "--no-validate", "--epochs", str(epochs), "--iters", "2", "--val-iters", "1", *fm]
     events = run_until(cmd, lambda e: e["event"] == "epoch" and e["epoch"] == kill_after)

@@ -10,10 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import tree_hash
 
 from ALSegLib.errors import InputError
-
-from conftest import tree_hash
 
 
 def _write(img, path):

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import tree_hash
+from sam_helpers import save, tiny_sam
 
 from ALSegLib import rounds
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.pseudolabels.run import pseudolabel_with_sam
-from sam_helpers import save, tiny_sam
-
-from conftest import tree_hash
 
 
 def dicom_series(folder, slices=6):

@@ -63,7 +63,8 @@ def test_contract_round_trip_on_phantoms(tmp_path, phantom_dir, run_cli):
 
 
 def test_export_nifti_and_seg_nrrd(project, tmp_path, run_cli):
-    code, out, _ = run_cli("export", project.root, "phantom_ct_002", "--kind", "reference", "--to", tmp_path / "l.nii.gz", "--json")
+    code, out, _ = run_cli("export", project.root, "phantom_ct_002", "--kind", "reference", "--to", tmp_path / "l.nii.gz",
+                           "--json")
     assert code == 0 and json.loads(out)["file"].endswith("l.nii.gz")
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz")))
     np.testing.assert_array_equal(back, sitk.GetArrayFromImage(project.read_label("phantom_ct_002", "reference")))

@@ -6,9 +6,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 from fuzz_targets import TARGETS
+from hypothesis import HealthCheck, given, settings
 
 EXAMPLES = int(os.environ.get("ALSEG_FUZZ_EXAMPLES", "60"))
 

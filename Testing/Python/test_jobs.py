@@ -73,7 +73,8 @@ def test_cancel_ends_the_whole_process_tree():
 
 
 def test_a_failed_job_shows_the_engines_error_text():
-    script = "import sys; print('working', flush=True); sys.stderr.write('alseg: error: /data/ct.nii.gz: truncated file\\n'); sys.exit(2)"
+    script = ("import sys; print('working', flush=True); "
+              "sys.stderr.write('alseg: error: /data/ct.nii.gz: truncated file\\n'); sys.exit(2)")
     done = []
     job = jobs.SubprocessJob([sys.executable, "-c", script], on_done=lambda code, err: done.append((code, err)))
     assert job.wait(timeout=60) == 2

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from reliability import tree_hash
 
 from ALSegLib import Project
 from ALSegLib.errors import InputError
 from ALSegLib.pseudolabels import litemedsam
 from ALSegLib.pseudolabels.run import pseudolabel_with_sam
 from ALSegLib.pseudolabels.sam import MaskDecoder, SliceEmbeddings, load_checkpoint, use_onnx_encoder
-from reliability import tree_hash
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = {"cavity": 1, "ring": 2, "blob": 3}

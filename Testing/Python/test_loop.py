@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_until, tree_hash
 
-from ALSegLib import Project, RoundSettings, cli, phantoms, rounds
+from ALSegLib import Project, RoundSettings, cli, phantoms, rounds, run_round
 from ALSegLib.errors import InputError
-from ALSegLib.loop import STAGES, current_round
+from ALSegLib.loop import current_round
 from ALSegLib.nnunet.train import read_model
 from ALSegLib.project import LabelTable
 from ALSegLib.pseudolabels.degraded import (
@@ -21,6 +21,7 @@ from ALSegLib.pseudolabels.degraded import (
     mean_dice,
     pseudolabel_degraded,
 )
+from ALSegLib.rounds import STAGES
 from ALSegLib.simulate import (
     ExperimentSettings,
     SimulatedAnnotator,
@@ -133,13 +134,13 @@ def test_rounds_through_the_console_api_with_reports_and_learning_curve(tmp_path
     settings = dict(budget="2", strategy="hybrid", mode="finetune", exclude=test,
                     pseudo={"source": "degraded-reference", "target_dice": 0.75}, **TINY)
     annotator = SimulatedAnnotator(test)
-    first = Project(project.root).run_round(annotator=annotator, **settings)
+    first = run_round(Project(project.root), annotator=annotator, **settings)
     assert first["round"] == 1 and "waiting" not in first
     assert set(first["stages"]) == set(STAGES)
     pseudo = first["stages"]["pseudolabels"]
     assert pseudo["made"] == 9 and abs(pseudo["pseudo_label_dice"] - 0.75) < 0.03
     assert first["stages"]["pretrain"]["metrics"]["annotated"] == 0  # the pseudo-only model is scored
-    second = Project(project.root).run_round(annotator=annotator, **settings)
+    second = run_round(Project(project.root), annotator=annotator, **settings)
     assert second["round"] == 2 and second["stages"]["pretrain"]["reused"] is True
     assert second["stages"]["predict-pool"]["model"] == "round0001-finetune"
     assert second["metrics"]["annotated"] == 4 and second["metrics"]["of"] == 9
@@ -166,20 +167,20 @@ def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
     project = phantom_project(tmp_path, n=8)
     test = project.cases()[-2:]
     settings = RoundSettings(budget="1", exclude=test, pseudo={"source": "degraded-reference", "target_dice": 0.8}, **TINY)
-    record = project.run_round(settings)
+    record = run_round(project, settings)
     assert record["waiting"]["cases"] and "review" not in record["stages"] and "select" in record["stages"]
     with pytest.raises(InputError, match="other settings"):
-        project.run_round(RoundSettings(**{**settings.to_json(), "strategy": "random"}))
-    again = project.run_round()  # nothing labeled yet: still waiting, nothing redone
+        run_round(project, RoundSettings(**{**settings.to_json(), "strategy": "random"}))
+    again = run_round(project)  # nothing labeled yet: still waiting, nothing redone
     assert again["waiting"]["cases"] == record["waiting"]["cases"]
     assert again["stages"]["select"] == record["stages"]["select"]
     bare = Project.create(tmp_path / "bare", project.labels, "CT")
     with pytest.raises(InputError, match="no cases"):
-        bare.run_round(budget="1")
+        run_round(bare, budget="1")
     bare.add_cases([project.image_path(c) for c in project.cases()[:3]])
     before = tree_hash(bare.root)
     with pytest.raises(InputError, match="no case has a pseudo-label to pretrain on"):
-        bare.run_round(budget="1")
+        run_round(bare, budget="1")
     assert tree_hash(bare.root) == before  # refused before anything was written
     for share in (1.0, -0.1, "half"):
         with pytest.raises(InputError, match="pseudo-share"):

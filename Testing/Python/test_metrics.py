@@ -38,7 +38,8 @@ def test_cube_shifted_by_one_voxel_overlap():
     assert m["iou"] == pytest.approx(48 / 80)
 
 
-@pytest.mark.parametrize("axis,spacing,expected_mm", [(0, (2.0, 1.0, 1.0), 6.0), (1, (2.0, 1.0, 1.0), 3.0), (2, (1.0, 1.0, 0.5), 1.5)])
+@pytest.mark.parametrize("axis,spacing,expected_mm",
+                         [(0, (2.0, 1.0, 1.0), 6.0), (1, (2.0, 1.0, 1.0), 3.0), (2, (1.0, 1.0, 0.5), 1.5)])
 def test_single_voxels_distance_in_millimetres(axis, spacing, expected_mm):
     # Two single voxels three voxels apart along one axis: every surface distance is 3 voxels.
     a, b = blank(), blank()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import run_until
 from scipy import ndimage
 
 from ALSegLib import phantoms
@@ -25,7 +26,6 @@ from ALSegLib.nnunet.train import read_model, train
 from ALSegLib.nnunet.trainers import load_checkpoint_safely
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.volumes import Geometry
-from conftest import run_until
 
 BUDGET = dict(epochs=2, iterations=2, val_iterations=1, device="cpu")
 

@@ -12,14 +12,13 @@ import sys
 
 import numpy as np
 import pytest
+import reliability
 import SimpleITK as sitk
+from conftest import tree_hash
 
 from ALSegLib import atomic
 from ALSegLib.errors import InputError
 from ALSegLib.project import Project
-
-import reliability
-from conftest import tree_hash
 
 
 def test_writers_killed_at_random_moments_leave_every_label_whole(project):

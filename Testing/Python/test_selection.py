@@ -2,9 +2,11 @@
 uncertainty on hand-built probability maps, and the review queue on a real project."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
+from conftest import tree_hash
 
 from ALSegLib import rounds
 from ALSegLib.errors import InputError
@@ -14,8 +16,6 @@ from ALSegLib.selection.features import case_features, histogram_features
 from ALSegLib.selection.run import select_cases
 from ALSegLib.selection.strategies import Pool, parse_budget, select
 from ALSegLib.selection.uncertainty import Uncertainty, case_uncertainty, entropy_map, focus_region, label_disagreement
-
-from conftest import tree_hash
 
 
 def brute_force(x, k, seeds=None, metric="cosine", weights=None, first=0):
@@ -175,7 +175,17 @@ def test_strategy_choices_follow_their_definition():
     core = select("coreset", pool, 4)
     expected = brute_force(pool.features - mean, 4, pool.labeled_features - mean, "cosine")
     assert [p.case for p in core] == [pool.candidates[i] for i in expected]
-    assert "labeled" in core[0].reason or "covered" in core[0].reason
+    # the first pick's reason gives its own distance to the nearest labeled case, and words that fit its ratio
+    u = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    first = pool.candidates.index(core[0].case)
+    nearest = float((1 - u(pool.features - mean)[first] @ u(pool.labeled_features - mean).T).min())
+    m = re.fullmatch(r"(far from every case already covered|away from the cases already covered|close to cases already "
+                     r"covered) \(distance ([0-9.e+-]+), ([0-9.]+)x the pool's median\)", core[0].reason)
+    assert m, core[0].reason
+    assert float(m.group(2)) == pytest.approx(nearest, rel=2e-3)
+    ratio = float(m.group(3))
+    assert m.group(1) == ("far from every case already covered" if ratio >= 1.5 else
+                          "away from the cases already covered" if ratio >= 0.75 else "close to cases already covered")
     assert select("random", pool, 5, seed=1) != select("random", pool, 5, seed=2)
 
 
@@ -307,7 +317,7 @@ def test_bottleneck_pool_takes_the_last_convolution_before_its_instance_norm():
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from ALSegLib.selection.features import BottleneckPool
+    from ALSegLib.nnunet.features import BottleneckPool
 
     torch.manual_seed(0)
     net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv2d, 3, (1, 2, 2), 2, 2, (2, 2), False,

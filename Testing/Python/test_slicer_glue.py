@@ -12,13 +12,12 @@ from test_volumes import OBLIQUE, ORIGIN, SPACING, oblique_image
 slicer = pytest.importorskip("slicer")
 sys.path.insert(0, str(REPO / "ALSeg"))
 
-from ALSegSlicer import scene as glue  # noqa: E402
-from ALSegSlicer.review import ReviewSession  # noqa: E402
-
 from ALSegLib import volumes  # noqa: E402
 from ALSegLib.errors import InputError  # noqa: E402
 from ALSegLib.project import LabelClass, LabelTable, Project  # noqa: E402
 from ALSegLib.selection.run import select_cases  # noqa: E402
+from ALSegSlicer import scene as glue  # noqa: E402
+from ALSegSlicer.review import ReviewSession  # noqa: E402
 
 # values that are neither 1..N nor in the order of the names: a mapping by order would be caught
 TABLE = LabelTable([LabelClass("liver", 5, (0.9, 0.4, 0.3)), LabelClass("spleen", 2, (0.1, 0.8, 0.2)),
@@ -220,10 +219,9 @@ def test_accept_refuses_an_unknown_segment_and_stores_nothing(project):
 # --- the logic facade (what ALSegLogic calls) ----------------------------------------------
 
 def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phantom_dir):
-    from ALSegSlicer.facade import Session
-
     from ALSegLib.pseudolabels.prompts import case_prompts, read_prompt_file
     from ALSegLib.pseudolabels.slices import volume_slices
+    from ALSegSlicer.facade import Session
 
     scene = slicer.vtkMRMLScene()
     session = Session(scene)
@@ -264,9 +262,8 @@ def vtk_point(p):
 
 
 def test_round_settings_become_a_command_line_the_engine_accepts(project):
-    from ALSegSlicer.facade import RoundOptions, Session
-
     from ALSegLib.cli import build_parser
+    from ALSegSlicer.facade import RoundOptions, Session
 
     session = Session(slicer.vtkMRMLScene())
     session.open(project.root)
@@ -288,10 +285,9 @@ def test_round_settings_become_a_command_line_the_engine_accepts(project):
 def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path):
     """What the module's self-test does inside Slicer, on slicer-core: a project from volumes in the
     scene, a tiny real round (engine in a background job), open the proposed case, edit, accept."""
+    from ALSegLib import phantoms
     from ALSegSlicer import jobs
     from ALSegSlicer.facade import RoundOptions, Session
-
-    from ALSegLib import phantoms
 
     scene = slicer.vtkMRMLScene()
     session = Session(scene)
@@ -305,6 +301,8 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     for case, label in labels.items():  # another model's labels as pseudo-labels; scan4 held out with a reference
         project.write_label(case, "pseudo", label, source="import")
     project.write_label("scan4", "reference", labels["scan4"], source="test")
+    # the panel's status line counts each kind of label (it once read a key status() never had: always blank)
+    assert session.summary_text().endswith("(CT): 5 cases; labels: 5 pseudo, 1 reference")
     args = session.round_args(RoundOptions(budget="1", strategy="random", device="cpu", configuration="3d_fullres",
                                            epochs=1, pretrain_epochs=1, exclude=("scan4",)))
     seen = []
@@ -313,6 +311,7 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     assert job.wait(timeout=900) == 0, job.error
     assert "stage" in {e["event"] for e in seen} and "round-waiting" in {e["event"] for e in seen}
     assert session.rounds_waiting() == [1]
+    assert session.summary_text().endswith("1 reference; round(s) 1 wait for review")
     (case, score, reason), = session.queue_rows()
     opened = session.open_next()
     assert opened.case == case and opened.started_from == "pseudo"
@@ -327,9 +326,11 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     assert overlay.GetScene() is None  # closed with its case
     assert (project.root / "labels" / "human" / case / "v0001.nrrd").is_file()
     assert session.rounds_waiting() == []
+    assert "labels: 1 human, 5 pseudo" in session.summary_text() and "wait" not in session.summary_text()
     # the round continues (same settings) to its report; the results table has the pseudo-only and round-1 rows
     job = jobs.start(*session.round_args(RoundOptions()), python=sys.executable)
     assert job.wait(timeout=900) == 0, job.error
     header, rows = session.result_rows()
     assert header[:4] == ["round", "model", "annotated", "mean Dice"] and [r[0] for r in rows] == ["pseudo-only", "1"]
     assert session.learning_curve_png() is not None
+    assert session.latest_report() == project.root / "rounds" / "0001" / "report.html"

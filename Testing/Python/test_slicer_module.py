@@ -70,7 +70,7 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
             fields = {s.target.id: s.annotation for s in node.body if isinstance(s, ast.AnnAssign)}
     assert {"projectFolder", "checkpoint", "budget", "strategy", "trainingMode", "device"} <= set(fields)
     bound = {}
-    for name, w in ui_widgets().items():
+    for w in ui_widgets().values():
         for prop in w.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = w
@@ -113,7 +113,8 @@ def test_cmake_lists_name_exactly_the_module_and_engine_files():
                 "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "find_package(Slicer REQUIRED)", "add_subdirectory(ALSeg)",
                 "${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"):
         assert key in top, key
-    for url in re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS) "https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/([^"]+)"', top):
+    for url in re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS) '
+                          r'"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/([^"]+)"', top):
         assert (REPO / url).is_file(), f"{url} is named in CMakeLists.txt but not in the repository"
     entry = json.loads((REPO / "ALSeg.json").read_text())
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"] and "scm_url" in entry

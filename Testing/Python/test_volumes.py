@@ -183,8 +183,8 @@ def test_seg_nrrd_is_read_by_slicer(tmp_path):
     """Slicer's own segmentation reader (vtkMRMLSegmentationStorageNode, from slicer-core)
     gets names, label values, colors, voxels and the oblique geometry right."""
     slicer = pytest.importorskip("slicer")
-    from vtk.util.numpy_support import vtk_to_numpy
     import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
 
     arr = np.zeros((5, 7, 6), np.uint8)
     arr[1:3, 2:5, 1:4] = 1

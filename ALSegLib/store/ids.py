@@ -1,0 +1,49 @@
+"""Case (and model) ids: what a name may be, and the id a file's name gives."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .. import volumes
+from ..errors import InputError
+
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}[A-Za-z0-9_-]$|^[A-Za-z0-9]$")
+_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+
+
+def check_case_id(case: str) -> str:
+    """Refuse ids that could escape the project or clash on disk."""
+    if not isinstance(case, str) or not case:
+        raise InputError(f"case id {case!r}", "must be a non-empty string")
+    if "/" in case or "\\" in case or ".." in case or os.path.isabs(case):
+        raise InputError(f"case id {case!r}", "must not contain path separators, '..' or be an absolute path")
+    if not _CASE_ID.fullmatch(case):
+        raise InputError(f"case id {case!r}", "use letters, digits, '.', '_' and '-' (start with a letter or digit, "
+                         "do not end with '.', at most 128 characters)")
+    if _WINDOWS_RESERVED.match(case):
+        raise InputError(f"case id {case!r}", "is a reserved device name on Windows")
+    return case
+
+
+def derive_case_id(source: Path) -> str:
+    """A stable id from a file or DICOM folder name: characters outside
+    ``[A-Za-z0-9._-]`` become ``_``, runs of dots collapse, leading dots/dashes go."""
+    stem = volumes.strip_extension(source) if source.is_file() or volumes.image_extension(source) else source.name
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128].rstrip(".")
+    if not cleaned:
+        raise InputError(source, "cannot derive a case id from this name; pass one explicitly")
+    return check_case_id(cleaned)
+
+
+def label_index(folder: Path) -> dict[str, list[Path]]:
+    """Label files in ``folder`` by the case id their names give."""
+    index: dict[str, list[Path]] = {}
+    for child in sorted(folder.iterdir()):
+        if child.is_file() and not child.name.startswith(".") and volumes.image_extension(child):
+            try:
+                index.setdefault(derive_case_id(child), []).append(child)
+            except InputError:
+                continue  # a name no case could have
+    return index
