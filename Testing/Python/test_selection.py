@@ -182,7 +182,7 @@ def test_strategy_choices_follow_their_definition():
     m = re.fullmatch(r"(far from every case already covered|away from the cases already covered|close to cases already "
                      r"covered) \(distance ([0-9.e+-]+), ([0-9.]+)x the pool's median\)", core[0].reason)
     assert m, core[0].reason
-    assert float(m.group(2)) == pytest.approx(nearest, rel=2e-3)
+    assert float(m.group(2)) == pytest.approx(nearest, rel=6e-3)  # printed with 3 significant digits
     ratio = float(m.group(3))
     assert m.group(1) == ("far from every case already covered" if ratio >= 1.5 else
                           "away from the cases already covered" if ratio >= 0.75 else "close to cases already covered")
