@@ -312,8 +312,7 @@ def part_oracle(args) -> dict:
     t = time.perf_counter()
     results = simulate(project, out, settings)
     seconds = time.perf_counter() - t
-    per_class = {arm: {c: d["final"].get("dice", {}).get(c) for c in results["classes"]}
-                 if isinstance(d["final"].get("dice"), dict) else None for arm, d in results["arms"].items()}
+    per_class = {arm: d["final"].get("per_class") for arm, d in results["arms"].items()}
     best = max((a for a in results["dice"] if "+" in a), key=lambda a: results["dice"][a], default=None)
     return {"oracle": {"fraction": results["fraction"], "dice": results["dice"], "ratio_to_full": results["ratio_to_full"],
                        "best_alseg_arm": best, "best_alseg_ratio_to_full": results["ratio_to_full"].get(best) if best else None,
