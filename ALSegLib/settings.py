@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
-from .devices import DEVICE_HELP  # noqa: F401 (one of the choice lists the interfaces show)
 from .errors import InputError
 from .nnunet.modes import ROUND_MODES
 
