@@ -195,7 +195,7 @@ class Round:
         if existing is not None:
             return {"reused": existing["dataset"]}
         record = plan(self.project, policy="pseudo", configurations=(self.settings.configuration or "3d_fullres",),
-                      batch_size=self.settings.batch_size)
+                      batch_size=self.settings.batch_size, preprocess_dataset=False)
         return {"dataset": record["dataset"], "configurations": record["configurations"]}
 
     def pretrain(self) -> dict:
@@ -205,7 +205,7 @@ class Round:
             return {"model": PRETRAIN, "reused": True}
         s = self.settings
         rec = train(self.project, "pretrain", name=PRETRAIN, epochs=s.pretrain_epochs, iterations=s.pretrain_iterations,
-                    val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude)
+                    val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude, seed=s.seed)
         out = {"model": PRETRAIN, "seconds_training": rec["seconds"], "epochs": rec["epochs_done"]}
         metrics = self._score(PRETRAIN)  # the pseudo-only model: the curve's starting point
         if metrics:
@@ -265,7 +265,7 @@ class Round:
         config = FilterMatchConfig.from_json(s.filtermatch) if s.mode == "filtermatch" and s.filtermatch else None
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
-                    filtermatch=config, exclude_cases=s.exclude,
+                    filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
                     pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])

@@ -174,9 +174,10 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
     from .evaluation import evaluate
 
     pseudo_dice = evaluate(base, "pseudo", pool)["summary"]["mean"]["dice"]["mean"]
-    plan(base, policy="pseudo", configurations=(settings.configuration,), batch_size=settings.batch_size)
+    plan(base, policy="pseudo", configurations=(settings.configuration,), batch_size=settings.batch_size,
+         preprocess_dataset=False)
     train(base, "pretrain", name=PRETRAIN, epochs=settings.pretrain_epochs, iterations=settings.pretrain_iterations,
-          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
+          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test, seed=seed)
     predict(base, PRETRAIN, pool, probabilities=True, features=True, device=settings.device)
     return base, pseudo_dice
 

@@ -55,10 +55,14 @@ def plan(
     batch_size: int | None = None,
     num_processes: int | None = None,
     force: bool = False,
+    preprocess_dataset: bool = True,
 ) -> dict:
     """Plan and preprocess the project on its ``policy`` labels; returns the plans record.
 
     Does nothing if the project is already planned, unless ``force``.
+    ``preprocess_dataset=False`` plans without preprocessing the planning dataset:
+    a round trains on datasets of its own (each preprocessed when trained), so
+    preprocessing this one too cost the demo 9 s for nothing.
     """
     for c in configurations:
         if c not in CONFIGURATIONS:
@@ -98,7 +102,7 @@ def plan(
         "normalization": plans["configurations"][configurations[0]]["normalization_schemes"],
         "time": now_iso(),
     }
-    for c in configurations:
+    for c in configurations if preprocess_dataset else ():
         preprocess(project, dataset, c, nproc)
     with project.lock("record nnU-Net plans"):
         atomic.write_json(f.plans_record, record)

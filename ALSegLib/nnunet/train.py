@@ -126,6 +126,7 @@ def train(
     filtermatch=None,
     exclude_cases: Sequence[str] | None = None,
     pseudo_share: float = 0.0,
+    seed: int | None = None,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -138,6 +139,7 @@ def train(
     pseudo-labels of the cases no human has labeled yet, drawing pseudo-labeled
     cases this share of the time (0: human labels only). A resumed model keeps its own.
     ``validate=False`` also trains on every labeled case (no validation split held out).
+    ``seed``: the same data, budget and seed give the same model on this machine (a resumed run keeps its own).
     """
     m = training_mode(mode)
     name = check_case_id(name or mode)
@@ -150,6 +152,7 @@ def train(
     budget = _resolve_budget(previous, dev, epochs, iterations, val_iterations)
     if previous is not None:
         pseudo_share = previous.get("pseudo_share", 0.0)  # a resumed model keeps its own
+        seed = previous.get("seed")
     if not 0.0 <= pseudo_share < 1.0:
         raise InputError("--pseudo-share", f"must be in [0, 1), not {pseudo_share}")
     if pseudo_share and not m.mixes_pseudo:
@@ -160,7 +163,8 @@ def train(
 
     with _model_lock(folder):
         if project_plans(project) is None:
-            plan(project, policy=m.labels, configurations=(configuration or "3d_fullres",), batch_size=batch_size)
+            plan(project, policy=m.labels, configurations=(configuration or "3d_fullres",), batch_size=batch_size,
+                 preprocess_dataset=False)
         plans_record = project_plans(project)
         configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
         dataset = _model_dataset(project, m, name, previous, exclude, policy)
@@ -171,7 +175,7 @@ def train(
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
             "plans": PLANS, "trainer": cls.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
             "excluded_cases": sorted(dataset.excluded), "plans_digest": plans_record.get("plans_digest"),
-            "validation_split": hold_out, "pseudo_share": pseudo_share,
+            "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
         }
         record.update({"status": "training", "device": str(dev), "budget": budget})
@@ -183,6 +187,7 @@ def train(
         with nnunet_environment(project.root, training_on_cpu=dev.type == "cpu", log=folder / "nnunet.log"):
             trainer, output = _make_trainer(project, m, dataset, configuration, batch_size, budget, dev, pseudo_share,
                                             filtermatch)
+            trainer.seed = seed
             final = output / "checkpoint_final.pth"
             _resume_or_start(project, trainer, output, record, init, name)
             if not final.is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ class ALSegTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.save_every = 1
         self.case_repeats: dict[str, int] = {}  # case -> times it is listed for sampling (see sample_weights)
+        self.seed: int | None = None  # seeds the weights' initialisation, sampling and augmentation (see on_train_start)
         for attr, var in (("num_epochs", "ALSEG_EPOCHS"), ("num_iterations_per_epoch", "ALSEG_ITERS"),
                           ("num_val_iterations_per_epoch", "ALSEG_VAL_ITERS")):
             if os.environ.get(var):
@@ -91,6 +93,17 @@ class ALSegTrainer(nnUNetTrainer):
         self.num_epochs = int(epochs)
         self.num_iterations_per_epoch = int(iterations)
         self.num_val_iterations_per_epoch = int(val_iterations if val_iterations is not None else max(1, iterations // 5))
+
+    def on_train_start(self) -> None:
+        """With a ``seed``, the same data, budget and seed give the same model on the same machine
+        (nnU-Net seeds nothing: the demo's rounds differed from run to run). It seeds the process's
+        global generators, which nnU-Net's sampling and augmentation draw from in the main process
+        (``nnUNet_n_proc_DA=0``); worker processes and a resumed run are not reproduced."""
+        if self.seed is not None:
+            random.seed(self.seed)
+            np.random.seed(self.seed % 2**32)
+            torch.manual_seed(self.seed)
+        super().on_train_start()
 
     def get_tr_and_val_datasets(self):
         """nnU-Net's split, with a case listed ``case_repeats[case]`` times in the training

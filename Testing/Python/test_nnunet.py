@@ -432,3 +432,15 @@ def test_init_from_weights_of_other_plans_is_refused(tiny):
             train(project, "finetune", name="stale-init", **BUDGET)
     finally:
         record_file.write_text(saved)
+
+
+def test_a_seeded_training_is_reproduced_and_another_seed_is_not(tiny):
+    """nnU-Net seeds nothing: the demo's rounds came out differently from run to run. With a seed,
+    the same data and budget give the same weights; another seed gives other weights."""
+    project = tiny["project"]
+    runs = {name: train(project, "pretrain", name=name, validate=False, seed=seed, **BUDGET)
+            for name, seed in (("seeded-a", 7), ("seeded-b", 7), ("seeded-c", 8))}
+    assert runs["seeded-a"]["seed"] == 7 and read_model(project, "seeded-a")["seed"] == 7
+    assert runs["seeded-a"]["final_weights_digest"] == runs["seeded-b"]["final_weights_digest"]
+    assert runs["seeded-a"]["train_losses"] == runs["seeded-b"]["train_losses"]
+    assert runs["seeded-c"]["final_weights_digest"] != runs["seeded-a"]["final_weights_digest"]
