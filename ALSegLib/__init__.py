@@ -7,7 +7,8 @@ Console API (no Slicer import; usable from Slicer's Python console)::
 """
 from ._version import __version__  # noqa: E402
 from .loop import RoundSettings, run_round  # noqa: E402
-from .project import LabelTable, Project  # noqa: E402
+from .project import Project  # noqa: E402
 from .simulate import ExperimentSettings, simulate  # noqa: E402
+from .store.labels import LabelTable  # noqa: E402
 
 __all__ = ["ExperimentSettings", "LabelTable", "Project", "RoundSettings", "__version__", "run_round", "simulate"]

@@ -19,12 +19,15 @@ from . import volumes
 from ._version import __version__
 from .devices import DEVICE_HELP, device_name
 from .errors import InputError, ProjectLockedError
+from .nnunet.filtermatch_settings import TEACHERS, FilterMatchConfig, option_fields
 from .nnunet.modes import MODES as TRAINING_MODES
-from .project import LABEL_KINDS, LabelTable, Project, parse_color
+from .project import LABEL_KINDS, Project
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
 from .settings import CONFIGURATIONS, DEFAULT_STRATEGY, FEATURE_SOURCES, PSEUDO_SOURCES, STRATEGIES, RoundSettings
 from .settings import MODES as ROUND_MODES
+from .store.files import read_json_object
+from .store.labels import LabelTable, parse_color
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
@@ -263,15 +266,20 @@ def _training_cases(record: dict) -> str:
     return f"{record['labeled_cases']} labeled cases"
 
 
-def _filtermatch_config(args, where: str):
-    from .nnunet.filtermatch import FilterMatchConfig
+def filtermatch_options(p, title: str = "filtermatch") -> None:
+    """FilterMatch's options, their defaults and help from :mod:`ALSegLib.nnunet.filtermatch_settings`."""
+    fm = p.add_argument_group(title)
+    for _field, option, text, default, kind in option_fields():
+        extra = {"choices": TEACHERS} if option == "--teacher" else {}
+        fm.add_argument(option, type=kind, default=default,
+                        help=text + ("" if default is None else f" (default {default:g})" if isinstance(default, float)
+                                     else f" (default {default})"), **extra)
 
+
+def _filtermatch_config(args, where: str) -> FilterMatchConfig:
     try:
-        return FilterMatchConfig(
-            warmup_epochs=args.warmup, filter_start=args.filter_start, filter_every=args.filter_every,
-            drop_fraction=args.drop_fraction, unlabeled_weight=args.unlabeled_weight, ramp_epochs=args.ramp,
-            teacher=args.teacher, ema_decay=args.ema_decay, confidence=args.confidence,
-            unlabeled_batch=args.unlabeled_batch)
+        return FilterMatchConfig(**{name: getattr(args, option[2:].replace("-", "_"))
+                                    for name, option, *_ in option_fields()})
     except ValueError as exc:
         raise InputError(where, str(exc)) from None
 
@@ -431,16 +439,60 @@ def _pseudo_spec(args, experiment: bool = False) -> dict | None:
     return spec
 
 
-def _round_settings(args):
-    from dataclasses import asdict
-
-    fm = asdict(_filtermatch_config(args, "round --mode filtermatch")) if args.mode == "filtermatch" else None
-    return RoundSettings(budget=args.budget, strategy=args.strategy, mode=args.mode, seed=args.seed,
-                         exclude=args.exclude or [], device=args.device, configuration=args.configuration,
+def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
+    """The :class:`RoundSettings` the options give: a round's, or (``experiment``) the template every arm's
+    rounds share (each arm then sets its strategy, mode and seed)."""
+    if experiment:
+        wants_fm = any(a.endswith("+filtermatch") for a in (args.arms or [])) or not args.arms
+        fm = _filtermatch_config(args, "simulate") if wants_fm else None
+        pseudo = _pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice}
+        own = {}
+    else:
+        fm = _filtermatch_config(args, "round --mode filtermatch") if args.mode == "filtermatch" else None
+        pseudo = _pseudo_spec(args)
+        own = {"strategy": args.strategy, "mode": args.mode, "seed": args.seed, "exclude": args.exclude or [],
+               "features": args.features}
+    return RoundSettings(budget=args.budget, device=args.device, configuration=args.configuration,
                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
-                         val_iterations=args.val_iters, features=args.features, pseudo=_pseudo_spec(args),
-                         filtermatch=fm, pseudo_share=args.pseudo_share)
+                         val_iterations=args.val_iters, pseudo=pseudo, filtermatch=fm, pseudo_share=args.pseudo_share,
+                         **own)
+
+
+# `alseg round`'s options and the RoundSettings field each sets (pseudo-label and FilterMatch options: below)
+ROUND_OPTION_FIELDS = {"budget": "budget", "strategy": "strategy", "mode": "mode", "seed": "seed", "exclude": "exclude",
+                       "features": "features", "device": "device", "configuration": "configuration",
+                       "batch_size": "batch_size", "pretrain_epochs": "pretrain_epochs",
+                       "pretrain_iters": "pretrain_iterations", "epochs": "epochs", "iters": "iterations",
+                       "val_iters": "val_iterations", "pseudo_share": "pseudo_share"}
+PSEUDO_OPTIONS = ("pseudo_source", "checkpoint", "model_type", "prompts", "from_labels", "prompts_from_reference", "axis",
+                  "from_dir", "map", "target_dice")
+
+
+def _settings_file(args) -> RoundSettings:
+    """``--settings FILE``: a round's settings as a JSON object (the shape round records store them in);
+    options also given on the command line (those that differ from their defaults) override the file's."""
+    path = Path(args.settings)
+    if not path.is_file():
+        raise InputError(path, "settings file not found")
+    try:
+        base = RoundSettings.from_json(read_json_object(path), str(path))
+    except InputError as exc:
+        raise InputError(path, str(exc).removeprefix(f"{path}: ")) from None
+    defaults = build_parser().parse_args(["round", args.project])
+    given = {d for d, v in vars(args).items() if d not in ("settings", "json", "progress") and v != getattr(defaults, d, None)}
+    changes = {ROUND_OPTION_FIELDS[d]: getattr(args, d) for d in given if d in ROUND_OPTION_FIELDS}
+    if "exclude" in changes:
+        changes["exclude"] = changes["exclude"] or []
+    if given & set(PSEUDO_OPTIONS):
+        changes["pseudo"] = _pseudo_spec(args)
+    fm_options = {option[2:].replace("-", "_") for _f, option, *_ in option_fields()}
+    if given & fm_options:
+        changes["filtermatch"] = _filtermatch_config(args, f"{path} with FilterMatch options")
+    try:
+        return base.with_changes(**changes)
+    except InputError as exc:
+        raise InputError(path, f"with the command line's options: {exc}") from None
 
 
 def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
@@ -455,11 +507,14 @@ def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
 
 def cmd_round(args) -> int:
     from .loop import current_round, run_round
+    from .rounds import RoundRecord
 
     project = Project.open(args.project)
     settings = None
     unfinished = current_round(project)
-    if unfinished is None or "settings" not in unfinished or args.budget is not None:
+    if args.settings:
+        settings = _settings_file(args)
+    elif unfinished is None or "settings" not in unfinished or args.budget is not None:
         if args.budget is None:
             raise InputError("round", "a new round needs --budget (cases to review: a count or a percentage)")
         settings = _round_settings(args)
@@ -467,16 +522,15 @@ def cmd_round(args) -> int:
     if args.json:
         _print_json(record)
         return EXIT_OK
-    done = [s for s in record["stages"]]
-    print(f"Round {record['round']}: stages done: {', '.join(done)}")
-    if record.get("waiting"):
-        print(record["waiting"]["message"])
+    view = RoundRecord(record)
+    print(f"Round {view.number}: stages done: {', '.join(view.stages_done)}")
+    if view.waiting:
+        print(view.waiting["message"])
         return EXIT_OK
-    m = record.get("metrics")
-    if m:
+    if m := view.metrics:
         print(f"Held-out Dice (model {m['model']}, {m['annotated']} of {m['of']} cases annotated): "
               + ", ".join(f"{c} {_fmt(v['dice']['mean'])}" for c, v in m["summary"].items()))
-    print(f"Report: {project.layout.resolve(record['stages']['report']['files']['html'])}")
+    print(f"Report: {project.layout.resolve(view.report_files['html'])}")
     return EXIT_OK
 
 
@@ -484,19 +538,9 @@ def cmd_simulate(args) -> int:
     from .simulate import ExperimentSettings, simulate
 
     source = Project.open(args.project)
-    fm = None
-    if any(a.endswith("+filtermatch") for a in (args.arms or [])) or not args.arms:
-        from dataclasses import asdict
-
-        fm = asdict(_filtermatch_config(args, "simulate"))
     kw = {"arms": args.arms} if args.arms else {}
-    settings = ExperimentSettings(
-        rounds=args.rounds, budget_per_round=args.budget, seeds=args.seeds, test=args.test,
-        test_fraction=args.test_fraction,
-        pseudo=_pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice},
-        configuration=args.configuration, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
-        pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters, val_iterations=args.val_iters,
-        device=args.device, filtermatch=fm, sweep=args.sweep, pseudo_share=args.pseudo_share, **kw)
+    settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=args.test, test_fraction=args.test_fraction,
+                                  sweep=args.sweep, round=_round_settings(args, experiment=True), **kw)
     results = simulate(source, args.out, settings)
     if args.json:
         _print_json(results)
@@ -514,6 +558,7 @@ def cmd_simulate(args) -> int:
 def cmd_demo(args) -> int:
     """Build a project (phantoms, or --data) and run simulated rounds of the whole loop."""
     from .demo import (
+        DEMO_ROUND,
         DemoSettings,
         data_project,
         phantom_project,
@@ -536,18 +581,19 @@ def cmd_demo(args) -> int:
         project = data_project(folder, Path(args.data), args.modality or "MRI", args.labels, args.cases)
     else:
         project = phantom_project(folder, args.cases or 24, args.modality or "CT", args.seed, args.size)
-    settings = DemoSettings(rounds=args.rounds, budget=args.budget, device=args.device, seed=args.seed,
-                            target_dice=args.target_dice, configuration=args.configuration,
-                            pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.iters,
-                            epochs=args.epochs, iterations=args.iters, strategy=args.strategy, mode=args.mode,
-                            pseudo_source=args.pseudo_source, pseudo_share=args.pseudo_share)
+    rounds = DEMO_ROUND.with_changes(budget=args.budget, device=args.device, seed=args.seed,
+                                     configuration=args.configuration, pretrain_epochs=args.pretrain_epochs,
+                                     pretrain_iterations=args.iters, epochs=args.epochs, iterations=args.iters,
+                                     strategy=args.strategy, mode=args.mode, pseudo_share=args.pseudo_share)
+    settings = DemoSettings(rounds=args.rounds, target_dice=args.target_dice, pseudo_source=args.pseudo_source,
+                            round=rounds)
     if not args.json:
         made = (f"pseudo-labels simulated from the references (target Dice {settings.target_dice})"
                 if settings.pseudo_source == "degraded-reference" else
                 "pseudo-labels from the built-in LiteMedSAM, one box per structure per case from the references "
                 "(about a second per slice on a CPU)")
         print(f"ALSeg demo: {len(project.cases())} cases in {project.root}; {settings.rounds} simulated rounds of "
-              f"{settings.budget} case(s), {settings.strategy} selection, {settings.mode} training; {made}", flush=True)
+              f"{rounds.budget} case(s), {rounds.strategy} selection, {rounds.mode} training; {made}", flush=True)
     result = run_demo(project, settings)
     result["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
@@ -567,7 +613,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoSettings  # the demo's defaults, defined once
+    from .demo import DEMO_ROUND, DemoSettings  # the demo's defaults, defined once
     parser = _Parser(
         prog="alseg",
         description="ALSeg: active learning for nnU-Net segmentation with foundation-model pseudo-labels.",
@@ -659,20 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-share", type=float, default=0.0,
                    help="finetune: also train on the pseudo-labels of cases without a human label, drawn this share "
                    "of the time (e.g. 0.5; default 0: human labels only)")
-    fm = p.add_argument_group("filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
-    fm.add_argument("--warmup", type=int, default=20, help="E_start: supervised-only epochs (default 20)")
-    fm.add_argument("--filter-start", type=int, default=100, help="E_f: first filter after this epoch (default 100)")
-    fm.add_argument("--filter-every", type=int, default=100, help="K: filter interval in epochs (default 100)")
-    fm.add_argument("--drop-fraction", type=float, default=0.15, help="q: fraction of the pool dropped per filter")
-    fm.add_argument("--unlabeled-weight", type=float, default=1.0, help="lambda_u (default 1)")
-    fm.add_argument("--ramp", type=int, default=0, help="epochs of sigmoid ramp-up of lambda_u (0: hard switch)")
-    fm.add_argument("--teacher", choices=("none", "ema"), default="none",
-                    help="who makes the pseudo-labels: the network itself (none, as the reference) or an EMA teacher")
-    fm.add_argument("--ema-decay", type=float, default=0.99, help="EMA teacher decay (default 0.99)")
-    fm.add_argument("--confidence", type=float, default=0.0,
-                    help="ignore pseudo-label voxels whose top class probability is below this (default 0: keep all)")
-    fm.add_argument("--unlabeled-batch", type=int, default=None,
-                    help="unlabeled samples per step (default: the labeled batch size; smaller is faster)")
+    filtermatch_options(p, "filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     p.add_argument("--json", action="store_true")
 
@@ -791,23 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--map", help="value mapping of imported labels, e.g. 5=1,6=2")
         g.add_argument("--target-dice", type=float, default=0.75, help="degraded-reference target Dice (default 0.75)")
 
-    def filtermatch_options(p):
-        fm = p.add_argument_group("filtermatch")
-        fm.add_argument("--warmup", type=int, default=20)
-        fm.add_argument("--filter-start", type=int, default=100)
-        fm.add_argument("--filter-every", type=int, default=100)
-        fm.add_argument("--drop-fraction", type=float, default=0.15)
-        fm.add_argument("--unlabeled-weight", type=float, default=1.0)
-        fm.add_argument("--ramp", type=int, default=0)
-        fm.add_argument("--teacher", choices=("none", "ema"), default="none")
-        fm.add_argument("--ema-decay", type=float, default=0.99)
-        fm.add_argument("--confidence", type=float, default=0.0)
-        fm.add_argument("--unlabeled-batch", type=int, default=None)
-
     p = add("round", cmd_round, "Run or continue one active-learning round: pseudo-labels, plan, pretrain, predict the "
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
     p.add_argument("project")
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
+    p.add_argument("--settings", metavar="FILE", help="the round's settings as a JSON object (e.g. the Slicer panel's "
+                   "rounds/next-settings.json); options also given override the file's")
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
     p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--seed", type=int, default=0)
@@ -844,23 +866,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("CT", "MRI"), help="default: CT for phantoms, MRI for --data")
     p.add_argument("--cases", type=int, help="number of cases (phantoms: default 24; --data: default all)")
     p.add_argument("--size", type=int, default=48, help="phantom edge length in voxels (default 48)")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--budget", default="2", help="cases revealed per round (default 2)")
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
-    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
-    p.add_argument("--target-dice", type=float, default=0.75, help="simulated pseudo-label quality (default 0.75)")
-    p.add_argument("--pseudo-source", default="degraded-reference", choices=("degraded-reference", "sam"),
+    p.add_argument("--rounds", type=int, default=DemoSettings.rounds)
+    p.add_argument("--budget", default=DEMO_ROUND.budget, help=f"cases revealed per round (default {DEMO_ROUND.budget})")
+    p.add_argument("--strategy", default=DEMO_ROUND.strategy, choices=STRATEGIES)
+    p.add_argument("--mode", default=DEMO_ROUND.mode, choices=ROUND_MODES)
+    p.add_argument("--target-dice", type=float, default=DemoSettings.target_dice,
+                   help=f"simulated pseudo-label quality (default {DemoSettings.target_dice})")
+    p.add_argument("--pseudo-source", default=DemoSettings.pseudo_source, choices=("degraded-reference", "sam"),
                    help="degraded-reference (default: references corrupted to --target-dice) or sam (the built-in "
                    "LiteMedSAM, one box per structure per case from the references)")
-    p.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
-    p.add_argument("--pseudo-share", type=float, default=DemoSettings.pseudo_share,
-                   help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DemoSettings.pseudo_share}; "
+    p.add_argument("--configuration", default=DEMO_ROUND.configuration, choices=("2d", "3d_fullres"))
+    p.add_argument("--pseudo-share", type=float, default=DEMO_ROUND.pseudo_share,
+                   help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DEMO_ROUND.pseudo_share}; "
                    "not used by filtermatch)")
-    p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)
-    p.add_argument("--epochs", type=int, default=DemoSettings.epochs)
-    p.add_argument("--iters", type=int, default=DemoSettings.iterations, help="iterations per epoch (pretraining and rounds)")
-    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-epochs", type=int, default=DEMO_ROUND.pretrain_epochs)
+    p.add_argument("--epochs", type=int, default=DEMO_ROUND.epochs)
+    p.add_argument("--iters", type=int, default=DEMO_ROUND.iterations, help="iterations per epoch (pretraining and rounds)")
+    p.add_argument("--device", default=DEMO_ROUND.device, type=_device, help=f"{DEVICE_HELP} (default auto)")
+    p.add_argument("--seed", type=int, default=DEMO_ROUND.seed)
     p.add_argument("--json", action="store_true")
     return parser
 

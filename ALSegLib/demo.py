@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,34 +28,43 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .loop import RoundSettings, run_round, score_held_out
-from .project import LabelTable, Project, derive_case_id, expand_sources
+from .project import Project
 from .report import curve_point
+from .rounds import RoundRecord
 from .simulate import SimulatedAnnotator, check_no_test_revealed
+from .store.ids import derive_case_id, expand_sources
+from .store.labels import LabelTable
 
 MARKER = ".alseg-demo"
 
 
+def demo_round() -> RoundSettings:
+    """The demo's rounds: 2 cases each, hybrid selection, fine-tuning; nnU-Net 2d at batch 6 (a step
+    costs its samples here: batch 12 0.36 s, 6 0.19 s on 2 cores); 750 pretraining steps (at 250 the
+    pretrained model had learned neither vessel nor lesion), 250 per round (700 / 200 fit 10 minutes
+    but left the lesion at 0.00: see demo.json); one validation step per epoch (the rounds score the
+    held-out cases themselves)."""
+    return RoundSettings(budget="2", strategy="hybrid", mode="finetune", configuration="2d", batch_size=6,
+                         pretrain_epochs=30, pretrain_iterations=25, epochs=10, iterations=25, val_iterations=1,
+                         pseudo_share=0.5)
+
+
+DEMO_ROUND = demo_round()  # the defaults the command line shows
+
+
 @dataclass
 class DemoSettings:
+    """The demo: how many rounds, the held-out share, where its pseudo-labels come from, the
+    supervised-only row; ``round``: the settings of its rounds (the pseudo-label source is set
+    from ``pseudo_source``, the held-out cases from the split)."""
+
     rounds: int = 2
-    budget: str = "2"  # cases per round
     test_fraction: float = 0.25
-    strategy: str = "hybrid"
-    mode: str = "finetune"
-    target_dice: float = 0.75
     pseudo_source: str = "degraded-reference"  # or "sam": the built-in LiteMedSAM, boxes from the references
+    target_dice: float = 0.75
     reference_boxes: int = 1
-    configuration: str = "2d"
-    batch_size: int | None = 6  # a step costs its samples here (batch 12: 0.36 s, 6: 0.19 s on 2 cores)
-    pretrain_epochs: int = 30  # 750 steps: at 250 the pretrained model had learned neither vessel nor lesion
-    pretrain_iterations: int = 25
-    epochs: int = 10  # 250 steps per round (700 / 200 fit 10 minutes but left the lesion at 0.00: see demo.json)
-    iterations: int = 25
-    val_iterations: int = 1  # one validation step per epoch: the rounds score held-out cases themselves
-    device: str = "auto"
-    seed: int = 0
     supervised_only: bool = True  # the from-scratch row on the same human labels
-    pseudo_share: float = 0.5  # fine-tuning: share of draws from pseudo-labeled cases (RoundSettings.pseudo_share)
+    round: RoundSettings = field(default_factory=demo_round)
 
 
 def prepare_folder(folder: Path) -> None:
@@ -116,40 +125,29 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
     """Two (``settings.rounds``) simulated rounds; returns the rows of the table and the report."""
     cases = project.cases()
     n_test = max(1, round(settings.test_fraction * len(cases)))
-    test = sorted(random.Random(settings.seed).sample(cases, n_test))
+    test = sorted(random.Random(settings.round.seed).sample(cases, n_test))
     if len(cases) - n_test < 2:
         raise InputError(project.root, f"{len(cases)} cases are too few for a demo (held out {n_test})")
     annotator = SimulatedAnnotator(test)
-    round_settings = RoundSettings(
-        budget=settings.budget, strategy=settings.strategy, mode=settings.mode, seed=settings.seed, exclude=test,
-        device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
-        pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
-        epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
-        pseudo=demo_pseudo_source(settings), pseudo_share=settings.pseudo_share,
-    )
-    records = []
-    for _ in range(settings.rounds):
-        record = run_round(project, round_settings, annotator=annotator)
-        records.append(record)
+    round_settings = settings.round.with_changes(exclude=test, pseudo=demo_pseudo_source(settings))
+    records = [RoundRecord(run_round(project, round_settings, annotator=annotator)) for _ in range(settings.rounds)]
     check_no_test_revealed(project, test)
     rows = []
-    first = records[0]["stages"]
-    pre = first["pretrain"].get("metrics")
     classes = list(project.labels.mapping)
-    if pre:
+    if pre := records[0].pretrained_metrics:
         rows.append(_row("pseudo-labels only (pretrained)", 0, pre))
     for record in records:
-        rows.append(_row(f"round {record['round']} ({settings.strategy}, {settings.mode})", record["round"],
-                         record["metrics"]))
+        rows.append(_row(f"round {record.number} ({round_settings.strategy}, {round_settings.mode})", record.number,
+                         record.metrics))
     if settings.supervised_only:
-        last = records[-1]["round"]
+        last = records[-1].number
         rows.append(_row(f"supervised only (round {last}'s human labels, from scratch)", last,
                          supervised_only(project, settings, test)))
-    files = records[-1]["stages"]["report"]["files"]
-    return {"test_cases": test, "pseudo_label_dice": first["pseudolabels"].get("pseudo_label_dice"),
+    files = records[-1].report_files
+    return {"test_cases": test, "pseudo_label_dice": records[0].pseudo_label_dice,
             "classes": classes, "rows": rows, "report": str(project.layout.resolve(files["html"])),
             "learning_curve": str(project.layout.resolve(files["learning_curve"])),
-            "selected": {r["round"]: [q["case"] for q in r["queue"]] for r in records}}
+            "selected": {r.number: r.queued_cases for r in records}}
 
 
 def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -> dict:
@@ -160,17 +158,17 @@ def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -
     models stay those of the rounds."""
     from .nnunet.train import train
     copy = project.copy_to(project.root.parent / "supervised-only")
-    steps = settings.pretrain_epochs * settings.pretrain_iterations + settings.epochs * settings.iterations
-    epochs = -(-steps // settings.iterations)
-    train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=settings.iterations,
-          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test,
-          seed=settings.seed)
-    return score_held_out(copy, "supervised-only", test, test, settings.device)
+    r = settings.round
+    steps = r.pretrain_epochs * r.pretrain_iterations + r.epochs * r.iterations
+    epochs = -(-steps // r.iterations)
+    train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=r.iterations,
+          val_iterations=r.val_iterations, device=r.device, validate=False, exclude_cases=test, seed=r.seed)
+    return score_held_out(copy, "supervised-only", test, test, r.device)
 
 
 def demo_pseudo_source(settings: DemoSettings) -> dict:
     if settings.pseudo_source == "degraded-reference":
-        return {"source": "degraded-reference", "target_dice": settings.target_dice, "seed": settings.seed}
+        return {"source": "degraded-reference", "target_dice": settings.target_dice, "seed": settings.round.seed}
     if settings.pseudo_source == "sam":
         return {"source": "sam", "prompts_from_reference": settings.reference_boxes}
     raise InputError("--pseudo-source", f"the demo takes degraded-reference or sam, not {settings.pseudo_source!r}")

@@ -39,8 +39,10 @@ from . import rounds
 from .errors import InputError
 from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
-from .project import Project, exclusive_run, now_iso
-from .settings import MODES, PSEUDO_SOURCES, RoundSettings  # noqa: F401 (the loop's public names)
+from .project import Project
+from .settings import MODES, PSEUDO_SOURCES, PseudoSource, RoundSettings  # noqa: F401 (the loop's public names)
+from .store.files import now_iso
+from .store.locks import exclusive_run
 
 PRETRAIN = "pretrain"
 
@@ -111,12 +113,6 @@ class Round:
         with self.project.lock("record round"):
             rounds.write_round(self.project, self.record)
 
-    def _reload(self) -> None:
-        """``select`` writes the round file itself (queue, selection): take its additions."""
-        fresh = rounds.read_round(self.project, self.number)
-        fresh["settings"] = self.record["settings"]
-        self.record = fresh
-
     def _run(self, stage: str, fn: Callable[[], dict | None]) -> bool:
         """Run one stage unless done; False when the round has to stop here (waiting)."""
         if stage in self.record["stages"]:
@@ -129,8 +125,6 @@ class Round:
             self._save()
             emit("round-waiting", round=self.number, stage=stage, **{k: v for k, v in details.items() if k != "waiting"})
             return False
-        if stage == "select":
-            self._reload()
         self.record.pop("waiting", None)
         self.record["stages"][stage] = {"started": started, "done": now_iso(),
                                         "seconds": round(time.perf_counter() - t, 2), **(details or {})}
@@ -140,13 +134,12 @@ class Round:
         emit("stage-done", stage=stage, round=self.number)
         return True
 
+    def steps(self) -> list[tuple[str, Callable[[], dict | None]]]:
+        """The stages in order, each the method named after it (``rounds.STAGES`` is the one list)."""
+        return [(stage, getattr(self, stage.replace("-", "_"))) for stage in rounds.STAGES]
+
     def run(self) -> dict:
-        steps = [
-            ("pseudolabels", self.pseudolabels), ("plan", self.plan), ("pretrain", self.pretrain),
-            ("predict-pool", self.predict_pool), ("select", self.select), ("review", self.review),
-            ("train", self.train), ("predict", self.predict), ("evaluate", self.evaluate), ("report", self.report),
-        ]
-        for stage, fn in steps:
+        for stage, fn in self.steps():
             if not self._run(stage, fn):
                 break
         return self.record
@@ -229,15 +222,15 @@ class Round:
         return {"model": model, "cases": len(pool), "reused": sum(1 for o in out if o.get("reused"))}
 
     def select(self) -> dict:
-        from .selection.run import select_cases
+        from .selection.run import choose_cases
 
         s = self.settings
         model = self.record["stages"]["predict-pool"]["model"]
-        record = select_cases(self.project, s.budget, s.strategy, seed=s.seed + self.number, model=model,
-                              features=s.features, exclude=s.exclude)
-        if record["round"] != self.number:  # pragma: no cover - select_cases appends to the open round
-            raise RuntimeError(f"selection wrote round {record['round']}, not {self.number}")
-        return {"cases": [q["case"] for q in record["queue"]]}
+        selection = choose_cases(self.project, s.budget, s.strategy, seed=s.seed + self.number, model=model,
+                                 features=s.features, exclude=s.exclude)
+        self.record = rounds.store_selection(self.project, selection, self.record)
+        emit("selected", round=self.number, cases=selection.cases)
+        return {"cases": selection.cases}
 
     def review(self) -> dict:
         queued = [q["case"] for q in self.record.get("queue", [])]
@@ -257,12 +250,11 @@ class Round:
         return {"labeled": done, "of": total, "fraction": round(done / total, 4) if total else 0.0}
 
     def train(self) -> dict:
-        from .nnunet.filtermatch import FilterMatchConfig
         from .nnunet.train import train
 
         s = self.settings
         name = model_name(self.number, s.mode)
-        config = FilterMatchConfig.from_json(s.filtermatch) if s.mode == "filtermatch" and s.filtermatch else None
+        config = s.filtermatch if s.mode == "filtermatch" else None
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
@@ -294,21 +286,29 @@ class Round:
         return {"files": write_round_report(self.project, self.record)}
 
 
-def make_pseudolabels(project: Project, cases: Sequence[str], spec: Mapping) -> list[dict]:
-    """Pseudo-labels for ``cases`` from the source ``spec`` names."""
-    options = {k: v for k, v in spec.items() if k != "source"}
-    source = spec["source"]
-    if source == "degraded-reference":
+BEFORE_SELECTION = ("pseudolabels", "plan", "pretrain", "predict-pool")
+
+
+def prepare(project: Project, settings: RoundSettings) -> dict:
+    """The stages a first round runs before selection (pseudo-labels, plans, pretraining and its
+    held-out score, the pool's prediction), without a round record: the oracle experiment's shared
+    base, which each arm's first round then finds done. Returns each stage's details."""
+    start = Round(project, rounds.new_round(1), settings, None)
+    return {stage: fn() for stage, fn in start.steps() if stage in BEFORE_SELECTION}
+
+
+def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource | Mapping) -> list[dict]:
+    """Pseudo-labels for ``cases`` from the source ``spec`` names (a mapping is read as a :class:`PseudoSource`)."""
+    spec = PseudoSource.from_json(spec)
+    options = spec.options()
+    if spec.source == "degraded-reference":
         from .pseudolabels.degraded import pseudolabel_degraded
 
         return pseudolabel_degraded(project, cases, **options)
-    if source == "import":
+    if spec.source == "import":
         from .pseudolabels.imported import import_pseudolabels
 
-        folder = options.pop("from", None)
-        if folder is None:
-            raise InputError("pseudo-label source import", "needs 'from': the folder of the other model's labels")
-        return import_pseudolabels(project, folder, options.pop("map", None), cases=cases, **options)
+        return import_pseudolabels(project, options.pop("from_dir"), options.pop("map", None), cases=cases, **options)
     from .pseudolabels.run import pseudolabel_with_sam
 
     # no 'checkpoint': the built-in LiteMedSAM
@@ -377,10 +377,3 @@ def _check(project: Project, settings: RoundSettings) -> None:
         parse_budget(settings.budget, len(project.cases()))
     except ValueError as exc:
         raise InputError("round settings", str(exc)) from None
-    if settings.filtermatch is not None:
-        from .nnunet.filtermatch import FilterMatchConfig
-
-        try:
-            FilterMatchConfig.from_json(settings.filtermatch)
-        except (TypeError, ValueError) as exc:
-            raise InputError("filtermatch settings", str(exc)) from None

@@ -1,15 +1,12 @@
 """The project folder: the single source of truth of an ALSeg project.
 
-Layout::
-
-    alseg.json                          name, modality, label table, schema version
-    alseg.lock                          the writers' lock (holder written while held)
-    images/<case>.nrrd + <case>.json    image and where it came from
-    labels/reference/<case>.nrrd+.json  ground truth (evaluation and the oracle only)
-    labels/pseudo/<case>.nrrd+.json     foundation-model or imported machine labels
-    labels/predicted/<case>.nrrd+.json  the current model's prediction
-    labels/human/<case>/v0001.nrrd+.json  every accepted human edit, never overwritten
-    events.jsonl                        append-only log of what happened
+:class:`Project` is the front over the store package, which owns the folder's parts:
+:mod:`~ALSegLib.store.layout` (every path, with its containment check),
+:mod:`~ALSegLib.store.locks` (the writer lock and long-job locks),
+:mod:`~ALSegLib.store.events` (the event log), :mod:`~ALSegLib.store.labels` (the label
+table) and :mod:`~ALSegLib.store.ids` (case ids). ``Project`` itself holds the cases, their
+labels of each kind (``reference``, ``pseudo``, ``predicted``; ``human`` versioned, never
+overwritten) with their provenance, and recovery after a writer killed holding the lock.
 
 Every write is atomic (see :mod:`ALSegLib.atomic`) and happens under the project
 lock. Inputs are fully validated before anything is written, so a bad input
@@ -17,20 +14,13 @@ leaves the folder as it was.
 """
 from __future__ import annotations
 
-import getpass
-import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
 import socket
-import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,263 +28,29 @@ import SimpleITK as sitk
 
 from . import atomic, volumes
 from ._version import __version__
-from .errors import InputError, ProjectLockedError
+from .errors import InputError
 from .progress import track
-from .store.ids import check_case_id, derive_case_id, label_index
+from .store.events import EventLog
+from .store.files import now_iso, read_json_object, sha256_file, user_name
+from .store.ids import check_case_id, derive_case_id, expand_sources, label_index
+from .store.labels import LabelClass, LabelTable, parse_color
 from .store.layout import CONFIG, STORE_EXT, Layout
+from .store.locks import WriterLock, exclusive_run, lock_timeout
+
+# the public API, importable from here as before the store package held them
+__all__ = ["HUMAN_SOURCES", "LABEL_KINDS", "MACHINE_KINDS", "MODALITIES", "SCHEMA_VERSION", "LabelClass", "LabelTable",
+           "Project", "check_case_id", "derive_case_id", "exclusive_run", "expand_sources", "lock_timeout", "now_iso",
+           "parse_color", "read_json_object", "sha256_file"]
 
 SCHEMA_VERSION = 1
 MODALITIES = ("CT", "MRI")
 LABEL_KINDS = ("reference", "pseudo", "human", "predicted")
 MACHINE_KINDS = ("pseudo", "predicted")
 HUMAN_SOURCES = ("human", "simulated", "human-import")
-DEFAULT_LOCK_TIMEOUT_S = 60.0
 
-RESERVED_LABEL_NAMES = ("mean", "background")
 _VERSION_FILE = re.compile(r"^v(\d{4,})" + re.escape(STORE_EXT) + "$")
-_PALETTE = [
-    (0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.85, 0.4, 0.35),
-    (0.56, 0.36, 0.65), (0.9, 0.6, 0.2), (0.3, 0.5, 0.85), (0.86, 0.86, 0.4), (0.4, 0.8, 0.6),
-]
 
 
-def lock_timeout() -> float:
-    """Seconds a writer waits for the lock: ``ALSEG_LOCK_TIMEOUT`` or 60."""
-    text = os.environ.get("ALSEG_LOCK_TIMEOUT")
-    if text is None:
-        return DEFAULT_LOCK_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError("ALSEG_LOCK_TIMEOUT", f"must be a number of seconds, not {text!r}") from None
-    if value < 0:
-        raise InputError("ALSEG_LOCK_TIMEOUT", f"must not be negative ({text})")
-    return value
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON object from ``path``; anything else is bad input naming the file."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"malformed JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InputError(path, "must hold a JSON object")
-    return obj
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --- label table -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelClass:
-    name: str
-    value: int
-    color: tuple[float, float, float]
-
-
-class LabelTable:
-    """Foreground classes: unique names, unique integer values 1..65535 (0 is background)."""
-
-    def __init__(self, classes: Sequence[LabelClass], where: str = "label table"):
-        if not classes:
-            raise InputError(where, "needs at least one label (NAME=VALUE)")
-        names: dict[str, str] = {}
-        values: dict[int, str] = {}
-        for c in classes:
-            if (not isinstance(c.name, str) or not re.fullmatch(r"[^=,:|\s][^=,:|\x00-\x1f\x7f]*", c.name)
-                    or c.name != c.name.strip()):
-                raise InputError(where, f"invalid label name {c.name!r} (no '=', ',', ':', '|' or control characters)")
-            if c.name.lower() in RESERVED_LABEL_NAMES:
-                raise InputError(where, f"label name {c.name!r} is reserved")
-            if c.name.lower() in names:
-                raise InputError(where, f"duplicate label name {c.name!r}")
-            if isinstance(c.value, bool) or not isinstance(c.value, int):
-                raise InputError(where, f"label value of {c.name!r} must be an integer, got {c.value!r}")
-            if c.value == 0:
-                raise InputError(where, f"label {c.name!r} has value 0, which is reserved for background")
-            if not 0 < c.value <= 65535:
-                raise InputError(where, f"label value {c.value} of {c.name!r} is outside 1..65535")
-            if c.value in values:
-                raise InputError(where, f"duplicate label value {c.value} ({values[c.value]!r} and {c.name!r})")
-            if len(c.color) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in c.color):
-                raise InputError(where, f"color of {c.name!r} must be three numbers in [0, 1]")
-            names[c.name.lower()] = c.name
-            values[c.value] = c.name
-        self.classes = tuple(classes)
-
-    @classmethod
-    def parse(cls, spec: str) -> LabelTable:
-        """``NAME=VALUE[:#RRGGBB],...`` as given on the command line."""
-        classes = []
-        for i, item in enumerate(s.strip() for s in spec.split(",")):
-            if "=" not in item:
-                raise InputError("--labels", f"expected NAME=VALUE, got {item!r}")
-            name, _, rest = item.partition("=")
-            value_text, _, color_text = rest.partition(":")
-            try:
-                value = int(value_text.strip())
-            except ValueError:
-                raise InputError("--labels", f"label value of {name.strip()!r} must be an integer, "
-                                             f"got {value_text.strip()!r}") from None
-            color = parse_color(color_text, "--labels", name.strip()) if color_text else _PALETTE[i % len(_PALETTE)]
-            classes.append(LabelClass(name.strip(), value, tuple(color)))
-        return cls(classes, where="--labels")
-
-    @classmethod
-    def from_mapping(cls, labels: Mapping[str, int], colors: Mapping[str, Sequence[float]] | None = None) -> LabelTable:
-        colors = colors or {}
-        return cls(
-            [LabelClass(n, v, tuple(colors.get(n, _PALETTE[i % len(_PALETTE)]))) for i, (n, v) in enumerate(labels.items())]
-        )
-
-    @classmethod
-    def from_json(cls, items: object, where: str) -> LabelTable:
-        if not isinstance(items, list):
-            raise InputError(where, "'labels' must be a list of {name, value, color}")
-        classes = []
-        for item in items:
-            if not isinstance(item, dict) or not {"name", "value"} <= item.keys():
-                raise InputError(where, f"malformed label entry {item!r}")
-            color = item.get("color", _PALETTE[len(classes) % len(_PALETTE)])
-            if not isinstance(color, list | tuple):
-                raise InputError(where, f"malformed color in label entry {item!r}")
-            classes.append(LabelClass(str(item["name"]), item["value"], tuple(color)))
-        return cls(classes, where=where)
-
-    def updated(self, rename: Mapping[str, str] | None = None, colors: Mapping[str, Sequence[float]] | None = None,
-                where: str = "label table") -> LabelTable:
-        """A copy with classes renamed and/or recolored; values never change, so stored
-        labels and trained models stay valid. Unknown names are refused."""
-        rename, colors = dict(rename or {}), dict(colors or {})
-        known = {c.name for c in self.classes}
-        for name in [*rename, *colors]:
-            if name not in known:
-                raise InputError(where, f"no label named {name!r} (labels: {', '.join(sorted(known))})")
-        return LabelTable([LabelClass(rename.get(c.name, c.name), c.value, tuple(colors.get(c.name, c.color)))
-                           for c in self.classes], where=where)
-
-    def to_json(self) -> list[dict]:
-        return [{"name": c.name, "value": c.value, "color": list(c.color)} for c in self.classes]
-
-    @property
-    def mapping(self) -> dict[str, int]:
-        return {c.name: c.value for c in self.classes}
-
-    @property
-    def values(self) -> list[int]:
-        return [c.value for c in self.classes]
-
-    def segments(self) -> list[volumes.Segment]:
-        return [volumes.Segment(c.name, c.value, c.color) for c in self.classes]
-
-
-def parse_color(text: str, where: str, name: str) -> tuple[float, float, float]:
-    """``#RRGGBB`` as three numbers in [0, 1]."""
-    text = text.strip()
-    if not re.fullmatch(r"#[0-9a-fA-F]{6}", text):
-        raise InputError(where, f"color of {name!r} must look like #RRGGBB, got {text!r}")
-    return tuple(int(text[k : k + 2], 16) / 255 for k in (1, 3, 5))
-
-
-# --- case ids ----------------------------------------------------------------------------
-
-
-def expand_sources(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given; a folder is a DICOM series, or else its image files and
-    DICOM-series subfolders (sorted, hidden entries skipped)."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise InputError(p, "file not found")
-        if p.is_file():
-            if volumes.image_extension(p) is None:
-                raise volumes.unsupported_type(p)
-            out.append(p)
-            continue
-        if volumes.is_dicom_folder(p):
-            out.append(p)
-            continue
-        found = []
-        for child in sorted(p.iterdir()):
-            if child.name.startswith("."):
-                continue
-            ext = volumes.image_extension(child)
-            if child.is_file() and ext and ext != ".seg.nrrd":
-                found.append(child)
-            elif child.is_dir() and volumes.is_dicom_folder(child):
-                found.append(child)
-        if not found:
-            raise InputError(p, "folder holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd) and no DICOM series")
-        out.extend(found)
-    return out
-
-
-# --- locking -----------------------------------------------------------------------------
-
-
-def _try_lock(fd: int) -> bool:
-    if os.name == "nt":  # pragma: no cover - Slicer on Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def _unlock(fd: int) -> None:
-    if os.name == "nt":  # pragma: no cover
-        import msvcrt
-
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-@contextmanager
-def exclusive_run(path: Path, busy: str) -> Iterator[None]:
-    """Hold a non-waiting lock on ``path`` for a long job (a training, a round): a second
-    process gets a :class:`ProjectLockedError` with ``busy`` and the holder, not a wait.
-    The OS drops the lock when its holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_lock_file(path)
-    if not _try_lock(fd):
-        holder = path.read_text(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ProjectLockedError(path, f"{busy} ({holder})")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
-        yield
-    finally:
-        os.ftruncate(fd, 0)
-        _unlock(fd)
-        os.close(fd)
 
 
 # --- the project ---------------------------------------------------------------------------
@@ -330,9 +86,8 @@ class Project:
         self.layout = Layout(root)  # every path of the folder, each checked to stay inside it
         self.config = config
         self.labels = labels
-        self._thread_lock = threading.RLock()  # threads of this process using this object
-        self._lock_owner: int | None = None  # thread id holding the project lock
-        self._lock_depth = 0
+        self._writer = WriterLock(self.layout.lock, on_acquire=self._after_acquire)
+        self._events = EventLog(self.layout.events)
 
     # construction ------------------------------------------------------------------------
 
@@ -430,57 +185,16 @@ class Project:
         Waits up to ``timeout`` seconds (``ALSEG_LOCK_TIMEOUT``, default 60) for
         another writer, process or thread, then raises :class:`ProjectLockedError`
         naming the holder. The OS releases the lock if the holder dies, so a
-        killed writer never leaves the project locked.
+        killed writer never leaves the project locked; the next writer cleans up
+        after it (see :meth:`_after_acquire`).
         """
-        timeout = lock_timeout() if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        if not self._thread_lock.acquire(timeout=timeout):
-            raise ProjectLockedError(self.layout.lock, "project is busy: another thread of this process writes; "
-                                                       f"waited {timeout:g} s")
-        try:
-            if self._lock_depth:
-                self._lock_depth += 1
-                try:
-                    yield
-                finally:
-                    self._lock_depth -= 1
-                return
-            path = self.layout.lock
-            fd = _open_lock_file(path)
-            while not _try_lock(fd):
-                if time.monotonic() >= deadline:
-                    holder = _read_holder(path)
-                    os.close(fd)
-                    raise ProjectLockedError(
-                        path, f"project is busy: another writer holds the lock ({holder}); waited {timeout:g} s"
-                    )
-                time.sleep(0.05)
-            self._lock_depth = 1
-            try:
-                # a holder line left in the file: its writer died holding the lock (a clean
-                # release empties it); the OS has dropped that lock, so it is ours now
-                os.lseek(fd, 0, os.SEEK_SET)  # (not os.pread: Windows has none)
-                stale = os.read(fd, 4096).decode("utf-8", "replace").strip()
-                holder = f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()} for {purpose}"
-                try:
-                    os.ftruncate(fd, 0)
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    os.write(fd, holder.encode())
-                except OSError as exc:
-                    if exc.errno in atomic.STORAGE_ERRNOS:
-                        raise atomic.storage_error(exc, path) from None
-                    raise
-                self._clean_leftovers()
-                if stale:
-                    self._recover_after_crash(stale)
-                yield
-            finally:
-                self._lock_depth = 0
-                os.ftruncate(fd, 0)
-                _unlock(fd)
-                os.close(fd)
-        finally:
-            self._thread_lock.release()
+        with self._writer.hold(purpose, timeout):
+            yield
+
+    def _after_acquire(self, stale_holder: str) -> None:
+        self._clean_leftovers()
+        if stale_holder:
+            self._recover_after_crash(stale_holder)
 
     def _clean_leftovers(self) -> None:
         """Under the lock, temporaries and staging folders can only be a dead writer's."""
@@ -521,28 +235,16 @@ class Project:
 
     def require_lock(self) -> None:
         """Refuse a write made without holding the project lock (a programming error)."""
-        if not self._lock_depth:
+        if not self._writer.held:
             raise RuntimeError("project write outside the project lock")
 
     def log_event(self, event: str, **details) -> None:
         self.require_lock()
-        record = {"time": now_iso(), "event": event, "pid": os.getpid(), "user": _user(), **details}
-        atomic.append_line(self.layout.events, json.dumps(record, sort_keys=True, default=str))
+        self._events.append(event, **details)
 
     def events(self) -> list[dict]:
         """All events; a torn last line (writer killed mid-append) is skipped."""
-        path = self.layout.events
-        if not path.exists():
-            return []
-        out = []
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        for i, line in enumerate(lines):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i != len(lines) - 1:
-                    raise InputError(path, f"line {i + 1} is not valid JSON (the event log was edited by hand?)") from None
-        return out
+        return self._events.read()
 
     # cases ---------------------------------------------------------------------------------
 
@@ -730,7 +432,7 @@ class Project:
         present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
         return {
             "kind": kind, "case": case, "source": source, "produced_by": dict(produced_by), "time": now_iso(),
-            "tool": f"alseg {__version__}", "user": _user(), "host": socket.gethostname(),
+            "tool": f"alseg {__version__}", "user": user_name(), "host": socket.gethostname(),
             "label_values_present": present, "file_sha256": sha256_file(file), **extra,
         }
 
@@ -784,7 +486,7 @@ class Project:
             volumes.write_image(label, final, exclusive=True)
             try:
                 prov = self._provenance(case, "human", source, produced_by or {}, label, final,
-                                        version=version, author=author or _user(), **extra)
+                                        version=version, author=author or user_name(), **extra)
                 atomic.write_json(final.with_suffix(".json"), prov, exclusive=True)
                 self.log_event("human_label_added", case=case, version=version, source=source, author=prov["author"])
             except atomic.StorageError as exc:  # disk full after the label itself fit: take back this version
@@ -865,29 +567,3 @@ class Project:
             {"case": c, **{k: (c in kinds[k]) for k in LABEL_KINDS}, "human_versions": len(self.human_versions(c))}
             for c in self.cases()
         ]
-
-
-def _open_lock_file(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        if exc.errno in atomic.STORAGE_ERRNOS:
-            raise atomic.storage_error(exc, path) from None
-        raise
-
-
-def _read_holder(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        text = ""
-    return text or "holder unknown"
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return os.environ.get("USER", "unknown")
-
-

@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import atomic, rounds
-from .project import Project, now_iso
+from .project import Project
+from .store.files import now_iso
 
 METRICS = ("dice", "iou", "hd95")
 
@@ -120,10 +121,11 @@ def learning_curve(project: Project, current: Mapping | None = None) -> list[dic
     ``current``: a round record newer than its stored file (the one being reported)."""
     points = []
     for number in rounds.list_rounds(project):
-        record = current if current is not None and current["round"] == number else rounds.read_round(project, number)
-        if pre := record["stages"].get("pretrain", {}).get("metrics"):
+        record = rounds.RoundRecord(dict(current) if current is not None and current["round"] == number
+                                    else rounds.read_round(project, number))
+        if pre := record.pretrained_metrics:
             points.append(curve_point(pre, 0))
-        if m := record.get("metrics"):
+        if m := record.metrics:
             points.append(curve_point(m, number))
     return points
 
@@ -142,17 +144,18 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
 
     settings = record.get("settings", {})
 
-    stages = [[name, record["stages"][name].get("seconds"), record["stages"][name].get("done", "")]
-              for name in rounds.STAGES if name in record["stages"] and "done" in record["stages"][name]]
+    view = rounds.RoundRecord(dict(record))
+    stages = [[name, view.stage(name).get("seconds"), view.stage(name)["done"]]
+              for name in view.stages_done if "done" in view.stage(name)]
     sections = [("Settings", "", ["setting", "value"],
                  [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
                   for k, v in settings.items() if v not in (None, [], {})]),
                 ("Stages", "", ["stage", "seconds", "finished"], stages)]
-    queue = record.get("queue", [])
+    queue = view.queue
     if queue:
         sections.append(("Cases selected for review", "", ["rank", "case", "score", "reason"],
                          [[q["rank"], q["case"], q["score"], q["reason"]] for q in queue]))
-    pseudo = record["stages"].get("pseudolabels", {})
+    pseudo = view.stage("pseudolabels")
     if pseudo.get("pseudo_label_dice") is not None:
         text = (f"mean Dice of the pseudo-labels against the references: "
                 f"{pseudo['pseudo_label_dice']:.3f} over {pseudo['pseudo_label_cases']} cases")

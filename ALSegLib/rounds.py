@@ -7,11 +7,14 @@ is stored; pending cases are never proposed again.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic
 from .errors import InputError
-from .project import Project, check_case_id, now_iso, read_json_object
+from .project import Project
+from .store.files import now_iso, read_json_object
+from .store.ids import check_case_id
 
 ROUND_FILE = "round.json"
 # a round's stages, in the order they run (ALSegLib.loop runs them; the reports list them)
@@ -64,6 +67,103 @@ def write_round(project: Project, record: dict) -> None:
 
 def new_round(number: int) -> dict:
     return {"round": number, "created": now_iso(), "stages": {}}
+
+
+class RoundRecord:
+    """A round's record (``round.json``) read through names instead of key paths; ``data`` is the
+    stored JSON object itself (what :func:`read_round` returns and ``run_round`` gives back)."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    @property
+    def number(self) -> int:
+        return self.data["round"]
+
+    def stage(self, name: str) -> dict:
+        """The stage's details once it has run (started, done, seconds, what it made), else ``{}``."""
+        if name not in STAGES:
+            raise KeyError(f"no stage {name!r} (stages: {', '.join(STAGES)})")
+        return self.data["stages"].get(name, {})
+
+    @property
+    def stages_done(self) -> list[str]:
+        return [s for s in STAGES if s in self.data["stages"]]
+
+    @property
+    def finished(self) -> bool:
+        return "report" in self.data["stages"]
+
+    @property
+    def waiting(self) -> dict | None:
+        """What the round waits for (the cases to review, a message), when it stopped at review."""
+        return self.data.get("waiting")
+
+    @property
+    def queue(self) -> list[dict]:
+        return self.data.get("queue", [])
+
+    @property
+    def queued_cases(self) -> list[str]:
+        return [item["case"] for item in self.queue]
+
+    @property
+    def model(self) -> str | None:
+        """The model the round trained (after its train stage)."""
+        return self.data.get("model")
+
+    @property
+    def metrics(self) -> dict | None:
+        """The round's model on the held-out cases (after evaluate)."""
+        return self.data.get("metrics")
+
+    @property
+    def pretrained_metrics(self) -> dict | None:
+        """The pseudo-label-only model on the held-out cases (the first round's pretrain stage)."""
+        return self.stage("pretrain").get("metrics")
+
+    @property
+    def pseudo_label_dice(self) -> float | None:
+        return self.stage("pseudolabels").get("pseudo_label_dice")
+
+    @property
+    def report_files(self) -> dict:
+        """The report's files, relative to the project (html, markdown, json, learning curve)."""
+        return self.stage("report").get("files", {})
+
+
+@dataclass
+class Selection:
+    """What a selection chose, before it is stored: its settings and figures (a round's
+    ``selection``) and the review queue, best first (each item: case, score, reason, ...)."""
+
+    details: dict
+    queue: list[dict]
+
+    @property
+    def cases(self) -> list[str]:
+        return [item["case"] for item in self.queue]
+
+
+def store_selection(project: Project, selection: Selection, record: dict | None = None) -> dict:
+    """Store ``selection`` as the review queue of ``record`` (a round being run), else of the
+    project's open round, else of a new one; returns the round record. Refused if a chosen case
+    was labeled or queued since it was chosen (another writer), with nothing written."""
+    chosen = set(selection.cases)
+    with project.lock("select cases"):
+        if set(project.labeled_cases("human")) & chosen or pending_cases(project) & chosen:
+            raise InputError(str(project.root), "cases were labeled or queued while selecting; run the selection again")
+        if record is None:
+            existing = list_rounds(project)
+            record = read_round(project, existing[-1]) if existing else None
+            if record is None or "select" in record["stages"]:
+                record = new_round(existing[-1] + 1 if existing else 1)
+        record = {**record, "selection": selection.details, "queue": selection.queue,
+                  "stages": {**record["stages"], "select": {"done": now_iso()}}}
+        write_round(project, record)
+        project.log_event("selected", round=record["round"], strategy=selection.details.get("strategy"),
+                          cases=selection.cases)
+    return record
 
 
 def queue_items(project: Project, rounds: list[int] | None = None) -> list[dict]:

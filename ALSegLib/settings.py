@@ -9,9 +9,10 @@ test); the Slicer panel offers the same lists. Light on purpose: no numpy, torch
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from .errors import InputError
+from .nnunet.filtermatch_settings import FilterMatchConfig
 from .nnunet.modes import ROUND_MODES
 
 STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")  # selection.strategies.STRATEGIES
@@ -21,6 +22,81 @@ PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
 FEATURE_SOURCES = ("auto", "nnunet", "sam", "histogram")  # selection.features.SOURCES and "auto"
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what the Slicer panel offers; the CLI takes cuda:N too
+
+
+@dataclass(frozen=True)
+class PseudoSource:
+    """Where a round's (or the experiment's) pseudo-labels come from, with that source's options.
+
+    Stored in the round record as :meth:`to_json` gives it (the options set, ``"from"`` for
+    ``from_dir``), the shape round records have always had.
+    """
+
+    source: str  # one of PSEUDO_SOURCES
+    # sam: LiteMedSAM built in, or a SAM/MedSAM checkpoint; the prompts are one of the next three
+    prompts: str | None = None  # a prompt file (boxes a radiologist drew)
+    from_labels: str | None = None  # boxes from an earlier model's labels
+    prompts_from_reference: int | None = None  # experiments only: N boxes per structure from the references
+    checkpoint: str | None = None  # None: the built-in LiteMedSAM
+    model_type: str | None = None
+    axis: str | None = None
+    exclude: tuple[str, ...] = ()  # cases never given prompts (the held-out cases)
+    # import: another model's label files
+    from_dir: str | None = None
+    map: str | None = None
+    # degraded-reference: references corrupted to a target Dice (the oracle experiment only)
+    target_dice: float | None = None
+    seed: int | None = None
+
+    OPTIONS = {  # the options each source takes
+        "sam": ("prompts", "from_labels", "prompts_from_reference", "checkpoint", "model_type", "axis", "exclude"),
+        "import": ("from_dir", "map"),
+        "degraded-reference": ("target_dice", "seed"),
+    }
+
+    def __post_init__(self):
+        if self.source not in PSEUDO_SOURCES:
+            raise InputError("pseudo-label source", f"needs 'source' one of {', '.join(PSEUDO_SOURCES)}, "
+                                                    f"not {self.source!r}")
+        wrong = [f.name for f in fields(self) if f.name != "source" and getattr(self, f.name) not in (None, ())
+                 and f.name not in self.OPTIONS[self.source]]
+        if wrong:
+            raise InputError(f"pseudo-label source {self.source}", f"takes no {', '.join(wrong)} "
+                                                                   f"(it takes {', '.join(self.OPTIONS[self.source])})")
+        object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))
+        if self.source == "import" and not self.from_dir:
+            raise InputError("pseudo-label source import", "needs 'from': the folder of the other model's labels")
+
+    @classmethod
+    def from_json(cls, data: Mapping | PseudoSource, where: str = "pseudo-label source") -> PseudoSource:
+        if isinstance(data, PseudoSource):
+            return data
+        if not isinstance(data, Mapping) or "source" not in data:
+            raise InputError(where, f"needs 'source' one of {', '.join(PSEUDO_SOURCES)}, got {data!r}")
+        items = {("from_dir" if k == "from" else k): v for k, v in data.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise InputError(where, f"unknown pseudo-label option(s): {', '.join(unknown)}")
+        if "exclude" in items:
+            items["exclude"] = tuple(items["exclude"] or ())
+        return cls(**items)
+
+    def to_json(self) -> dict:
+        out: dict = {"source": self.source}
+        for name in self.OPTIONS[self.source]:
+            value = getattr(self, name)
+            if value not in (None, ()):
+                out["from" if name == "from_dir" else name] = list(value) if name == "exclude" else value
+        return out
+
+    def options(self) -> dict:
+        """The source's options as keywords (of the source's function)."""
+        return {name: getattr(self, name) for name in self.OPTIONS[self.source]
+                if getattr(self, name) not in (None, ())}
+
+    def with_options(self, **changes) -> PseudoSource:
+        return replace(self, **changes)
 
 
 @dataclass
@@ -41,8 +117,8 @@ class RoundSettings:
     iterations: int | None = None
     val_iterations: int | None = None
     features: str = "auto"
-    pseudo: dict | None = None  # {"source": "sam"|"import"|"degraded-reference", ...options}
-    filtermatch: dict | None = None  # FilterMatchConfig fields (mode filtermatch)
+    pseudo: PseudoSource | None = None  # where missing pseudo-labels come from (a mapping is read as one)
+    filtermatch: FilterMatchConfig | None = None  # mode filtermatch (a mapping of its fields is read as one)
     # finetune: share of training draws from cases with only a pseudo-label (0: the human labels alone)
     pseudo_share: float = 0.5
 
@@ -56,12 +132,22 @@ class RoundSettings:
         self.exclude = sorted(set(self.exclude))
         self.budget = str(self.budget)
         if self.pseudo is not None:
-            if not isinstance(self.pseudo, Mapping) or self.pseudo.get("source") not in PSEUDO_SOURCES:
-                raise InputError("pseudo-label source", f"needs 'source' one of {', '.join(PSEUDO_SOURCES)}, got {self.pseudo!r}")
-            self.pseudo = dict(self.pseudo)
+            self.pseudo = PseudoSource.from_json(self.pseudo)
+        if self.filtermatch is not None and not isinstance(self.filtermatch, FilterMatchConfig):
+            if not isinstance(self.filtermatch, Mapping):
+                raise InputError("filtermatch settings", f"must be an object of FilterMatch's settings, not {self.filtermatch!r}")
+            try:
+                self.filtermatch = FilterMatchConfig.from_json(self.filtermatch)
+            except (TypeError, ValueError) as exc:
+                raise InputError("filtermatch settings", str(exc)) from None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The settings as stored in the round record (plain JSON types)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["exclude"] = list(self.exclude)
+        out["pseudo"] = self.pseudo.to_json() if self.pseudo is not None else None
+        out["filtermatch"] = self.filtermatch.to_json() if self.filtermatch is not None else None
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping, where: str) -> RoundSettings:
@@ -70,3 +156,6 @@ class RoundSettings:
         if unknown:
             raise InputError(where, f"unknown round settings: {', '.join(unknown)}")
         return cls(**dict(data))
+
+    def with_changes(self, **changes) -> RoundSettings:
+        return replace(self, **changes)

@@ -34,24 +34,20 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from . import rounds
 from .errors import InputError
-from .loop import (
-    PRETRAIN,
-    RoundSettings,
-    make_pseudolabels,
-    run_round,
-    score_held_out,
-)
+from .loop import prepare, run_round, score_held_out
 from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
-from .project import Project, now_iso
+from .project import Project
 from .report import curve_point
+from .settings import PseudoSource, RoundSettings
+from .store.files import now_iso
 
 SELECTIONS = ("random", "hybrid")
 TRAININGS = ("finetune", "filtermatch")
@@ -62,27 +58,27 @@ def alseg_arms(selections: Sequence[str] = SELECTIONS, trainings: Sequence[str] 
     return [f"{s}+{t}" for s in selections for t in trainings]
 
 
+def experiment_round() -> RoundSettings:
+    """The rounds' settings of the experiment unless told otherwise: 2.5 % of the pool a round,
+    nnU-Net 3d_fullres, pseudo-labels simulated from the references (target Dice 0.75)."""
+    return RoundSettings(budget="2.5%", configuration="3d_fullres",
+                         pseudo=PseudoSource("degraded-reference", target_dice=0.75))
+
+
 @dataclass
 class ExperimentSettings:
+    """The oracle experiment: its arms, seeds and held-out split, and ``round``, the settings every
+    arm's rounds share (budget per round, pseudo-label source, training budget, device, FilterMatch,
+    pseudo-label share); each arm sets its own strategy, mode and seed on a copy of it."""
+
     rounds: int = 2
-    budget_per_round: str = "2.5%"  # of the pool (count or percent)
     seeds: list[int] = field(default_factory=lambda: [0])
     test: list[str] | None = None  # held-out cases; default: test_fraction of the cases, drawn with split_seed
     test_fraction: float = 0.2
     split_seed: int = 0
     arms: list[str] = field(default_factory=lambda: [*alseg_arms(), *BASELINES])
-    pseudo: dict = field(default_factory=lambda: {"source": "degraded-reference", "target_dice": 0.75})
-    configuration: str = "3d_fullres"
-    batch_size: int | None = None
-    pretrain_epochs: int | None = None
-    pretrain_iterations: int | None = None
-    epochs: int | None = None
-    iterations: int | None = None
-    val_iterations: int | None = None
-    device: str = "auto"
-    filtermatch: dict | None = None
-    pseudo_share: float = 0.5  # finetune arms: share of draws from pseudo-labeled cases (RoundSettings.pseudo_share)
     sweep: list[float] | None = None  # pseudo-label target Dice values: final Dice of the best arm for each
+    round: RoundSettings = field(default_factory=experiment_round)
 
     def __post_init__(self):
         known = set(alseg_arms()) | set(BASELINES)
@@ -95,8 +91,14 @@ class ExperimentSettings:
             raise InputError("--seeds", "give at least one seed")
         if not 0 < self.test_fraction < 1:
             raise InputError("--test-fraction", f"must be in (0, 1), not {self.test_fraction}")
-        if self.sweep and self.pseudo.get("source") != "degraded-reference":
+        if self.round.pseudo is None:
+            raise InputError("pseudo-label source", "the experiment needs one (its pool has no pseudo-labels yet)")
+        if self.sweep and self.round.pseudo.source != "degraded-reference":
             raise InputError("--sweep", "the pseudo-label quality sweep needs the degraded-reference source")
+
+    def to_json(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "round"},
+                "round": self.round.to_json()}
 
 
 class SimulatedAnnotator:
@@ -126,12 +128,10 @@ def split_test(project: Project, settings: ExperimentSettings) -> list[str]:
 
 
 def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test: list[str], seed: int) -> RoundSettings:
-    return RoundSettings(budget=settings.budget_per_round, strategy=strategy, mode=mode, seed=seed, exclude=test,
-                         device=settings.device, configuration=settings.configuration, batch_size=settings.batch_size,
-                         pretrain_epochs=settings.pretrain_epochs, pretrain_iterations=settings.pretrain_iterations,
-                         epochs=settings.epochs, iterations=settings.iterations, val_iterations=settings.val_iterations,
-                         pseudo=settings.pseudo, filtermatch=settings.filtermatch if mode == "filtermatch" else None,
-                         pseudo_share=settings.pseudo_share if TRAINING_MODES[mode].mixes_pseudo else 0.0)
+    r = settings.round
+    return r.with_changes(strategy=strategy, mode=mode, seed=seed, exclude=sorted(set(r.exclude) | set(test)),
+                          filtermatch=r.filtermatch if mode == "filtermatch" else None,
+                          pseudo_share=r.pseudo_share if TRAINING_MODES[mode].mixes_pseudo else 0.0)
 
 
 def baseline_budget(settings: ExperimentSettings) -> tuple[int, int]:
@@ -140,10 +140,11 @@ def baseline_budget(settings: ExperimentSettings) -> tuple[int, int]:
     from .nnunet.env import resolve_device
     from .nnunet.train import default_budget
 
-    d_epochs, d_iters = default_budget(resolve_device(settings.device))
-    steps = ((settings.pretrain_epochs or d_epochs) * (settings.pretrain_iterations or d_iters)
-             + (settings.epochs or d_epochs) * (settings.iterations or d_iters))
-    iterations = settings.iterations or d_iters
+    r = settings.round
+    d_epochs, d_iters = default_budget(resolve_device(r.device))
+    steps = ((r.pretrain_epochs or d_epochs) * (r.pretrain_iterations or d_iters)
+             + (r.epochs or d_epochs) * (r.iterations or d_iters))
+    iterations = r.iterations or d_iters
     return math.ceil(steps / iterations), iterations
 
 
@@ -152,34 +153,24 @@ def _train_supervised(project: Project, name: str, settings: ExperimentSettings,
 
     epochs, iterations = baseline_budget(settings)
     train(project, "supervised", name=name, epochs=epochs, iterations=iterations,
-          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test)
-    return score_held_out(project, name, test, test, settings.device)
+          val_iterations=settings.round.val_iterations, device=settings.round.device, validate=False, exclude_cases=test)
+    return score_held_out(project, name, test, test, settings.round.device)
 
 
 def make_base(source: Project, folder: Path, settings: ExperimentSettings, test: list[str], seed: int,
-              pseudo: dict | None = None) -> tuple[Project, float | None]:
-    """The seed's shared start: pseudo-labels, plans, pretraining, the pool's first prediction."""
-    from .nnunet.plan import plan
-    from .nnunet.predict import predict
-    from .nnunet.train import train
-
+              pseudo: PseudoSource | None = None) -> tuple[Project, float | None, dict | None]:
+    """The seed's shared start: a copy of ``source`` through the stages a first round runs before
+    selection (:func:`..loop.prepare`: pseudo-labels, plans, pretraining, the pool's prediction).
+    Returns the base, the pseudo-labels' Dice and the pretrained model's held-out metrics."""
     base = source.copy_to(folder, cache=True)
-    pool = [c for c in base.cases() if c not in set(test)]
-    spec = dict(pseudo or settings.pseudo)
-    if spec.get("source") == "degraded-reference":
-        spec.setdefault("seed", seed)
-    if spec.get("source") == "sam":
-        spec["exclude"] = sorted(set(spec.get("exclude", ())) | set(test))  # held-out cases never get prompts
-    make_pseudolabels(base, pool, spec)
-    from .evaluation import evaluate
-
-    pseudo_dice = evaluate(base, "pseudo", pool)["summary"]["mean"]["dice"]["mean"]
-    plan(base, policy="pseudo", configurations=(settings.configuration,), batch_size=settings.batch_size,
-         preprocess_dataset=False)
-    train(base, "pretrain", name=PRETRAIN, epochs=settings.pretrain_epochs, iterations=settings.pretrain_iterations,
-          val_iterations=settings.val_iterations, device=settings.device, validate=False, exclude_cases=test, seed=seed)
-    predict(base, PRETRAIN, pool, probabilities=True, features=True, device=settings.device)
-    return base, pseudo_dice
+    spec = pseudo or settings.round.pseudo
+    if spec.source == "degraded-reference" and spec.seed is None:
+        spec = spec.with_options(seed=seed)
+    if spec.source == "sam":
+        spec = spec.with_options(exclude=(*spec.exclude, *test))  # held-out cases never get prompts
+    done = prepare(base, settings.round.with_changes(exclude=sorted(set(settings.round.exclude) | set(test)), seed=seed,
+                                                     pseudo=spec))
+    return base, done["pseudolabels"].get("pseudo_label_dice"), done["pretrain"].get("metrics")
 
 
 def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str],
@@ -189,10 +180,11 @@ def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettin
     annotator = SimulatedAnnotator(test)
     points, labeled_after = [], []
     for _ in range(settings.rounds):
-        record = run_round(project, _round_settings(settings, strategy, mode, test, seed), annotator=annotator)
-        if record.get("waiting") or "metrics" not in record:
-            raise RuntimeError(f"arm {arm}: round {record['round']} did not finish ({record.get('waiting')})")
-        points.append(curve_point(record["metrics"], record["round"]))
+        record = rounds.RoundRecord(run_round(project, _round_settings(settings, strategy, mode, test, seed),
+                                              annotator=annotator))
+        if record.waiting or record.metrics is None:
+            raise RuntimeError(f"arm {arm}: round {record.number} did not finish ({record.waiting})")
+        points.append(curve_point(record.metrics, record.number))
         labeled_after.append(sorted(set(project.labeled_cases("human")) - set(test)))
     check_no_test_revealed(project, test)
     return points, labeled_after
@@ -221,10 +213,10 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
     alseg = [a for a in settings.arms if "+" in a]
     for seed in settings.seeds:
         emit("stage", stage="experiment-seed", seed=seed)
-        base, pdice = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
+        base, pdice, pretrained = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
         pseudo_dice.append(pdice)
         if "pseudo-only" in settings.arms:
-            per_seed["pseudo-only"].append([curve_point(score_held_out(base, PRETRAIN, test, test, settings.device), 0)])
+            per_seed["pseudo-only"].append([curve_point(pretrained, 0)])
         labeled_rounds = None
         for arm in alseg:
             points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test, seed)
@@ -234,7 +226,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         if "supervised-only" in settings.arms:
             if labeled_rounds is None:  # no hybrid arm ran: the labels random selection would pick
                 rng = random.Random(seed)
-                k = _per_round(settings.budget_per_round, len(source.cases()) - len(test))
+                k = _per_round(settings.round.budget, len(source.cases()) - len(test))
                 order = rng.sample(pool, len(pool))
                 labeled_rounds = [sorted(order[: k * (r + 1)]) for r in range(settings.rounds)]
             sup = base.copy_to(out / f"seed{seed}" / "supervised-only")
@@ -259,10 +251,10 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         "pseudo_label_dice": float(np.mean(pseudo_dice)) if pseudo_dice else None,
         "setup": {"pool": len(pool), "test": len(test), "test_cases": test, "seeds": settings.seeds,
                   "rounds": settings.rounds,
-                  "budget_per_round": _per_round(settings.budget_per_round, len(source.cases()) - len(test)),
-                  "pseudo_source": f"{settings.pseudo['source']} (simulated)" if settings.pseudo["source"] == "degraded-reference"
-                  else settings.pseudo["source"],
-                  "compute": _compute_text(settings), "settings": asdict(settings)},
+                  "budget_per_round": _per_round(settings.round.budget, len(source.cases()) - len(test)),
+                  "pseudo_source": f"{settings.round.pseudo.source} (simulated)"
+                  if settings.round.pseudo.source == "degraded-reference" else settings.round.pseudo.source,
+                  "compute": _compute_text(settings), "settings": settings.to_json()},
         "seconds": None, "time": now_iso(),
     }
     if settings.sweep:
@@ -292,13 +284,14 @@ def _per_round(budget: str, total: int) -> int:
     return parse_budget(budget, total)
 
 
-def _compute_text(s: ExperimentSettings) -> str:
+def _compute_text(settings: ExperimentSettings) -> str:
     def budget(e, i):
         return f"{e or 'default'} epochs x {i or 'default'} iterations"
-    be, bi = baseline_budget(s)
+    be, bi = baseline_budget(settings)
+    s = settings.round
     return (f"pretraining {budget(s.pretrain_epochs, s.pretrain_iterations)}; each round's training (from the pretrained "
             f"weights) {budget(s.epochs, s.iterations)}; each from-scratch baseline {be} epochs x {bi} iterations (the same "
-            f"number of steps); nnU-Net {s.configuration}, batch {s.batch_size or 'planned'}, device {s.device}")
+            f"number of steps); nnU-Net {s.configuration or '3d_fullres'}, batch {s.batch_size or 'planned'}, device {s.device}")
 
 
 def _mean_over_seeds(runs: list[list[dict]], classes: Sequence[str]) -> dict:
@@ -330,8 +323,8 @@ def _sweep(source: Project, out: Path, settings: ExperimentSettings, test: list[
     rows = []
     for target in settings.sweep:
         folder = out / f"sweep-{target:.2f}"
-        base, pdice = make_base(source, folder / "base", settings, test, seed,
-                                pseudo={**settings.pseudo, "target_dice": target})
+        base, pdice, _ = make_base(source, folder / "base", settings, test, seed,
+                                pseudo=settings.round.pseudo.with_options(target_dice=target))
         points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed)
         rows.append({"target": target, "pseudo_label_dice": pdice, "final_dice": points[-1]["mean_dice"],
                      "arm": arm, "seed": seed})

@@ -16,7 +16,7 @@ from ALSegLib import atomic, rounds
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 from ALSegLib.report import format_number
-from ALSegLib.settings import DEVICES, MODES, STRATEGIES  # the panel offers the engine's lists
+from ALSegLib.settings import DEVICES, MODES, STRATEGIES, RoundSettings  # noqa: F401 (the panel offers the engine's lists)
 
 from . import scene as glue
 from .review import OpenCase, ReviewSession
@@ -114,36 +114,43 @@ class Session:
 
     # background work -----------------------------------------------------------------------
 
+    def round_settings(self, options: RoundOptions) -> RoundSettings:
+        """The panel's settings as the engine's :class:`RoundSettings` (checked by it: a bad choice is refused)."""
+        project = self.require()
+        if options.device not in DEVICES:
+            raise InputError("round settings", f"unknown device {options.device!r} (one of {', '.join(DEVICES)})")
+        pseudo = None
+        if options.pseudo_source == "sam":  # no checkpoint: the built-in LiteMedSAM
+            pseudo = {"source": "sam", "prompts": options.prompts or str(project.layout.slicer_prompts),
+                      **({"checkpoint": options.checkpoint} if options.checkpoint else {})}
+        elif options.pseudo_source == "import":
+            if not options.import_folder:
+                raise InputError("pseudo-labels", "importing needs the folder of the other model's labels")
+            pseudo = {"source": "import", "from": options.import_folder}
+        elif options.pseudo_source:
+            raise InputError("pseudo-labels", f"the panel offers sam or import, not {options.pseudo_source!r}")
+        return RoundSettings(budget=str(options.budget), strategy=options.strategy, mode=options.mode,
+                             device=options.device, exclude=list(options.exclude),
+                             configuration=options.configuration or None, epochs=options.epochs or None,
+                             pretrain_epochs=options.pretrain_epochs or None, pseudo=pseudo)
+
     def round_args(self, options: RoundOptions) -> list[str]:
-        """``alseg round`` arguments for the panel's settings (continuing an unfinished round keeps its own)."""
+        """``alseg round`` arguments for the panel's settings: they are written to the project's
+        ``rounds/next-settings.json`` and the round reads them (``--settings FILE``); continuing
+        an unfinished round keeps the settings it started with."""
         from ALSegLib.loop import current_round
 
         project = self.require()
-        if options.strategy not in STRATEGIES or options.mode not in MODES or options.device not in DEVICES:
-            raise InputError("round settings", f"unknown strategy/mode/device {options.strategy}/{options.mode}/{options.device}")
+        settings = self.round_settings(options)  # checked before anything is written
         args = ["round", str(project.root)]
         unfinished = current_round(project)
         if unfinished is not None and "settings" in unfinished:
             return args  # the round continues with the settings it started with
-        args += ["--budget", str(options.budget), "--strategy", options.strategy, "--mode", options.mode,
-                 "--device", options.device]
-        if options.exclude:
-            args += ["--exclude", *options.exclude]
-        if options.configuration:
-            args += ["--configuration", options.configuration]
-        if options.epochs:
-            args += ["--epochs", str(options.epochs)]
-        if options.pretrain_epochs:
-            args += ["--pretrain-epochs", str(options.pretrain_epochs)]
-        if options.pseudo_source == "sam":  # no checkpoint: the built-in LiteMedSAM
-            prompts = options.prompts or str(project.layout.slicer_prompts)
-            args += ["--pseudo-source", "sam", *(["--checkpoint", options.checkpoint] if options.checkpoint else []),
-                     "--prompts", prompts]
-        elif options.pseudo_source == "import":
-            if not options.import_folder:
-                raise InputError("pseudo-labels", "importing needs the folder of the other model's labels")
-            args += ["--pseudo-source", "import", "--from", options.import_folder]
-        return args
+        path = project.layout.next_round_settings
+        with project.lock("write the next round's settings"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(path, settings.to_json())
+        return [*args, "--settings", str(path)]
 
     # review --------------------------------------------------------------------------------
 

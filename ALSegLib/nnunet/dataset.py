@@ -25,7 +25,10 @@ import SimpleITK as sitk
 
 from .. import atomic
 from ..errors import InputError
-from ..project import STORE_EXT, Project, check_case_id, read_json_object
+from ..project import Project
+from ..store.files import read_json_object
+from ..store.ids import check_case_id
+from ..store.layout import STORE_EXT
 from .env import folders
 
 POLICIES = {"pseudo": ("pseudo",), "human": ("human",), "human+pseudo": ("human", "pseudo")}

@@ -21,7 +21,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,25 +32,8 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from .. import atomic
 from ..progress import emit
+from .filtermatch_settings import FilterMatchConfig, StrongAugmentation  # noqa: F401 (importable from here too)
 from .trainers import ALSegTrainer
-
-
-@dataclass(frozen=True)
-class StrongAugmentation:
-    """Probabilities and strengths of the strong view (each applied per sample)."""
-
-    p_rotate: float = 0.5
-    p_flip: float = 0.5
-    p_brightness: float = 0.5
-    brightness: float = 0.25  # multiplicative factor in [1 - b, 1 + b]
-    p_contrast: float = 0.5
-    contrast: float = 0.25
-    p_gamma: float = 0.3
-    gamma: tuple[float, float] = (0.7, 1.5)
-    p_noise: float = 0.3
-    noise_std: float = 0.1  # relative to the sample's intensity std
-    p_blur: float = 0.2
-    blur_sigma: tuple[float, float] = (0.5, 1.0)
 
 
 def _in_plane_axes(x: torch.Tensor) -> tuple[int, int]:
@@ -61,7 +44,7 @@ def _in_plane_axes(x: torch.Tensor) -> tuple[int, int]:
 
 
 def strong_view(
-    images: torch.Tensor, labels: torch.Tensor, config: StrongAugmentation = StrongAugmentation(),
+    images: torch.Tensor, labels: torch.Tensor, config: StrongAugmentation | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The strong view of a batch: ``images`` (B, C, ...) float, ``labels`` (B, 1, ...) integer.
@@ -69,6 +52,7 @@ def strong_view(
     Shapes are preserved: a quarter turn is only drawn when the in-plane sides
     are equal, so non-square patches only get 180° turns and flips.
     """
+    config = config or StrongAugmentation()
     if images.shape[0] != labels.shape[0] or images.shape[2:] != labels.shape[2:]:
         raise ValueError(f"image batch {tuple(images.shape)} and label batch {tuple(labels.shape)} do not match")
     a, b = _in_plane_axes(images)
@@ -189,43 +173,6 @@ def downsample_labels(labels: torch.Tensor, shapes: Sequence[Sequence[int]]) -> 
 
 
 # --- the trainer ---------------------------------------------------------------------------
-
-
-@dataclass
-class FilterMatchConfig:
-    """FilterMatch's settings. Defaults follow the reference (nnFilterMatch) where it
-    gave them: warm-up 20 epochs, filter every 100 epochs from epoch 100, drop 15 %,
-    unlabeled weight 1 with a hard switch, no teacher."""
-
-    warmup_epochs: int = 20  # E_start: supervised only before this epoch
-    filter_start: int = 100  # E_f
-    filter_every: int = 100  # K
-    drop_fraction: float = 0.15  # q
-    unlabeled_weight: float = 1.0  # λ_u
-    ramp_epochs: int = 0  # 0 = hard switch after warm-up
-    teacher: str = "none"  # "none": the network labels its own batches (reference); "ema": a mean teacher
-    ema_decay: float = 0.99
-    confidence: float = 0.0  # pseudo-label voxels below this top-class probability are ignored (0: none, as the reference)
-    unlabeled_batch: int | None = None  # unlabeled samples per step (None: the labeled batch size, as the reference)
-    strong: StrongAugmentation = field(default_factory=StrongAugmentation)
-
-    def __post_init__(self):
-        if self.teacher not in ("none", "ema"):
-            raise ValueError(f"teacher must be 'none' or 'ema', not {self.teacher!r}")
-        if not 0 <= self.drop_fraction < 1:
-            raise ValueError(f"drop fraction must be in [0, 1), not {self.drop_fraction}")
-        if not 0 < self.ema_decay < 1:
-            raise ValueError(f"EMA decay must be in (0, 1), not {self.ema_decay}")
-        if not 0 <= self.confidence < 1:
-            raise ValueError(f"confidence threshold must be in [0, 1), not {self.confidence}")
-        if self.unlabeled_batch is not None and self.unlabeled_batch < 1:
-            raise ValueError(f"unlabeled batch must be at least 1, not {self.unlabeled_batch}")
-
-    @classmethod
-    def from_json(cls, data: dict) -> FilterMatchConfig:
-        data = dict(data)
-        strong = StrongAugmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("strong", {}).items()})
-        return cls(strong=strong, **data)
 
 
 class ALSegFilterMatchTrainer(ALSegTrainer):

@@ -19,7 +19,8 @@ from pathlib import Path
 from .. import atomic
 from ..errors import InputError
 from ..progress import emit
-from ..project import Project, now_iso
+from ..project import Project
+from ..store.files import now_iso
 from .dataset import Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment
 

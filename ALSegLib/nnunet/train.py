@@ -18,7 +18,10 @@ import torch
 from .. import atomic
 from ..errors import InputError
 from ..progress import emit
-from ..project import Project, check_case_id, exclusive_run, now_iso, read_json_object
+from ..project import Project
+from ..store.files import now_iso, read_json_object
+from ..store.ids import check_case_id
+from ..store.locks import exclusive_run
 from .dataset import Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment, resolve_device
 from .modes import MODES, TrainingMode

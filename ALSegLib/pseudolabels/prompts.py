@@ -57,7 +57,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError
-from ..project import read_json_object
+from ..store.files import read_json_object
 from .postprocess import PostProcess
 from .sam import MaskDecoder, SliceEmbeddings
 from .slices import AXES, VolumeSlices, Window, parse_window, physical_to_array_index

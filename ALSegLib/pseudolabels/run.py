@@ -27,8 +27,9 @@ import SimpleITK as sitk
 
 from .. import atomic, progress, volumes
 from ..errors import InputError
-from ..project import Project, read_json_object, sha256_file
+from ..project import Project
 from ..store.features import sam_features_path, write_vector
+from ..store.files import read_json_object, sha256_file
 from ..store.ids import label_index
 from . import REFERENCE_BOX_MARGIN
 from . import prompts as pr

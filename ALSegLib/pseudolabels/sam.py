@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from .. import atomic
 from ..devices import resolve_device
 from ..errors import InputError
-from ..project import sha256_file
+from ..store.files import sha256_file
 from . import MODEL_TYPES, litemedsam  # MODEL_TYPES: litemedsam, vit_b, vit_l, vit_h, medsam
 
 # (embed dim, depth) of the published encoders; MedSAM is a fine-tuned vit_b

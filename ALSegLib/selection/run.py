@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .. import rounds
 from ..errors import InputError
 from ..progress import emit, track
-from ..project import Project, now_iso
+from ..project import Project
 from . import features as feats
 from .strategies import Pool, needs, parse_budget, select, summarize
 from .uncertainty import Uncertainty, case_uncertainty
@@ -61,7 +61,7 @@ def pool_uncertainty(project: Project, model: str, cases: Sequence[str], band: i
     return out
 
 
-def select_cases(
+def choose_cases(
     project: Project,
     budget: str | int,
     strategy: str = "hybrid",
@@ -71,8 +71,9 @@ def select_cases(
     features: str = "auto",
     metric: str = "cosine",
     exclude: Sequence[str] = (),
-) -> dict:
-    """Pick cases for review and store them as a round's queue; returns the round record."""
+) -> rounds.Selection:
+    """Pick cases for review: the queue with each case's score and reason, and the selection's
+    figures. Writes nothing but features it had to compute; :func:`select_cases` stores the result."""
     for case in exclude:
         if not project.has_case(case):
             raise InputError(f"--exclude {case}", f"not a case of {project.root}")
@@ -111,25 +112,19 @@ def select_cases(
         item["open_with"] = "pseudo" if case in pseudo else ("predicted" if case in predicted else None)
         if pool.uncertainty is not None:
             item["uncertainty"] = pool.uncertainty[item["case"]].to_json()
-    with project.lock("select cases"):
-        # what was computed above must still hold: nothing labeled or queued meanwhile
-        if (set(project.labeled_cases("human")) & {p.case for p in picks}
-                or rounds.pending_cases(project) & {p.case for p in picks}):
-            raise InputError(str(project.root), "cases were labeled or queued while selecting; run the selection again")
-        existing = rounds.list_rounds(project)
-        record = rounds.read_round(project, existing[-1]) if existing else None
-        if record is None or "select" in record["stages"]:
-            record = rounds.new_round(existing[-1] + 1 if existing else 1)
-        record["selection"] = {
-            "strategy": strategy, "seed": seed, "budget": str(budget), "k": k, "model": used_model,
-            "features": source, "metric": metric if need_features else None, "candidates": len(candidates),
-            "labeled": len(labeled), "waiting_for_review": len(waiting), "excluded": sorted(excluded),
-            "features_computed_for": completed,
-        }
-        record["queue"] = queue
-        record["stages"]["select"] = {"done": now_iso()}
-        rounds.write_round(project, record)
-        project.log_event("selected", round=record["round"], strategy=strategy, cases=[p.case for p in picks])
-    emit("selected", round=record["round"], cases=[p.case for p in picks])
+    details = {
+        "strategy": strategy, "seed": seed, "budget": str(budget), "k": k, "model": used_model,
+        "features": source, "metric": metric if need_features else None, "candidates": len(candidates),
+        "labeled": len(labeled), "waiting_for_review": len(waiting), "excluded": sorted(excluded),
+        "features_computed_for": completed,
+    }
+    return rounds.Selection(details, queue)
+
+
+def select_cases(project: Project, budget: str | int, strategy: str = "hybrid", **options) -> dict:
+    """Pick cases for review (:func:`choose_cases`) and store them as the open round's queue,
+    or a new round's (``alseg select``); returns the round record."""
+    record = rounds.store_selection(project, choose_cases(project, budget, strategy, **options))
+    emit("selected", round=record["round"], cases=[q["case"] for q in record["queue"]])
     return record
 

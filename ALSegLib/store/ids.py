@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .. import volumes
@@ -47,3 +48,34 @@ def label_index(folder: Path) -> dict[str, list[Path]]:
             except InputError:
                 continue  # a name no case could have
     return index
+
+
+def expand_sources(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; a folder is a DICOM series, or else its image files and
+    DICOM-series subfolders (sorted, hidden entries skipped)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(p, "file not found")
+        if p.is_file():
+            if volumes.image_extension(p) is None:
+                raise volumes.unsupported_type(p)
+            out.append(p)
+            continue
+        if volumes.is_dicom_folder(p):
+            out.append(p)
+            continue
+        found = []
+        for child in sorted(p.iterdir()):
+            if child.name.startswith("."):
+                continue
+            ext = volumes.image_extension(child)
+            if child.is_file() and ext and ext != ".seg.nrrd":
+                found.append(child)
+            elif child.is_dir() and volumes.is_dicom_folder(child):
+                found.append(child)
+        if not found:
+            raise InputError(p, "folder holds no images (.nii, .nii.gz, .nrrd, .mha, .mhd) and no DICOM series")
+        out.extend(found)
+    return out

@@ -10,6 +10,7 @@
     labels/human/<case>/v<NNNN>.nrrd    human labels, versioned, never overwritten
     prompts/              prompt files (the Slicer module writes prompts/slicer.json)
     rounds/<NNNN>/round.json            a round's record (+ its report); rounds/round.lock
+    rounds/next-settings.json           the settings the Slicer panel asked the next round to use
     models/<name>/model.json            trained models (nnU-Net's files under nnunet/results)
     predictions/<model>/<case>.npz      probabilities a model predicted
     features/nnunet/<model>/<case>.npy  pooled bottleneck features (selection's diversity)
@@ -130,6 +131,11 @@ class Layout:
 
     def round(self, number: int) -> Path:
         return self.inside(self.rounds / f"{int(number):04d}")
+
+    @property
+    def next_round_settings(self) -> Path:
+        """The settings file the Slicer panel writes for ``alseg round --settings FILE``."""
+        return self.rounds / "next-settings.json"
 
     @property
     def round_lock(self) -> Path:

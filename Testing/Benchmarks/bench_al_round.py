@@ -42,6 +42,7 @@ from bench_nnunet import split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
 from ALSegLib.project import LabelTable, Project  # noqa: E402
+from ALSegLib.settings import RoundSettings  # noqa: E402
 from ALSegLib.simulate import (  # noqa: E402
     BASELINES,
     ExperimentSettings,
@@ -96,15 +97,15 @@ def main() -> int:
         images = pool + test
         source.add_cases(images, references=[hippo / "labelsTr" / p.name for p in images],
                          case_ids=[p.name[: -len(".nii.gz")] for p in images])
-        settings = ExperimentSettings(
-            rounds=args.rounds, budget_per_round=args.budget, seeds=args.seeds,
-            test=[p.name[: -len(".nii.gz")] for p in test], arms=args.arms,
-            pseudo={"source": "degraded-reference", "target_dice": args.target_dice},
+        rounds = RoundSettings(
+            budget=args.budget, pseudo={"source": "degraded-reference", "target_dice": args.target_dice},
             configuration=args.configuration, batch_size=args.batch_size or None,
             pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.pretrain_iters, epochs=args.epochs,
             iterations=args.iters, val_iterations=args.val_iters, device=args.device,
             filtermatch={"warmup_epochs": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
-            sweep=args.sweep or None, pseudo_share=args.pseudo_share)
+            pseudo_share=args.pseudo_share)
+        settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=[p.name[: -len(".nii.gz")] for p in test],
+                                      arms=args.arms, sweep=args.sweep or None, round=rounds)
         start = time.perf_counter()
         results = simulate(source, work / "experiment", settings)
         seconds = time.perf_counter() - start

@@ -297,17 +297,23 @@ def part_memory(args) -> dict:
 # the oracle experiment on LiteMedSAM's pseudo-labels
 
 
+def oracle_rounds(args, pseudo_share: float):
+    """The rounds' settings of the oracle part and of the share part (the same but for the share)."""
+    from ALSegLib.settings import PseudoSource, RoundSettings
+
+    return RoundSettings(
+        budget=str(args.oracle_budget), configuration=args.configuration, batch_size=args.batch_size or None,
+        pseudo=PseudoSource("sam", prompts_from_reference=args.oracle_boxes, axis=args.axis),
+        pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.pretrain_iters, epochs=args.epochs,
+        iterations=args.iters, val_iterations=args.val_iters, device=args.device, pseudo_share=pseudo_share)
+
+
 def part_oracle(args) -> dict:
     from ALSegLib.simulate import ExperimentSettings, simulate
 
     project, pool, test = hippocampus_project(args)
     arms = ["hybrid+finetune", "random+finetune", "pseudo-only", "supervised-only", "full supervision"]
-    settings = ExperimentSettings(
-        rounds=2, budget_per_round=str(args.oracle_budget), seeds=[0], test=test, arms=arms,
-        pseudo={"source": "sam", "prompts_from_reference": args.oracle_boxes, "axis": args.axis},
-        configuration=args.configuration, batch_size=args.batch_size or None, pretrain_epochs=args.pretrain_epochs,
-        pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
-        val_iterations=args.val_iters, device=args.device, pseudo_share=args.pseudo_share)
+    settings = ExperimentSettings(rounds=2, seeds=[0], test=test, arms=arms, round=oracle_rounds(args, args.pseudo_share))
     out = WORK / "oracle"
     t = time.perf_counter()
     results = simulate(project, out, settings)
@@ -337,12 +343,8 @@ def part_share(args) -> dict:
     _, pool, test = hippocampus_project(args)
     runs = {}
     for share in args.shares:
-        settings = ExperimentSettings(
-            rounds=2, budget_per_round=str(args.oracle_budget), seeds=[0], test=test, arms=["hybrid+finetune"],
-            pseudo={"source": "sam", "prompts_from_reference": args.oracle_boxes, "axis": args.axis},
-            configuration=args.configuration, batch_size=args.batch_size or None, pretrain_epochs=args.pretrain_epochs,
-            pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
-            val_iterations=args.val_iters, device=args.device, pseudo_share=share)
+        settings = ExperimentSettings(rounds=2, seeds=[0], test=test, arms=["hybrid+finetune"],
+                                      round=oracle_rounds(args, share))
         t = time.perf_counter()
         points, labeled = _alseg_arm(base, WORK / "oracle" / "seed0" / f"hybrid-finetune-share{share:g}",
                                      "hybrid+finetune", settings, test, 0)

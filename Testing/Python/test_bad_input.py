@@ -252,3 +252,20 @@ def test_bad_label_import_leaves_project_untouched(rich_project, tmp_path, run_c
     assert code == 2 and "phantom_ct_000.nii.gz" in err and "[9]" in err
     assert tree_hash(rich_project.root) == before
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"budget": "2", "stratgy": "random"}', "unknown round settings: stratgy"),
+    ('{"budget": "2", "strategy": "nosuch"}', "strategy"),
+    ('{"budget": "2", "pseudo": {"source": "sam", "from": "/x"}}', "takes no from_dir"),
+    ('{"budget": "2", "filtermatch": {"drop_fraction": 2}}', "drop fraction"),
+    ('["budget"]', "must hold a JSON object"),
+])
+def test_a_bad_round_settings_file_is_refused_naming_it_and_nothing_is_written(project, run_cli, tmp_path, content,
+                                                                                problem):
+    settings = tmp_path / "settings.json"
+    settings.write_text(content)
+    before = tree_hash(project.root)
+    code, _, err = run_cli("round", project.root, "--settings", settings)
+    assert code == 2 and problem in err and str(settings) in err
+    assert tree_hash(project.root) == before

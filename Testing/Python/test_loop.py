@@ -192,10 +192,12 @@ def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
 def test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases(tmp_path):
     source = phantom_project(tmp_path, n=10)
     before = sorted(p.relative_to(source.root) for p in source.root.rglob("*"))
-    settings = ExperimentSettings(rounds=1, budget_per_round="2", seeds=[0], test_fraction=0.3,
+    settings = ExperimentSettings(rounds=1, seeds=[0], test_fraction=0.3,
                                   arms=["random+finetune", "hybrid+filtermatch", "pseudo-only", "supervised-only",
                                         "full supervision"],
-                                  filtermatch={"warmup_epochs": 1, "filter_start": 1, "filter_every": 1}, **TINY)
+                                  round=RoundSettings(budget="2", pseudo={"source": "degraded-reference", "target_dice": 0.75},
+                                                      filtermatch={"warmup_epochs": 1, "filter_start": 1, "filter_every": 1},
+                                                      **TINY))
     results = simulate(source, tmp_path / "experiment", settings)
     assert sorted(p.relative_to(source.root) for p in source.root.rglob("*")) == before  # the source is untouched
     test = results["setup"]["test_cases"]

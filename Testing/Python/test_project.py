@@ -375,3 +375,27 @@ def test_dicom_series_added_as_a_case(tmp_path, table, shared_data):
     p = Project.create(tmp_path / "p", table, "CT")
     assert p.add_cases([folder]) == ["example_ct_dicom"]
     assert p.read_image("example_ct_dicom").GetSize() == (512, 512, 20)
+
+
+def test_the_lock_belongs_to_the_thread_that_took_it(project):
+    """A write checks that *its* thread holds the writer lock: another thread of the same
+    process, while the lock is held, is refused instead of writing unserialised."""
+    import threading
+
+    seen = []
+
+    def other_thread():
+        try:
+            project.require_lock()
+            seen.append("allowed")
+        except RuntimeError as exc:
+            seen.append(str(exc))
+
+    with project.lock("test"):
+        project.require_lock()  # the holder itself may write
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen == ["project write outside the project lock"]
+    with pytest.raises(RuntimeError):
+        project.require_lock()  # released

@@ -261,25 +261,38 @@ def vtk_point(p):
     return vtk.vtkVector3d(*map(float, p))
 
 
-def test_round_settings_become_a_command_line_the_engine_accepts(project):
-    from ALSegLib.cli import build_parser
+def test_round_settings_become_a_settings_file_the_engine_reads(project):
+    """The panel writes its settings as the engine's RoundSettings (rounds/next-settings.json) and runs
+    ``alseg round --settings FILE``: what the engine reads is what the panel set, with nothing mapped by hand."""
+    from ALSegLib import cli
+    from ALSegLib.errors import InputError
+    from ALSegLib.settings import RoundSettings
     from ALSegSlicer.facade import RoundOptions, Session
 
     session = Session(slicer.vtkMRMLScene())
     session.open(project.root)
     args = session.round_args(RoundOptions(budget="10%", strategy="coreset", mode="filtermatch", device="cpu",
                                            pseudo_source="import", import_folder="/data/totalseg", epochs=3))
-    parsed = build_parser().parse_args(args)
-    assert (parsed.command, parsed.budget, parsed.strategy, parsed.mode, parsed.device, parsed.epochs,
-            parsed.pseudo_source, parsed.from_dir) == ("round", "10%", "coreset", "filtermatch", "cpu", 3,
-                                                       "import", "/data/totalseg")
-    # SAM without a checkpoint file: the built-in LiteMedSAM (no --checkpoint), with the scene's prompts
-    parsed = build_parser().parse_args(session.round_args(RoundOptions(budget="2", pseudo_source="sam")))
-    assert parsed.pseudo_source == "sam" and parsed.checkpoint is None
-    assert parsed.prompts == str(project.root / "prompts" / "slicer.json")
-    parsed = build_parser().parse_args(session.round_args(RoundOptions(budget="2", pseudo_source="sam",
-                                                                       checkpoint="/w/sam_vit_b.pth")))
-    assert parsed.checkpoint == "/w/sam_vit_b.pth"
+    path = project.root / "rounds" / "next-settings.json"
+    assert args == ["round", str(project.root), "--settings", str(path)]
+    read = cli._settings_file(cli.build_parser().parse_args(args))
+    assert isinstance(read, RoundSettings)
+    assert (read.budget, read.strategy, read.mode, read.device, read.epochs, read.pseudo.source, read.pseudo.from_dir) == (
+        "10%", "coreset", "filtermatch", "cpu", 3, "import", "/data/totalseg")
+    # SAM without a checkpoint file: the built-in LiteMedSAM (no checkpoint), with the scene's prompts
+    read = cli._settings_file(cli.build_parser().parse_args(session.round_args(RoundOptions(budget="2", pseudo_source="sam"))))
+    assert read.pseudo.source == "sam" and read.pseudo.checkpoint is None
+    assert read.pseudo.prompts == str(project.root / "prompts" / "slicer.json")
+    args = session.round_args(RoundOptions(budget="2", pseudo_source="sam", checkpoint="/w/sam_vit_b.pth"))
+    assert cli._settings_file(cli.build_parser().parse_args(args)).pseudo.checkpoint == "/w/sam_vit_b.pth"
+    # options given on the command line as well override the file's (the module's self-test shrinks the budget so)
+    read = cli._settings_file(cli.build_parser().parse_args([*args, "--iters", "2", "--strategy", "random"]))
+    assert (read.iterations, read.strategy, read.budget) == (2, "random", "2")
+    # a choice the engine does not know is refused before the file is written
+    before = path.read_text()
+    with pytest.raises(InputError, match="strategy"):
+        session.round_args(RoundOptions(budget="2", strategy="nosuch"))
+    assert path.read_text() == before
 
 
 def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path):
