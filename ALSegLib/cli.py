@@ -32,12 +32,24 @@ from .store.labels import LabelTable, parse_color
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUSY = 0, 1, 2, 3
 
 
+class _UsageError(InputError):
+    """A command line argparse refused: printed as ``alseg round: error: ...`` after that command's usage."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as bad input (exit 2) with the command named."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.print_usage(sys.stderr)
-        raise InputError(self.prog, message)
+        raise _UsageError(self.prog, message)
+
+
+def _version(value: str) -> int:
+    """argparse type of --version: 3, or v0003 as the file is named on disk."""
+    text = value.strip().lower().removeprefix("v")
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a version is a number such as 3 or v0003, not {value!r}")
+    return int(text)
 
 
 def _device(value: str) -> str:
@@ -91,12 +103,15 @@ def cmd_add(args) -> int:
     project = Project.open(args.project)
     if args.case_id and len(args.images) != 1:
         raise InputError("--case-id", "give exactly one image with --case-id")
+    if args.map and not args.reference:
+        raise InputError("--map", "maps the values of --reference labels; give --reference DIR")
     start = time.perf_counter()
     ids = project.add_cases(
         args.images,
         reference_dir=args.reference,
         case_ids=[args.case_id] if args.case_id else None,
         allow_missing_reference=args.allow_missing_reference,
+        reference_map=args.map,
     )
     seconds = time.perf_counter() - start
     with_ref = len(set(ids) & set(project.labeled_cases("reference")))
@@ -109,7 +124,11 @@ def cmd_add(args) -> int:
 
 def cmd_import_labels(args) -> int:
     project = Project.open(args.project)
-    done = project.import_labels(args.files, args.kind, source=args.source, author=args.author)
+    if args.replace and args.kind != "reference":
+        raise InputError("--replace", f"replaces reference labels; {args.kind} labels are "
+                         + ("versioned, never replaced" if args.kind == "human" else "replaced anyway"))
+    done = project.import_labels(args.files, args.kind, source=args.source, author=args.author, mapping=args.map,
+                                 replace=args.replace)
     if args.json:
         _print_json({"kind": args.kind, "imported": [{"case": c, "version": v} for c, v in done]})
     else:
@@ -182,16 +201,18 @@ def cmd_evaluate(args) -> int:
     if not result["cases"]:
         print("Nothing to evaluate: no case has both labels.")
         return EXIT_OK
-    print(f"{'class':<16} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9} {'ASD mm':>8}  (mean over cases; n with HD defined)")
+    cw = max([16, *(len(c) for c in result["summary"])])
+    print(f"{'class':<{cw}} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9} {'ASD mm':>8}  (mean over cases; n with HD defined)")
     for cls, m in result["summary"].items():
-        print(f"{cls:<16} {_fmt(m['dice']['mean']):>7} {_fmt(m['iou']['mean']):>7} {_fmt(m['hd95']['mean'], 2):>9} "
+        print(f"{cls:<{cw}} {_fmt(m['dice']['mean']):>7} {_fmt(m['iou']['mean']):>7} {_fmt(m['hd95']['mean'], 2):>9} "
               f"{_fmt(m['asd']['mean'], 2):>8}  n={m['hd95']['n']}")
     if args.per_case:
         print()
         names = list(project.labels.mapping)
-        print(f"{'case':<32} " + " ".join(f"{n[:10]:>10}" for n in names) + "   (Dice)")
+        w = max([10, *(len(n) for n in names)])  # whole class names (kidney_left, not kidney_lef)
+        print(f"{'case':<32} " + " ".join(f"{n:>{w}}" for n in names) + "   (Dice)")
         for case, m in result["per_case"].items():
-            print(f"{case:<32} " + " ".join(f"{_fmt(m[n]['dice']):>10}" for n in names))
+            print(f"{case:<32} " + " ".join(f"{_fmt(m[n]['dice']):>{w}}" for n in names))
     return EXIT_OK
 
 
@@ -204,6 +225,12 @@ def cmd_export(args) -> int:
         raise InputError(dest, "is a folder; give a file name such as case.nii.gz or case.seg.nrrd")
     if not dest.parent.is_dir():
         raise InputError(dest, "destination folder does not exist")
+    if dest.exists() and not args.force:
+        raise InputError(dest, "exists; give --force to replace it")
+    if args.version is not None and args.kind != "human":
+        raise InputError("--version", f"only human labels have versions, not {args.kind} ones")
+    if not project.has_case(args.case):
+        raise InputError(f"case {args.case!r}", f"no such case in project {project.root}")
     try:
         if args.kind == "image":
             if volumes.image_extension(dest) not in (".nii.gz", ".nii", ".nrrd", ".mha"):
@@ -250,15 +277,20 @@ def cmd_train(args) -> int:
         _print_json(record)
     else:
         v = record.get("validation") or {}
+        held = v.get("cases", 0) if record.get("validation_split", True) else 0
         print(f"Model {record['name']} ({record['mode']}, {record['configuration']}): {record['epochs_done']} epochs x "
-              f"{record['budget']['iterations']} iterations on {_training_cases(record)} in {record['seconds']:.0f} s; "
+              f"{record['budget']['iterations']} iterations on {_training_cases(record, held)} in {record['seconds']:.0f} s; "
               f"final train loss {record['final_train_loss']:.3f}"
-              + (f", validation Dice {v['mean_dice']:.3f} on {v['cases']} case(s)" if v else ""))
+              + (f", validation Dice {v['mean_dice']:.3f} on the {v['cases']} held-out case(s) (nnU-Net's validation "
+                 "mirrors at test time; alseg predict does only with --mirroring)" if v else ""))
     return EXIT_OK
 
 
-def _training_cases(record: dict) -> str:
-    """'12 labeled cases', or for a fine-tuning mixed with pseudo-labels '4 human + 8 pseudo-labeled cases'."""
+def _training_cases(record: dict, held_out: int = 0) -> str:
+    """'12 labeled cases', or for a fine-tuning mixed with pseudo-labels '4 human + 8 pseudo-labeled cases';
+    with ``held_out`` validation cases: '10 of 12 labeled cases'."""
+    if held_out:
+        return f"{record['labeled_cases'] - held_out} of {record['labeled_cases']} labeled cases"
     if record.get("pseudo_share"):
         human = record.get("human_cases", 0)
         return (f"{human} human + {record['labeled_cases'] - human} pseudo-labeled cases "
@@ -355,11 +387,14 @@ def cmd_models(args) -> int:
         return EXIT_OK
     if not records:
         print("No models yet (alseg train).")
+        return EXIT_OK
+    nw = max([20, *(len(r["name"]) for r in records)])
+    print(f"{'model':<{nw}} {'mode':<11} {'status':<19} {'config':<11} {'epochs':>9} {'labeled':>7} {'val Dice':>8}")
     for r in records:
         v = (r.get("validation") or {}).get("mean_dice")
-        print(f"{r['name']:<20} {r['mode']:<11} {r['status']:<9} {r['configuration']:<11} "
-              f"epochs {r.get('epochs_done', 0)}/{r['budget']['epochs']}  labeled {r['labeled_cases']}"
-              + (f"  val Dice {v:.3f}" if v is not None else ""))
+        epochs = f"{r.get('epochs_done', 0)}/{r['budget']['epochs']}"
+        print(f"{r['name']:<{nw}} {r['mode']:<11} {r['status']:<19} {r['configuration']:<11} {epochs:>9} "
+              f"{r['labeled_cases']:>7} {_fmt(v) if v is not None else '':>8}")
     return EXIT_OK
 
 
@@ -496,13 +531,14 @@ def _settings_file(args) -> RoundSettings:
 
 
 def _print_metrics_table(rows: list[dict], classes: list[str]) -> None:
-    head = (f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c[:10]:>10}" for c in classes)
+    w = max([10, *(len(c) for c in classes)])  # whole class names
+    head = (f"{'model':<34} {'annotated':>10} {'%':>6} " + " ".join(f"{c:>{w}}" for c in classes)
             + f" {'mean Dice':>10} {'HD95 mm':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<34} {str(r['annotated']) + '/' + str(r['of']):>10} {r['percent']:>6.1f} "
-              + " ".join(f"{_fmt(r['dice'][c]):>10}" for c in classes) + f" {_fmt(r['mean_dice']):>10} {_fmt(r['hd95'], 1):>8}")
+              + " ".join(f"{_fmt(r['dice'][c]):>{w}}" for c in classes) + f" {_fmt(r['mean_dice']):>10} {_fmt(r['hd95'], 1):>8}")
 
 
 def cmd_round(args) -> int:
@@ -574,6 +610,12 @@ def cmd_demo(args) -> int:
         raise InputError("--cases", f"the demo needs at least 4 cases, not {args.cases}")
     if not 0.0 <= args.pseudo_share < 1.0:
         raise InputError("--pseudo-share", f"must be a number in [0, 1), not {args.pseudo_share}")
+    rounds = DEMO_ROUND.with_changes(budget=args.budget, device=args.device, seed=args.seed,
+                                     configuration=args.configuration, pretrain_epochs=args.pretrain_epochs,
+                                     pretrain_iterations=args.iters, epochs=args.epochs, iterations=args.iters,
+                                     strategy=args.strategy, mode=args.mode, pseudo_share=args.pseudo_share)
+    settings = DemoSettings(rounds=args.rounds, target_dice=args.target_dice, pseudo_source=args.pseudo_source,
+                            round=rounds)
     folder = Path(args.dir)
     prepare_folder(folder)
     start = time.perf_counter()
@@ -581,12 +623,6 @@ def cmd_demo(args) -> int:
         project = data_project(folder, Path(args.data), args.modality or "MRI", args.labels, args.cases)
     else:
         project = phantom_project(folder, args.cases or 24, args.modality or "CT", args.seed, args.size)
-    rounds = DEMO_ROUND.with_changes(budget=args.budget, device=args.device, seed=args.seed,
-                                     configuration=args.configuration, pretrain_epochs=args.pretrain_epochs,
-                                     pretrain_iterations=args.iters, epochs=args.epochs, iterations=args.iters,
-                                     strategy=args.strategy, mode=args.mode, pseudo_share=args.pseudo_share)
-    settings = DemoSettings(rounds=args.rounds, target_dice=args.target_dice, pseudo_source=args.pseudo_source,
-                            round=rounds)
     if not args.json:
         made = (f"pseudo-labels simulated from the references (target Dice {settings.target_dice})"
                 if settings.pseudo_source == "degraded-reference" else
@@ -641,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="DIR", help="folder of reference labels matched to images by file name")
     p.add_argument("--allow-missing-reference", action="store_true", help="add images that have no file in --reference")
     p.add_argument("--case-id", help="explicit case id (one image only)")
+    p.add_argument("--map", help="value mapping of the reference labels, e.g. 5=1,6=2 (unmapped values become background)")
     p.add_argument("--json", action="store_true")
 
     p = add("import-labels", cmd_import_labels, "Import label files (matched to cases by file name) as one label kind.")
@@ -649,6 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=LABEL_KINDS)
     p.add_argument("--source", default="import", help="what made them (kept in provenance), e.g. totalsegmentator")
     p.add_argument("--author", help="for --kind human: who drew them")
+    p.add_argument("--map", help="value mapping, e.g. 5=1,6=2 (another tool's values to the project's; unmapped values "
+                   "become background, listed in the provenance)")
+    p.add_argument("--replace", action="store_true", help="--kind reference: replace existing reference labels "
+                   "(logged with the replaced file's checksum)")
     p.add_argument("--json", action="store_true")
 
     p = add("status", cmd_status, "Summarise a project: cases, labels of each kind, rounds.")
@@ -673,8 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("case")
     p.add_argument("--kind", required=True, choices=LABEL_KINDS + ("image",))
-    p.add_argument("--version", type=int, help="human label version (default: latest)")
+    p.add_argument("--version", type=_version, help="human label version: 3 or v0003 (default: the latest)")
     p.add_argument("--to", required=True, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.add_argument("--json", action="store_true")
 
     p = add("plan", cmd_plan, "nnU-Net self-configuration: fingerprint, plans and preprocessing (on pseudo-labels by default).")
@@ -891,7 +933,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the command's own parser, with its usage (not the top level's)
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            (commands.get(getattr(args, "command", None)) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.progress:
             os.environ["ALSEG_PROGRESS"] = args.progress
         if not getattr(args, "func", None):
@@ -901,6 +947,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProjectLockedError as exc:
         print(f"alseg: {exc}", file=sys.stderr)
         return EXIT_BUSY
+    except _UsageError as exc:
+        print(f"{exc.where}: error: {exc.problem}", file=sys.stderr)
+        return EXIT_INPUT
     except InputError as exc:
         print(f"alseg: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -25,6 +25,8 @@ def evaluate(project: Project, kind: str = "predicted", cases: Sequence[str] | N
     else:
         chosen = list(cases)
         for case in chosen:
+            if not project.has_case(case):
+                raise InputError(f"case {case!r}", f"no such case in project {project.root}")
             if case not in references or case not in available:
                 missing = "reference" if case not in references else kind
                 raise InputError(f"case {case!r}", f"has no {missing} label to evaluate")

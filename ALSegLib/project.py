@@ -33,7 +33,7 @@ from .progress import track
 from .store.events import EventLog
 from .store.files import now_iso, read_json_object, sha256_file, user_name
 from .store.ids import check_case_id, derive_case_id, expand_sources, label_index
-from .store.labels import LabelClass, LabelTable, parse_color
+from .store.labels import LabelClass, LabelTable, map_label, parse_color, parse_mapping, read_any_label
 from .store.layout import CONFIG, STORE_EXT, Layout
 from .store.locks import WriterLock, exclusive_run, lock_timeout
 
@@ -262,7 +262,7 @@ class Project:
 
     def _require_case(self, case: str) -> None:
         if not self.has_case(case):
-            raise InputError(f"case {case!r}", f"not in project {self.root}")
+            raise InputError(f"case {case!r}", f"no such case in project {self.root}")
 
     def read_image(self, case: str) -> sitk.Image:
         self._require_case(case)
@@ -280,14 +280,19 @@ class Project:
         references: Sequence[str | Path | None] | None = None,
         case_ids: Sequence[str] | None = None,
         allow_missing_reference: bool = False,
+        reference_map: str | Mapping[int, int] | None = None,
     ) -> list[str]:
         """Add images (files, DICOM folders, or folders of them), optionally with reference labels.
 
         All or nothing: every image and label is read and validated into a staging
         folder first; any problem raises :class:`InputError` and nothing is added.
-        References come from ``reference_dir`` (matched by case id, i.e. file name)
-        or from ``references`` (one path or None per source, API use).
+        References come from ``reference_dir`` (matched by case id, i.e. file name;
+        nnU-Net's ``case_0000.nii.gz`` images find ``case.nii.gz`` labels) or from
+        ``references`` (one path or None per source, API use); ``reference_map``
+        (``"5=1,6=2"``) maps their values to the project's.
         """
+        lut = (parse_mapping(reference_map, self.labels.values, "--map") if isinstance(reference_map, str)
+               else dict(reference_map) if reference_map else None)
         items = expand_sources(sources) if references is None and case_ids is None else [Path(s) for s in sources]
         if case_ids is not None and len(case_ids) != len(items):
             raise InputError("case ids", f"{len(case_ids)} ids given for {len(items)} images")
@@ -329,7 +334,7 @@ class Project:
             try:
                 staged = []
                 for case, src, ref in track(list(zip(ids, items, refs)), desc="reading images"):
-                    staged.extend(self._stage_case(staging, case, src, ref))
+                    staged.extend(self._stage_case(staging, case, src, ref, lut))
                 for case in ids:  # under the lock now: re-check against a concurrent add
                     if self.has_case(case):
                         raise InputError(self.image_path(case), "appeared while adding; nothing was added")
@@ -352,7 +357,8 @@ class Project:
             )
         return ids
 
-    def _stage_case(self, staging: Path, case: str, src: Path, ref: Path | None) -> list[tuple[Path, Path]]:
+    def _stage_case(self, staging: Path, case: str, src: Path, ref: Path | None,
+                    lut: Mapping[int, int] | None = None) -> list[tuple[Path, Path]]:
         image = volumes.read_image(src)
         geometry = volumes.Geometry.of(image)
         out = []  # (staged, final) in commit order: labels and sidecars first, the image last
@@ -367,11 +373,18 @@ class Project:
             meta["source_sha256"] = sha256_file(src)
         atomic.write_json(img_tmp.with_suffix(".json"), meta)
         if ref is not None:
-            label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
+            mapped: dict = {}
+            if lut is None:
+                label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
+            else:
+                raw, dropped, present = map_label(read_any_label(ref), lut, ref, self.labels.values)
+                label = volumes.validate_label(raw, str(ref), label_values=self.labels.values, geometry=geometry)
+                mapped = {"value_map": {str(k): v for k, v in lut.items()},
+                          "dropped_values": {str(k): n for k, n in dropped.items()}, "values_in_file": sorted(present)}
             lab_tmp = staging / "labels" / "reference" / f"{case}{STORE_EXT}"
             volumes.write_image(label, lab_tmp)
-            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref)},
-                                    label, lab_tmp)
+            prov = self._provenance(case, "reference", "import", {"file": str(ref.resolve()), "sha256": sha256_file(ref),
+                                                                  **mapped}, label, lab_tmp)
             atomic.write_json(lab_tmp.with_suffix(".json"), prov)
             final = self._label_file(case, "reference")
             out += [(lab_tmp.with_suffix(".json"), final.with_suffix(".json")), (lab_tmp, final)]
@@ -409,6 +422,7 @@ class Project:
         return path if path.is_file() else None
 
     def read_label(self, case: str, kind: str, version: int | None = None) -> sitk.Image:
+        self._require_case(case)  # "no such case", not "has no label", for a case id that is not there
         path = self.label_path(case, kind, version)
         if path is None:
             what = f"{kind} label" + (f" v{version:04d}" if version else "")
@@ -416,6 +430,7 @@ class Project:
         return sitk.ReadImage(str(path))
 
     def provenance(self, case: str, kind: str, version: int | None = None) -> dict:
+        self._require_case(case)
         path = self.label_path(case, kind, version)
         if path is None:
             raise InputError(f"case {case!r}", f"has no {kind} label")
@@ -497,11 +512,17 @@ class Project:
 
     def import_labels(
         self, files: Sequence[str | Path], kind: str, *, source: str = "import", author: str | None = None,
+        mapping: str | Mapping[int, int] | None = None, replace: bool = False,
     ) -> list[tuple[str, int | None]]:
         """Import label files matched to cases by file name. Every file is checked
-        (case exists, one file per case, no reference replaced, valid label) before any is stored."""
+        (case exists, one file per case, valid label) before any is stored.
+
+        ``mapping`` (``"5=1,6=2"``): another tool's values to the project's (unmapped values
+        become background; the provenance lists them). A case's reference label is only
+        replaced with ``replace`` (the event log records the one replaced)."""
         if kind not in LABEL_KINDS:
             raise InputError("--kind", f"unknown label kind {kind!r}; one of {', '.join(LABEL_KINDS)}")
+        lut = parse_mapping(mapping, self.labels.values) if isinstance(mapping, str) else (dict(mapping) if mapping else None)
         plan = []
         seen: dict[str, Path] = {}
         for path in expand_sources(files):
@@ -511,20 +532,37 @@ class Project:
             if case in seen:
                 raise InputError(path, f"gives the same case {case!r} as {seen[case]}")
             seen[case] = path
-            if kind == "reference" and self.label_path(case, "reference") is not None:
-                raise InputError(path, f"case {case!r} already has a reference label")
-            plan.append((case, self._validated(case, path), path))
+            if kind == "reference" and self.label_path(case, "reference") is not None and not replace:
+                raise InputError(path, f"case {case!r} already has a reference label (give --replace to replace it)")
+            label, mapped = self._read_for_import(case, path, lut)
+            plan.append((case, label, path, mapped))
         out = []
         with self.lock(f"import {kind} labels"):
-            for case, label, path in plan:
-                produced_by = {"file": str(path.resolve()), "sha256": sha256_file(path)}
+            for case, label, path, mapped in plan:
+                produced_by = {"file": str(path.resolve()), "sha256": sha256_file(path), **mapped}
                 if kind == "human":
                     out.append((case, self.add_human_label(case, label, author=author, source="human-import",
                                                            produced_by=produced_by)))
-                else:
-                    self.write_label(case, kind, label, source=source, produced_by=produced_by)
-                    out.append((case, None))
+                    continue
+                old = self.label_path(case, kind) if kind == "reference" else None
+                replaced = {"file_sha256": sha256_file(old), **self.provenance(case, kind)} if old is not None else None
+                self.write_label(case, kind, label, source=source, produced_by=produced_by,
+                                 replace_reference=replaced is not None)
+                if replaced is not None:
+                    self.log_event("reference_replaced", case=case, file=str(path.resolve()),
+                                   replaced_sha256=replaced["file_sha256"], replaced_source=replaced.get("source"))
+                out.append((case, None))
         return out
+
+    def _read_for_import(self, case: str, path: Path, lut: Mapping[int, int] | None) -> tuple[sitk.Image, dict]:
+        """The file's label on the case's grid, its values mapped through ``lut`` when given; and what the
+        mapping did, for the provenance."""
+        if lut is None:
+            return self._validated(case, path), {}
+        mapped, dropped, present = map_label(read_any_label(path), lut, path, self.labels.values)
+        return self._validated(case, mapped), {"value_map": {str(k): v for k, v in lut.items()},
+                                               "dropped_values": {str(k): n for k, n in dropped.items()},
+                                               "values_in_file": sorted(present)}
 
     def labeled_cases(self, kind: str) -> list[str]:
         """Cases of the project that have a label of ``kind`` (human: at least one version)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from .errors import InputError
 from .nnunet.filtermatch_settings import FilterMatchConfig
-from .nnunet.modes import ROUND_MODES
+from .nnunet.modes import ROUND_MODES, check_budget
 
 STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")  # selection.strategies.STRATEGIES
 DEFAULT_STRATEGY = "hybrid"
@@ -127,6 +127,9 @@ class RoundSettings:
             raise InputError("--strategy", f"one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         if self.mode not in MODES:
             raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
+        check_budget(epochs=self.epochs, iterations=self.iterations, val_iterations=self.val_iterations,
+                     pretrain_epochs=self.pretrain_epochs, pretrain_iterations=self.pretrain_iterations,
+                     batch_size=self.batch_size)
         if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
             raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
         self.exclude = sorted(set(self.exclude))

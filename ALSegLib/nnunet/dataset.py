@@ -111,7 +111,12 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
                 chosen[case] = (kind, project.human_versions(case)[-1] if kind == "human" else None)
                 break
     if not chosen:
-        raise InputError(project.root, f"no case has a {' or '.join(POLICIES[policy])} label; nothing to train on")
+        others = [p for p, kinds in POLICIES.items() if p != policy
+                  and any(project.labeled_cases(k) for k in kinds if k not in POLICIES[policy])]
+        hint = (f" (cases have {' or '.join(k for p in others[:1] for k in POLICIES[p])} labels: "
+                f"--policy {others[0]})") if others else (" (make pseudo-labels first: alseg pseudolabel)"
+                                                          if policy == "pseudo" else "")
+        raise InputError(project.root, f"no case has a {' or '.join(POLICIES[policy])} label; nothing to train on{hint}")
 
     raw = folders(project.root).raw
     raw.mkdir(parents=True, exist_ok=True)

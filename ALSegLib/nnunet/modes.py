@@ -20,8 +20,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import InputError
+
 if TYPE_CHECKING:  # kept light: the command line reads the modes without importing torch or nnU-Net
     from .trainers import ALSegTrainer
+
+
+def check_budget(**counts: int | None) -> None:
+    """Refuse a training budget that is not a whole number of at least 1 (``None``: not given, the
+    default applies), naming the option: ``--epochs 0`` once fell back to the default and trained,
+    and ``--epochs -1`` left a model record behind before it was refused."""
+    options = {"epochs": "--epochs", "iterations": "--iters", "val_iterations": "--val-iters",
+               "pretrain_epochs": "--pretrain-epochs", "pretrain_iterations": "--pretrain-iters",
+               "batch_size": "--batch-size"}
+    for name, value in counts.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(options.get(name, name), f"must be a whole number of at least 1, not {value!r}")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from ..progress import emit, track
 from ..project import Project
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS
-from .train import TRAINER, model_dir, read_model
-from .trainers import load_checkpoint_safely, load_weights_checked
+from .train import TRAINER, checked_checkpoint, model_dir, read_model
+from .trainers import load_weights_checked
 
 
 def probabilities_path(project: Project, model: str, case: str) -> Path:
@@ -42,19 +42,33 @@ def load_probabilities(project: Project, model: str, case: str) -> tuple[np.ndar
         return npz["probabilities"].astype(np.float32), [int(v) for v in npz["class_values"]]
 
 
-def stored_with(project: Project, model: str, case: str, digest: str) -> bool:
-    """Whether the case's stored probabilities were made by these weights."""
+def stored_with(project: Project, model: str, case: str, digest: str, mirroring: bool = False,
+                tile_step: float = 0.5) -> bool:
+    """Whether the case's stored probabilities were made by these weights with these settings
+    (probabilities stored before the settings were recorded count as unmirrored, step 0.5)."""
     path = probabilities_path(project, model, case)
     if not path.is_file():
         return False
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return "weights_digest" in npz.files and str(npz["weights_digest"]) == digest
+            if "weights_digest" not in npz.files or str(npz["weights_digest"]) != digest:
+                return False
+            stored_mirroring = bool(npz["mirroring"]) if "mirroring" in npz.files else False
+            stored_step = float(npz["tile_step"]) if "tile_step" in npz.files else 0.5
+            return stored_mirroring == bool(mirroring) and abs(stored_step - tile_step) < 1e-9
     except (OSError, ValueError):
         return False
 
 
-def _predictor(project: Project, record: dict, device, mirroring: bool, tile_step: float):
+def _discard(project: Project, path: Path) -> None:
+    if path.is_file():
+        with project.lock("discard stale prediction outputs"):
+            path.unlink(missing_ok=True)
+            project.log_event("prediction_output_discarded", file=str(path.relative_to(project.root)),
+                              reason="the case was predicted again without storing it")
+
+
+def _predictor(project: Project, record: dict, checkpoint: dict, device, mirroring: bool, tile_step: float):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -64,7 +78,6 @@ def _predictor(project: Project, record: dict, device, mirroring: bool, tile_ste
     dataset_json = json.loads((pre / "dataset.json").read_text())
     pm = PlansManager(plans)
     cm = pm.get_configuration(record["configuration"])
-    checkpoint = load_checkpoint_safely(project.layout.resolve(record["checkpoint"]))
     network = TRAINER.build_network_architecture(
         pm, cm, determine_num_input_channels(pm, cm, dataset_json),
         pm.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False,
@@ -110,7 +123,7 @@ def predict(
         if not project.has_case(case):
             raise InputError(f"case {case!r}", f"not in project {project.root}")
     if reuse and probabilities:
-        kept = [c for c in cases if stored_with(project, model, c, record["final_weights_digest"])
+        kept = [c for c in cases if stored_with(project, model, c, record["final_weights_digest"], mirroring, tile_step)
                 and (not features or nnunet_features_path(project, model, c).is_file())]
         cases = [c for c in cases if c not in set(kept)]
         if not cases:
@@ -118,6 +131,7 @@ def predict(
     else:
         kept = []
     dev = resolve_device(device)
+    checkpoint = checked_checkpoint(project, record)  # before anything is written
     values = json.loads((folders(project.root).raw / record["dataset"] / "alseg_dataset.json").read_text())["values"]
     back = np.array([0, *values], dtype=np.uint16 if max(values) > 255 else np.uint8)  # nnU-Net index -> project value
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
@@ -125,7 +139,7 @@ def predict(
     out = []
     log = model_dir(project, model) / "nnunet.log"
     with nnunet_environment(project.root, log=log):
-        predictor = _predictor(project, record, dev, mirroring, tile_step)
+        predictor = _predictor(project, record, checkpoint, dev, mirroring, tile_step)
         pool = BottleneckPool(predictor.network) if features else None
         emit("stage", stage="predict", model=model, cases=len(cases))
         for case in track(cases, desc=f"predicting with {model}"):
@@ -143,15 +157,20 @@ def predict(
                 path = probabilities_path(project, model, case)
                 buffer = io.BytesIO()
                 np.savez_compressed(buffer, probabilities=probs, class_values=back.astype(np.int32),
-                                    weights_digest=np.array(record["final_weights_digest"]))
+                                    weights_digest=np.array(record["final_weights_digest"]),
+                                    mirroring=np.array(bool(mirroring)), tile_step=np.array(float(tile_step)))
                 with project.lock("store probabilities"):
                     atomic.write_bytes(path, buffer.getvalue())
                 extra["probabilities"] = str(path.relative_to(project.root))
+            else:  # probabilities of an earlier pass no longer match the label stored now: selection must not read them
+                _discard(project, probabilities_path(project, model, case))
             if pool is not None:
                 path = nnunet_features_path(project, model, case)
                 with project.lock("store features"):
                     write_vector(path, pool.vector())
                 extra["features"] = str(path.relative_to(project.root))
+            else:
+                _discard(project, nnunet_features_path(project, model, case))
             project.write_label(case, "predicted", label, source="nnunet", produced_by=produced_by, **extra)
             out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
                         **extra})

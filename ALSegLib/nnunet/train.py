@@ -24,7 +24,7 @@ from ..store.ids import check_case_id
 from ..store.locks import exclusive_run
 from .dataset import Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment, resolve_device
-from .modes import MODES, TrainingMode
+from .modes import MODES, TrainingMode, check_budget
 from .plan import PLANS, plan, preprocess, project_plans
 from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
 
@@ -145,6 +145,8 @@ def train(
     ``seed``: the same data, budget and seed give the same model on this machine (a resumed run keeps its own).
     """
     m = training_mode(mode)
+    check_budget(epochs=epochs, iterations=iterations, val_iterations=val_iterations,  # before anything is written
+                 batch_size=batch_size)
     name = check_case_id(name or mode)
     dev = resolve_device(device)
     folder = model_dir(project, name)
@@ -212,13 +214,33 @@ def train(
         return record
 
 
+def checked_checkpoint(project: Project, record: dict) -> dict:
+    """A finished model's checkpoint, loaded safely, once its weights are checked to be those its
+    record names: a checkpoint another program wrote since (``nnUNetv2_train`` run on the engine's
+    own dataset overwrote one) is refused, so predictions and fine-tunings never carry a digest of
+    weights they did not use."""
+    path = project.layout.resolve(record["checkpoint"])
+    checkpoint = load_checkpoint_safely(path)
+    recorded = record.get("final_weights_digest")
+    digest = weights_digest(checkpoint["network_weights"])
+    if recorded and digest != recorded:
+        raise InputError(path, f"the weights of model {record['name']!r} changed after it finished training "
+                               f"(digest {digest[:12]}, recorded {recorded[:12]}): another program wrote this "
+                               "checkpoint. Run nnU-Net's own trainings on a dataset of their own (see the README's "
+                               "nnU-Net recipe), or train this model again under a new name")
+    return checkpoint
+
+
 def _resolve_budget(previous: dict | None, dev: torch.device, epochs, iterations, val_iterations) -> dict:
     """Epochs, iterations per epoch and validation iterations: as given, else a resumed run's own, else the defaults."""
     d_epochs, d_iters = default_budget(dev)
     budget = (previous or {}).get("budget", {})  # a resumed run keeps its budget unless told otherwise
-    return {"epochs": epochs or budget.get("epochs") or d_epochs,
-            "iterations": iterations or budget.get("iterations") or d_iters,
-            "val_iterations": val_iterations or budget.get("val_iterations")}
+    def pick(given, stored, default):
+        return given if given is not None else stored if stored is not None else default
+
+    return {"epochs": pick(epochs, budget.get("epochs"), d_epochs),
+            "iterations": pick(iterations, budget.get("iterations"), d_iters),
+            "val_iterations": pick(val_iterations, budget.get("val_iterations"), None)}
 
 
 def _resolve_exclusions(project: Project, name: str, mode: TrainingMode, previous: dict | None,
@@ -248,6 +270,7 @@ def _resolve_init(project: Project, mode: TrainingMode, init_from: str | None) -
     if source.get("plans_digest") and current and source["plans_digest"] != current:
         raise InputError(f"model {init_from!r}", "was trained under other plans (the project was planned again "
                                                  "since); its weights do not fit the current network")
+    checked_checkpoint(project, source)  # before anything is written
     return {"model": init_from, "checkpoint": source["checkpoint"], "weights_digest": source["final_weights_digest"]}
 
 

@@ -8,11 +8,9 @@ the first one is stored, so a bad file or mapping leaves the project as it was.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from .. import progress, volumes
@@ -20,63 +18,8 @@ from ..errors import InputError
 from ..project import Project
 from ..store.files import sha256_file
 from ..store.ids import label_index
-
-_ITEM = re.compile(r"^\s*(\d+)\s*=\s*(\d+)\s*$")
-
-
-def parse_mapping(text: str, project_values: Sequence[int], where: str = "--map") -> dict[int, int]:
-    """``"5=1,6=2"`` -> {5: 1, 6: 2}. Targets must be the project's label values (or 0 to drop a value)."""
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(where, "empty mapping; write SOURCE=TARGET pairs, e.g. 5=1,6=2")
-    mapping: dict[int, int] = {}
-    for item in text.split(","):
-        m = _ITEM.match(item)
-        if not m:
-            raise InputError(where, f"cannot read {item.strip()!r}; write SOURCE=TARGET with whole numbers, e.g. 5=1")
-        src, dst = int(m.group(1)), int(m.group(2))
-        if src == 0:
-            raise InputError(where, f"{item.strip()!r}: background (0) cannot be mapped")
-        if src in mapping:
-            raise InputError(where, f"value {src} is mapped twice ({src}={mapping[src]} and {src}={dst})")
-        if dst != 0 and dst not in project_values:
-            raise InputError(where, f"{item.strip()!r}: {dst} is not a label value of the project "
-                                    f"(values: {', '.join(map(str, project_values))}; 0 drops a value)")
-        mapping[src] = dst
-    return mapping
-
-
-def _read_any_label(path: Path) -> sitk.Image:
-    img = volumes.read_image(path)
-    arr = sitk.GetArrayViewFromImage(img)
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise InputError(path, "label file holds non-integer values")
-    if arr.size and arr.min() < 0:
-        raise InputError(path, f"label file holds negative values (min {arr.min()})")
-    return img
-
-
-def map_label(img: sitk.Image, mapping: Mapping[int, int] | None, path: Path,
-              project_values: Sequence[int]) -> tuple[sitk.Image, dict[int, int], set[int]]:
-    """Apply a value mapping; returns the mapped label, the voxel counts of values dropped to
-    background, and the non-zero values the file holds."""
-    arr = sitk.GetArrayFromImage(img)
-    values, inverse, counts = np.unique(arr, return_inverse=True, return_counts=True)  # one pass, any value range
-    present = {int(v): int(n) for v, n in zip(values, counts) if v != 0}
-    if mapping is None:
-        bad = [v for v in present if v not in project_values]
-        if bad:
-            raise InputError(path, f"holds value(s) {', '.join(map(str, bad[:10]))} that are not label values of the project "
-                                   f"({', '.join(map(str, project_values))}); give --map SOURCE=TARGET,...")
-        new_values = values.astype(np.uint16)
-        dropped: dict[int, int] = {}
-    else:
-        new_values = np.array([mapping.get(int(v), 0) for v in values], np.uint16)
-        dropped = {v: n for v, n in present.items() if mapping.get(v, 0) == 0}
-    out = new_values[inverse.reshape(arr.shape)]
-    mapped = sitk.GetImageFromArray(out)
-    mapped.CopyInformation(img)
-    return mapped, dropped, set(present)
+from ..store.labels import map_label, parse_mapping  # noqa: F401 (parse_mapping: importable from here too)
+from ..store.labels import read_any_label as _read_any_label
 
 
 def import_pseudolabels(

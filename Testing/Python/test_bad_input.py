@@ -269,3 +269,22 @@ def test_a_bad_round_settings_file_is_refused_naming_it_and_nothing_is_written(p
     code, _, err = run_cli("round", project.root, "--settings", settings)
     assert code == 2 and problem in err and str(settings) in err
     assert tree_hash(project.root) == before
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "0"), ("--iters", "0"), ("--epochs", "-1"), ("--val-iters", "0"),
+                                           ("--batch-size", "0")])
+def test_a_zero_or_negative_training_budget_is_refused_and_leaves_no_trace(project, run_cli, option, value):
+    """'--epochs 0 --iters 0' once fell back to the default budget and trained; '--epochs -1' was refused
+    but left a model record 'training' behind that every later run of that name tripped over."""
+    before = tree_hash(project.root)
+    code, _, err = run_cli("train", project.root, "--mode", "pretrain", "--name", "m", option, value)
+    assert code == 2 and option in err and "at least 1" in err
+    assert tree_hash(project.root) == before
+    code, _, err = run_cli("round", project.root, "--budget", "1", option, value, "--pseudo-source", "degraded-reference")
+    assert code == 2 and option in err
+    assert tree_hash(project.root) == before
+
+
+def test_the_demo_refuses_a_zero_budget_before_it_makes_its_folder(run_cli, tmp_path):
+    code, _, err = run_cli("demo", "--dir", tmp_path / "demo", "--epochs", "0")
+    assert code == 2 and "--epochs" in err and not (tmp_path / "demo").exists()

@@ -229,12 +229,61 @@ def case_id_escapes_in_export(p, tmp):
                 "../../etc/passwd", "must not contain path separators")
 
 
+def zero_training_budget(p, tmp):
+    """'--epochs 0' once fell back to the default budget and trained."""
+    from ALSegLib.nnunet.train import train
+
+    return Kind(lambda: train(p, "pretrain", name="m", epochs=0, iterations=0),
+                ["train", p.root, "--mode", "pretrain", "--name", "m", "--epochs", "0", "--iters", "0"],
+                "--epochs", "at least 1")
+
+
+def negative_training_budget(p, tmp):
+    """'--epochs -1' was refused but left a model record 'training' behind."""
+    from ALSegLib.nnunet.train import train
+
+    return Kind(lambda: train(p, "pretrain", name="m", epochs=-1),
+                ["train", p.root, "--mode", "pretrain", "--name", "m", "--epochs", "-1"], "--epochs", "at least 1")
+
+
+def round_settings_file_unknown_setting(p, tmp):
+    from ALSegLib.cli import _settings_file, build_parser
+
+    path = tmp / "settings.json"
+    path.write_text(json.dumps({"budget": "2", "stratgy": "random"}))
+    args = ["round", str(p.root), "--settings", str(path)]
+    return Kind(lambda: _settings_file(build_parser().parse_args(args)), args, "settings.json",
+                "unknown round settings: stratgy")
+
+
+def model_weights_changed_after_training(p, tmp):
+    """A finished model whose checkpoint another program rewrote (nnUNetv2_train on the engine's dataset)."""
+    from ALSegLib.nnunet.predict import predict
+    from ALSegLib.nnunet.trainers import weights_digest
+
+    folder = p.root / "models" / "planted"
+    folder.mkdir(parents=True)
+    checkpoint = folder / "checkpoint_final.pth"
+    weights = {"conv.weight": torch.ones(2, 2)}
+    torch.save({"network_weights": weights}, checkpoint)
+    recorded = weights_digest({"conv.weight": torch.zeros(2, 2)})  # what the model finished with
+    (folder / "model.json").write_text(json.dumps({
+        "name": "planted", "mode": "pretrain", "status": "done", "checkpoint": "models/planted/checkpoint_final.pth",
+        "final_weights_digest": recorded, "dataset": "Dataset001_x", "configuration": "2d", "labeled_cases": 1,
+        "budget": {"epochs": 1, "iterations": 1}}))
+    case = p.cases()[0]
+    return Kind(lambda: predict(p, "planted", [case], device="cpu"),
+                ["predict", p.root, "--model", "planted", "--case", case, "--device", "cpu"],
+                "checkpoint_final.pth", "changed after it finished training")
+
+
 KINDS = [
     corrupt_dicom_slice, missing_dicom_slice, config_not_json, config_duplicate_label_values, config_newer_schema,
     init_duplicate_label_values, round_file_not_json, round_file_wrong_number, prompt_file_not_json,
     prompt_point_outside_image, prompt_unknown_case, sam_checkpoint_wrong_architecture, sam_checkpoint_shapes_mismatch,
     checkpoint_not_a_checkpoint, checkpoint_with_pickled_code, symlinked_label_folder_escapes, symlinked_image_escapes,
-    symlinked_model_escapes, case_id_escapes_in_export,
+    symlinked_model_escapes, case_id_escapes_in_export, zero_training_budget, negative_training_budget,
+    round_settings_file_unknown_setting, model_weights_changed_after_training,
 ]
 
 

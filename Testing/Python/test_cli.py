@@ -85,6 +85,36 @@ def test_export_human_versions(project, tmp_path, run_cli):
     run_cli("export", project.root, "phantom_ct_000", "--kind", "human", "--to", tmp_path / "latest.nii.gz")
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v1.nii.gz"))).max() == 3
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "latest.nii.gz"))).max() == 1
+    # the version as the file is named on disk; an existing file is kept unless --force
+    code, _, _ = run_cli("export", project.root, "phantom_ct_000", "--kind", "human", "--version", "v0001",
+                         "--to", tmp_path / "v0001.nii.gz")
+    assert code == 0 and sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v0001.nii.gz"))).max() == 3
+    before = (tmp_path / "v1.nii.gz").read_bytes()
+    code, _, err = run_cli("export", project.root, "phantom_ct_000", "--kind", "human", "--to", tmp_path / "v1.nii.gz")
+    assert code == 2 and "exists; give --force" in err and (tmp_path / "v1.nii.gz").read_bytes() == before
+    code, _, _ = run_cli("export", project.root, "phantom_ct_000", "--kind", "human", "--to", tmp_path / "v1.nii.gz",
+                         "--force")
+    assert code == 0 and sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v1.nii.gz"))).max() == 1
+    # a version is refused where there are none (machine labels), not ignored
+    code, _, err = run_cli("export", project.root, "phantom_ct_000", "--kind", "reference", "--version", "1",
+                           "--to", tmp_path / "r.nii.gz")
+    assert code == 2 and "only human labels have versions" in err
+
+
+def test_a_case_id_that_is_not_there_is_called_no_such_case(project, tmp_path, run_cli):
+    """'evaluate --case nosuch' and 'export nosuch' once said 'has no reference label'."""
+    code, _, err = run_cli("evaluate", project.root, "--kind", "reference", "--case", "nosuch")
+    assert code == 2 and "'nosuch'" in err and "no such case" in err
+    code, _, err = run_cli("export", project.root, "nosuch", "--kind", "reference", "--to", tmp_path / "x.nii.gz")
+    assert code == 2 and "no such case" in err and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_planning_without_pseudo_labels_points_to_the_labels_there_are(project, run_cli):
+    code, _, err = run_cli("plan", project.root)
+    assert code == 2 and "no case has a pseudo label" in err and "alseg pseudolabel" in err
+    project.add_human_label("phantom_ct_000", project.read_label("phantom_ct_000", "reference"))
+    code, _, err = run_cli("plan", project.root)
+    assert code == 2 and "--policy human" in err
 
 
 def test_busy_project_exit_code_3(project, run_cli, monkeypatch):
@@ -146,3 +176,14 @@ def test_bad_lock_timeout_setting_is_bad_input(project, run_cli, monkeypatch):
     ref = project.root / "labels" / "reference" / "phantom_ct_000.nrrd"
     code, _, err = run_cli("import-labels", project.root, ref, "--kind", "pseudo")
     assert code == 2 and "ALSEG_LOCK_TIMEOUT" in err
+
+
+def test_a_refused_command_line_names_its_command_once_with_that_command_s_usage(run_cli, tmp_path):
+    """Usage errors once read 'alseg: error: alseg: unrecognized arguments' under the top level's usage."""
+    code, _, err = run_cli("round", tmp_path, "--bogus")
+    assert code == 2 and err.startswith("usage: alseg round") and "alseg round: error: unrecognized arguments: --bogus" in err
+    assert "alseg: error: alseg" not in err
+    code, _, err = run_cli("round", tmp_path, "--strategy", "nosuch")
+    assert code == 2 and "alseg round: error: argument --strategy: invalid choice: 'nosuch'" in err
+    code, _, err = run_cli("nosuch")
+    assert code == 2 and "alseg: error: argument COMMAND: invalid choice: 'nosuch'" in err

@@ -444,3 +444,53 @@ def test_a_seeded_training_is_reproduced_and_another_seed_is_not(tiny):
     assert runs["seeded-a"]["final_weights_digest"] == runs["seeded-b"]["final_weights_digest"]
     assert runs["seeded-a"]["train_losses"] == runs["seeded-b"]["train_losses"]
     assert runs["seeded-c"]["final_weights_digest"] != runs["seeded-a"]["final_weights_digest"]
+
+
+def test_weights_changed_under_a_model_are_refused_before_predicting_or_fine_tuning(tiny, tmp_path, run_cli):
+    """nnUNetv2_train on an engine model's dataset once overwrote its checkpoint_final.pth; 'alseg predict'
+    then used the new weights and recorded the old digest. Now the digest is checked first."""
+    from conftest import tree_hash
+
+    copy = tiny["project"].copy_to(tmp_path / "copy")
+    ensure_human_labels(copy)
+    path = copy.root / read_model(copy, "pretrain")["checkpoint"]
+    checkpoint = load_checkpoint_safely(path)
+    first = next(iter(checkpoint["network_weights"]))
+    checkpoint["network_weights"][first] = checkpoint["network_weights"][first] + 1
+    torch.save(checkpoint, path)
+    before = tree_hash(copy.root)
+    code, _, err = run_cli("predict", copy.root, "--model", "pretrain", "--case", copy.cases()[0], "--device", "cpu")
+    assert code == 2 and "changed after it finished training" in err and str(path) in err
+    code, _, err = run_cli("train", copy.root, "--mode", "finetune", "--name", "ft", "--epochs", "1", "--iters", "1",
+                           "--device", "cpu", "--no-validate")
+    assert code == 2 and "changed after it finished training" in err
+    assert tree_hash(copy.root) == before
+
+
+def test_a_case_predicted_again_never_leaves_stale_probabilities_for_selection(tiny, tmp_path):
+    """'alseg predict --mirroring' without --probabilities once left the earlier unmirrored .npz, stamped
+    with the same weights' digest, for selection to read. Now it is removed (and logged), and stored
+    probabilities are reused only when made with the same mirroring and tile step."""
+    from ALSegLib.nnunet.predict import probabilities_path, stored_with
+    from ALSegLib.store.features import nnunet_features_path
+
+    copy = tiny["project"].copy_to(tmp_path / "copy")
+    case = copy.cases()[0]
+    digest = read_model(copy, "pretrain")["final_weights_digest"]
+    predict(copy, "pretrain", [case], probabilities=True, device="cpu")
+    assert stored_with(copy, "pretrain", case, digest) and not stored_with(copy, "pretrain", case, digest, mirroring=True)
+    assert predict(copy, "pretrain", [case], probabilities=True, device="cpu", reuse=True) == [{"case": case, "reused": True}]
+    again = predict(copy, "pretrain", [case], probabilities=True, mirroring=True, device="cpu", reuse=True)
+    assert "reused" not in again[0]  # other settings: predicted again
+    assert stored_with(copy, "pretrain", case, digest, mirroring=True)
+    predict(copy, "pretrain", [case], probabilities=False, device="cpu")
+    assert not probabilities_path(copy, "pretrain", case).exists()
+    assert not nnunet_features_path(copy, "pretrain", case).exists()
+    assert "prediction_output_discarded" in {e["event"] for e in copy.events()}
+
+
+def test_the_models_table_has_column_headers(tiny, run_cli):
+    code, out, _ = run_cli("models", tiny["project"].root)
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split() == ["model", "mode", "status", "config", "epochs", "labeled", "val", "Dice"]
+    assert any(row.split()[:3] == ["pretrain", "pretrain", "done"] for row in rows)

@@ -399,3 +399,67 @@ def test_the_lock_belongs_to_the_thread_that_took_it(project):
     assert seen == ["project write outside the project lock"]
     with pytest.raises(RuntimeError):
         project.require_lock()  # released
+
+
+def test_nnunet_named_images_find_their_labels_and_values_are_mapped(tmp_path, table):
+    """nnU-Net/MSD layout: imagesTr/case_0000.nii.gz with labelsTr/case.nii.gz is one case 'case'; a
+    reference in another tool's values comes in through a mapping (unmapped values: background)."""
+    images, labels = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    images.mkdir()
+    labels.mkdir()
+    image, label = phantoms.make_phantom(0, "CT", size=24)
+    sitk.WriteImage(image, str(images / "liver_007_0000.nii.gz"))
+    other = sitk.GetArrayFromImage(label).astype(np.uint8)
+    other[other == 1] = 5  # the other tool calls the organ 5
+    other[other == 2] = 9  # and has a class the project does not (the vessel), not mapped
+    relabeled = sitk.GetImageFromArray(other)
+    relabeled.CopyInformation(label)
+    sitk.WriteImage(relabeled, str(labels / "liver_007.nii.gz"))
+    project = Project.create(tmp_path / "p", table, "CT")
+    with pytest.raises(InputError, match="not in the label table|not label values"):
+        project.add_cases([images], reference_dir=labels)
+    assert project.cases() == []
+    assert project.add_cases([images], reference_dir=labels, reference_map="5=1,3=3") == ["liver_007"]
+    stored = sitk.GetArrayFromImage(project.read_label("liver_007", "reference"))
+    ref = sitk.GetArrayFromImage(label)
+    assert ((stored == 1) == (ref == 1)).all() and not (stored == 2).any() and ((stored == 3) == (ref == 3)).all()
+    prov = project.provenance("liver_007", "reference")
+    assert prov["value_map"] == {"5": 1, "3": 3} and "9" in prov["dropped_values"]
+
+
+def test_import_labels_maps_values_and_replaces_a_reference_only_when_asked(project, tmp_path, run_cli):
+    case = project.cases()[0]
+    ref = project.read_label(case, "reference")
+    arr = sitk.GetArrayFromImage(ref).astype(np.uint8)
+    arr[arr == 1] = 7
+    other = sitk.GetImageFromArray(arr)
+    other.CopyInformation(ref)
+    folder = tmp_path / "totalseg"
+    folder.mkdir()
+    sitk.WriteImage(other, str(folder / f"{case}.nii.gz"))
+    code, _, err = run_cli("import-labels", project.root, folder, "--kind", "pseudo")
+    assert code == 2 and "--map" in err
+    code, _, _ = run_cli("import-labels", project.root, folder, "--kind", "pseudo", "--map", "7=1,2=2,3=3")
+    assert code == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(project.read_label(case, "pseudo")), sitk.GetArrayFromImage(ref))
+    # a reference is replaced only with --replace, and the event log keeps the replaced file's checksum
+    before = (project.root / "labels" / "reference" / f"{case}.nrrd").read_bytes()
+    code, _, err = run_cli("import-labels", project.root, folder, "--kind", "reference", "--map", "7=2")
+    assert code == 2 and "--replace" in err
+    assert (project.root / "labels" / "reference" / f"{case}.nrrd").read_bytes() == before
+    code, _, _ = run_cli("import-labels", project.root, folder, "--kind", "reference", "--map", "7=2", "--replace")
+    assert code == 0 and (sitk.GetArrayFromImage(project.read_label(case, "reference")) == 2).any()
+    replaced = [e for e in project.events() if e["event"] == "reference_replaced"]
+    assert len(replaced) == 1 and replaced[0]["case"] == case and len(replaced[0]["replaced_sha256"]) == 64
+    code, _, err = run_cli("import-labels", project.root, folder, "--kind", "human", "--replace")
+    assert code == 2 and "versioned, never replaced" in err
+
+
+def test_known_structures_get_slicer_s_anatomy_colours_by_default():
+    """The liver once got grey-green: names Slicer's GenericAnatomyColors knows take its colour."""
+    table = LabelTable.parse("liver=1,kidney_left=2,Spleen=3,myocardium=4,tumor=5:#ff0000")
+    colors = {c.name: tuple(round(255 * v) for v in c.color) for c in table.classes}
+    assert colors["liver"] == (221, 130, 101) and colors["kidney_left"] == (185, 102, 83)
+    assert colors["Spleen"] == (157, 108, 162)
+    assert colors["tumor"] == (255, 0, 0)  # a colour given wins
+    assert colors["myocardium"] != colors["liver"]  # unknown: the palette
