@@ -375,7 +375,10 @@ class Project:
         if ref is not None:
             mapped: dict = {}
             if lut is None:
-                label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
+                try:
+                    label = volumes.read_label(ref, label_values=self.labels.values, geometry=geometry)
+                except InputError as exc:
+                    raise _with_map_hint(exc) from None
             else:
                 raw, dropped, present = map_label(read_any_label(ref), lut, ref, self.labels.values)
                 label = volumes.validate_label(raw, str(ref), label_values=self.labels.values, geometry=geometry)
@@ -558,7 +561,10 @@ class Project:
         """The file's label on the case's grid, its values mapped through ``lut`` when given; and what the
         mapping did, for the provenance."""
         if lut is None:
-            return self._validated(case, path), {}
+            try:
+                return self._validated(case, path), {}
+            except InputError as exc:
+                raise _with_map_hint(exc) from None
         mapped, dropped, present = map_label(read_any_label(path), lut, path, self.labels.values)
         return self._validated(case, mapped), {"value_map": {str(k): v for k, v in lut.items()},
                                                "dropped_values": {str(k): n for k, n in dropped.items()},
@@ -605,3 +611,10 @@ class Project:
             {"case": c, **{k: (c in kinds[k]) for k in LABEL_KINDS}, "human_versions": len(self.human_versions(c))}
             for c in self.cases()
         ]
+
+
+def _with_map_hint(exc: InputError) -> InputError:
+    """A label file in another tool's values: say how to map them."""
+    if "not in the label table" in exc.problem:
+        return InputError(exc.where, f"{exc.problem}; give --map SOURCE=TARGET,... (e.g. 5=1) to map them")
+    return exc

@@ -423,7 +423,7 @@ def test_nnunet_named_images_find_their_labels_and_values_are_mapped(tmp_path, t
     stored = sitk.GetArrayFromImage(project.read_label("liver_007", "reference"))
     ref = sitk.GetArrayFromImage(label)
     assert ((stored == 1) == (ref == 1)).all() and not (stored == 2).any() and ((stored == 3) == (ref == 3)).all()
-    prov = project.provenance("liver_007", "reference")
+    prov = project.provenance("liver_007", "reference")["produced_by"]
     assert prov["value_map"] == {"5": 1, "3": 3} and "9" in prov["dropped_values"]
 
 
