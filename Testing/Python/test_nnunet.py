@@ -263,18 +263,25 @@ def test_malicious_checkpoint_is_refused_never_run(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tiny, run_cli):
     """A model's checkpoint replaced by one of another network (here: one stage wider): prediction
-    through the API and the CLI refuses it by name; the project is byte-identical."""
+    through the API and the CLI refuses it by name; the project is byte-identical. (The record names
+    the new weights here, as if re-recorded: otherwise the digest check refuses them first.)"""
     from conftest import tree_hash
+
+    from ALSegLib.nnunet.trainers import weights_digest
 
     project = tiny["project"]
     path = project.root / tiny["pretrain"]["checkpoint"]
-    saved = path.read_bytes()
+    record_file = project.root / "models" / "pretrain" / "model.json"
+    saved, saved_record = path.read_bytes(), record_file.read_text()
     try:
         checkpoint = load_checkpoint_safely(path)
         name = next(k for k in checkpoint["network_weights"] if k.endswith("conv.weight"))
         w = checkpoint["network_weights"][name]
         checkpoint["network_weights"][name] = torch.zeros((w.shape[0] * 2, *w.shape[1:]))
         torch.save(checkpoint, path)
+        record = json.loads(saved_record)
+        record["final_weights_digest"] = weights_digest(checkpoint["network_weights"])
+        record_file.write_text(json.dumps(record))
         before = tree_hash(project.root)
         with pytest.raises(InputError, match=r"weights do not fit this network .* another architecture") as err:
             predict(project, "pretrain", project.cases()[:1], device="cpu")
@@ -285,6 +292,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tiny, run_cli):
         assert tree_hash(project.root) == before
     finally:
         path.write_bytes(saved)
+        record_file.write_text(saved_record)
 
 
 def test_filtermatch_end_to_end_records_its_filter_decisions(tiny):
