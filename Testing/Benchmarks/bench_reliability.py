@@ -37,7 +37,8 @@ from ALSegLib.project import LabelTable, Project  # noqa: E402
 
 TESTS = REPO / "Testing" / "Python"
 CATALOGUE = ["test_bad_input.py", "test_bad_input_catalogue.py",
-             "test_nnunet.py::test_checkpoint_of_another_architecture_is_a_clear_error"]
+             "test_nnunet.py::test_checkpoint_of_another_architecture_is_a_clear_error",
+             "test_nnunet.py::test_weights_changed_under_a_model_are_refused_before_predicting_or_fine_tuning"]
 UNTRUSTED = ["test_pseudolabels.py::test_checkpoint_with_pickled_code_is_refused_and_never_run",
              "test_nnunet.py::test_malicious_checkpoint_is_refused_never_run",
              "test_bad_input_catalogue.py::test_api[checkpoint_with_pickled_code]",
