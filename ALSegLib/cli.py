@@ -378,7 +378,7 @@ def cmd_pseudolabel(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .nnunet.train import list_models, read_model
+    from .store.models import list_models, read_model  # no torch: the records only
 
     project = Project.open(args.project)
     records = [read_model(project, m) for m in list_models(project)]

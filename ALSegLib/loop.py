@@ -43,6 +43,7 @@ from .project import Project
 from .settings import MODES, PSEUDO_SOURCES, PseudoSource, RoundSettings  # noqa: F401 (the loop's public names)
 from .store.files import now_iso
 from .store.locks import exclusive_run
+from .store.models import finished
 
 PRETRAIN = "pretrain"
 
@@ -192,9 +193,9 @@ class Round:
         return {"dataset": record["dataset"], "configurations": record["configurations"]}
 
     def pretrain(self) -> dict:
-        from .nnunet.train import list_models, read_model, train
+        from .nnunet.train import train
 
-        if PRETRAIN in list_models(self.project) and read_model(self.project, PRETRAIN)["status"] == "done":
+        if finished(self.project, PRETRAIN):
             return {"model": PRETRAIN, "reused": True}
         s = self.settings
         rec = train(self.project, "pretrain", name=PRETRAIN, epochs=s.pretrain_epochs, iterations=s.pretrain_iterations,
@@ -366,9 +367,7 @@ def _check(project: Project, settings: RoundSettings) -> None:
             raise InputError(f"--exclude {case}", f"not a case of {project.root}")
     held = set(settings.exclude)
     if settings.pseudo is None and not (set(project.labeled_cases("pseudo")) - held):
-        from .nnunet.train import list_models, read_model
-
-        if PRETRAIN not in list_models(project) or read_model(project, PRETRAIN)["status"] != "done":
+        if not finished(project, PRETRAIN):
             raise InputError(project.root, "no case has a pseudo-label to pretrain on; give the round a pseudo-label "
                              "source (SAM checkpoint and prompts, or another model's labels), or make them first "
                              "with 'alseg pseudolabel'")

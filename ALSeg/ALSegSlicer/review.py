@@ -131,7 +131,7 @@ class ReviewSession:
         model = record.get("selection", {}).get("model") or record["stages"].get("predict-pool", {}).get("model")
         if not model:
             return None
-        from ALSegLib.nnunet.predict import load_probabilities, probabilities_path
+        from ALSegLib.store.predictions import load_probabilities, probabilities_path
 
         if not probabilities_path(self.project, model, self.current.case).is_file():
             return None

@@ -19,9 +19,11 @@ from .. import atomic
 from ..errors import InputError
 from ..progress import emit
 from ..project import Project
-from ..store.files import now_iso, read_json_object
+from ..store.files import now_iso
 from ..store.ids import check_case_id
 from ..store.locks import exclusive_run
+from ..store.models import list_models, model_dir, read_model  # noqa: F401 (importable from here too)
+from ..store.models import write_model as _write_record
 from .dataset import Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment, resolve_device
 from .modes import MODES, TrainingMode, check_budget
@@ -44,29 +46,6 @@ def trainer_class(mode: str) -> type[ALSegTrainer]:
 def default_budget(device: torch.device) -> tuple[int, int]:
     """(epochs, iterations per epoch): nnU-Net's 1000 x 250 on a GPU, a small CPU budget otherwise."""
     return (1000, 250) if device.type == "cuda" else (20, 50)
-
-
-def model_dir(project: Project, name: str) -> Path:
-    return project.layout.model(name)
-
-
-def read_model(project: Project, name: str) -> dict:
-    path = model_dir(project, name) / "model.json"
-    if not path.is_file():
-        known = ", ".join(list_models(project)) or "none"
-        raise InputError(f"model {name!r}", f"not found in {project.root} (models: {known})")
-    return read_json_object(path)
-
-
-def list_models(project: Project) -> list[str]:
-    folder = project.layout.models
-    return sorted(p.name for p in folder.iterdir() if (p / "model.json").is_file()) if folder.is_dir() else []
-
-
-def _write_record(project: Project, record: dict, event: str) -> None:
-    with project.lock(f"record model {record['name']}"):
-        atomic.write_json(model_dir(project, record["name"]) / "model.json", record)
-        project.log_event(event, model=record["name"], mode=record["mode"], status=record["status"])
 
 
 def _model_lock(folder: Path):

@@ -19,8 +19,8 @@ from .uncertainty import Uncertainty, case_uncertainty
 
 def _model_with_probabilities(project: Project, cases: Sequence[str]) -> str:
     """The most recently finished model that has stored probabilities for every case."""
-    from ..nnunet.predict import probabilities_path
-    from ..nnunet.train import list_models, read_model
+    from ..store.models import list_models, read_model
+    from ..store.predictions import probabilities_path
 
     done = [(r.get("finished", ""), m) for m in list_models(project) if (r := read_model(project, m))["status"] == "done"]
     for _, model in sorted(done, reverse=True):
@@ -47,7 +47,7 @@ def pool_uncertainty(project: Project, model: str, cases: Sequence[str], band: i
     """Uncertainty of each case from the model's stored probabilities (and its pseudo-label, if any)."""
     import SimpleITK as sitk
 
-    from ..nnunet.predict import load_probabilities
+    from ..store.predictions import load_probabilities
 
     pseudo = set(project.labeled_cases("pseudo"))
     out = {}

@@ -139,9 +139,32 @@ def test_light_entry_points_do_not_import_torch_or_nnunet():
     import subprocess
     import sys
 
-    code = ("import sys; import ALSegLib, ALSegLib.cli, ALSegLib.settings; ALSegLib.cli.build_parser(); "
+    code = ("import sys; import ALSegLib, ALSegLib.cli, ALSegLib.settings, ALSegLib.store.models, "
+            "ALSegLib.store.predictions; ALSegLib.cli.build_parser(); "
             "heavy = [m for m in ('torch', 'nnunetv2', 'segment_anything', 'scipy') if m in sys.modules]; "
             "print(','.join(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"imported at start: {done.stdout.strip()}"
+
+
+def test_filtermatch_settings_are_defined_once_and_every_command_offers_them():
+    """FilterMatch's defaults were written in three places (the config, alseg train's options, the
+    round/simulate options); the commands now build their options from FilterMatchConfig."""
+    from dataclasses import fields
+
+    from ALSegLib.cli import build_parser
+    from ALSegLib.nnunet.filtermatch_settings import OPTIONS, FilterMatchConfig
+    from ALSegLib.settings import RoundSettings
+
+    defaults = FilterMatchConfig()
+    assert set(OPTIONS) == {f.name for f in fields(FilterMatchConfig)} - {"strong"}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("train", "round", "simulate"):
+        actions = {a.option_strings[0]: a for a in sub[command]._actions if a.option_strings}
+        for name, (option, _) in OPTIONS.items():
+            assert actions[option].default == getattr(defaults, name), (command, option)
+    # a round stores them nested, and reads them back as the same settings
+    settings = RoundSettings(mode="filtermatch", filtermatch={"warmup_epochs": 3})
+    assert isinstance(settings.filtermatch, FilterMatchConfig) and settings.filtermatch.warmup_epochs == 3
+    assert RoundSettings.from_json(settings.to_json(), "test") == settings
