@@ -530,6 +530,8 @@ class Project:
         seen: dict[str, Path] = {}
         for path in expand_sources(files):
             case = derive_case_id(path)
+            if not self.has_case(case) and self.has_case(kept := derive_case_id(path, strip_channel=False)):
+                case = kept  # a case added with its _0000 suffix, before the suffix was dropped
             if not self.has_case(case):
                 raise InputError(path, f"no case {case!r} in the project for this label file")
             if case in seen:

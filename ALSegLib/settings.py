@@ -41,6 +41,15 @@ class PseudoSource:
     model_type: str | None = None
     axis: str | None = None
     exclude: tuple[str, ...] = ()  # cases never given prompts (the held-out cases)
+    window: str | None = None  # the rest: pseudolabel_with_sam's own options, as `alseg pseudolabel` takes them
+    device: str | None = None
+    batch: int | None = None
+    memory_gib: float | None = None
+    backend: str | None = None
+    box_margin: float | None = None
+    settings_file: str | None = None
+    auto: bool | None = None
+    auto_settings: str | None = None
     # import: another model's label files
     from_dir: str | None = None
     map: str | None = None
@@ -49,7 +58,8 @@ class PseudoSource:
     seed: int | None = None
 
     OPTIONS = {  # the options each source takes
-        "sam": ("prompts", "from_labels", "prompts_from_reference", "checkpoint", "model_type", "axis", "exclude"),
+        "sam": ("prompts", "from_labels", "prompts_from_reference", "checkpoint", "model_type", "axis", "exclude", "window",
+                "device", "batch", "memory_gib", "backend", "box_margin", "settings_file", "auto", "auto_settings"),
         "import": ("from_dir", "map"),
         "degraded-reference": ("target_dice", "seed"),
     }

@@ -30,12 +30,12 @@ def check_case_id(case: str) -> str:
 NNUNET_CHANNEL = "_0000"  # nnU-Net/MSD images are named <case>_0000.nii.gz, their labels <case>.nii.gz
 
 
-def derive_case_id(source: Path) -> str:
+def derive_case_id(source: Path, *, strip_channel: bool = True) -> str:
     """A stable id from a file or DICOM folder name: characters outside
     ``[A-Za-z0-9._-]`` become ``_``, runs of dots collapse, leading dots/dashes go; a file's
     nnU-Net channel suffix ``_0000`` goes, so ``case_0000.nii.gz`` and ``case.nii.gz`` are one case."""
     stem = volumes.strip_extension(source) if source.is_file() or volumes.image_extension(source) else source.name
-    if source.is_file() or volumes.image_extension(source):
+    if strip_channel and (source.is_file() or volumes.image_extension(source)):
         stem = stem.removesuffix(NNUNET_CHANNEL) or stem
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
     cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128].rstrip(".")

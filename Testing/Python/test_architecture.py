@@ -168,3 +168,24 @@ def test_filtermatch_settings_are_defined_once_and_every_command_offers_them():
     settings = RoundSettings(mode="filtermatch", filtermatch={"warmup_epochs": 3})
     assert isinstance(settings.filtermatch, FilterMatchConfig) and settings.filtermatch.warmup_epochs == 3
     assert RoundSettings.from_json(settings.to_json(), "test") == settings
+
+
+def test_a_pseudo_label_source_is_typed_and_stored_as_round_records_always_had_it():
+    from ALSegLib.errors import InputError
+    from ALSegLib.settings import PseudoSource, RoundSettings
+
+    stored = [{"source": "sam", "prompts_from_reference": 3, "axis": "sagittal", "exclude": ["t1"]},
+              {"source": "sam", "prompts": "/p/boxes.json", "checkpoint": "/w/sam.pth", "device": "cuda:1"},
+              {"source": "import", "from": "/data/totalseg", "map": "5=1"},
+              {"source": "degraded-reference", "target_dice": 0.75, "seed": 2}]
+    for data in stored:
+        source = PseudoSource.from_json(data)
+        assert source.to_json() == data  # the shape older round records hold
+        assert RoundSettings.from_json({"budget": "2", "pseudo": data}, "test").pseudo == source
+    assert PseudoSource.from_json(stored[2]).options() == {"from_dir": "/data/totalseg", "map": "5=1"}
+    with pytest.raises(InputError, match="unknown pseudo-label option"):
+        PseudoSource.from_json({"source": "sam", "promts": "x.json"})
+    with pytest.raises(InputError, match="takes no target_dice"):
+        PseudoSource.from_json({"source": "sam", "target_dice": 0.7})
+    with pytest.raises(InputError, match="needs 'from'"):
+        PseudoSource.from_json({"source": "import"})
