@@ -40,7 +40,8 @@ MARKER = ".alseg-demo"
 
 def demo_round() -> RoundSettings:
     """The demo's rounds: 2 cases each, hybrid selection, fine-tuning; nnU-Net 2d at batch 6 (a step
-    costs its samples here: batch 12 0.36 s, 6 0.19 s on 2 cores); 750 pretraining steps (at 250 the
+    costs its samples here: batch 12 0.36 s, 6 0.19 s on 2 cores alone; 0.21-0.22 s in the demo's
+    pretraining, bench_demo 2026-12-01); 750 pretraining steps (at 250 the
     pretrained model had learned neither vessel nor lesion), 250 per round (700 / 200 fit 10 minutes
     but left the lesion at 0.00: see demo.json); one validation step per epoch (the rounds score the
     held-out cases themselves)."""
