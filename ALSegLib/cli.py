@@ -608,8 +608,6 @@ def cmd_demo(args) -> int:
         raise InputError("--size", f"phantoms are 24 to 256 voxels on a side, not {args.size}")
     if args.cases is not None and args.cases < 4:
         raise InputError("--cases", f"the demo needs at least 4 cases, not {args.cases}")
-    if not 0.0 <= args.pseudo_share < 1.0:
-        raise InputError("--pseudo-share", f"must be a number in [0, 1), not {args.pseudo_share}")
     rounds = DEMO_ROUND.with_changes(budget=args.budget, device=args.device, seed=args.seed,
                                      configuration=args.configuration, pretrain_epochs=args.pretrain_epochs,
                                      pretrain_iterations=args.iters, epochs=args.epochs, iterations=args.iters,

@@ -230,7 +230,6 @@ class Round:
         selection = choose_cases(self.project, s.budget, s.strategy, seed=s.seed + self.number, model=model,
                                  features=s.features, exclude=s.exclude)
         self.record = rounds.store_selection(self.project, selection, self.record)
-        emit("selected", round=self.number, cases=selection.cases)
         return {"cases": selection.cases}
 
     def review(self) -> dict:
@@ -287,7 +286,7 @@ class Round:
         return {"files": write_round_report(self.project, self.record)}
 
 
-BEFORE_SELECTION = ("pseudolabels", "plan", "pretrain", "predict-pool")
+BEFORE_SELECTION = rounds.STAGES[: rounds.STAGES.index("select")]
 
 
 def prepare(project: Project, settings: RoundSettings) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import InputError
+from .progress import emit
 from .project import Project
 from .store.files import now_iso, read_json_object
 from .store.ids import check_case_id
@@ -163,6 +164,7 @@ def store_selection(project: Project, selection: Selection, record: dict | None 
         write_round(project, record)
         project.log_event("selected", round=record["round"], strategy=selection.details.get("strategy"),
                           cases=selection.cases)
+    emit("selected", round=record["round"], cases=selection.cases)
     return record
 
 

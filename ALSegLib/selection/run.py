@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .. import rounds
 from ..errors import InputError
-from ..progress import emit, track
+from ..progress import track
 from ..project import Project
 from . import features as feats
 from .strategies import Pool, needs, parse_budget, select, summarize
@@ -124,7 +124,5 @@ def choose_cases(
 def select_cases(project: Project, budget: str | int, strategy: str = "hybrid", **options) -> dict:
     """Pick cases for review (:func:`choose_cases`) and store them as the open round's queue,
     or a new round's (``alseg select``); returns the round record."""
-    record = rounds.store_selection(project, choose_cases(project, budget, strategy, **options))
-    emit("selected", round=record["round"], cases=[q["case"] for q in record["queue"]])
-    return record
+    return rounds.store_selection(project, choose_cases(project, budget, strategy, **options))
 
