@@ -869,7 +869,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
     p.add_argument("--settings", metavar="FILE", help="the round's settings as a JSON object (e.g. the Slicer panel's "
-                   "rounds/next-settings.json); options also given override the file's")
+                   "rounds/next-settings.json); options also given override the file's (an option given with its "
+                   "default value does not)")
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
     p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--seed", type=int, default=0)
