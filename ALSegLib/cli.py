@@ -272,7 +272,8 @@ def cmd_train(args) -> int:
     record = train(project, args.mode, name=args.name, epochs=args.epochs, iterations=args.iters,
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
-                   filtermatch=filtermatch, exclude_cases=args.exclude, pseudo_share=args.pseudo_share)
+                   filtermatch=filtermatch, exclude_cases=args.exclude, pseudo_share=args.pseudo_share,
+                   minutes=args.minutes)
     if args.json:
         _print_json(record)
     else:
@@ -491,7 +492,7 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
                          val_iterations=args.val_iters, pseudo=pseudo, filtermatch=fm, pseudo_share=args.pseudo_share,
-                         **own)
+                         minutes=args.minutes, **own)
 
 
 # `alseg round`'s options and the RoundSettings field each sets (pseudo-label and FilterMatch options: below)
@@ -499,7 +500,7 @@ ROUND_OPTION_FIELDS = {"budget": "budget", "strategy": "strategy", "mode": "mode
                        "features": "features", "device": "device", "configuration": "configuration",
                        "batch_size": "batch_size", "pretrain_epochs": "pretrain_epochs",
                        "pretrain_iters": "pretrain_iterations", "epochs": "epochs", "iters": "iterations",
-                       "val_iters": "val_iterations", "pseudo_share": "pseudo_share"}
+                       "val_iters": "val_iterations", "pseudo_share": "pseudo_share", "minutes": "minutes"}
 PSEUDO_OPTIONS = ("pseudo_source", "checkpoint", "model_type", "prompts", "from_labels", "prompts_from_reference", "axis",
                   "from_dir", "map", "target_dice")
 
@@ -591,6 +592,11 @@ def cmd_simulate(args) -> int:
     return EXIT_OK
 
 
+def _demo_epochs(given: int | None, default: int, minutes: float | None) -> int | None:
+    """The demo's epochs: as given, else fitted to --minutes, else the demo's own."""
+    return given if given is not None else None if minutes is not None else default
+
+
 def cmd_demo(args) -> int:
     """Build a project (phantoms, or --data) and run simulated rounds of the whole loop."""
     from .demo import (
@@ -609,8 +615,10 @@ def cmd_demo(args) -> int:
     if args.cases is not None and args.cases < 4:
         raise InputError("--cases", f"the demo needs at least 4 cases, not {args.cases}")
     rounds = DEMO_ROUND.with_changes(budget=args.budget, device=args.device, seed=args.seed,
-                                     configuration=args.configuration, pretrain_epochs=args.pretrain_epochs,
-                                     pretrain_iterations=args.iters, epochs=args.epochs, iterations=args.iters,
+                                     configuration=args.configuration, pretrain_epochs=_demo_epochs(args.pretrain_epochs,
+                                     DEMO_ROUND.pretrain_epochs, args.minutes), minutes=args.minutes,
+                                     epochs=_demo_epochs(args.epochs, DEMO_ROUND.epochs, args.minutes),
+                                     pretrain_iterations=args.iters, iterations=args.iters,
                                      strategy=args.strategy, mode=args.mode, pseudo_share=args.pseudo_share)
     settings = DemoSettings(rounds=args.rounds, target_dice=args.target_dice, pseudo_source=args.pseudo_source,
                             round=rounds)
@@ -736,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs (default: 1000 on a GPU, 20 on a CPU)")
     p.add_argument("--iters", type=int, help="iterations per epoch (default: 250 on a GPU, 50 on a CPU)")
     p.add_argument("--val-iters", type=int, help="validation iterations per epoch (default: iters / 5)")
+    p.add_argument("--minutes", type=float, help="fit the training into N minutes on this machine: epochs (or, with "
+                   "--epochs, iterations) chosen from a probe of a few real steps; --epochs and --iters both given win")
     p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--configuration", choices=CONFIGURATIONS, help="default: the planned one")
     p.add_argument("--batch-size", type=int, help="batch size for this model (default: the plans')")
@@ -843,6 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, help="epochs of each round's training")
         p.add_argument("--iters", type=int, help="iterations per epoch of each round's training")
         p.add_argument("--val-iters", type=int, help="validation iterations per epoch")
+        p.add_argument("--minutes", type=float, help="fit each training (pretraining, each round's) into N minutes on "
+                       "this machine: epochs chosen from a probe of a few real steps; --epochs with --iters win")
         p.add_argument("--pseudo-share", type=float, default=RoundSettings.pseudo_share,
                        help="finetune: share of training draws from cases that have only a pseudo-label (default "
                        f"{RoundSettings.pseudo_share:g}; 0: fine-tune on the human labels alone)")
@@ -920,8 +932,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-share", type=float, default=DEMO_ROUND.pseudo_share,
                    help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DEMO_ROUND.pseudo_share}; "
                    "not used by filtermatch)")
-    p.add_argument("--pretrain-epochs", type=int, default=DEMO_ROUND.pretrain_epochs)
-    p.add_argument("--epochs", type=int, default=DEMO_ROUND.epochs)
+    p.add_argument("--pretrain-epochs", type=int, help=f"default {DEMO_ROUND.pretrain_epochs} (with --minutes: fitted)")
+    p.add_argument("--epochs", type=int, help=f"each round's epochs: default {DEMO_ROUND.epochs} (with --minutes: fitted)")
+    p.add_argument("--minutes", type=float, help="fit each training into N minutes on this machine (epochs chosen "
+                   "from a probe of a few real steps)")
     p.add_argument("--iters", type=int, default=DEMO_ROUND.iterations, help="iterations per epoch (pretraining and rounds)")
     p.add_argument("--device", default=DEMO_ROUND.device, type=_device, help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--seed", type=int, default=DEMO_ROUND.seed)

@@ -31,7 +31,7 @@ from .loop import RoundSettings, run_round, score_held_out
 from .project import Project
 from .report import curve_point
 from .rounds import RoundRecord
-from .simulate import SimulatedAnnotator, check_no_test_revealed
+from .simulate import SimulatedAnnotator, baseline_minutes, check_no_test_revealed
 from .store.ids import derive_case_id, expand_sources
 from .store.labels import LabelTable
 
@@ -160,9 +160,13 @@ def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -
     from .nnunet.train import train
     copy = project.copy_to(project.root.parent / "supervised-only")
     r = settings.round
-    steps = r.pretrain_epochs * r.pretrain_iterations + r.epochs * r.iterations
-    epochs = -(-steps // r.iterations)
-    train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=r.iterations,
+    minutes = baseline_minutes(r)
+    if minutes is None:
+        steps = r.pretrain_epochs * r.pretrain_iterations + r.epochs * r.iterations
+        epochs = -(-steps // r.iterations)
+    else:  # under --minutes: the time the rounds' model had, its epochs fitted to it
+        epochs = None
+    train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=r.iterations, minutes=minutes,
           val_iterations=r.val_iterations, device=r.device, validate=False, exclude_cases=test, seed=r.seed)
     return score_held_out(copy, "supervised-only", test, test, r.device)
 

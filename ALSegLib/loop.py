@@ -189,7 +189,7 @@ class Round:
         if existing is not None:
             return {"reused": existing["dataset"]}
         record = plan(self.project, policy="pseudo", configurations=(self.settings.configuration or "3d_fullres",),
-                      batch_size=self.settings.batch_size, preprocess_dataset=False)
+                      batch_size=self.settings.batch_size, preprocess_dataset=False, device=self.settings.device)
         return {"dataset": record["dataset"], "configurations": record["configurations"]}
 
     def pretrain(self) -> dict:
@@ -199,7 +199,8 @@ class Round:
             return {"model": PRETRAIN, "reused": True}
         s = self.settings
         rec = train(self.project, "pretrain", name=PRETRAIN, epochs=s.pretrain_epochs, iterations=s.pretrain_iterations,
-                    val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude, seed=s.seed)
+                    val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude, seed=s.seed,
+                    minutes=s.minutes)
         out = {"model": PRETRAIN, "seconds_training": rec["seconds"], "epochs": rec["epochs_done"]}
         metrics = self._score(PRETRAIN)  # the pseudo-only model: the curve's starting point
         if metrics:
@@ -258,7 +259,7 @@ class Round:
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
-                    pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0)
+                    pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0, minutes=s.minutes)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
         return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],

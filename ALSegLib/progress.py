@@ -28,6 +28,16 @@ def emit(event: str, **fields) -> None:
         sys.stderr.flush()
 
 
+def announce(event: str, text: str, **fields) -> None:
+    """Tell the user something before or while work runs (an estimate, a warning, a choice made):
+    a line on stderr, or a JSON-lines event carrying the same text as ``message``."""
+    if mode() == "jsonl":
+        emit(event, message=text, **fields)
+    elif mode() != "off":
+        sys.stderr.write(f"{text}\n")
+        sys.stderr.flush()
+
+
 def track(items: Sequence[T] | Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """Iterate with progress: tqdm on a terminal (stderr), JSON lines in jsonl mode, else silent."""
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)

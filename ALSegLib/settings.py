@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from .errors import InputError
 from .nnunet.filtermatch_settings import FilterMatchConfig
-from .nnunet.modes import ROUND_MODES, check_budget
+from .nnunet.modes import ROUND_MODES, check_budget, check_minutes
 
 STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")  # selection.strategies.STRATEGIES
 DEFAULT_STRATEGY = "hybrid"
@@ -126,6 +126,9 @@ class RoundSettings:
     epochs: int | None = None
     iterations: int | None = None
     val_iterations: int | None = None
+    # each training of the round (pretraining too) fits this many minutes on this machine, from a measured
+    # probe; explicit epochs and iterations win (ALSegLib.nnunet.estimate)
+    minutes: float | None = None
     features: str = "auto"
     pseudo: PseudoSource | None = None  # where missing pseudo-labels come from (a mapping is read as one)
     filtermatch: FilterMatchConfig | None = None  # mode filtermatch (a mapping of its fields is read as one)
@@ -140,6 +143,7 @@ class RoundSettings:
         check_budget(epochs=self.epochs, iterations=self.iterations, val_iterations=self.val_iterations,
                      pretrain_epochs=self.pretrain_epochs, pretrain_iterations=self.pretrain_iterations,
                      batch_size=self.batch_size)
+        check_minutes(self.minutes)
         if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
             raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
         self.exclude = sorted(set(self.exclude))

@@ -148,11 +148,22 @@ def baseline_budget(settings: ExperimentSettings) -> tuple[int, int]:
     return math.ceil(steps / iterations), iterations
 
 
+def baseline_minutes(r: RoundSettings) -> float | None:
+    """With ``minutes`` (and the epochs not all given), a from-scratch baseline gets the time an arm's
+    model had (pretraining + one round's training), not a step count nobody knows beforehand."""
+    if r.minutes is None or (r.epochs is not None and r.pretrain_epochs is not None):
+        return None
+    return 2 * r.minutes
+
+
 def _train_supervised(project: Project, name: str, settings: ExperimentSettings, test: list[str]) -> dict:
     from .nnunet.train import train
 
     epochs, iterations = baseline_budget(settings)
-    train(project, "supervised", name=name, epochs=epochs, iterations=iterations,
+    minutes = baseline_minutes(settings.round)
+    if minutes is not None:
+        epochs = None  # the same time as the arm's model had, the epochs fitted to it
+    train(project, "supervised", name=name, epochs=epochs, iterations=iterations, minutes=minutes,
           val_iterations=settings.round.val_iterations, device=settings.round.device, validate=False, exclude_cases=test)
     return score_held_out(project, name, test, test, settings.round.device)
 
@@ -289,6 +300,10 @@ def _compute_text(settings: ExperimentSettings) -> str:
         return f"{e or 'default'} epochs x {i or 'default'} iterations"
     be, bi = baseline_budget(settings)
     s = settings.round
+    if s.minutes is not None:
+        return (f"each training fits {s.minutes:g} min on this machine (epochs fitted to a measured probe, unless given); "
+                f"each from-scratch baseline {baseline_minutes(s) or 0:g} min; nnU-Net {s.configuration or '3d_fullres'}, "
+                f"batch {s.batch_size or 'planned'}, device {s.device}")
     return (f"pretraining {budget(s.pretrain_epochs, s.pretrain_iterations)}; each round's training (from the pretrained "
             f"weights) {budget(s.epochs, s.iterations)}; each from-scratch baseline {be} epochs x {bi} iterations (the same "
             f"number of steps); nnU-Net {s.configuration or '3d_fullres'}, batch {s.batch_size or 'planned'}, device {s.device}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +62,13 @@ def nnunet_environment(project_root: Path, *, training_on_cpu: bool = False, log
         torch.set_num_threads(threads)
 
 
+
+
+@contextlib.contextmanager
+def scratch_environment(project_root: Path, device: torch.device) -> Iterator[Path]:
+    """nnU-Net's environment with its results folder in a throw-away folder: a trainer built
+    here (to probe time and memory) leaves nothing in the project."""
+    with tempfile.TemporaryDirectory(prefix="alseg-probe-") as tmp, \
+            nnunet_environment(project_root, training_on_cpu=device.type == "cpu", log=Path(tmp) / "nnunet.log"):
+        os.environ["nnUNet_results"] = tmp  # restored with the rest of nnU-Net's variables
+        yield Path(tmp)

@@ -199,6 +199,11 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
         self.filtermatch = config
         self.pool = sorted(pool)
 
+    def probe_epochs(self) -> list[int]:
+        """Epochs from which an iteration costs more (the unlabeled batch after warm-up), for the time probe."""
+        cfg = self.filtermatch
+        return [cfg.warmup_epochs] if self.pool and cfg.unlabeled_weight > 0 else []
+
     # the teacher --------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:

@@ -26,6 +26,15 @@ if TYPE_CHECKING:  # kept light: the command line reads the modes without import
     from .trainers import ALSegTrainer
 
 
+GPU_BUDGET = (1000, 250)  # nnU-Net's epochs x iterations per epoch
+CPU_BUDGET = (20, 50)  # ALSeg's default on a CPU
+
+
+def default_budget(device) -> tuple[int, int]:
+    """(epochs, iterations per epoch): nnU-Net's 1000 x 250 on a GPU, a small CPU budget otherwise."""
+    return GPU_BUDGET if getattr(device, "type", device) == "cuda" else CPU_BUDGET
+
+
 def check_budget(**counts: int | None) -> None:
     """Refuse a training budget that is not a whole number of at least 1 (``None``: not given, the
     default applies), naming the option: ``--epochs 0`` once fell back to the default and trained,
@@ -38,6 +47,14 @@ def check_budget(**counts: int | None) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(options.get(name, name), f"must be a whole number of at least 1, not {value!r}")
+
+
+def check_minutes(minutes) -> None:
+    """``--minutes``: a positive number (``None``: not given)."""
+    if minutes is None:
+        return
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0 or minutes != minutes:
+        raise InputError("--minutes", f"must be a positive number of minutes, not {minutes!r}")
 
 
 @dataclass(frozen=True)

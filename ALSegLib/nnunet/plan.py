@@ -18,11 +18,12 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import InputError
-from ..progress import emit
+from ..progress import announce, emit
 from ..project import Project
 from ..store.files import now_iso
 from .dataset import Dataset, export_dataset, find_dataset
-from .env import folders, nnunet_environment
+from .env import folders, nnunet_environment, resolve_device, scratch_environment
+from .modes import CPU_BUDGET
 
 PLANS = "ALSegPlans"
 RECORD = "alseg_plans.json"
@@ -57,6 +58,7 @@ def plan(
     num_processes: int | None = None,
     force: bool = False,
     preprocess_dataset: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Plan and preprocess the project on its ``policy`` labels; returns the plans record.
 
@@ -64,6 +66,10 @@ def plan(
     ``preprocess_dataset=False`` plans without preprocessing the planning dataset:
     a round trains on datasets of its own (each preprocessed when trained), so
     preprocessing this one too cost the demo 9 s for nothing.
+
+    On a CPU, without ``batch_size``, each configuration's batch is chosen from measured steps
+    so that a round's training fits the hour (:func:`cpu_batch`); nnU-Net's own plan stays in
+    ``nnUNetPlans.json`` beside ALSeg's for a later GPU run, and the record says what was chosen and why.
     """
     for c in configurations:
         if c not in CONFIGURATIONS:
@@ -91,7 +97,16 @@ def plan(
             raise InputError(project.root, f"nnU-Net planned no {', '.join(missing)} configuration for these images "
                              f"(available: {', '.join(base['configurations'])})")
         plans = _alseg_plans(base, configurations, batch_size)
-        atomic.write_json(f.preprocessed / dataset.name / f"{PLANS}.json", plans)
+    cpu_plans = {}
+    dev = resolve_device(device)
+    if batch_size is None and dev.type == "cpu":
+        dataset_json = json.loads((f.preprocessed / dataset.name / "dataset.json").read_text())
+        for c in configurations:
+            cpu_plans[c] = cpu_batch(project, plans, c, dataset_json, dev)
+            plans["configurations"][c]["batch_size"] = cpu_plans[c]["batch_size"]
+            announce("plan", f"plan: {c}: {cpu_plans[c]['reason']}", configuration=c, **{
+                k: v for k, v in cpu_plans[c].items() if k != "reason"})
+    atomic.write_json(f.preprocessed / dataset.name / f"{PLANS}.json", plans)
     record = {
         "dataset": dataset.name,
         "policy": policy,
@@ -99,6 +114,9 @@ def plan(
         "plans_digest": plans_digest(plans),
         "configurations": list(configurations),
         "batch_size": {c: plans["configurations"][c]["batch_size"] for c in configurations},
+        "nnunet_batch_size": {c: base["configurations"][c]["batch_size"] for c in configurations},
+        "nnunet_plans": str((f.preprocessed / dataset.name / "nnUNetPlans.json").relative_to(project.root)),
+        "cpu_plan": cpu_plans or None,
         "patch_size": {c: plans["configurations"][c]["patch_size"] for c in configurations},
         "normalization": plans["configurations"][configurations[0]]["normalization_schemes"],
         "time": now_iso(),
@@ -109,6 +127,59 @@ def plan(
         atomic.write_json(f.plans_record, record)
         project.log_event("nnunet_planned", **{k: record[k] for k in ("dataset", "configurations", "batch_size", "patch_size")})
     return record
+
+
+CPU_ROUND_S = 3600  # a round on a CPU should fit an hour ...
+CPU_TRAINING_SHARE = 0.75  # ... its training three quarters of it (the rest: predicting the pool, selecting)
+MIN_BATCH = 2  # nnU-Net's smallest: its foreground oversampling forces the last third of a batch, none of batch 1
+
+
+def cpu_batch(project: Project, plans: dict, configuration: str, dataset_json: dict, dev) -> dict:
+    """The batch (at most nnU-Net's) whose training step, measured here on random data, lets a
+    round's training at the CPU budget fit :data:`CPU_TRAINING_SHARE` of an hour; what was measured and why."""
+    from . import estimate as est
+    from .trainers import ALSegTrainer
+
+    nnunet = int(plans["configurations"][configuration]["batch_size"])
+    steps = CPU_BUDGET[0] * CPU_BUDGET[1]
+    target = CPU_ROUND_S * CPU_TRAINING_SHARE / steps
+    trial = json.loads(json.dumps(plans))
+    trial["continue_training"] = False
+    times: dict[int, float] = {}
+    with scratch_environment(project.root, dev):
+        trainer = ALSegTrainer(trial, configuration, 0, dataset_json, dev)
+        sample = est.sample_bytes(trainer)
+        room, why = est.headroom(dev)
+        fits = max(1, room // max(1, sample))
+        top = max(1, min(nnunet, fits))
+        times[top] = est.synthetic_step_seconds(trainer, top)
+        chosen = top
+        if times[top] > target and top > MIN_BATCH:
+            times[MIN_BATCH] = est.synthetic_step_seconds(trainer, MIN_BATCH)
+            slope = (times[top] - times[MIN_BATCH]) / (top - MIN_BATCH)
+            chosen = MIN_BATCH + int((target - times[MIN_BATCH]) // slope) if slope > 0 else MIN_BATCH
+            chosen = min(top, max(MIN_BATCH, chosen))
+            while chosen not in times:
+                times[chosen] = est.synthetic_step_seconds(trainer, chosen)
+                if times[chosen] > target and chosen > MIN_BATCH:
+                    chosen -= 1
+    step = times[chosen]
+    training = step * steps
+    said = f"batch {chosen}" + (f" instead of nnU-Net's {nnunet}" if chosen != nnunet else " (nnU-Net's own)")
+    reason = (f"{said}: a training step on this machine takes {step:.2g} s at batch {chosen}"
+              + (f" ({times[nnunet]:.2g} s at {nnunet})" if nnunet in times and nnunet != chosen else "")
+              + f" (network only, random data), so a round's training at the CPU budget ({CPU_BUDGET[0]} x "
+              f"{CPU_BUDGET[1]} steps) takes about {est.duration(training)}")
+    if top < nnunet:
+        reason += f"; nnU-Net's batch {nnunet} would not fit the memory ({why}: {est.gib(room)})"
+    if step > target:
+        reason += (f"; that is over {est.duration(CPU_ROUND_S * CPU_TRAINING_SHARE)} even at the smallest batch: give "
+                   "--minutes to bound each training" + ("" if configuration == "2d" or "2d" not in plans["configurations"]
+                                                        else ", or plan the 2d configuration (smaller patch)"))
+    reason += "; nnU-Net's own plan is kept in nnUNetPlans.json for a GPU"
+    return {"batch_size": chosen, "nnunet_batch_size": nnunet, "step_s": {str(b): round(t, 4) for b, t in sorted(times.items())},
+            "target_step_s": round(target, 3), "round_training_s": round(training, 1), "sample_bytes": int(sample),
+            "reason": reason}
 
 
 def plans_digest(plans: dict) -> str:

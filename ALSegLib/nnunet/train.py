@@ -17,16 +17,17 @@ import torch
 
 from .. import atomic
 from ..errors import InputError
-from ..progress import emit
+from ..progress import announce, emit
 from ..project import Project
 from ..store.files import now_iso
 from ..store.ids import check_case_id
 from ..store.locks import exclusive_run
 from ..store.models import list_models, model_dir, read_model  # noqa: F401 (importable from here too)
 from ..store.models import write_model as _write_record
+from . import estimate as est
 from .dataset import Dataset, export_dataset, find_dataset
-from .env import folders, nnunet_environment, resolve_device
-from .modes import MODES, TrainingMode, check_budget
+from .env import folders, nnunet_environment, resolve_device, scratch_environment
+from .modes import MODES, TrainingMode, check_budget, check_minutes, default_budget
 from .plan import PLANS, plan, preprocess, project_plans
 from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
 
@@ -41,11 +42,6 @@ def training_mode(mode: str) -> TrainingMode:
 
 def trainer_class(mode: str) -> type[ALSegTrainer]:
     return training_mode(mode).trainer_class()
-
-
-def default_budget(device: torch.device) -> tuple[int, int]:
-    """(epochs, iterations per epoch): nnU-Net's 1000 x 250 on a GPU, a small CPU budget otherwise."""
-    return (1000, 250) if device.type == "cuda" else (20, 50)
 
 
 def _model_lock(folder: Path):
@@ -109,6 +105,7 @@ def train(
     exclude_cases: Sequence[str] | None = None,
     pseudo_share: float = 0.0,
     seed: int | None = None,
+    minutes: float | None = None,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -122,10 +119,15 @@ def train(
     cases this share of the time (0: human labels only). A resumed model keeps its own.
     ``validate=False`` also trains on every labeled case (no validation split held out).
     ``seed``: the same data, budget and seed give the same model on this machine (a resumed run keeps its own).
+    ``minutes``: choose the epochs (or, with ``epochs`` given, the iterations) that fit this many
+    minutes on this machine, from a probe of a few real iterations (:mod:`.estimate`); explicit
+    ``epochs`` and ``iterations`` both given win. Every training's estimate is in its record.
     """
+    started = time.perf_counter()
     m = training_mode(mode)
     check_budget(epochs=epochs, iterations=iterations, val_iterations=val_iterations,  # before anything is written
                  batch_size=batch_size)
+    check_minutes(minutes)
     name = check_case_id(name or mode)
     dev = resolve_device(device)
     folder = model_dir(project, name)
@@ -133,7 +135,6 @@ def train(
     exclude = _resolve_exclusions(project, name, m, previous, exclude_cases)
     if previous and previous["status"] == "done":
         return previous
-    budget = _resolve_budget(previous, dev, epochs, iterations, val_iterations)
     if previous is not None:
         pseudo_share = previous.get("pseudo_share", 0.0)  # a resumed model keeps its own
         seed = previous.get("seed")
@@ -148,12 +149,19 @@ def train(
     with _model_lock(folder):
         if project_plans(project) is None:
             plan(project, policy=m.labels, configurations=(configuration or "3d_fullres",), batch_size=batch_size,
-                 preprocess_dataset=False)
+                 preprocess_dataset=False, device=str(dev))
         plans_record = project_plans(project)
         configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
+        cls = m.trainer_class()
+        # the memory a step needs, before the model's dataset is written
+        sample_bytes = _check_memory(project, configuration, batch_size, dev, name, 2 if m.pool_as_ignore else 1)
         dataset = _model_dataset(project, m, name, previous, exclude, policy)
         preprocess(project, dataset, configuration, hold_out=hold_out)
-        cls = m.trainer_class()
+        probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
+        shape = _job_shape(project, m, dataset, configuration, validate, filtermatch, probe)
+        budget, estimate = _plan_budget(previous, dev, epochs, iterations, val_iterations, minutes, probe, shape,
+                                        spent_s=time.perf_counter() - started)
+        _announce_estimate(name, mode, budget, estimate, minutes)
         record = previous or {
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
@@ -162,7 +170,7 @@ def train(
             "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
         }
-        record.update({"status": "training", "device": str(dev), "budget": budget})
+        record.update({"status": "training", "device": str(dev), "budget": budget, "estimate": estimate})
         _write_record(project, record, "training_started")
         emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=budget["epochs"],
              iterations=budget["iterations"])
@@ -172,6 +180,7 @@ def train(
             trainer, output = _make_trainer(project, m, dataset, configuration, batch_size, budget, dev, pseudo_share,
                                             filtermatch)
             trainer.seed = seed
+            trainer.final_phase_s = est.final_seconds(probe, shape)
             final = output / "checkpoint_final.pth"
             _resume_or_start(project, trainer, output, record, init, name)
             if not final.is_file():
@@ -185,8 +194,12 @@ def train(
             if validate:
                 trainer.perform_actual_validation(False)
                 validation = _validation_summary(output / "validation" / "summary.json", dataset)
+            ends = trainer.logger.get_value("epoch_end_timestamps", None)
+            if ends and trainer.current_epoch == budget["epochs"]:  # this run trained its last epoch
+                _remember_finish(project, validate, time.time() - ends[-1] - est.final_seconds(probe, shape))
             record.update(_finished_fields(project, trainer, final, budget, validation,
                                            seconds=time.perf_counter() - start + record.get("seconds", 0.0)))
+            record["estimate"]["actual_s"] = round(time.perf_counter() - start, 1)
             record.update(m.record_fields(trainer, dataset))
         _write_record(project, record, "training_finished")
         emit("stage", stage="train-done", model=name, seconds=record["seconds"])
@@ -208,6 +221,157 @@ def checked_checkpoint(project: Project, record: dict) -> dict:
                                "checkpoint. Run nnU-Net's own trainings on a dataset of their own (see the README's "
                                "nnU-Net recipe), or train this model again under a new name")
     return checkpoint
+
+
+def _check_memory(project: Project, configuration: str, batch_size: int | None, dev: torch.device, name: str,
+                  factor: int = 1) -> int:
+    """One step at batch 1 on random data with the project's network: the memory a sample needs,
+    checked against what the device has left before any of the model's files is written
+    (``factor``: samples per step per batch sample; FilterMatch's unlabeled batch doubles them)."""
+    record = project_plans(project)
+    pre = folders(project.root).preprocessed / record["dataset"]
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    if configuration not in plans["configurations"]:
+        raise InputError("--configuration", f"the project's plans have no {configuration!r} configuration "
+                         f"(planned: {', '.join(plans['configurations'])})")
+    batch = int(batch_size or plans["configurations"][configuration]["batch_size"])
+    key = est.probe_key("memory", record.get("plans_digest"), configuration, 1, dev)
+    cached = est.cached_probe(folders(project.root).preprocessed.parent, key)
+    if cached is not None:
+        room, why = est.headroom(dev)
+        if cached.sample_bytes * batch * factor > room:  # the same refusal as a fresh check, without the network
+            est.refuse_memory(cached.sample_bytes, batch, room, why, f"training {name!r}", factor)
+        return cached.sample_bytes
+    plans["configurations"][configuration]["batch_size"] = batch
+    plans["continue_training"] = False
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    with scratch_environment(project.root, dev):
+        trainer = ALSegTrainer(plans, configuration, 0, dataset_json, dev)
+        sample = est.check_memory(trainer, what=f"training {name!r}", factor=factor)
+    with project.lock("store a memory probe"):
+        est.store_probe(folders(project.root).preprocessed.parent, key, est.TrainingProbe(
+            trainer="memory", configuration=configuration, batch_size=1, patch_size=[], device=str(dev),
+            machine=est.machine(), setup_s=0, step_s=0, val_step_s=0, checkpoint_s=0, tile_s=0, sample_bytes=sample,
+            peak_bytes=sample, steps=1, measured=now_iso()))
+    return sample
+
+
+def _probe(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, batch_size: int | None,
+           dev: torch.device, pseudo_share: float, options, sample_bytes: int) -> est.TrainingProbe:
+    """A few real iterations of this model's trainer on its own data (or the figures an earlier
+    probe of the same trainer, plans, batch and machine stored)."""
+    cls = mode.trainer_class()
+    plans_record = project_plans(project)
+    pre = folders(project.root).preprocessed / dataset.name
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    batch = int(batch_size or plans["configurations"][configuration]["batch_size"])
+    extra = ""
+    if options is not None and hasattr(options, "to_json"):
+        extra = json.dumps(options.to_json(), sort_keys=True)
+    key = est.probe_key(cls.__name__, plans_record.get("plans_digest"), configuration, batch, dev, extra)
+    root = folders(project.root).preprocessed.parent
+    cached = est.cached_probe(root, key)
+    if cached is not None:
+        return cached
+    emit("stage", stage="probe", dataset=dataset.name, configuration=configuration, batch_size=batch)
+    with scratch_environment(project.root, dev):
+        trainer, _ = _make_trainer(project, mode, dataset, configuration, batch, {"epochs": 1, "iterations": 1,
+                                   "val_iterations": 1}, dev, pseudo_share, options, fresh=True)
+        probe = est.probe_trainer(trainer, sample_bytes=sample_bytes)
+    with project.lock("store a time probe"):
+        est.store_probe(root, key, probe)
+    return probe
+
+
+def _job_shape(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, validate: bool, options,
+               probe: est.TrainingProbe) -> est.JobShape:
+    """The tiles the final validation (mirrored, as nnU-Net validates) and FilterMatch's filters predict."""
+    pre = folders(project.root).preprocessed / dataset.name
+    shape = est.JobShape()
+    shape.finish_overhead_s, shape.finish_overhead_runs = _finish_overhead(project, validate)
+    if validate:
+        split = json.loads((pre / "splits_final.json").read_text())[0]
+        shape.validation_tiles = est.mirror_passes(probe.patch_size, True) * sum(
+            est.sliding_window_tiles(s, probe.patch_size) for s in preprocessed_shapes(pre, configuration, split["val"]))
+    if mode.pool_as_ignore and dataset.pool:
+        from .filtermatch_settings import FilterMatchConfig
+
+        cfg = options or FilterMatchConfig()
+        shape.unlabeled_from = cfg.warmup_epochs if cfg.unlabeled_weight > 0 else None
+        shape.filter_start, shape.filter_every = cfg.filter_start, cfg.filter_every
+        shape.filter_tiles = sum(est.sliding_window_tiles(s, probe.patch_size)
+                                 for s in preprocessed_shapes(pre, configuration, dataset.pool))
+    return shape
+
+
+def preprocessed_shapes(preprocessed: Path, configuration: str, cases: Sequence[str]) -> list[tuple[int, ...]]:
+    """The spatial shapes of preprocessed cases (read from their headers, not decompressed)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    folder = preprocessed / plans["configurations"][configuration]["data_identifier"]
+    if not cases or not folder.is_dir():
+        return []
+    data = infer_dataset_class(str(folder))(str(folder), list(cases))
+    return [tuple(int(v) for v in data.load_case(c)[0].shape[1:]) for c in cases]
+
+
+def _finish_key(validate: bool) -> str:
+    return f"finish|{est.machine()}|{'validation' if validate else 'no validation'}"
+
+
+def _remember_finish(project: Project, validate: bool, overhead_s: float) -> None:
+    """What followed the last epoch beyond the probe's figures (nnU-Net's final plot, the validation's
+    worker processes, resampling and export), kept for the next estimates on this machine."""
+    root = folders(project.root).preprocessed.parent
+    with project.lock("store a time probe"):
+        est.remember(root, _finish_key(validate), max(0.0, overhead_s))
+
+
+def _finish_overhead(project: Project, validate: bool) -> tuple[float, int]:
+    return est.recalled(folders(project.root).preprocessed.parent, _finish_key(validate))
+
+
+def _plan_budget(previous: dict | None, dev: torch.device, epochs, iterations, val_iterations, minutes,
+                 probe: est.TrainingProbe, shape: est.JobShape, spent_s: float) -> tuple[dict, dict]:
+    """The training's budget (given, a resumed run's own, fitted to ``minutes``, or the device's
+    default) and its estimate, as the record stores them."""
+    budget = _resolve_budget(previous, dev, epochs, iterations, val_iterations)
+    fitted = None
+    if minutes is not None and previous is None:
+        d_epochs, d_iters = default_budget(dev)
+        fitted = est.budget_for_minutes(probe, shape, minutes, spent_s=spent_s, epochs=epochs, iterations=iterations,
+                                        val_iterations=val_iterations, default_iterations=d_iters)
+        budget = {"epochs": fitted.epochs, "iterations": fitted.iterations, "val_iterations": val_iterations}
+    seconds = est.training_seconds(probe, shape, budget["epochs"], budget["iterations"], budget["val_iterations"])
+    estimate = {"estimated_s": round(seconds, 1), "spent_s": round(spent_s, 1), "probe": probe.to_json(),
+                "validation_tiles": shape.validation_tiles, "filter_tiles": shape.filter_tiles,
+                "finish_overhead_s": round(shape.finish_overhead_s, 2),
+                "finish_overhead_from": (f"the median of the last {shape.finish_overhead_runs} trainings here"
+                                         if shape.finish_overhead_runs else "not measured yet on this machine")}
+    if minutes is not None:
+        estimate["time_budget"] = {"minutes": minutes, "chosen": fitted.chosen_from if fitted else
+                                   "a resumed training keeps its own budget"}
+    return budget, estimate
+
+
+def _announce_estimate(name: str, mode: str, budget: dict, estimate: dict, minutes) -> None:
+    """The expected duration, printed (and emitted as an ``estimate`` event) before the training starts."""
+    probe = estimate["probe"]
+    seconds = estimate["estimated_s"]
+    text = (f"estimate: training {name!r} ({mode}) takes about {est.duration(seconds)} here: {budget['epochs']} epochs "
+            f"x {budget['iterations']} iterations at {probe['step_s']:.3g} s each (batch {probe['batch_size']}, "
+            f"{'measured earlier' if probe['cached'] else 'measured just now'} on this machine)")
+    if estimate.get("time_budget"):
+        text += f"; --minutes {minutes:g}: {estimate['time_budget']['chosen']}"
+    announce("estimate", text, job="train", model=name, estimated_s=seconds, epochs=budget["epochs"],
+             iterations=budget["iterations"], step_s=probe["step_s"], batch_size=probe["batch_size"])
+    if minutes is None and seconds > est.LONG_JOB_S:
+        limit = est.LONG_JOB_S / 60
+        announce("warning", f"warning: training {name!r} is expected to take {est.duration(seconds)}, more than "
+                            f"{est.duration(est.LONG_JOB_S)}; --minutes {limit:g} would fit it into "
+                            f"{est.duration(est.LONG_JOB_S)} (fewer epochs), or give --epochs/--iters",
+                 job="train", model=name, estimated_s=seconds, minutes_that_fit=limit)
 
 
 def _resolve_budget(previous: dict | None, dev: torch.device, epochs, iterations, val_iterations) -> dict:
@@ -265,8 +429,10 @@ def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: di
 
 
 def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, batch_size: int | None,
-                  budget: dict, dev: torch.device, pseudo_share: float, options) -> tuple[ALSegTrainer, Path]:
-    """The mode's nnU-Net trainer on the preprocessed dataset, with its budget and sampling; and its output folder."""
+                  budget: dict, dev: torch.device, pseudo_share: float, options,
+                  fresh: bool = False) -> tuple[ALSegTrainer, Path]:
+    """The mode's nnU-Net trainer on the preprocessed dataset, with its budget and sampling; and its output folder.
+    ``fresh``: never continuing a training (a probe's trainer)."""
     f = folders(project.root)
     pre = f.preprocessed / dataset.name
     cls = mode.trainer_class()
@@ -274,7 +440,8 @@ def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, config
     if batch_size is not None:
         plans["configurations"][configuration]["batch_size"] = int(batch_size)
     output = f.results / dataset.name / f"{cls.__name__}__{PLANS}__{configuration}" / "fold_0"
-    plans["continue_training"] = (output / "checkpoint_latest.pth").is_file() or (output / "checkpoint_final.pth").is_file()
+    plans["continue_training"] = not fresh and ((output / "checkpoint_latest.pth").is_file()
+                                                or (output / "checkpoint_final.pth").is_file())
     dataset_json = json.loads((pre / "dataset.json").read_text())
     trainer = cls(plans, configuration, 0, dataset_json, dev)
     trainer.set_budget(budget["epochs"], budget["iterations"], budget["val_iterations"])

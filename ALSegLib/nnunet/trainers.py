@@ -82,6 +82,7 @@ class ALSegTrainer(nnUNetTrainer):
         self.save_every = 1
         self.case_repeats: dict[str, int] = {}  # case -> times it is listed for sampling (see sample_weights)
         self.seed: int | None = None  # seeds the weights' initialisation, sampling and augmentation (see on_train_start)
+        self.final_phase_s = 0.0  # the estimate of what follows the last epoch (final checkpoint, validation)
         for attr, var in (("num_epochs", "ALSEG_EPOCHS"), ("num_iterations_per_epoch", "ALSEG_ITERS"),
                           ("num_val_iterations_per_epoch", "ALSEG_VAL_ITERS")):
             if os.environ.get(var):
@@ -142,7 +143,16 @@ class ALSegTrainer(nnUNetTrainer):
             if not last:
                 del self.logger.plot_progress_png  # the logger's own method again
         event["seconds"] = float(value("epoch_end_timestamps", -1) - value("epoch_start_timestamps", -1))
+        event["seconds_left"] = round(self.seconds_left(), 1)
         emit("epoch", **event)
+
+    def seconds_left(self) -> float:
+        """The epochs still to run at the mean of the last five epochs' times, plus what follows them."""
+        starts = self.logger.get_value("epoch_start_timestamps", None)
+        ends = self.logger.get_value("epoch_end_timestamps", None)
+        recent = [e - s for s, e in zip(starts, ends)][-5:]
+        per_epoch = sum(recent) / len(recent) if recent else 0.0
+        return max(0, self.num_epochs - self.current_epoch) * per_epoch + self.final_phase_s
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """Restore a training state for resuming, loading the file with ``weights_only=True``.
