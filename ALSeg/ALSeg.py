@@ -70,6 +70,7 @@ class ALSegParameterNode:
     strategy: Annotated[str, Choice(STRATEGIES)] = "hybrid"
     trainingMode: Annotated[str, Choice(MODES)] = "finetune"
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    minutesPerTraining: int = 0  # 0: the default budget
 
 
 class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -357,6 +358,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic):
         from ALSegSlicer.facade import RoundOptions
 
         return RoundOptions(budget=p.budget, strategy=p.strategy, mode=p.trainingMode, device=p.device,
+                            minutes=p.minutesPerTraining,
                             pseudo_source="" if p.pseudoSource == "existing" else p.pseudoSource,
                             checkpoint=str(p.checkpoint) if str(p.checkpoint) not in ("", ".") else "",
                             import_folder=str(p.importFolder) if str(p.importFolder) not in ("", ".") else "")

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from . import rounds
 from .errors import InputError
 from .nnunet.modes import MODES as TRAINING_MODES
-from .progress import emit
+from .progress import announce, emit
 from .project import Project
 from .settings import MODES, PSEUDO_SOURCES, PseudoSource, RoundSettings  # noqa: F401 (the loop's public names)
 from .store.files import now_iso
@@ -140,10 +140,24 @@ class Round:
         return [(stage, getattr(self, stage.replace("-", "_"))) for stage in rounds.STAGES]
 
     def run(self) -> dict:
+        if not self.record.get("stages", {}).get("train"):
+            self._announce_estimate()
         for stage, fn in self.steps():
             if not self._run(stage, fn):
                 break
         return self.record
+
+    def _announce_estimate(self) -> None:
+        """The round's compute before it starts: its trainings (fitted to --minutes, or from the time
+        probe an earlier training of these plans measured) and its predictions (tiles x a measured
+        tile); what nothing has measured yet is said to be so."""
+        from .nnunet.forecast import round_estimate
+
+        trainings = [m for m in (PRETRAIN, model_name(self.number, self.settings.mode)) if not finished(self.project, m)]
+        cases = self.pool() + self.evaluation_cases()
+        seconds, text = round_estimate(self.project, self.settings, trainings, cases)
+        announce("estimate", f"estimate: round {self.number}: {text}", job="round", round=self.number,
+                 estimated_s=None if seconds is None else round(seconds, 1))
 
     # what the stages work on --------------------------------------------------------------
 

@@ -28,6 +28,16 @@ def emit(event: str, **fields) -> None:
         sys.stderr.flush()
 
 
+def duration(seconds: float) -> str:
+    """``2 h 05 min``, ``12 min 30 s``, ``45 s``."""
+    s = int(round(max(0.0, seconds)))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
 def announce(event: str, text: str, **fields) -> None:
     """Tell the user something before or while work runs (an estimate, a warning, a choice made):
     a line on stderr, or a JSON-lines event carrying the same text as ``message``."""

@@ -38,6 +38,7 @@ class RoundOptions:
     configuration: str = ""
     epochs: int = 0  # 0: the engine's default for the device
     pretrain_epochs: int = 0
+    minutes: float = 0  # each training fits this many minutes on this machine (0: the default budget)
     exclude: tuple[str, ...] = ()  # held-out cases: never selected or trained on, scored each round
 
 
@@ -132,7 +133,8 @@ class Session:
         return RoundSettings(budget=str(options.budget), strategy=options.strategy, mode=options.mode,
                              device=options.device, exclude=list(options.exclude),
                              configuration=options.configuration or None, epochs=options.epochs or None,
-                             pretrain_epochs=options.pretrain_epochs or None, pseudo=pseudo)
+                             pretrain_epochs=options.pretrain_epochs or None, pseudo=pseudo,
+                             minutes=options.minutes or None)
 
     def round_args(self, options: RoundOptions) -> list[str]:
         """``alseg round`` arguments for the panel's settings: they are written to the project's

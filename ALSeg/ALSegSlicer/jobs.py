@@ -83,6 +83,8 @@ class Progress:
     epochs: int | None = None
     loss: float | None = None
     epoch_seconds: list[float] = field(default_factory=list)
+    engine_left: float | None = None  # the engine's own estimate of the time left (estimate and epoch events) ...
+    engine_left_at: float = 0.0  # ... and when it came
 
     @property
     def fraction(self) -> float | None:
@@ -94,6 +96,10 @@ class Progress:
 
     @property
     def seconds_left(self) -> float | None:
+        """The engine's latest estimate less the time since it came (from the first minute: the
+        engine measures before it starts), else the recent epochs' mean times the epochs left."""
+        if self.engine_left is not None:
+            return max(0.0, self.engine_left - (time.monotonic() - self.engine_left_at))
         if self.epoch and self.epochs and self.epoch_seconds:
             recent = self.epoch_seconds[-5:]
             return (self.epochs - self.epoch) * sum(recent) / len(recent)
@@ -141,6 +147,11 @@ class ProgressParser:
         if kind == "stage":
             p.stage, p.done, p.total, p.epoch, p.epochs, p.loss = str(e.get("stage", "")), None, None, None, None, None
             p.epoch_seconds.clear()
+            p.engine_left = None
+        elif kind == "estimate":
+            left = e.get("seconds_left", e.get("estimated_s"))
+            if isinstance(left, (int, float)):
+                p.engine_left, p.engine_left_at = float(left), time.monotonic()
         elif kind == "progress":
             p.done, p.total = e.get("done"), e.get("total")
             if e.get("stage") and not p.stage:
@@ -151,6 +162,8 @@ class ProgressParser:
             p.loss = float(loss) if isinstance(loss, (int, float)) else p.loss
             if isinstance(e.get("seconds"), (int, float)) and e["seconds"] >= 0:
                 p.epoch_seconds.append(float(e["seconds"]))
+            if isinstance(e.get("seconds_left"), (int, float)):
+                p.engine_left, p.engine_left_at = float(e["seconds_left"]), time.monotonic()
 
     def error_text(self, returncode: int) -> str:
         """What went wrong, for the user: the engine's own ``alseg: ...`` lines, else the last output."""

@@ -34,6 +34,7 @@ import torch
 
 from .. import atomic
 from ..errors import InputError
+from ..progress import duration  # noqa: F401 (the estimates' wording, importable from here)
 from ..store.files import now_iso
 
 PROBE_STEPS = 3  # timed training iterations after one warm-up iteration
@@ -485,12 +486,3 @@ def _iterations_fitting(probe: TrainingProbe, shape: JobShape, epochs: int, avai
             hi = mid - 1
     return lo
 
-
-def duration(seconds: float) -> str:
-    """``2 h 05 min``, ``12 min 30 s``, ``45 s``."""
-    s = int(round(max(0.0, seconds)))
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    if s >= 60:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s} s"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import SimpleITK as sitk
 
 from .. import atomic
 from ..errors import InputError
-from ..progress import emit, track
+from ..progress import announce, duration, emit, track
 from ..project import Project
 from ..store.predictions import load_probabilities, probabilities_path, stored_with  # noqa: F401 (importable here)
 from .env import folders, nnunet_environment, resolve_device
@@ -62,6 +63,68 @@ def _predictor(project: Project, record: dict, checkpoint: dict, device, mirrori
         checkpoint.get("inference_allowed_mirroring_axes"),
     )
     return predictor
+
+
+def case_tiles(project: Project, case: str, predictor, mirroring: bool, tile_step: float) -> int:
+    """Sliding-window forward passes for one case: its image resampled to the plans' spacing (from
+    the file's header), tiled by the patch, times the mirrorings."""
+    return image_tiles(project, case, predictor.plans_manager, predictor.configuration_manager,
+                       len(predictor.allowed_mirroring_axes or ()) if mirroring else 0, tile_step)
+
+
+def image_tiles(project: Project, case: str, plans_manager, configuration_manager, mirror_axes: int = 0,
+                tile_step: float = 0.5) -> int:
+    """:func:`case_tiles` from the plans alone (``mirror_axes``: axes mirrored, 0 for none)."""
+    from .estimate import sliding_window_tiles
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(project.image_path(case)))
+    reader.ReadImageInformation()
+    size, spacing = list(reader.GetSize())[::-1], list(reader.GetSpacing())[::-1]  # z, y, x as nnU-Net reads them
+    order = plans_manager.transpose_forward
+    size, spacing = [size[i] for i in order], [spacing[i] for i in order]
+    cm = configuration_manager
+    target = list(cm.spacing)[-len(cm.patch_size):]
+    n = len(target)
+    shape = size[:-n] + [max(1, round(s * sp / t)) for s, sp, t in zip(size[-n:], spacing[-n:], target)]
+    return sliding_window_tiles(shape, cm.patch_size, tile_step) * 2 ** mirror_axes
+
+
+class PredictionEstimate:
+    """A pool's prediction time: one tile forward timed before the first case, times the tiles of
+    every case; refreshed after each case from the time per tile the cases really took."""
+
+    def __init__(self, project: Project, predictor, cases: Sequence[str], mirroring: bool, tile_step: float,
+                 model: str):
+        import torch
+
+        self.tiles = {c: case_tiles(project, c, predictor, mirroring, tile_step) for c in cases}
+        channels = len(predictor.dataset_json["channel_names"])
+        x = torch.zeros((1, channels, *predictor.configuration_manager.patch_size), device=predictor.device)
+        network = predictor.network
+        network.eval()
+        with torch.no_grad():
+            network(x)  # warm-up
+            t = time.perf_counter()
+            network(x)
+            self.tile_s = time.perf_counter() - t
+        total = self.tile_s * sum(self.tiles.values())
+        self.estimated_s = total
+        announce("estimate", f"estimate: predicting {len(cases)} case(s) with {model} takes about {duration(total)} here: "
+                 f"{sum(self.tiles.values())} sliding-window tiles at {self.tile_s:.3g} s each (measured just now)",
+                 job="predict", model=model, estimated_s=round(total, 1), tiles=sum(self.tiles.values()),
+                 tile_s=round(self.tile_s, 4), cases=len(cases))
+        self.start = time.perf_counter()
+        self.done_tiles = 0
+
+    def case_done(self, case: str) -> None:
+        self.done_tiles += self.tiles.pop(case, 0)
+        if not self.tiles:
+            return
+        rate = (time.perf_counter() - self.start) / max(1, self.done_tiles)
+        left = rate * sum(self.tiles.values())
+        emit("estimate", job="predict", seconds_left=round(left, 1), cases_left=len(self.tiles),
+             message=f"prediction: about {duration(left)} left ({len(self.tiles)} case(s))")
 
 
 def predict(
@@ -112,6 +175,7 @@ def predict(
         predictor = _predictor(project, record, checkpoint, dev, mirroring, tile_step)
         pool = BottleneckPool(predictor.network) if features else None
         emit("stage", stage="predict", model=model, cases=len(cases))
+        timer = PredictionEstimate(project, predictor, cases, mirroring, tile_step, model)
         for case in track(cases, desc=f"predicting with {model}"):
             data, props = SimpleITKIO().read_images([str(project.image_path(case))])
             if pool is not None:
@@ -144,6 +208,7 @@ def predict(
             project.write_label(case, "predicted", label, source="nnunet", produced_by=produced_by, **extra)
             out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
                         **extra})
+            timer.case_done(case)
         if pool is not None:
             pool.close()
     return out + [{"case": c, "reused": True} for c in kept]

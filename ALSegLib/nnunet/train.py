@@ -161,7 +161,6 @@ def train(
         shape = _job_shape(project, m, dataset, configuration, validate, filtermatch, probe)
         budget, estimate = _plan_budget(previous, dev, epochs, iterations, val_iterations, minutes, probe, shape,
                                         spent_s=time.perf_counter() - started)
-        _announce_estimate(name, mode, budget, estimate, minutes)
         record = previous or {
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
@@ -174,6 +173,7 @@ def train(
         _write_record(project, record, "training_started")
         emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=budget["epochs"],
              iterations=budget["iterations"])
+        _announce_estimate(name, mode, budget, estimate, minutes)
 
         start = time.perf_counter()
         with nnunet_environment(project.root, training_on_cpu=dev.type == "cpu", log=folder / "nnunet.log"):

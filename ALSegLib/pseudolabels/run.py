@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .. import atomic, progress, volumes
 from ..errors import InputError
+from ..progress import duration
 from ..project import Project
 from ..store.features import sam_features_path, write_vector
 from ..store.files import read_json_object, sha256_file
@@ -38,6 +40,7 @@ from .sam import (
     LoadedSam,
     MaskDecoder,
     SliceEmbeddings,
+    encoder_input,
     file_sha256,
     load_checkpoint,
     slice_frame,
@@ -87,6 +90,7 @@ class CaseWork:
     case: str
     slice_prompts: dict[str, list[pr.SlicePrompt]]  # prompts mode / prior mode, per label name
     prior_file: Path | None = None
+    slices_expected: int = 0  # slices the encoder is expected to see (for the time estimate)
 
 
 def _settings_file(path: Path, label_names: Sequence[str],
@@ -203,6 +207,7 @@ def pseudolabel_with_sam(
         vs = volume_slices(image, axis_name)
         sp: dict[str, list[pr.SlicePrompt]] = {}
         prior = None
+        extent = None  # the slices a known label covers (reference, prior): where propagation will run
         if mode == "prompts":
             sp = pr.case_prompts(pf, case, image, vs)
             if not loaded.profile.points:
@@ -214,6 +219,7 @@ def pseudolabel_with_sam(
         elif mode == "reference":
             ref = project.read_label(case, "reference")
             ref_slices = vs.from_array(sitk.GetArrayFromImage(ref))
+            extent = np.isin(ref_slices, list(project.labels.mapping.values())).any(axis=(1, 2))
             frame = slice_frame(vs.size, vs.pixel_spacing, loaded.architecture.image_size, loaded.profile)
             margin_xy = (box_margin * frame.size[1] / frame.input_size[1], box_margin * frame.size[0] / frame.input_size[0])
             for name, value in project.labels.mapping.items():
@@ -224,6 +230,7 @@ def pseudolabel_with_sam(
             prior = index[case][0]
             lab = volumes.read_label(prior, label_values=project.labels.values, geometry=project.geometry(case))
             prior_slices = vs.from_array(sitk.GetArrayFromImage(lab))
+            extent = (prior_slices > 0).any(axis=(1, 2))
             for name, value in project.labels.mapping.items():
                 ps = pr.prior_prompts(prior_slices, value)
                 if ps:
@@ -234,7 +241,7 @@ def pseudolabel_with_sam(
                 if lacking:
                     raise InputError(f"{pf.path}: cases.{case}.{name}", f"its label relations need {', '.join(lacking)} "
                                      f"segmented in case {case!r} too, and the prompt file gives no prompt for it")
-        work.append(CaseWork(case, sp, prior))
+        work.append(CaseWork(case, sp, prior, _slices_expected(mode, vs, sp, extent)))
 
     if not loaded.builtin:
         loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
@@ -246,10 +253,74 @@ def pseudolabel_with_sam(
         progress.emit("note", message=note)
     simulated = ({"from": "reference", "boxes_per_structure": prompts_from_reference, "box_margin_px": box_margin,
                   "input_size": loaded.architecture.image_size} if mode == "reference" else None)
+    timer = _Estimate(project, loaded, work, axis_name, override, settings)
     out = []
     for w in progress.track(work, desc="pseudo-labels"):
         out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib, simulated))
+        timer.case_done(w, out[-1])
     return out
+
+
+def _slices_expected(mode: str, vs, prompts: dict[str, list[pr.SlicePrompt]], extent) -> int:
+    """Slices the encoder will see: a known label's extent (reference, prior), the span of the
+    prompted slices (prompts: propagation may run further), every slice (automatic)."""
+    if extent is not None:
+        return int(np.count_nonzero(extent))
+    if mode == "prompts" and prompts:
+        covered = set()
+        for ps in prompts.values():
+            ks = [p.slice for p in ps]
+            covered.update(range(min(ks), max(ks) + 1))
+        return len(covered)
+    return len(vs)
+
+
+class _Estimate:
+    """The pseudo-labels' duration: one slice encoded before the first case (the probe), times the
+    slices each case is expected to need; refreshed after each case from the time cases really took."""
+
+    def __init__(self, project: Project, loaded: LoadedSam, work: list[CaseWork], axis_name: str,
+                 override: Window | None, settings: dict[str, pr.LabelSettings]):
+        self.work = {w.case: w for w in work}
+        self.started = time.perf_counter()
+        self.done_seconds = 0.0
+        self.done_slices = 0
+        self.left = {w.case: max(1, w.slices_expected) for w in work}
+        self.slice_s = self._probe(project, loaded, work, axis_name, override, settings) if work else 0.0
+        total = self.slice_s * sum(self.left.values())
+        self.estimated_s = total
+        progress.announce("estimate", f"estimate: pseudo-labels of {len(work)} case(s) take about {duration(total)} here: "
+                          f"{sum(self.left.values())} slices expected at {self.slice_s:.3g} s per slice encoded (one "
+                          "slice measured just now)", job="pseudolabels", estimated_s=round(total, 1),
+                          slices=sum(self.left.values()), slice_s=round(self.slice_s, 4), cases=len(work))
+
+    @staticmethod
+    def _probe(project, loaded, work, axis_name, override, settings) -> float:
+        first = work[0]
+        image = project.read_image(first.case)
+        vs = volume_slices(image, axis_name)
+        names = list(first.slice_prompts) or list(project.labels.mapping)
+        window = override or settings.get(names[0], pr.LabelSettings()).window or default_window(project.modality)
+        slices = vs.uint8(window)
+        k = first.slice_prompts[names[0]][0].slice if first.slice_prompts.get(names[0]) else len(vs) // 2
+        frame = slice_frame(vs.size, vs.pixel_spacing, loaded.architecture.image_size, loaded.profile)
+        x = encoder_input(slices[[k]], frame, loaded.model, loaded.profile)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            loaded.encode(x)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        return time.perf_counter() - t
+
+    def case_done(self, w: CaseWork, summary: dict) -> None:
+        self.done_seconds += float(summary.get("seconds", 0.0))
+        self.done_slices += self.left.pop(w.case)
+        if not self.left:
+            return
+        rate = self.done_seconds / max(1, self.done_slices)  # seconds per expected slice, as measured so far
+        left = rate * sum(self.left.values())
+        progress.emit("estimate", job="pseudolabels", seconds_left=round(left, 1), cases_left=len(self.left),
+                      message=f"pseudo-labels: about {duration(left)} left ({len(self.left)} case(s))")
 
 
 def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings],
