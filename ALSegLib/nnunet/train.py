@@ -146,6 +146,11 @@ def train(
     hold_out = previous.get("validation_split", True) if previous is not None else validate
     init = _resolve_init(project, m, init_from)
 
+    factor = 2 if m.pool_as_ignore else 1  # FilterMatch's steps add an unlabeled batch
+    sample_bytes = None
+    if project_plans(project) is not None:  # the memory a step needs, before any of the model's files is written
+        chosen = configuration or (previous or {}).get("configuration") or project_plans(project)["configurations"][0]
+        sample_bytes = _check_memory(project, chosen, batch_size, dev, name, factor)
     with _model_lock(folder):
         if project_plans(project) is None:
             plan(project, policy=m.labels, configurations=(configuration or "3d_fullres",), batch_size=batch_size,
@@ -153,8 +158,8 @@ def train(
         plans_record = project_plans(project)
         configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
         cls = m.trainer_class()
-        # the memory a step needs, before the model's dataset is written
-        sample_bytes = _check_memory(project, configuration, batch_size, dev, name, 2 if m.pool_as_ignore else 1)
+        if sample_bytes is None:  # planned just now: checked before the model's dataset is written
+            sample_bytes = _check_memory(project, configuration, batch_size, dev, name, factor)
         dataset = _model_dataset(project, m, name, previous, exclude, policy)
         preprocess(project, dataset, configuration, hold_out=hold_out)
         probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
@@ -366,6 +371,11 @@ def _announce_estimate(name: str, mode: str, budget: dict, estimate: dict, minut
         text += f"; --minutes {minutes:g}: {estimate['time_budget']['chosen']}"
     announce("estimate", text, job="train", model=name, estimated_s=seconds, epochs=budget["epochs"],
              iterations=budget["iterations"], step_s=probe["step_s"], batch_size=probe["batch_size"])
+    if minutes is not None and estimate["spent_s"] + seconds > minutes * 60 + 1:
+        announce("warning", f"warning: training {name!r} cannot fit {minutes:g} min: {est.duration(estimate['spent_s'])} "
+                            f"went to planning, preprocessing and the probe, and its budget takes about "
+                            f"{est.duration(seconds)} more", job="train", model=name, estimated_s=seconds,
+                 spent_s=estimate["spent_s"], minutes=minutes)
     if minutes is None and seconds > est.LONG_JOB_S:
         limit = est.LONG_JOB_S / 60
         announce("warning", f"warning: training {name!r} is expected to take {est.duration(seconds)}, more than "

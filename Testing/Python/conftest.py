@@ -81,6 +81,7 @@ def run_cli(capsys):
 SLOW_FIXTURES = {
     "trained_checkpoint": "trains a tiny SAM on phantom slices (about 90 s)",
     "tiny": "plans and pretrains nnU-Net on phantoms (about 40 s)",
+    "timed": "plans nnU-Net on phantoms and probes its training steps (about 40 s)",
 }
 SLOW_MODULES = {"test_litemedsam.py": "the real LiteMedSAM weights on phantom slices"}
 SLOW_TESTS = {

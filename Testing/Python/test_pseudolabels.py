@@ -467,6 +467,12 @@ def test_cli_pseudolabel_sam_with_progress_per_slice(sam_project, trained_checkp
     slices = [e for e in events if e["event"] == "slice"]
     assert slices and {e["case"] for e in slices} == {"case1"} and all(e["label"] == "organ" for e in slices)
     assert any(e["event"] == "progress" and e["stage"] == "pseudo-labels" for e in events)
+    # the duration is announced before the first slice, from one slice encoded as a probe
+    first_estimate = next(i for i, e in enumerate(events) if e["event"] == "estimate" and e["job"] == "pseudolabels")
+    assert first_estimate < next(i for i, e in enumerate(events) if e["event"] == "slice")
+    estimate = events[first_estimate]
+    assert estimate["estimated_s"] > 0 and estimate["slices"] >= 1 and estimate["slice_s"] > 0
+    assert "estimate: pseudo-labels of 1 case(s)" in estimate["message"]
 
 
 def test_cli_refuses_contradictory_or_missing_options(sam_project, random_checkpoint, tmp_path, run_cli):
