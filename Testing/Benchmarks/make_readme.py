@@ -66,6 +66,11 @@ PROSE = {
     "selection": "Selection speed on synthetic case features (every strategy, with its peak memory, against the "
                  "distance-matrix method and the seed's reference loop, extrapolated) and selection quality on the "
                  "shared Hippocampus (a fresh model trained on each strategy's picks, scored on held-out cases).",
+    "time_budget": "Estimated against actual durations on this machine (docs/time-and-memory.md): a validated nnU-Net "
+                   "training (estimated after its probe of a few real iterations), a pool prediction and LiteMedSAM "
+                   "pseudo-labels of a few cases, on phantoms, the shared Hippocampus and the shared CT example; "
+                   "`alseg train --minutes` timed from outside as a user runs it; and the CT example's CPU plan "
+                   "(the batch chosen, a real training step there against one at nnU-Net's batch).",
     "demo": "`alseg demo` (the README's main command) over several seeds: the held-out mean Dice per row (pseudo-labels "
             "only, each round, supervised-only on the last round's human labels), what the pseudo-labels buy, and the "
             "wall time per seed.",
@@ -378,6 +383,36 @@ def rows_demo(d: dict) -> Rows:
     return rows
 
 
+def rows_time_budget(d: dict) -> Rows:
+    rows: Rows = []
+    estimates = get(d, "estimates", default={})
+    if not isinstance(estimates, dict) or not estimates:
+        rows.append(("estimated vs actual", NOT_MEASURED))
+        estimates = {}
+    for job, e in estimates.items():
+        rows.append((f"`{job}`: estimated vs actual (ratio; within 25 %)",
+                     f"{both(get(e, 'estimated_s'), get(e, 'actual_s'), 's')} ({fmt(get(e, 'ratio'))}; "
+                     f"{fmt(get(e, 'within_25_percent'))})"))
+    rows.append(("estimates within 25 %", fmt(get(d, "estimates_within_25_percent"))))
+    m = get(d, "minutes_budget", default=None)
+    if isinstance(m, dict):
+        rows.append(("`alseg train --minutes`: asked vs actual (min; within 2 min)",
+                     f"{both(get(m, 'asked_min'), get(m, 'actual_min'))} ({fmt(get(m, 'within_2_min'))})"))
+        rows.append(("`--minutes`: budget chosen", fmt(get(m, "chosen"))))
+    else:
+        rows.append(("`alseg train --minutes`", NOT_MEASURED))
+    plans = get(d, "cpu_plan", default=None)
+    if isinstance(plans, dict):
+        for config, p in plans.items():
+            rows.append((f"CT example CPU plan, {config}: batch vs nnU-Net's; step s vs nnU-Net's batch's",
+                         f"{both(get(p, 'batch'), get(p, 'nnunet_batch'))}; "
+                         f"{both(get(p, 'step_s'), get(p, 'default_step_s'), 's')} (ratio {fmt(get(p, 'step_ratio'))})"))
+    else:
+        rows.append(("CT example CPU plan", NOT_MEASURED))
+    rows.append(("wall time of the benchmark", fmt(get(d, "seconds"), "s")))
+    return rows
+
+
 def rows_generic(d: dict) -> Rows:
     """Unknown results file: its top-level scalar fields."""
     skip = {"benchmark", "commit", "time"}
@@ -395,6 +430,7 @@ EXTRACTORS: dict[str, Callable[[dict], Rows]] = {
     "sam": rows_sam,
     "selection": rows_selection,
     "demo": rows_demo,
+    "time_budget": rows_time_budget,
 }
 
 
