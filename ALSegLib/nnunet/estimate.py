@@ -66,6 +66,12 @@ def parse_bytes(text: str, where: str = "ALSEG_MEMORY_LIMIT") -> int:
     return out
 
 
+def check_memory_limit() -> None:
+    """``ALSEG_MEMORY_LIMIT``, if set, must be a size (checked before any work starts)."""
+    if os.environ.get("ALSEG_MEMORY_LIMIT"):
+        parse_bytes(os.environ["ALSEG_MEMORY_LIMIT"])
+
+
 def headroom(device: torch.device) -> tuple[int, str]:
     """Bytes this process may still take on ``device`` and what sets that figure."""
     limit = os.environ.get("ALSEG_MEMORY_LIMIT")
@@ -407,27 +413,42 @@ def training_seconds(probe: TrainingProbe, shape: JobShape, epochs: int, iterati
     return total + final_seconds(probe, shape)
 
 
-def final_seconds(probe: TrainingProbe, shape: JobShape) -> float:
-    """After the last epoch: the final checkpoint and the validation's sliding window."""
-    return probe.checkpoint_s + shape.validation_tiles * probe.tile_s + shape.finish_overhead_s
+def final_seconds(probe: TrainingProbe, shape: JobShape, overhead: bool = True) -> float:
+    """After the last epoch: the final checkpoint, the validation's sliding window and (``overhead``)
+    what earlier trainings here measured beyond those."""
+    return probe.checkpoint_s + shape.validation_tiles * probe.tile_s + (shape.finish_overhead_s if overhead else 0.0)
 
 
-def remember(nnunet_root: Path, key: str, value: float, keep: int = 5) -> None:
-    """Add a measured figure to the last ``keep`` kept under ``key`` in the probes file."""
-    path = nnunet_root / PROBES_FILE
+def machine_file() -> Path:
+    """Figures of this machine that no project owns (what follows a training's last epoch, a
+    prediction's work besides its tiles): ``$ALSEG_CACHE_DIR/machine.json``, by default under
+    ``~/.cache/alseg``. Losing it costs only the precision of the next estimates."""
+    folder = os.environ.get("ALSEG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "alseg")
+    return Path(folder) / "machine.json"
+
+
+def remember(key: str, value: float, keep: int = 5) -> None:
+    """Add a measured figure to the last ``keep`` kept under ``key`` for this machine (best effort:
+    a cache folder that cannot be written only leaves the next estimate less precise)."""
+    path = machine_file()
+    key = f"{key}|{machine()}"
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         stored = {}
     values = stored.get(key) if isinstance(stored.get(key), list) else []
-    stored[key] = [*values, round(float(value), 3)][-keep:]
-    atomic.write_json(path, stored)
-
-
-def recalled(nnunet_root: Path, key: str) -> tuple[float, int]:
-    """The median of the figures kept under ``key`` and how many there are (0.0, 0 if none)."""
+    stored[key] = [*values, float(f"{float(value):.6g}")][-keep:]
     try:
-        values = json.loads((nnunet_root / PROBES_FILE).read_text()).get(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(path, stored)
+    except OSError:
+        pass
+
+
+def recalled(key: str) -> tuple[float, int]:
+    """The median of the figures kept under ``key`` on this machine and how many there are (0.0, 0 if none)."""
+    try:
+        values = json.loads(machine_file().read_text()).get(f"{key}|{machine()}")
     except (OSError, ValueError, AttributeError):
         return 0.0, 0
     if not isinstance(values, list) or not values:
@@ -466,7 +487,8 @@ def budget_for_minutes(probe: TrainingProbe, shape: JobShape, minutes: float, *,
         if chosen == 1 and training_seconds(probe, shape, 1, iters, val_iterations) > available and iterations is None:
             iters = _iterations_fitting(probe, shape, 1, available, val_iterations)
         est = training_seconds(probe, shape, chosen, iters, val_iterations)
-        why = (f"{chosen} epochs x {iters} iterations at {probe.step_s:.3g} s per iteration (measured here) fit "
+        why = (f"{chosen} epoch{'s' if chosen != 1 else ''} x {iters} iterations at {probe.step_s:.3g} s per iteration "
+               "(measured here) fit "
                f"{minutes:g} min")
         return Budget(chosen, iters, val_iterations, est, minutes, why)
     iters = _iterations_fitting(probe, shape, epochs, available, val_iterations)

@@ -79,10 +79,12 @@ def round_estimate(project, settings, trainings: Sequence[str], cases: Sequence[
             plans = json.loads((folders(project.root).preprocessed / record["dataset"] / f"{PLANS}.json").read_text())
             pm = PlansManager(plans)
             cm = pm.get_configuration(configuration)
-            from .predict import image_tiles
+            from .estimate import recalled
+            from .predict import OVERHEAD_KEY, image_tiles, image_voxels
 
             tiles = sum(image_tiles(project, c, pm, cm) for c in cases)
-            seconds = tiles * probe.tile_s
+            per_voxel, _ = recalled(OVERHEAD_KEY)
+            seconds = tiles * probe.tile_s + per_voxel * sum(image_voxels(project, c) for c in cases)
             total += seconds
             parts.append(f"predicting {len(cases)} case(s) about {duration(seconds)} ({tiles} tiles)")
     text = "; ".join(parts) if parts else "nothing measured yet"

@@ -72,6 +72,16 @@ def case_tiles(project: Project, case: str, predictor, mirroring: bool, tile_ste
                        len(predictor.allowed_mirroring_axes or ()) if mirroring else 0, tile_step)
 
 
+def image_voxels(project: Project, case: str) -> int:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(project.image_path(case)))
+    reader.ReadImageInformation()
+    return int(np.prod(reader.GetSize()))
+
+
+OVERHEAD_KEY = "prediction besides its tiles, seconds per voxel"
+
+
 def image_tiles(project: Project, case: str, plans_manager, configuration_manager, mirror_axes: int = 0,
                 tile_step: float = 0.5) -> int:
     """:func:`case_tiles` from the plans alone (``mirror_axes``: axes mirrored, 0 for none)."""
@@ -92,13 +102,19 @@ def image_tiles(project: Project, case: str, plans_manager, configuration_manage
 
 class PredictionEstimate:
     """A pool's prediction time: one tile forward timed before the first case, times the tiles of
-    every case; refreshed after each case from the time per tile the cases really took."""
+    every case, plus what earlier predictions on this machine took besides their tiles (reading,
+    resampling, writing: per voxel); refreshed after each case from the time the cases really took."""
 
     def __init__(self, project: Project, predictor, cases: Sequence[str], mirroring: bool, tile_step: float,
                  model: str):
         import torch
 
+        from .estimate import recalled
+
         self.tiles = {c: case_tiles(project, c, predictor, mirroring, tile_step) for c in cases}
+        self.voxels = {c: image_voxels(project, c) for c in cases}
+        self.total_tiles, self.total_voxels = sum(self.tiles.values()), sum(self.voxels.values())
+        self.per_voxel, runs = recalled(OVERHEAD_KEY)
         channels = len(predictor.dataset_json["channel_names"])
         x = torch.zeros((1, channels, *predictor.configuration_manager.patch_size), device=predictor.device)
         network = predictor.network
@@ -108,21 +124,33 @@ class PredictionEstimate:
             t = time.perf_counter()
             network(x)
             self.tile_s = time.perf_counter() - t
-        total = self.tile_s * sum(self.tiles.values())
+        total = self.tile_s * self.total_tiles + self.per_voxel * self.total_voxels
         self.estimated_s = total
+        besides = (f"plus {duration(self.per_voxel * self.total_voxels)} reading, resampling and writing (as the last "
+                   f"{runs} predictions here took)" if runs else "plus reading, resampling and writing, not measured "
+                   "yet on this machine")
         announce("estimate", f"estimate: predicting {len(cases)} case(s) with {model} takes about {duration(total)} here: "
-                 f"{sum(self.tiles.values())} sliding-window tiles at {self.tile_s:.3g} s each (measured just now)",
-                 job="predict", model=model, estimated_s=round(total, 1), tiles=sum(self.tiles.values()),
-                 tile_s=round(self.tile_s, 4), cases=len(cases))
+                 f"{self.total_tiles} sliding-window tiles at {self.tile_s:.3g} s each (measured just now), {besides}",
+                 job="predict", model=model, estimated_s=round(total, 1), tiles=self.total_tiles,
+                 tile_s=round(self.tile_s, 4), cases=len(cases), overhead_s_per_voxel=self.per_voxel)
         self.start = time.perf_counter()
         self.done_tiles = 0
 
     def case_done(self, case: str) -> None:
+        from .estimate import remember
+
         self.done_tiles += self.tiles.pop(case, 0)
-        if not self.tiles:
+        self.voxels.pop(case, None)
+        elapsed = time.perf_counter() - self.start
+        if not self.tiles:  # what the cases took besides their tiles, for the next estimates here
+            if self.total_voxels:
+                remember(OVERHEAD_KEY, max(0.0, elapsed - self.tile_s * self.total_tiles) / self.total_voxels)
             return
-        rate = (time.perf_counter() - self.start) / max(1, self.done_tiles)
-        left = rate * sum(self.tiles.values())
+        done_voxels = self.total_voxels - sum(self.voxels.values())
+        # the cases so far: their time per (tile-time + measured rest), scaled to the cases left
+        expected_done = self.tile_s * self.done_tiles + self.per_voxel * done_voxels
+        expected_left = self.tile_s * sum(self.tiles.values()) + self.per_voxel * sum(self.voxels.values())
+        left = expected_left * (elapsed / expected_done) if expected_done > 0 else 0.0
         emit("estimate", job="predict", seconds_left=round(left, 1), cases_left=len(self.tiles),
              message=f"prediction: about {duration(left)} left ({len(self.tiles)} case(s))")
 

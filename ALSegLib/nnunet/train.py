@@ -128,6 +128,7 @@ def train(
     check_budget(epochs=epochs, iterations=iterations, val_iterations=val_iterations,  # before anything is written
                  batch_size=batch_size)
     check_minutes(minutes)
+    est.check_memory_limit()
     name = check_case_id(name or mode)
     dev = resolve_device(device)
     folder = model_dir(project, name)
@@ -201,7 +202,7 @@ def train(
                 validation = _validation_summary(output / "validation" / "summary.json", dataset)
             ends = trainer.logger.get_value("epoch_end_timestamps", None)
             if ends and trainer.current_epoch == budget["epochs"]:  # this run trained its last epoch
-                _remember_finish(project, validate, time.time() - ends[-1] - est.final_seconds(probe, shape))
+                _remember_finish(validate, time.time() - ends[-1] - est.final_seconds(probe, shape, overhead=False))
             record.update(_finished_fields(project, trainer, final, budget, validation,
                                            seconds=time.perf_counter() - start + record.get("seconds", 0.0)))
             record["estimate"]["actual_s"] = round(time.perf_counter() - start, 1)
@@ -293,7 +294,7 @@ def _job_shape(project: Project, mode: TrainingMode, dataset: Dataset, configura
     """The tiles the final validation (mirrored, as nnU-Net validates) and FilterMatch's filters predict."""
     pre = folders(project.root).preprocessed / dataset.name
     shape = est.JobShape()
-    shape.finish_overhead_s, shape.finish_overhead_runs = _finish_overhead(project, validate)
+    shape.finish_overhead_s, shape.finish_overhead_runs = _finish_overhead(validate)
     if validate:
         split = json.loads((pre / "splits_final.json").read_text())[0]
         shape.validation_tiles = est.mirror_passes(probe.patch_size, True) * sum(
@@ -322,19 +323,17 @@ def preprocessed_shapes(preprocessed: Path, configuration: str, cases: Sequence[
 
 
 def _finish_key(validate: bool) -> str:
-    return f"finish|{est.machine()}|{'validation' if validate else 'no validation'}"
+    return f"after the last epoch, {'with' if validate else 'without'} validation"
 
 
-def _remember_finish(project: Project, validate: bool, overhead_s: float) -> None:
+def _remember_finish(validate: bool, overhead_s: float) -> None:
     """What followed the last epoch beyond the probe's figures (nnU-Net's final plot, the validation's
     worker processes, resampling and export), kept for the next estimates on this machine."""
-    root = folders(project.root).preprocessed.parent
-    with project.lock("store a time probe"):
-        est.remember(root, _finish_key(validate), max(0.0, overhead_s))
+    est.remember(_finish_key(validate), max(0.0, overhead_s))
 
 
-def _finish_overhead(project: Project, validate: bool) -> tuple[float, int]:
-    return est.recalled(folders(project.root).preprocessed.parent, _finish_key(validate))
+def _finish_overhead(validate: bool) -> tuple[float, int]:
+    return est.recalled(_finish_key(validate))
 
 
 def _plan_budget(previous: dict | None, dev: torch.device, epochs, iterations, val_iterations, minutes,
@@ -352,7 +351,7 @@ def _plan_budget(previous: dict | None, dev: torch.device, epochs, iterations, v
     estimate = {"estimated_s": round(seconds, 1), "spent_s": round(spent_s, 1), "probe": probe.to_json(),
                 "validation_tiles": shape.validation_tiles, "filter_tiles": shape.filter_tiles,
                 "finish_overhead_s": round(shape.finish_overhead_s, 2),
-                "finish_overhead_from": (f"the median of the last {shape.finish_overhead_runs} trainings here"
+                "finish_overhead_from": (f"the median of the last {shape.finish_overhead_runs} trainings on this machine"
                                          if shape.finish_overhead_runs else "not measured yet on this machine")}
     if minutes is not None:
         estimate["time_budget"] = {"minutes": minutes, "chosen": fitted.chosen_from if fitted else
@@ -364,7 +363,8 @@ def _announce_estimate(name: str, mode: str, budget: dict, estimate: dict, minut
     """The expected duration, printed (and emitted as an ``estimate`` event) before the training starts."""
     probe = estimate["probe"]
     seconds = estimate["estimated_s"]
-    text = (f"estimate: training {name!r} ({mode}) takes about {est.duration(seconds)} here: {budget['epochs']} epochs "
+    epochs = f"{budget['epochs']} epoch{'s' if budget['epochs'] != 1 else ''}"
+    text = (f"estimate: training {name!r} ({mode}) takes about {est.duration(seconds)} here: {epochs} "
             f"x {budget['iterations']} iterations at {probe['step_s']:.3g} s each (batch {probe['batch_size']}, "
             f"{'measured earlier' if probe['cached'] else 'measured just now'} on this machine)")
     if estimate.get("time_budget"):

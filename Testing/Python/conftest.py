@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,11 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+# the machine's own timing figures (what follows a training's last epoch, a prediction's work besides its
+# tiles) go to a folder of the test session's, not to the user's ~/.cache/alseg
+os.environ.setdefault("ALSEG_CACHE_DIR", tempfile.mkdtemp(prefix="alseg-test-cache-"))
 
 
 # --- make test-fast: the quick tests, by what they do --------------------------------------------

@@ -246,6 +246,14 @@ def negative_training_budget(p, tmp):
                 ["train", p.root, "--mode", "pretrain", "--name", "m", "--epochs", "-1"], "--epochs", "at least 1")
 
 
+def zero_minutes(p, tmp):
+    """'--minutes 0' must not train a default budget nor leave a record."""
+    from ALSegLib.nnunet.train import train
+
+    return Kind(lambda: train(p, "pretrain", name="m", minutes=0),
+                ["train", p.root, "--mode", "pretrain", "--name", "m", "--minutes", "0"], "--minutes", "positive number")
+
+
 def round_settings_file_unknown_setting(p, tmp):
     from ALSegLib.cli import _settings_file, build_parser
 
@@ -283,7 +291,7 @@ KINDS = [
     prompt_point_outside_image, prompt_unknown_case, sam_checkpoint_wrong_architecture, sam_checkpoint_shapes_mismatch,
     checkpoint_not_a_checkpoint, checkpoint_with_pickled_code, symlinked_label_folder_escapes, symlinked_image_escapes,
     symlinked_model_escapes, case_id_escapes_in_export, zero_training_budget, negative_training_budget,
-    round_settings_file_unknown_setting, model_weights_changed_after_training,
+    round_settings_file_unknown_setting, model_weights_changed_after_training, zero_minutes,
 ]
 
 

@@ -96,6 +96,13 @@ def test_bad_minutes_are_refused(run_cli, project):
     assert not (project.root / "models").exists() or not any((project.root / "models").iterdir())
 
 
+def test_a_memory_limit_that_is_not_a_size_is_refused_before_anything(monkeypatch, project):
+    monkeypatch.setenv("ALSEG_MEMORY_LIMIT", "lots")
+    with pytest.raises(InputError, match="ALSEG_MEMORY_LIMIT: must be a size such as 8G"):
+        train(project, "pretrain", name="m", device="cpu")
+    assert not (project.root / "models" / "m").exists() and not (project.root / "nnunet").exists()
+
+
 def test_the_slicer_progress_uses_the_engines_estimate_from_the_first_minute():
     import sys
 
@@ -138,6 +145,10 @@ def test_a_training_announces_its_measured_estimate_and_records_it(timed, monkey
     events = events_of(capsys.readouterr().err)
     told = next(e for e in events if e["event"] == "estimate" and e["job"] == "predict")
     assert told["tiles"] >= 2 and told["tile_s"] > 0 and told["estimated_s"] > 0
+    # the next prediction adds what this one took besides its tiles (reading, resampling, writing)
+    predict(timed, "probed", timed.cases()[2:4], probabilities=False, device="cpu")
+    again = next(e for e in events_of(capsys.readouterr().err) if e["event"] == "estimate" and e["job"] == "predict")
+    assert again["overhead_s_per_voxel"] > 0 and "as the last 1 predictions here took" in again["message"]
 
 
 def test_minutes_choose_fewer_iterations_for_a_larger_patch(timed, tmp_path):
