@@ -89,7 +89,8 @@ def three_jobs(project: Project, tag: str, device: str, epochs: int, iters: int,
         actual = time.perf_counter() - start
     told = first_estimate(events, "predict")
     out[f"{tag}_prediction"] = ratio({"estimated_s": told["estimated_s"], "actual_s": round(actual, 1),
-                                      "cases": len(predict_cases), "tiles": told["tiles"], "tile_s": told["tile_s"]})
+                                      "cases": len(predict_cases), "tiles": told["tiles"], "tile_s": told["tile_s"],
+                                      "said": told["message"]})
     print(f"{tag} prediction: {out[f'{tag}_prediction']}", flush=True)
     if sam_project is not None:
         with engine_events() as events:
@@ -210,6 +211,9 @@ def main() -> int:
     data = shared_data()
     work = Path(tempfile.mkdtemp(prefix="alseg-time-"))
     t0 = time.perf_counter()
+    from ALSegLib.nnunet.estimate import machine_file
+
+    machine_file_state = "present" if machine_file().is_file() else "absent (first run on this machine)"
     estimates: dict = {}
     figures: dict = {"device": args.device}
     try:
@@ -243,8 +247,11 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "notes": "estimated_s: what the engine announced before the job started (training: after its probe; the probe "
                  "and preprocessing are in spent_before_s); actual_s: the job's own time (training: from its start to "
-                 "the end of validation; prediction and pseudo-labels: the call's wall time). Each data set is a new "
-                 "project, so each first training has no earlier validation on record (finish_overhead).",
+                 "the end of validation; prediction and pseudo-labels: the call's wall time). The machine's own figures "
+                 "(what follows a training's last epoch, a prediction's work besides its tiles) start empty and "
+                 "are learnt as the benchmark runs: the phantoms' training and prediction are estimated without "
+                 "them, the later data sets with them (finish_overhead, the prediction's message).",
+        "machine_file_at_start": machine_file_state,
     })
     return 0
 
