@@ -154,8 +154,16 @@ class Round:
         from .nnunet.forecast import round_estimate
 
         trainings = [m for m in (PRETRAIN, model_name(self.number, self.settings.mode)) if not finished(self.project, m)]
-        cases = self.pool() + self.evaluation_cases()
-        seconds, text = round_estimate(self.project, self.settings, trainings, cases)
+        # the pool's prediction, and the held-out cases scored by each model the round trains
+        cases = self.pool() + self.evaluation_cases() * max(1, len(trainings))
+        have = set(self.project.labeled_cases("pseudo"))
+        missing = sum(1 for c in self.trainable() if c not in have) if self.settings.pseudo is not None else 0
+        try:
+            seconds, text = round_estimate(self.project, self.settings, trainings, cases, missing)
+        except Exception as exc:  # noqa: BLE001 - a forecast must never stop the round it forecasts
+            announce("warning", f"warning: round {self.number}: no estimate ({type(exc).__name__}: {exc})",
+                     job="round", round=self.number)
+            return
         announce("estimate", f"estimate: round {self.number}: {text}", job="round", round=self.number,
                  estimated_s=None if seconds is None else round(seconds, 1))
 

@@ -301,8 +301,10 @@ def _compute_text(settings: ExperimentSettings) -> str:
     be, bi = baseline_budget(settings)
     s = settings.round
     if s.minutes is not None:
+        baseline = (f"{baseline_minutes(s):g} min" if baseline_minutes(s) is not None
+                    else f"{be} epochs x {bi} iterations (the same number of steps)")
         return (f"each training fits {s.minutes:g} min on this machine (epochs fitted to a measured probe, unless given); "
-                f"each from-scratch baseline {baseline_minutes(s) or 0:g} min; nnU-Net {s.configuration or '3d_fullres'}, "
+                f"each from-scratch baseline {baseline}; nnU-Net {s.configuration or '3d_fullres'}, "
                 f"batch {s.batch_size or 'planned'}, device {s.device}")
     return (f"pretraining {budget(s.pretrain_epochs, s.pretrain_iterations)}; each round's training (from the pretrained "
             f"weights) {budget(s.epochs, s.iterations)}; each from-scratch baseline {be} epochs x {bi} iterations (the same "

@@ -59,7 +59,7 @@ def parse_bytes(text: str, where: str = "ALSEG_MEMORY_LIMIT") -> int:
     number = value[:-1] if scale > 1 else value
     try:
         out = int(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InputError(where, f"must be a size such as 8G or 500M, not {text!r}") from None
     if out <= 0:
         raise InputError(where, f"must be a positive size, not {text!r}")
@@ -76,6 +76,7 @@ def headroom(device: torch.device) -> tuple[int, str]:
     """Bytes this process may still take on ``device`` and what sets that figure."""
     limit = os.environ.get("ALSEG_MEMORY_LIMIT")
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory the allocator keeps cached is free for the next job
         free, _total = torch.cuda.mem_get_info(device)
         room, why = int(free), f"free memory on {device}"
         if limit:
@@ -152,10 +153,11 @@ class TrainingProbe:
     val_step_s: float  # one validation iteration
     checkpoint_s: float  # writing one checkpoint
     tile_s: float  # one sliding-window tile forward at batch 1, no gradient (prediction, validation, filters)
-    sample_bytes: int  # the memory one sample's step needed (measured at batch 1)
+    sample_bytes: int  # a sample's share of a step's memory (steps at batch 1 and 2 on random data)
     peak_bytes: int  # the memory growth over the full-batch iterations
     steps: int  # timed training iterations
     unlabeled_step_s: float | None = None  # FilterMatch after warm-up: labeled + strong unlabeled batch
+    fixed_bytes: int = 0  # a step's memory paid once, whatever the batch
     step_times_s: list[float] = field(default_factory=list)
     measured: str = ""
     probe_s: float = 0.0  # the probe's own time
@@ -170,14 +172,20 @@ class TrainingProbe:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def machine() -> str:
-    """The machine a probe is valid on: host, processor count and torch's threads."""
-    return f"{platform.node()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)"
+def machine(device: torch.device | None = None) -> str:
+    """The machine a figure is valid on: host, processors, torch's threads, the augmentation workers,
+    torch's and nnU-Net's versions, and the GPU's name for a CUDA device."""
+    from importlib.metadata import version
+
+    gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
+    return (f"{platform.node()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads, augmentation workers "
+            f"{os.environ.get('nnUNet_n_proc_DA', 'default')}, torch {torch.__version__}, nnunetv2 "
+            f"{version('nnunetv2')}{gpu})")
 
 
 def probe_key(trainer: str, plans_digest: str | None, configuration: str, batch: int, device: torch.device,
               extra: str = "") -> str:
-    return "|".join([trainer, (plans_digest or "")[:16], configuration, str(batch), str(device), machine(), extra])
+    return "|".join([trainer, (plans_digest or "")[:16], configuration, str(batch), str(device), machine(device), extra])
 
 
 def cached_probe(nnunet_root: Path, key: str) -> TrainingProbe | None:
@@ -258,29 +266,30 @@ def synthetic_batch(trainer, n: int) -> dict:
     return {"data": data, "target": [target(s) for s in scales] if scales is not None else target([1] * len(patch))}
 
 
-def check_memory(trainer, *, what: str = "this training", factor: int = 1) -> int:
-    """The memory one sample's training step needs (a step at batch 1 on random data, before any
-    dataset is written); refuses a batch expected not to fit what is left on the device.
-    ``factor``: samples per step per sample of the batch (FilterMatch adds an unlabeled batch: 2)."""
-    sample = sample_bytes(trainer)
-    batch_size = int(trainer.batch_size)
-    room, why = headroom(trainer.device)
-    if sample * batch_size * factor > room:
-        refuse_memory(sample, batch_size, room, why, what, factor)
-    return sample
+def step_memory(trainer) -> tuple[int, int]:
+    """(fixed, per sample) memory growth of a training step on random data: after a warm-up step
+    (gradients, optimizer state and first-call workspaces, paid once), steps at batch 1 and 2;
+    the difference is a sample's share, the rest is paid once per step."""
+    initialize_without_data(trainer)
+    trainer.train_step(synthetic_batch(trainer, 1))  # warm-up
+    grew = []
+    for n in (1, 2):
+        with MemoryWatch(trainer.device) as watch:
+            trainer.train_step(synthetic_batch(trainer, n))
+        grew.append(watch.grew)
+    sample = grew[1] - grew[0] if grew[1] > grew[0] else grew[1] // 2
+    return max(0, grew[0] - sample), int(max(sample, 1))
 
 
 def sample_bytes(trainer) -> int:
-    """The memory growth of one training step at batch 1 on random data."""
-    initialize_without_data(trainer)
-    with MemoryWatch(trainer.device) as one:
-        trainer.train_step(synthetic_batch(trainer, 1))
-    return int(one.grew)
+    """The memory a sample's share of a training step needs (see :func:`step_memory`)."""
+    return step_memory(trainer)[1]
 
 
-def refuse_memory(sample_bytes: int, batch_size: int, room: int, why: str, what: str, factor: int = 1) -> None:
-    need = sample_bytes * batch_size * factor
-    fits = room // max(1, sample_bytes * factor)
+def refuse_memory(sample_bytes: int, batch_size: int, room: int, why: str, what: str, factor: int = 1,
+                  fixed: int = 0) -> None:
+    need = fixed + sample_bytes * batch_size * factor
+    fits = max(0, room - fixed) // max(1, sample_bytes * factor)
     hint = (f"--batch-size {fits} would fit" if 1 <= fits < batch_size else
             "not even one sample fits: a smaller patch (the 2d configuration) or a machine with more memory")
     raise InputError(f"--batch-size {batch_size}", f"{what} needs about {gib(need)} per step ({gib(sample_bytes)} per "
@@ -305,9 +314,9 @@ def probe_trainer(trainer, *, steps: int = PROBE_STEPS, sample_bytes: int = 0) -
     trainer.on_train_epoch_start()
     setup_s = time.perf_counter() - t0
     try:
-        with MemoryWatch(device) as full:
-            trainer.train_step(next(trainer.dataloader_train))  # warm-up
-            times = [_timed(device, lambda: trainer.train_step(next(trainer.dataloader_train))) for _ in range(steps)]
+        with MemoryWatch(device) as full:  # the warm-up at the full batch; the timed steps run unwatched
+            trainer.train_step(next(trainer.dataloader_train))
+        times = [_timed(device, lambda: trainer.train_step(next(trainer.dataloader_train))) for _ in range(steps)]
         unlabeled = None
         later = getattr(trainer, "probe_epochs", lambda: [])()
         if later:  # a trainer whose iterations cost more from some epoch on (FilterMatch after warm-up)
@@ -338,15 +347,28 @@ def probe_trainer(trainer, *, steps: int = PROBE_STEPS, sample_bytes: int = 0) -
 def _tile_seconds(trainer) -> float:
     network = trainer.network._orig_mod if hasattr(trainer.network, "_orig_mod") else trainer.network
     trainer.set_deep_supervision_enabled(False)
-    network.eval()
-    x = torch.zeros((1, trainer.num_input_channels, *trainer.configuration_manager.patch_size), device=trainer.device)
     try:
-        with torch.no_grad():
-            network(x)  # warm-up
-            return _timed(trainer.device, lambda: network(x))
+        return tile_seconds(network, trainer.num_input_channels, trainer.configuration_manager.patch_size, trainer.device)
     finally:
         trainer.set_deep_supervision_enabled(True)
         network.train()
+
+
+def _inference_autocast(device: torch.device):
+    """nnU-Net predicts under autocast on CUDA; elsewhere in full precision."""
+    import contextlib
+
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def tile_seconds(network: torch.nn.Module, channels: int, patch, device: torch.device) -> float:
+    """One sliding-window tile forward at batch 1, no gradient (after a warm-up one), as nnU-Net predicts."""
+    network = network.to(device)
+    network.eval()
+    x = torch.zeros((1, channels, *patch), device=device)
+    with torch.no_grad(), _inference_autocast(device):
+        network(x)
+        return _timed(device, lambda: network(x))
 
 
 def _close_loaders(trainer) -> None:
@@ -393,12 +415,17 @@ class JobShape:
     finish_overhead_runs: int = 0
 
 
-def epoch_seconds(probe: TrainingProbe, shape: JobShape, epoch: int, iterations: int, val_iterations: int) -> float:
+def epoch_seconds(probe: TrainingProbe, shape: JobShape, epoch: int, iterations: int, val_iterations: int,
+                  epochs: int | None = None) -> float:
+    """One epoch: its iterations, validation iterations, checkpoints (the latest and, while the EMA
+    pseudo-Dice improves, the best: two counted) and a FilterMatch filter pass after it (never after
+    the last of ``epochs``; the pool counted whole although it shrinks)."""
     step = probe.step_s
     if shape.unlabeled_from is not None and epoch >= shape.unlabeled_from and probe.unlabeled_step_s:
         step = probe.unlabeled_step_s
-    seconds = iterations * step + val_iterations * probe.val_step_s + probe.checkpoint_s
-    if shape.filter_tiles and shape.filter_every and epoch >= (shape.filter_start or 0) \
+    seconds = iterations * step + val_iterations * probe.val_step_s + 2 * probe.checkpoint_s
+    last = epochs is not None and epoch >= epochs - 1
+    if shape.filter_tiles and shape.filter_every and epoch >= (shape.filter_start or 0) and not last \
             and (epoch - (shape.filter_start or 0)) % shape.filter_every == 0:
         seconds += shape.filter_tiles * probe.tile_s
     return seconds
@@ -409,7 +436,7 @@ def training_seconds(probe: TrainingProbe, shape: JobShape, epochs: int, iterati
     """Seconds for epochs ``from_epoch``..``epochs`` and what follows them (final checkpoint, validation)."""
     val = val_iterations if val_iterations is not None else max(1, iterations // 5)
     total = probe.setup_s if setup else 0.0
-    total += sum(epoch_seconds(probe, shape, e, iterations, val) for e in range(from_epoch, epochs))
+    total += sum(epoch_seconds(probe, shape, e, iterations, val, epochs) for e in range(from_epoch, epochs))
     return total + final_seconds(probe, shape)
 
 
@@ -427,30 +454,46 @@ def machine_file() -> Path:
     return Path(folder) / "machine.json"
 
 
-def remember(key: str, value: float, keep: int = 5) -> None:
-    """Add a measured figure to the last ``keep`` kept under ``key`` for this machine (best effort:
-    a cache folder that cannot be written only leaves the next estimate less precise)."""
-    path = machine_file()
-    key = f"{key}|{machine()}"
+def _machine_data() -> dict:
     try:
-        stored = json.loads(path.read_text())
+        data = json.loads(machine_file().read_text())
     except (OSError, ValueError):
-        stored = {}
-    values = stored.get(key) if isinstance(stored.get(key), list) else []
-    stored[key] = [*values, float(f"{float(value):.6g}")][-keep:]
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_machine_data(data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(path, stored)
+        machine_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(machine_file(), data)
     except OSError:
         pass
 
 
-def recalled(key: str) -> tuple[float, int]:
+def machine_choice(key: str, device: torch.device | None = None):
+    """A choice made earlier on this machine (the CPU plan's batch), or None."""
+    return _machine_data().get(f"{key}|{machine(device)}")
+
+
+def keep_machine_choice(key: str, value, device: torch.device | None = None) -> None:
+    data = _machine_data()
+    data[f"{key}|{machine(device)}"] = value
+    _write_machine_data(data)
+
+
+def remember(key: str, value: float, device: torch.device | None = None, keep: int = 5) -> None:
+    """Add a measured figure to the last ``keep`` kept under ``key`` for this machine (best effort:
+    a cache folder that cannot be written only leaves the next estimate less precise)."""
+    key = f"{key}|{machine(device)}"
+    stored = _machine_data()
+    values = stored.get(key) if isinstance(stored.get(key), list) else []
+    stored[key] = [*values, float(f"{float(value):.6g}")][-keep:]
+    _write_machine_data(stored)
+
+
+def recalled(key: str, device: torch.device | None = None) -> tuple[float, int]:
     """The median of the figures kept under ``key`` on this machine and how many there are (0.0, 0 if none)."""
-    try:
-        values = json.loads(machine_file().read_text()).get(f"{key}|{machine()}")
-    except (OSError, ValueError, AttributeError):
-        return 0.0, 0
+    values = _machine_data().get(f"{key}|{machine(device)}")
     if not isinstance(values, list) or not values:
         return 0.0, 0
     return float(statistics.median(values)), len(values)

@@ -53,7 +53,8 @@ def check_minutes(minutes) -> None:
     """``--minutes``: a positive number (``None``: not given)."""
     if minutes is None:
         return
-    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0 or minutes != minutes:
+    if (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0 or minutes != minutes
+            or minutes == float("inf")):
         raise InputError("--minutes", f"must be a positive number of minutes, not {minutes!r}")
 
 

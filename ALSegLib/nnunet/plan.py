@@ -102,7 +102,7 @@ def plan(
     if batch_size is None and dev.type == "cpu":
         dataset_json = json.loads((f.preprocessed / dataset.name / "dataset.json").read_text())
         for c in configurations:
-            cpu_plans[c] = cpu_batch(project, plans, c, dataset_json, dev)
+            cpu_plans[c] = _cpu_batch_once(project, base, plans, c, dataset_json, dev)
             plans["configurations"][c]["batch_size"] = cpu_plans[c]["batch_size"]
             announce("plan", f"plan: {c}: {cpu_plans[c]['reason']}", configuration=c, **{
                 k: v for k, v in cpu_plans[c].items() if k != "reason"})
@@ -132,6 +132,21 @@ def plan(
 CPU_ROUND_S = 3600  # a round on a CPU should fit an hour ...
 CPU_TRAINING_SHARE = 0.75  # ... its training three quarters of it (the rest: predicting the pool, selecting)
 MIN_BATCH = 2  # nnU-Net's smallest: its foreground oversampling forces the last third of a batch, none of batch 1
+
+
+def _cpu_batch_once(project: Project, base: dict, plans: dict, configuration: str, dataset_json: dict, dev) -> dict:
+    """:func:`cpu_batch`, chosen once per nnU-Net plan and machine: planning the same data again here
+    gives the same batch (and plans digest), not one that timing noise moved."""
+    from . import estimate as est
+
+    key = (f"cpu batch, {configuration}, nnU-Net plans {plans_digest(base)[:16]}, round target "
+           f"{CPU_ROUND_S * CPU_TRAINING_SHARE:g} s")
+    earlier = est.machine_choice(key, dev)
+    if isinstance(earlier, dict) and isinstance(earlier.get("batch_size"), int):
+        return {**earlier, "reason": f"as chosen on this machine before: {earlier['reason']}", "reused": True}
+    chosen = cpu_batch(project, plans, configuration, dataset_json, dev)
+    est.keep_machine_choice(key, chosen, dev)
+    return chosen
 
 
 def cpu_batch(project: Project, plans: dict, configuration: str, dataset_json: dict, dev) -> dict:
@@ -176,7 +191,8 @@ def cpu_batch(project: Project, plans: dict, configuration: str, dataset_json: d
         reason += (f"; that is over {est.duration(CPU_ROUND_S * CPU_TRAINING_SHARE)} even at the smallest batch: give "
                    "--minutes to bound each training" + ("" if configuration == "2d" or "2d" not in plans["configurations"]
                                                         else ", or plan the 2d configuration (smaller patch)"))
-    reason += "; nnU-Net's own plan is kept in nnUNetPlans.json for a GPU"
+    reason += ("; nnU-Net's own plan is kept in nnUNetPlans.json" + (f" (on a GPU, --batch-size {nnunet} trains at its "
+               "batch)" if chosen != nnunet else ""))
     return {"batch_size": chosen, "nnunet_batch_size": nnunet, "step_s": {str(b): round(t, 4) for b, t in sorted(times.items())},
             "target_step_s": round(target, 3), "round_training_s": round(training, 1), "sample_bytes": int(sample),
             "reason": reason}

@@ -107,23 +107,17 @@ class PredictionEstimate:
 
     def __init__(self, project: Project, predictor, cases: Sequence[str], mirroring: bool, tile_step: float,
                  model: str):
-        import torch
-
-        from .estimate import recalled
+        from .estimate import recalled, tile_seconds
 
         self.tiles = {c: case_tiles(project, c, predictor, mirroring, tile_step) for c in cases}
         self.voxels = {c: image_voxels(project, c) for c in cases}
         self.total_tiles, self.total_voxels = sum(self.tiles.values()), sum(self.voxels.values())
-        self.per_voxel, runs = recalled(OVERHEAD_KEY)
+        self.per_voxel, runs = recalled(OVERHEAD_KEY, predictor.device)
         channels = len(predictor.dataset_json["channel_names"])
-        x = torch.zeros((1, channels, *predictor.configuration_manager.patch_size), device=predictor.device)
-        network = predictor.network
-        network.eval()
-        with torch.no_grad():
-            network(x)  # warm-up
-            t = time.perf_counter()
-            network(x)
-            self.tile_s = time.perf_counter() - t
+        # on the device nnU-Net moves the network to for the sliding window anyway
+        self.tile_s = tile_seconds(predictor.network, channels, predictor.configuration_manager.patch_size,
+                                   predictor.device)
+        self.device = predictor.device
         total = self.tile_s * self.total_tiles + self.per_voxel * self.total_voxels
         self.estimated_s = total
         besides = (f"plus {duration(self.per_voxel * self.total_voxels)} reading, resampling and writing (as the last "
@@ -144,7 +138,7 @@ class PredictionEstimate:
         elapsed = time.perf_counter() - self.start
         if not self.tiles:  # what the cases took besides their tiles, for the next estimates here
             if self.total_voxels:
-                remember(OVERHEAD_KEY, max(0.0, elapsed - self.tile_s * self.total_tiles) / self.total_voxels)
+                remember(OVERHEAD_KEY, max(0.0, elapsed - self.tile_s * self.total_tiles) / self.total_voxels, self.device)
             return
         done_voxels = self.total_voxels - sum(self.voxels.values())
         # the cases so far: their time per (tile-time + measured rest), scaled to the cases left

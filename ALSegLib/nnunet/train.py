@@ -166,7 +166,8 @@ def train(
         probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
         shape = _job_shape(project, m, dataset, configuration, validate, filtermatch, probe)
         budget, estimate = _plan_budget(previous, dev, epochs, iterations, val_iterations, minutes, probe, shape,
-                                        spent_s=time.perf_counter() - started)
+                                        spent_s=time.perf_counter() - started,
+                                        epochs_done=_epochs_done(project, m, dataset, configuration))
         record = previous or {
             "name": name, "mode": mode, "dataset": dataset.name, "policy": dataset.policy,
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
@@ -175,6 +176,8 @@ def train(
             "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
         }
+        if record.get("estimate") and previous is not None:  # a resumed run: each run's estimate and actual time kept
+            record["earlier_estimates"] = [*record.get("earlier_estimates", []), record["estimate"]]
         record.update({"status": "training", "device": str(dev), "budget": budget, "estimate": estimate})
         _write_record(project, record, "training_started")
         emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=budget["epochs"],
@@ -189,7 +192,8 @@ def train(
             trainer.final_phase_s = est.final_seconds(probe, shape)
             final = output / "checkpoint_final.pth"
             _resume_or_start(project, trainer, output, record, init, name)
-            if not final.is_file():
+            trained_now = not final.is_file()
+            if trained_now:
                 try:
                     trainer.run_training()
                 except BaseException:
@@ -201,8 +205,9 @@ def train(
                 trainer.perform_actual_validation(False)
                 validation = _validation_summary(output / "validation" / "summary.json", dataset)
             ends = trainer.logger.get_value("epoch_end_timestamps", None)
-            if ends and trainer.current_epoch == budget["epochs"]:  # this run trained its last epoch
-                _remember_finish(validate, time.time() - ends[-1] - est.final_seconds(probe, shape, overhead=False))
+            if trained_now and ends and trainer.current_epoch == budget["epochs"]:  # this run trained its last epoch
+                _remember_finish(validate, configuration, dev,
+                                 time.time() - ends[-1] - est.final_seconds(probe, shape, overhead=False))
             record.update(_finished_fields(project, trainer, final, budget, validation,
                                            seconds=time.perf_counter() - start + record.get("seconds", 0.0)))
             record["estimate"]["actual_s"] = round(time.perf_counter() - start, 1)
@@ -231,9 +236,10 @@ def checked_checkpoint(project: Project, record: dict) -> dict:
 
 def _check_memory(project: Project, configuration: str, batch_size: int | None, dev: torch.device, name: str,
                   factor: int = 1) -> int:
-    """One step at batch 1 on random data with the project's network: the memory a sample needs,
-    checked against what the device has left before any of the model's files is written
-    (``factor``: samples per step per batch sample; FilterMatch's unlabeled batch doubles them)."""
+    """Steps at batch 1 and 2 on random data with the project's network (:func:`~.estimate.step_memory`):
+    the memory a step needs, checked against what the device has left before any of the model's
+    files is written (``factor``: samples per step per batch sample; FilterMatch's unlabeled batch
+    doubles them). Returns a sample's share."""
     record = project_plans(project)
     pre = folders(project.root).preprocessed / record["dataset"]
     plans = json.loads((pre / f"{PLANS}.json").read_text())
@@ -242,23 +248,27 @@ def _check_memory(project: Project, configuration: str, batch_size: int | None, 
                          f"(planned: {', '.join(plans['configurations'])})")
     batch = int(batch_size or plans["configurations"][configuration]["batch_size"])
     key = est.probe_key("memory", record.get("plans_digest"), configuration, 1, dev)
-    cached = est.cached_probe(folders(project.root).preprocessed.parent, key)
+    root = folders(project.root).preprocessed.parent
+    cached = est.cached_probe(root, key)
     if cached is not None:
-        room, why = est.headroom(dev)
-        if cached.sample_bytes * batch * factor > room:  # the same refusal as a fresh check, without the network
-            est.refuse_memory(cached.sample_bytes, batch, room, why, f"training {name!r}", factor)
-        return cached.sample_bytes
-    plans["configurations"][configuration]["batch_size"] = batch
-    plans["continue_training"] = False
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    with scratch_environment(project.root, dev):
-        trainer = ALSegTrainer(plans, configuration, 0, dataset_json, dev)
-        sample = est.check_memory(trainer, what=f"training {name!r}", factor=factor)
-    with project.lock("store a memory probe"):
-        est.store_probe(folders(project.root).preprocessed.parent, key, est.TrainingProbe(
-            trainer="memory", configuration=configuration, batch_size=1, patch_size=[], device=str(dev),
-            machine=est.machine(), setup_s=0, step_s=0, val_step_s=0, checkpoint_s=0, tile_s=0, sample_bytes=sample,
-            peak_bytes=sample, steps=1, measured=now_iso()))
+        fixed, sample = cached.fixed_bytes, cached.sample_bytes
+    else:
+        plans["configurations"][configuration]["batch_size"] = batch
+        plans["continue_training"] = False
+        dataset_json = json.loads((pre / "dataset.json").read_text())
+        with scratch_environment(project.root, dev):
+            trainer = ALSegTrainer(plans, configuration, 0, dataset_json, dev)
+            fixed, sample = est.step_memory(trainer)
+            del trainer  # its memory is free again before what is left is read
+    room, why = est.headroom(dev)
+    if fixed + sample * batch * factor > room:
+        est.refuse_memory(sample, batch, room, why, f"training {name!r}", factor, fixed)
+    if cached is None:
+        with project.lock("store a memory probe"):
+            est.store_probe(root, key, est.TrainingProbe(
+                trainer="memory", configuration=configuration, batch_size=1, patch_size=[], device=str(dev),
+                machine=est.machine(dev), setup_s=0, step_s=0, val_step_s=0, checkpoint_s=0, tile_s=0,
+                sample_bytes=sample, fixed_bytes=fixed, peak_bytes=fixed + sample, steps=1, measured=now_iso()))
     return sample
 
 
@@ -272,8 +282,10 @@ def _probe(project: Project, mode: TrainingMode, dataset: Dataset, configuration
     plans = json.loads((pre / f"{PLANS}.json").read_text())
     batch = int(batch_size or plans["configurations"][configuration]["batch_size"])
     extra = ""
-    if options is not None and hasattr(options, "to_json"):
-        extra = json.dumps(options.to_json(), sort_keys=True)
+    if mode.pool_as_ignore:  # FilterMatch: its settings, and whether a pool gives it unlabeled steps
+        from .filtermatch_settings import FilterMatchConfig
+
+        extra = json.dumps({**(options or FilterMatchConfig()).to_json(), "pool": bool(dataset.pool)}, sort_keys=True)
     key = est.probe_key(cls.__name__, plans_record.get("plans_digest"), configuration, batch, dev, extra)
     root = folders(project.root).preprocessed.parent
     cached = est.cached_probe(root, key)
@@ -294,7 +306,8 @@ def _job_shape(project: Project, mode: TrainingMode, dataset: Dataset, configura
     """The tiles the final validation (mirrored, as nnU-Net validates) and FilterMatch's filters predict."""
     pre = folders(project.root).preprocessed / dataset.name
     shape = est.JobShape()
-    shape.finish_overhead_s, shape.finish_overhead_runs = _finish_overhead(validate)
+    shape.finish_overhead_s, shape.finish_overhead_runs = _finish_overhead(validate, configuration,
+                                                                            torch.device(probe.device))
     if validate:
         split = json.loads((pre / "splits_final.json").read_text())[0]
         shape.validation_tiles = est.mirror_passes(probe.patch_size, True) * sum(
@@ -322,22 +335,38 @@ def preprocessed_shapes(preprocessed: Path, configuration: str, cases: Sequence[
     return [tuple(int(v) for v in data.load_case(c)[0].shape[1:]) for c in cases]
 
 
-def _finish_key(validate: bool) -> str:
-    return f"after the last epoch, {'with' if validate else 'without'} validation"
+def _finish_key(validate: bool, configuration: str) -> str:
+    return f"after the last epoch, {'with' if validate else 'without'} validation, {configuration}"
 
 
-def _remember_finish(validate: bool, overhead_s: float) -> None:
+def _remember_finish(validate: bool, configuration: str, dev: torch.device, overhead_s: float) -> None:
     """What followed the last epoch beyond the probe's figures (nnU-Net's final plot, the validation's
     worker processes, resampling and export), kept for the next estimates on this machine."""
-    est.remember(_finish_key(validate), max(0.0, overhead_s))
+    est.remember(_finish_key(validate, configuration), max(0.0, overhead_s), dev)
 
 
-def _finish_overhead(validate: bool) -> tuple[float, int]:
-    return est.recalled(_finish_key(validate))
+def _finish_overhead(validate: bool, configuration: str, dev: torch.device) -> tuple[float, int]:
+    return est.recalled(_finish_key(validate, configuration), dev)
+
+
+def _epochs_done(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str) -> int:
+    """Epochs a killed run of this model already trained (from its latest checkpoint; 0 for a new one)."""
+    output = (folders(project.root).results / dataset.name / f"{mode.trainer_class().__name__}__{PLANS}__{configuration}"
+              / "fold_0")
+    latest = output / "checkpoint_latest.pth"
+    if (output / "checkpoint_final.pth").is_file():
+        return 10**9  # trained: only what follows the last epoch is left
+    if not latest.is_file():
+        return 0
+    try:
+        return int(load_checkpoint_safely(latest).get("current_epoch", 0))
+    except InputError:
+        return 0  # a torn or foreign checkpoint: the resume reports it
 
 
 def _plan_budget(previous: dict | None, dev: torch.device, epochs, iterations, val_iterations, minutes,
-                 probe: est.TrainingProbe, shape: est.JobShape, spent_s: float) -> tuple[dict, dict]:
+                 probe: est.TrainingProbe, shape: est.JobShape, spent_s: float,
+                 epochs_done: int = 0) -> tuple[dict, dict]:
     """The training's budget (given, a resumed run's own, fitted to ``minutes``, or the device's
     default) and its estimate, as the record stores them."""
     budget = _resolve_budget(previous, dev, epochs, iterations, val_iterations)
@@ -347,8 +376,11 @@ def _plan_budget(previous: dict | None, dev: torch.device, epochs, iterations, v
         fitted = est.budget_for_minutes(probe, shape, minutes, spent_s=spent_s, epochs=epochs, iterations=iterations,
                                         val_iterations=val_iterations, default_iterations=d_iters)
         budget = {"epochs": fitted.epochs, "iterations": fitted.iterations, "val_iterations": val_iterations}
-    seconds = est.training_seconds(probe, shape, budget["epochs"], budget["iterations"], budget["val_iterations"])
+    done = min(epochs_done, budget["epochs"])
+    seconds = est.training_seconds(probe, shape, budget["epochs"], budget["iterations"], budget["val_iterations"],
+                                   from_epoch=done)
     estimate = {"estimated_s": round(seconds, 1), "spent_s": round(spent_s, 1), "probe": probe.to_json(),
+                "from_epoch": done,
                 "validation_tiles": shape.validation_tiles, "filter_tiles": shape.filter_tiles,
                 "finish_overhead_s": round(shape.finish_overhead_s, 2),
                 "finish_overhead_from": (f"the median of the last {shape.finish_overhead_runs} trainings on this machine"
@@ -371,7 +403,7 @@ def _announce_estimate(name: str, mode: str, budget: dict, estimate: dict, minut
         text += f"; --minutes {minutes:g}: {estimate['time_budget']['chosen']}"
     announce("estimate", text, job="train", model=name, estimated_s=seconds, epochs=budget["epochs"],
              iterations=budget["iterations"], step_s=probe["step_s"], batch_size=probe["batch_size"])
-    if minutes is not None and estimate["spent_s"] + seconds > minutes * 60 + 1:
+    if minutes is not None and not estimate["from_epoch"] and estimate["spent_s"] + seconds > minutes * 60 + 1:
         announce("warning", f"warning: training {name!r} cannot fit {minutes:g} min: {est.duration(estimate['spent_s'])} "
                             f"went to planning, preprocessing and the probe, and its budget takes about "
                             f"{est.duration(seconds)} more", job="train", model=name, estimated_s=seconds,

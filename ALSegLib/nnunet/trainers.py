@@ -147,10 +147,12 @@ class ALSegTrainer(nnUNetTrainer):
         emit("epoch", **event)
 
     def seconds_left(self) -> float:
-        """The epochs still to run at the mean of the last five epochs' times, plus what follows them."""
+        """The epochs still to run at the mean of the last five epochs' times, plus what follows them.
+        An epoch's time is start to next start (its checkpoints are written after its end stamp);
+        for the first epoch, end minus start."""
         starts = self.logger.get_value("epoch_start_timestamps", None)
         ends = self.logger.get_value("epoch_end_timestamps", None)
-        recent = [e - s for s, e in zip(starts, ends)][-5:]
+        recent = [b - a for a, b in zip(starts, starts[1:])][-5:] or [e - s for s, e in zip(starts, ends)][-1:]
         per_epoch = sum(recent) / len(recent) if recent else 0.0
         return max(0, self.num_epochs - self.current_epoch) * per_epoch + self.final_phase_s
 
