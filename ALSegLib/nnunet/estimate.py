@@ -173,19 +173,25 @@ class TrainingProbe:
 
 
 def machine(device: torch.device | None = None) -> str:
-    """The machine a figure is valid on: host, processors, torch's threads, the augmentation workers,
-    torch's and nnU-Net's versions, and the GPU's name for a CUDA device."""
+    """The machine a figure is valid on: host, processors, torch's threads, torch's and nnU-Net's
+    versions, and the GPU's name for a CUDA device."""
     from importlib.metadata import version
 
     gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
-    return (f"{platform.node()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads, augmentation workers "
-            f"{os.environ.get('nnUNet_n_proc_DA', 'default')}, torch {torch.__version__}, nnunetv2 "
-            f"{version('nnunetv2')}{gpu})")
+    return (f"{platform.node()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads, torch "
+            f"{torch.__version__}, nnunetv2 {version('nnunetv2')}{gpu})")
+
+
+def augmentation_workers(device: torch.device) -> str:
+    """nnU-Net's augmentation workers as a training here runs them (the engine sets 0 on a CPU
+    unless ``nnUNet_n_proc_DA`` is set): part of what a training step costs."""
+    return os.environ.get("nnUNet_n_proc_DA") or ("0" if device.type == "cpu" else "nnU-Net's default")
 
 
 def probe_key(trainer: str, plans_digest: str | None, configuration: str, batch: int, device: torch.device,
               extra: str = "") -> str:
-    return "|".join([trainer, (plans_digest or "")[:16], configuration, str(batch), str(device), machine(device), extra])
+    return "|".join([trainer, (plans_digest or "")[:16], configuration, str(batch), str(device), machine(device),
+                     f"augmentation workers {augmentation_workers(device)}", extra])
 
 
 def cached_probe(nnunet_root: Path, key: str) -> TrainingProbe | None:
