@@ -367,14 +367,29 @@ def _inference_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def prediction_threads() -> int:
+    """The torch threads nnU-Net predicts with: its ``nnUNet_def_n_proc`` when fewer than torch's own
+    (``predict_logits_from_preprocessed_data`` sets them; with ``nnUNet_def_n_proc=1`` one thread)."""
+    from nnunetv2.configuration import default_num_processes
+
+    n = torch.get_num_threads()
+    return default_num_processes if default_num_processes < n else n
+
+
 def tile_seconds(network: torch.nn.Module, channels: int, patch, device: torch.device) -> float:
-    """One sliding-window tile forward at batch 1, no gradient (after a warm-up one), as nnU-Net predicts."""
+    """One sliding-window tile forward at batch 1, no gradient (after a warm-up one), as nnU-Net
+    predicts: on its device, under autocast on CUDA, with the threads it predicts with."""
     network = network.to(device)
     network.eval()
     x = torch.zeros((1, channels, *patch), device=device)
-    with torch.no_grad(), _inference_autocast(device):
-        network(x)
-        return _timed(device, lambda: network(x))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(prediction_threads())
+    try:
+        with torch.no_grad(), _inference_autocast(device):
+            network(x)
+            return _timed(device, lambda: network(x))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _close_loaders(trainer) -> None:
