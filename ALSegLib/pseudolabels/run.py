@@ -91,6 +91,7 @@ class CaseWork:
     slice_prompts: dict[str, list[pr.SlicePrompt]]  # prompts mode / prior mode, per label name
     prior_file: Path | None = None
     slices_expected: int = 0  # slices the encoder is expected to see (for the time estimate)
+    decodes_expected: int = 0  # slice x label masks the decoder is expected to make
 
 
 def _settings_file(path: Path, label_names: Sequence[str],
@@ -207,7 +208,7 @@ def pseudolabel_with_sam(
         vs = volume_slices(image, axis_name)
         sp: dict[str, list[pr.SlicePrompt]] = {}
         prior = None
-        extent = None  # the slices a known label covers (reference, prior): where propagation will run
+        extent = None  # per label, the slices a known label covers (reference, prior): where propagation will run
         if mode == "prompts":
             sp = pr.case_prompts(pf, case, image, vs)
             if not loaded.profile.points:
@@ -219,7 +220,7 @@ def pseudolabel_with_sam(
         elif mode == "reference":
             ref = project.read_label(case, "reference")
             ref_slices = vs.from_array(sitk.GetArrayFromImage(ref))
-            extent = np.isin(ref_slices, list(project.labels.mapping.values())).any(axis=(1, 2))
+            extent = {n: (ref_slices == v).any(axis=(1, 2)) for n, v in project.labels.mapping.items()}
             frame = slice_frame(vs.size, vs.pixel_spacing, loaded.architecture.image_size, loaded.profile)
             margin_xy = (box_margin * frame.size[1] / frame.input_size[1], box_margin * frame.size[0] / frame.input_size[0])
             for name, value in project.labels.mapping.items():
@@ -230,7 +231,7 @@ def pseudolabel_with_sam(
             prior = index[case][0]
             lab = volumes.read_label(prior, label_values=project.labels.values, geometry=project.geometry(case))
             prior_slices = vs.from_array(sitk.GetArrayFromImage(lab))
-            extent = (prior_slices > 0).any(axis=(1, 2))
+            extent = {n: (prior_slices == v).any(axis=(1, 2)) for n, v in project.labels.mapping.items()}
             for name, value in project.labels.mapping.items():
                 ps = pr.prior_prompts(prior_slices, value)
                 if ps:
@@ -241,7 +242,7 @@ def pseudolabel_with_sam(
                 if lacking:
                     raise InputError(f"{pf.path}: cases.{case}.{name}", f"its label relations need {', '.join(lacking)} "
                                      f"segmented in case {case!r} too, and the prompt file gives no prompt for it")
-        work.append(CaseWork(case, sp, prior, _slices_expected(mode, vs, sp, extent)))
+        work.append(CaseWork(case, sp, prior, *_slices_expected(mode, vs, sp, extent, len(settings) or len(names))))
 
     if not loaded.builtin:
         loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
@@ -261,23 +262,30 @@ def pseudolabel_with_sam(
     return out
 
 
-def _slices_expected(mode: str, vs, prompts: dict[str, list[pr.SlicePrompt]], extent) -> int:
-    """Slices the encoder will see: a known label's extent (reference, prior), the span of the
-    prompted slices (prompts: propagation may run further), every slice (automatic)."""
+def _slices_expected(mode: str, vs, prompts: dict[str, list[pr.SlicePrompt]], extent: dict | None,
+                     labels: int) -> tuple[int, int]:
+    """Slices the encoder will see and slice x label masks the decoder will make: a known label's
+    extent (reference, prior), the span of the prompted slices (prompts: propagation may run
+    further), every slice for every label (automatic)."""
     if extent is not None:
-        return int(np.count_nonzero(extent))
+        if not extent:
+            return 0, 0
+        return (int(np.count_nonzero(np.logical_or.reduce(list(extent.values())))),
+                int(sum(np.count_nonzero(e) for e in extent.values())))
     if mode == "prompts" and prompts:
-        covered = set()
+        covered, decodes = set(), 0
         for ps in prompts.values():
             ks = [p.slice for p in ps]
             covered.update(range(min(ks), max(ks) + 1))
-        return len(covered)
-    return len(vs)
+            decodes += max(ks) - min(ks) + 1
+        return len(covered), decodes
+    return len(vs), len(vs) * labels
 
 
 class _Estimate:
-    """The pseudo-labels' duration: one slice encoded before the first case (the probe), times the
-    slices each case is expected to need; refreshed after each case from the time cases really took."""
+    """The pseudo-labels' duration: one slice encoded and one mask decoded before the first case (the
+    probe), times the slices and masks each case is expected to need; refreshed after each case from
+    the time cases really took."""
 
     def __init__(self, project: Project, loaded: LoadedSam, work: list[CaseWork], axis_name: str,
                  override: Window | None, settings: dict[str, pr.LabelSettings]):
@@ -285,17 +293,19 @@ class _Estimate:
         self.started = time.perf_counter()
         self.done_seconds = 0.0
         self.done_slices = 0
-        self.left = {w.case: max(1, w.slices_expected) for w in work}
-        self.slice_s = self._probe(project, loaded, work, axis_name, override, settings) if work else 0.0
-        total = self.slice_s * sum(self.left.values())
+        self.slice_s, self.decode_s = self._probe(project, loaded, work, axis_name, override, settings) if work else (0, 0)
+        self.left = {w.case: self.slice_s * max(1, w.slices_expected) + self.decode_s * w.decodes_expected for w in work}
+        total = sum(self.left.values())
+        slices, decodes = sum(w.slices_expected for w in work), sum(w.decodes_expected for w in work)
         self.estimated_s = total
         progress.announce("estimate", f"estimate: pseudo-labels of {len(work)} case(s) take about {duration(total)} here: "
-                          f"{sum(self.left.values())} slices expected at {self.slice_s:.3g} s per slice encoded (one "
-                          "slice measured just now)", job="pseudolabels", estimated_s=round(total, 1),
-                          slices=sum(self.left.values()), slice_s=round(self.slice_s, 4), cases=len(work))
+                          f"{slices} slices at {self.slice_s:.3g} s per slice encoded and {decodes} masks at "
+                          f"{self.decode_s:.3g} s each (one of each measured just now)", job="pseudolabels",
+                          estimated_s=round(total, 1), slices=slices, slice_s=round(self.slice_s, 4), masks=decodes,
+                          mask_s=round(self.decode_s, 4), cases=len(work))
 
     @staticmethod
-    def _probe(project, loaded, work, axis_name, override, settings) -> float:
+    def _probe(project, loaded, work, axis_name, override, settings) -> tuple[float, float]:
         first = work[0]
         image = project.read_image(first.case)
         vs = volume_slices(image, axis_name)
@@ -305,19 +315,30 @@ class _Estimate:
         k = first.slice_prompts[names[0]][0].slice if first.slice_prompts.get(names[0]) else len(vs) // 2
         frame = slice_frame(vs.size, vs.pixel_spacing, loaded.architecture.image_size, loaded.profile)
         x = encoder_input(slices[[k]], frame, loaded.model, loaded.profile)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            loaded.encode(x)
-        if loaded.device.type == "cuda":
-            torch.cuda.synchronize(loaded.device)
-        return time.perf_counter() - t
+
+        def timed(fn):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                out = fn()
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize(loaded.device)
+            return time.perf_counter() - t, out
+
+        encode_s, embedding = timed(lambda: loaded.encode(x))
+        decoder = MaskDecoder(loaded, frame)
+        h, w = vs.size
+        box = np.array([[w * 0.3, h * 0.3, w * 0.7, h * 0.7]])  # a mask's cost does not depend on where the box is
+        embedding = embedding[:1].to(loaded.model.device, torch.float32)
+        decoder(embedding, boxes=box)  # warm-up (the first call builds the decoder's kernels)
+        decode_s, _ = timed(lambda: decoder(embedding, boxes=box))
+        return encode_s, decode_s
 
     def case_done(self, w: CaseWork, summary: dict) -> None:
         self.done_seconds += float(summary.get("seconds", 0.0))
-        self.done_slices += self.left.pop(w.case)
+        self.done_slices += self.left.pop(w.case)  # the expected seconds of the cases done
         if not self.left:
             return
-        rate = self.done_seconds / max(1, self.done_slices)  # seconds per expected slice, as measured so far
+        rate = self.done_seconds / max(1e-9, self.done_slices)  # actual over expected, as measured so far
         left = rate * sum(self.left.values())
         progress.emit("estimate", job="pseudolabels", seconds_left=round(left, 1), cases_left=len(self.left),
                       message=f"pseudo-labels: about {duration(left)} left ({len(self.left)} case(s))")
