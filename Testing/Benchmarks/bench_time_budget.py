@@ -9,7 +9,7 @@ real training step at that batch and at nnU-Net's own.
 
 Run alone (the 2 cores shared with anything else double the times):
     .venv/bin/python Testing/Benchmarks/bench_time_budget.py            # about 40 min on 2 cores
-    .venv/bin/python Testing/Benchmarks/bench_time_budget.py --quick    # the three estimates only, about 15 min
+    .venv/bin/python Testing/Benchmarks/bench_time_budget.py --quick --name time_budget_quick  # phantoms and Hippocampus only, shorter trainings, about 10 min
 Writes Testing/Benchmarks/results/time_budget.json. Goal: every estimate within +-25 % of the
 actual; `--minutes 10` finishes in 10 +- 2 min. On a GPU the same command measures the GPU
 (`--device cuda --minutes-asked 60` for nnU-Net-sized budgets).
@@ -112,13 +112,13 @@ def with_pseudo_from_reference(project: Project) -> None:
         project.write_label(case, "pseudo", project.read_label(case, "reference"), source="degraded-reference")
 
 
-def phantom_part(work: Path, device: str) -> tuple[dict, dict]:
+def phantom_part(work: Path, device: str, budget: tuple[int, int]) -> tuple[dict, dict]:
     images, labels = phantoms.write_dataset(work / "phantoms-src", n=12, modality="CT", size=48)
     project = Project.create(work / "phantoms", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
     project.add_cases([images], reference_dir=labels)
     with_pseudo_from_reference(project)
     planned = plan(project, configurations=("3d_fullres",), device=device)
-    return three_jobs(project, "phantoms", device, 4, 25, project.cases()[:6], project, project.cases()[:2]), planned
+    return three_jobs(project, "phantoms", device, *budget, project.cases()[:6], project, project.cases()[:2]), planned
 
 
 def hippocampus_project(work: Path, hippo: Path, n: int) -> Project:
@@ -205,7 +205,9 @@ def minutes_part(work: Path, project: Project, minutes: float, device: str) -> d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="the estimates only (no --minutes run, no CPU plan)")
+    parser.add_argument("--quick", action="store_true", help="phantoms and Hippocampus only, 2 x 10 trainings (no CT, "
+                        "no --minutes run, no CPU plan)")
+    parser.add_argument("--name", default="time_budget", help="the results file's name (default time_budget)")
     parser.add_argument("--minutes-asked", type=float, default=10.0)
     args = parser.parse_args()
     data = shared_data()
@@ -217,22 +219,24 @@ def main() -> int:
     estimates: dict = {}
     figures: dict = {"device": args.device}
     try:
-        part, phantom_plan = phantom_part(work, args.device)
+        part, phantom_plan = phantom_part(work, args.device, (2, 10) if args.quick else (4, 25))
         estimates.update(part)
         figures["phantom_plan"] = phantom_plan.get("cpu_plan")
         hippo = None
         if data is not None and (data / "hippocampus" / "imagesTr").is_dir():
             hippo = hippocampus_project(work, data / "hippocampus", 24)
             plan(hippo, configurations=("3d_fullres",), device=args.device)
-            estimates.update(three_jobs(hippo, "hippocampus", args.device, 4, 25, hippo.cases()[:10], hippo,
-                                        hippo.cases()[:3]))
+            estimates.update(three_jobs(hippo, "hippocampus", args.device, *((2, 10) if args.quick else (4, 25)),
+                                        hippo.cases()[:10], hippo, hippo.cases()[:3]))
         else:
             figures["hippocampus"] = "not measured: the shared Hippocampus data is absent"
-        if data is not None and (data / "ct_example" / "example_ct.nii.gz").is_file():
+        if args.quick:
+            figures["ct"] = "not measured: --quick"
+        elif data is not None and (data / "ct_example" / "example_ct.nii.gz").is_file():
             ct, ct_sam = ct_projects(work, data / "ct_example", 4)
             planned = plan(ct, configurations=("3d_fullres", "2d"), device=args.device)
             estimates.update(three_jobs(ct, "ct", args.device, 2, 5, ct.cases()[:2], ct_sam, ct_sam.cases()))
-            figures["cpu_plan"] = None if args.quick else cpu_plan_part(ct, planned, args.device)
+            figures["cpu_plan"] = cpu_plan_part(ct, planned, args.device)
         else:
             figures["ct"] = "not measured: the shared CT example is absent"
         if not args.quick and hippo is not None:
@@ -241,7 +245,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     within = [v["within_25_percent"] for v in estimates.values()]
-    write_results("time_budget", {
+    write_results(args.name, {
         "estimates": estimates, **figures,
         "estimates_within_25_percent": f"{sum(within)} of {len(within)}",
         "seconds": round(time.perf_counter() - t0, 1),
