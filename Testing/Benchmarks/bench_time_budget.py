@@ -7,9 +7,10 @@ records), and times what they really took. Then `alseg train --minutes 10` on Hi
 timed from outside as a user runs it, and the CT example's CPU plan: the batch it chose and a
 real training step at that batch and at nnU-Net's own.
 
-Run alone (the 2 cores shared with anything else double the times):
+Run alone (the 2 cores shared with anything else double the times; --quick: phantoms and Hippocampus only,
+shorter trainings, no CT, no --minutes run):
     .venv/bin/python Testing/Benchmarks/bench_time_budget.py            # about 40 min on 2 cores
-    .venv/bin/python Testing/Benchmarks/bench_time_budget.py --quick --name time_budget_quick  # phantoms and Hippocampus only, shorter trainings, about 10 min
+    .venv/bin/python Testing/Benchmarks/bench_time_budget.py --quick --name time_budget_quick  # about 10 min
 Writes Testing/Benchmarks/results/time_budget.json. Goal: every estimate within +-25 % of the
 actual; `--minutes 10` finishes in 10 +- 2 min. On a GPU the same command measures the GPU
 (`--device cuda --minutes-asked 60` for nnU-Net-sized budgets).
