@@ -190,6 +190,9 @@ def train(
                                             filtermatch)
             trainer.seed = seed
             trainer.final_phase_s = est.final_seconds(probe, shape)
+            if previous is None and estimate.get("time_budget", {}).get("fitted"):
+                trainer.deadline = time.time() - (time.perf_counter() - started) + minutes * 60.0
+                trainer.max_epochs = est.MAX_EPOCHS
             final = output / "checkpoint_final.pth"
             _resume_or_start(project, trainer, output, record, init, name)
             trained_now = not final.is_file()
@@ -211,6 +214,9 @@ def train(
             record.update(_finished_fields(project, trainer, final, budget, validation,
                                            seconds=time.perf_counter() - start + record.get("seconds", 0.0)))
             record["estimate"]["actual_s"] = round(time.perf_counter() - start, 1)
+            if trainer.refits:  # --minutes: the epochs the deadline chose after each epoch, at the epochs' own pace
+                record["estimate"]["time_budget"]["refits"] = trainer.refits
+                record["budget"]["epochs"] = trainer.num_epochs
             record.update(m.record_fields(trainer, dataset))
         _write_record(project, record, "training_finished")
         emit("stage", stage="train-done", model=name, seconds=record["seconds"])
@@ -386,8 +392,9 @@ def _plan_budget(previous: dict | None, dev: torch.device, epochs, iterations, v
                 "finish_overhead_from": (f"the median of the last {shape.finish_overhead_runs} trainings on this machine"
                                          if shape.finish_overhead_runs else "not measured yet on this machine")}
     if minutes is not None:
-        estimate["time_budget"] = {"minutes": minutes, "chosen": fitted.chosen_from if fitted else
-                                   "a resumed training keeps its own budget"}
+        fits = fitted is not None and epochs is None  # the epochs were fitted: a deadline may refit them
+        estimate["time_budget"] = {"minutes": minutes, "fitted": fits,
+                                   "chosen": fitted.chosen_from if fitted else "a resumed training keeps its own budget"}
     return budget, estimate
 
 

@@ -83,6 +83,9 @@ class ALSegTrainer(nnUNetTrainer):
         self.case_repeats: dict[str, int] = {}  # case -> times it is listed for sampling (see sample_weights)
         self.seed: int | None = None  # seeds the weights' initialisation, sampling and augmentation (see on_train_start)
         self.final_phase_s = 0.0  # the estimate of what follows the last epoch (final checkpoint, validation)
+        self.deadline: float | None = None  # --minutes: the wall-clock time (time.time()) the training should end by
+        self.max_epochs = 1000  # what a deadline may grow the epochs to
+        self.refits: list[dict] = []  # the epochs a deadline chose after each epoch
         for attr, var in (("num_epochs", "ALSEG_EPOCHS"), ("num_iterations_per_epoch", "ALSEG_ITERS"),
                           ("num_val_iterations_per_epoch", "ALSEG_VAL_ITERS")):
             if os.environ.get(var):
@@ -134,6 +137,7 @@ class ALSegTrainer(nnUNetTrainer):
         }
         # nnU-Net redraws progress.png after every epoch: 1.3 s with matplotlib on these 2 cores, a quarter of
         # an epoch of the demo's 25 steps; ALSeg reports its own curves, so it is drawn after the last epoch only
+        self._refit_to_deadline()
         last = self.current_epoch + 1 >= self.num_epochs
         if not last:
             self.logger.plot_progress_png = lambda output_folder: None
@@ -145,6 +149,46 @@ class ALSegTrainer(nnUNetTrainer):
         event["seconds"] = float(value("epoch_end_timestamps", -1) - value("epoch_start_timestamps", -1))
         event["seconds_left"] = round(self.seconds_left(), 1)
         emit("epoch", **event)
+
+    def run_training(self) -> None:
+        """nnU-Net's epoch loop, reading the number of epochs after every epoch: with a ``deadline``
+        (``--minutes``) the epochs are fitted again from the epochs' own times, so a probe that
+        misjudged the step (a busy moment, a first-touch cost) does not miss the budget."""
+        self.on_train_start()
+        while self.current_epoch < self.num_epochs:
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+            self.on_train_epoch_end(train_outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val_outputs = [self.validation_step(next(self.dataloader_val))
+                               for _ in range(self.num_val_iterations_per_epoch)]
+                self.on_validation_epoch_end(val_outputs)
+            self.on_epoch_end()
+        self.on_train_end()
+
+    def _refit_to_deadline(self) -> None:
+        """Epochs that end the training (and what follows it) by the deadline, at the epochs' own pace."""
+        if self.deadline is None:
+            return
+        import time
+
+        starts = self.logger.get_value("epoch_start_timestamps", None)
+        if not starts:
+            return
+        now = time.time()  # called as the epoch ends, before its checkpoints: its time so far counts
+        recent = ([b - a for a, b in zip(starts, starts[1:])] + [now - starts[-1]])[-5:]
+        per_epoch = sum(recent) / len(recent)
+        left = self.deadline - now - self.final_phase_s
+        # the epoch just ended has not written its checkpoints yet: a quarter of an epoch kept for them
+        fit = self.current_epoch + 1 + max(0, int((left - 0.25 * per_epoch) // per_epoch))
+        epochs = max(self.current_epoch + 1, min(self.max_epochs, fit))
+        if epochs != self.num_epochs:
+            self.refits.append({"after_epoch": self.current_epoch + 1, "epochs": epochs, "epoch_s": round(per_epoch, 2)})
+            self.num_epochs = epochs
+            if hasattr(self.lr_scheduler, "max_steps"):  # nnU-Net's poly schedule decays over the (new) epochs
+                self.lr_scheduler.max_steps = epochs
 
     def seconds_left(self) -> float:
         """The epochs still to run at the mean of the last five epochs' times, plus what follows them.

@@ -168,6 +168,37 @@ def test_minutes_choose_fewer_iterations_for_a_larger_patch(timed, tmp_path):
     assert explicit["budget"]["iterations"] == 2 and "win" in explicit["estimate"]["time_budget"]["chosen"]
 
 
+def test_a_deadline_refits_the_epochs_to_the_epochs_own_pace(timed):
+    import time
+
+    import torch
+
+    from ALSegLib.nnunet.env import folders, scratch_environment
+    from ALSegLib.nnunet.plan import project_plans
+    from ALSegLib.nnunet.trainers import ALSegTrainer
+
+    pre = folders(timed.root).preprocessed / project_plans(timed)["dataset"]
+    plans = json.loads((pre / "ALSegPlans.json").read_text())
+    plans["continue_training"] = False
+    with scratch_environment(timed.root, torch.device("cpu")):
+        trainer = ALSegTrainer(plans, "3d_fullres", 0, json.loads((pre / "dataset.json").read_text()), torch.device("cpu"))
+
+    def refit(seconds_to_deadline: float) -> int:
+        now = time.time()
+        trainer.logger = type(trainer.logger)(trainer.output_folder, False)
+        trainer.logger.log("epoch_start_timestamps", now - 20, 0)
+        trainer.logger.log("epoch_start_timestamps", now - 10, 1)  # epochs of 10 s; the second ends now
+        trainer.num_epochs, trainer.current_epoch, trainer.deadline = 10, 1, now + seconds_to_deadline
+        trainer._refit_to_deadline()
+        return trainer.num_epochs
+
+    assert refit(35) == 5  # 3 more epochs fit in 35 s, less a quarter of an epoch for this one's checkpoints
+    assert refit(5) == 2  # no time for another: this epoch is the last
+    assert refit(1000) == 101  # the probe was too slow: the time left is used, up to max_epochs
+    trainer.max_epochs = 50
+    assert refit(1000) == 50 and trainer.refits[-1] == {"after_epoch": 2, "epochs": 50, "epoch_s": 10.0}
+
+
 def test_a_batch_that_cannot_fit_memory_is_refused_before_anything_is_written(timed, monkeypatch, run_cli):
     monkeypatch.setenv("ALSEG_MEMORY_LIMIT", "1M")
     models = timed.root / "models"
