@@ -279,7 +279,7 @@ def _slices_expected(mode: str, vs, prompts: dict[str, list[pr.SlicePrompt]], ex
             covered.update(range(min(ks), max(ks) + 1))
             decodes += max(ks) - min(ks) + 1
         return len(covered), decodes
-    return len(vs), len(vs) * labels
+    return vs.n, vs.n * labels
 
 
 class _Estimate:
@@ -301,8 +301,8 @@ class _Estimate:
         progress.announce("estimate", f"estimate: pseudo-labels of {len(work)} case(s) take about {duration(total)} here: "
                           f"{slices} slices at {self.slice_s:.3g} s per slice encoded and {decodes} masks at "
                           f"{self.decode_s:.3g} s each (one of each measured just now)", job="pseudolabels",
-                          estimated_s=round(total, 1), slices=slices, slice_s=round(self.slice_s, 4), masks=decodes,
-                          mask_s=round(self.decode_s, 4), cases=len(work))
+                          estimated_s=float(f"{total:.4g}"), slices=slices, slice_s=float(f"{self.slice_s:.4g}"),
+                          masks=decodes, mask_s=float(f"{self.decode_s:.4g}"), cases=len(work))
 
     @staticmethod
     def _probe(project, loaded, work, axis_name, override, settings) -> tuple[float, float]:
@@ -312,7 +312,7 @@ class _Estimate:
         names = list(first.slice_prompts) or list(project.labels.mapping)
         window = override or settings.get(names[0], pr.LabelSettings()).window or default_window(project.modality)
         slices = vs.uint8(window)
-        k = first.slice_prompts[names[0]][0].slice if first.slice_prompts.get(names[0]) else len(vs) // 2
+        k = first.slice_prompts[names[0]][0].slice if first.slice_prompts.get(names[0]) else vs.n // 2
         frame = slice_frame(vs.size, vs.pixel_spacing, loaded.architecture.image_size, loaded.profile)
         x = encoder_input(slices[[k]], frame, loaded.model, loaded.profile)
 
