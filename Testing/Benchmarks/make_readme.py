@@ -360,13 +360,19 @@ def rows_selection(d: dict) -> Rows:
     return rows
 
 
+def mapping(d: dict, key: str, what: str, rows: Rows) -> dict:
+    """The results file's mapping ``key``; empty, with a "not measured" row for ``what``, when absent."""
+    value = get(d, key, default={})
+    if not isinstance(value, dict) or not value:
+        rows.append((what, NOT_MEASURED))
+        return {}
+    return value
+
+
 def rows_demo(d: dict) -> Rows:
     rows: Rows = [("setup", f"pseudo-labels {fmt(get(d, 'pseudo_source'))}, seeds {fmt(get(d, 'seeds'))}, arguments "
                             f"{fmt(get(d, 'extra_arguments'))}")]
-    mean = get(d, "mean_over_seeds", default={})
-    if not isinstance(mean, dict) or not mean:
-        rows.append(("held-out mean Dice per row, mean over seeds", NOT_MEASURED))
-        mean = {}
+    mean = mapping(d, "mean_over_seeds", "held-out mean Dice per row, mean over seeds", rows)
     for key, row in mean.items():
         rows.append((f"{key}: mean Dice (per class; HD95; seeds)",
                      f"{fmt(get(row, 'mean_dice'))} ({fmt(get(row, 'dice'))}; {fmt(get(row, 'hd95'))}; "
@@ -385,10 +391,7 @@ def rows_demo(d: dict) -> Rows:
 
 def rows_time_budget(d: dict) -> Rows:
     rows: Rows = []
-    estimates = get(d, "estimates", default={})
-    if not isinstance(estimates, dict) or not estimates:
-        rows.append(("estimated vs actual", NOT_MEASURED))
-        estimates = {}
+    estimates = mapping(d, "estimates", "estimated vs actual", rows)
     for job, e in estimates.items():
         rows.append((f"`{job}`: estimated vs actual (ratio; within 25 %)",
                      f"{both(get(e, 'estimated_s'), get(e, 'actual_s'), 's')} ({fmt(get(e, 'ratio'))}; "
