@@ -23,7 +23,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from . import atomic, volumes
@@ -447,7 +446,7 @@ class Project:
 
     def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path,
                     **extra) -> dict:
-        present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
+        present = [int(v) for v in volumes.values_present(sitk.GetArrayViewFromImage(label)) if v != 0]
         return {
             "kind": kind, "case": case, "source": source, "produced_by": dict(produced_by), "time": now_iso(),
             "tool": f"alseg {__version__}", "user": user_name(), "host": socket.gethostname(),

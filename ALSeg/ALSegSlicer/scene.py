@@ -20,6 +20,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from ALSegLib import volumes
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 
@@ -102,7 +103,11 @@ def volume_node_from_image(scene, image: sitk.Image, name: str, *, labelmap: boo
 
 def image_from_volume_node(node) -> sitk.Image:
     """The node's voxels as a SimpleITK image in LPS with the node's geometry (parent transforms ignored)."""
-    image = sitk.GetImageFromArray(voxels(node))
+    return with_node_geometry(sitk.GetImageFromArray(voxels(node)), node)
+
+
+def with_node_geometry(image: sitk.Image, node) -> sitk.Image:
+    """``image`` (on the node's voxel grid) given the node's spacing, direction and origin, in LPS."""
     m = node_ijk_to_ras(node)
     lps = LPS_TO_RAS @ m[:3, :3]  # LPS_TO_RAS is its own inverse
     spacing = np.linalg.norm(lps, axis=0)
@@ -143,7 +148,7 @@ def segmentation_node_from_label(scene, label: sitk.Image | None, reference, lab
     if label is None:
         return node
     values = sitk.GetArrayFromImage(label)
-    unknown = sorted(set(np.unique(values).tolist()) - {0, *labels.values})
+    unknown = sorted(set(volumes.values_present(values).tolist()) - {0, *labels.values})
     if unknown:
         raise InputError(name, f"label values {unknown} are not in the project's label table {labels.mapping}")
     # the import fills the i-th listed segment from label value i: renumber the table's values 1..N in table order
@@ -196,9 +201,9 @@ def label_from_segmentation(scene, segmentation_node, reference, labels: LabelTa
     """The segmentation on ``reference``'s image grid with the project's label values (by segment
     name; where segments overlap, the one later in the segment list wins, as in Slicer)."""
     values = segment_values(segmentation_node, labels)
-    grid = image_from_volume_node(reference)
+    dims = reference.GetImageData().GetDimensions()
     if not values:
-        return _like(grid, np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.uint16))
+        return with_node_geometry(sitk.GetImageFromArray(np.zeros(dims[::-1], np.uint16)), reference)
     ids = vtk.vtkStringArray()
     for segment_id in values:
         ids.InsertNextValue(segment_id)
@@ -218,10 +223,10 @@ def label_from_segmentation(scene, segmentation_node, reference, labels: LabelTa
     finally:
         scene.RemoveNode(temporary)
         scene.RemoveNode(colors)
-    present = set(np.unique(array).tolist()) - {0}
+    present = set(volumes.values_present(array).tolist()) - {0}
     if not present <= set(values.values()):
         raise RuntimeError(f"export produced label values {sorted(present)}, expected a subset of {sorted(values.values())}")
-    return _like(grid, array.astype(np.uint16))
+    return with_node_geometry(sitk.GetImageFromArray(array.astype(np.uint16, copy=False)), reference)
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -258,18 +263,35 @@ def load_segmentation(scene, path: str | Path, name: str | None = None):
     return node
 
 
+def case_ids_for_nodes(nodes: Sequence) -> list[str]:
+    """Case ids from the nodes' names, derived as ids are from file names (``3: CT chest`` from
+    DICOM becomes ``3__CT_chest``); two nodes giving one id is an error naming both."""
+    from ALSegLib.store.ids import case_id_from_name
+
+    ids, seen = [], {}
+    for node in nodes:
+        name = node.GetName() or ""
+        case = case_id_from_name(name, where=f"volume {name!r}")
+        if case in seen:
+            raise InputError(f"volume {name!r}", f"gives the case id {case!r}, as volume {seen[case]!r} does: "
+                             "rename one of them or give the case ids")
+        seen[case] = name
+        ids.append(case)
+    return ids
+
+
 def add_volume_nodes(project: Project, nodes: Sequence, case_ids: Sequence[str] | None = None) -> list[str]:
-    """Add volumes already in the scene to the project as new cases (name of the node = case id
-    unless given); returns the case ids."""
+    """Add volumes already in the scene to the project as new cases (ids derived from the nodes'
+    names unless given); returns the case ids."""
     import tempfile
 
-    case_ids = list(case_ids) if case_ids is not None else [n.GetName() for n in nodes]
+    case_ids = list(case_ids) if case_ids is not None else case_ids_for_nodes(nodes)
     if len(case_ids) != len(nodes):
         raise InputError("case ids", f"{len(case_ids)} ids for {len(nodes)} volumes")
     with tempfile.TemporaryDirectory(prefix="alseg-scene-") as tmp:
         files = []
-        for node, case in zip(nodes, case_ids, strict=True):
-            path = Path(tmp) / f"{case}.nii.gz"
+        for i, node in enumerate(nodes):  # the temporary files' names never come from the nodes' names
+            path = Path(tmp) / f"volume{i:04d}.nii.gz"
             sitk.WriteImage(image_from_volume_node(node), str(path), True)
             files.append(path)
         return project.add_cases(files, case_ids=case_ids)
