@@ -280,16 +280,20 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # prompts -----------------------------------------------------------------------------
 
     def onPlace(self, key, selector, cls, toggle=False):
-        """Place markups for the prompt case and label: the selector's node, or a new one named for them."""
+        """Place markups for the prompt case and label: with no node chosen, a new one named for them
+        (the place button of a chosen node toggles placing by itself; the shortcut toggles it here)."""
         with slicer.util.tryWithErrorDisplay("Could not start placing the prompt."):
+            place = self.placeWidgets[key]
             node = selector.currentNode()
             if node is None:
                 case, label = self.ui.promptCaseComboBox.currentText, self.ui.promptLabelComboBox.currentText
                 node = slicer.mrmlScene.AddNewNodeByClass(cls, f"{case} {label} {key}")
                 selector.setCurrentNode(node)
-            place = self.placeWidgets[key]
-            place.setCurrentNode(node)
-            place.setPlaceModeEnabled(not place.placeModeEnabled if toggle else True)
+                place.setCurrentNode(node)
+                place.setPlaceModeEnabled(True)
+            elif toggle:
+                place.setCurrentNode(node)
+                place.setPlaceModeEnabled(not place.placeModeEnabled)
 
     def onAddPrompt(self):
         with slicer.util.tryWithErrorDisplay("Could not store the prompt.", waitCursor=True):

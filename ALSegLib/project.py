@@ -431,7 +431,9 @@ class Project:
             raise InputError(f"case {case!r}", f"has no {what}")
         return sitk.ReadImage(str(path))
 
-    def provenance(self, case: str, kind: str, version: int | None = None) -> dict:
+    def provenance(self, case: str, kind: str, version: int | None = None, *, check_file: bool = True) -> dict:
+        """The label's provenance sidecar; ``matches_file``: whether the label file is the one it
+        describes (its checksum; ``check_file=False`` skips reading the label for summaries)."""
         self._require_case(case)
         path = self.label_path(case, kind, version)
         if path is None:
@@ -441,7 +443,8 @@ class Project:
             return {"kind": kind, "case": case, "source": "unknown", "note": "provenance sidecar missing"}
         prov = read_json_object(sidecar)
         # a crash between writing a label and its sidecar leaves an older sidecar
-        prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
+        if check_file:
+            prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
         return prov
 
     def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path,

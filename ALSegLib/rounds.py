@@ -187,19 +187,23 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
     """The reviewers' effort, from the provenance of the human labels accepted in Slicer (each
     records seconds from open to accept, the Dice between the label it opened with and the
     accepted one, and the voxels changed): accepted n, accepted unchanged, mean proposal-to-accepted
-    Dice, median seconds per case. ``round_number``: only labels accepted for that round's queue."""
+    Dice, median seconds per case. Labels that edited an earlier human version again are left out
+    (they measure no machine proposal). ``round_number``: only labels accepted for that round's queue."""
     import statistics
 
     entries = []
     for case in project.labeled_cases("human"):
         for version in project.human_versions(case):
-            prov = project.provenance(case, "human", version)
+            prov = project.provenance(case, "human", version, check_file=False)
             effort = prov.get("effort")
             if not isinstance(effort, dict):
                 continue
-            if round_number is not None and (prov.get("produced_by") or {}).get("round") != round_number:
+            produced_by = prov.get("produced_by") or {}
+            if round_number is not None and produced_by.get("round") != round_number:
                 continue
-            entries.append({"case": case, "version": version, **effort})
+            if str(produced_by.get("started_from") or "").startswith("human"):
+                continue  # a human version edited again: not the machine's proposal's cost
+            entries.append({"case": case, "version": version, "started_from": produced_by.get("started_from"), **effort})
     seconds = [e["seconds"] for e in entries if isinstance(e.get("seconds"), (int, float))]
     dices = [e["dice_to_proposal"] for e in entries if isinstance(e.get("dice_to_proposal"), (int, float))
              and not e.get("started_empty")]

@@ -212,10 +212,10 @@ class Session:
             raise InputError("apply the model", "choose a volume")
         model = model or self.latest_model()
         work = Path(tempfile.mkdtemp(prefix="alseg-apply-"))
-        image = work / "volume.nii.gz"
+        image = work / "volume.nii"  # uncompressed: written in a fraction of a second on the GUI thread
         import SimpleITK as sitk
 
-        sitk.WriteImage(glue.image_from_volume_node(volume_node), str(image), True)
+        sitk.WriteImage(glue.image_from_volume_node(volume_node), str(image), False)
         out = work / "label.nii.gz"
         args = ["apply", str(project.root), "--model", model, "--image", str(image), "--out", str(out)]
         return args + (["--device", device] if device != "auto" else []), out

@@ -291,7 +291,7 @@ def add_volume_nodes(project: Project, nodes: Sequence, case_ids: Sequence[str] 
     with tempfile.TemporaryDirectory(prefix="alseg-scene-") as tmp:
         files = []
         for i, node in enumerate(nodes):  # the temporary files' names never come from the nodes' names
-            path = Path(tmp) / f"volume{i:04d}.nii.gz"
-            sitk.WriteImage(image_from_volume_node(node), str(path), True)
+            path = Path(tmp) / f"volume{i:04d}.nii"  # uncompressed: the project compresses what it stores
+            sitk.WriteImage(image_from_volume_node(node), str(path), False)
             files.append(path)
         return project.add_cases(files, case_ids=case_ids)

@@ -114,10 +114,11 @@ def export_model(project: Project, model: str, dest: str | Path, *, force: bool 
         raise InputError(f"model {model!r}", f"its configuration {configuration!r} is not in the project's plans")
     dataset_dir = dest / _dataset_folder_name(record["dataset"])
     target = dataset_dir / f"{EXPORT_TRAINER}__{plans.get('plans_name', PLANS)}__{configuration}"
+    staging = dataset_dir.with_name(f".{dataset_dir.name}.partial")  # an interrupted export's leftovers
     if target.exists():
         if not force:
             raise InputError(target, "exists (an earlier export?); give --force to replace it")
-    elif dest.is_dir() and any(p for p in dest.iterdir() if p.name != dataset_dir.name):
+    elif dest.is_dir() and any(p for p in dest.iterdir() if p.name not in (dataset_dir.name, staging.name)):
         raise InputError(dest, "is not empty; give a new or empty folder")
     checkpoint = checked_checkpoint(project, record)  # the recorded weights, or an error before anything is written
     weights = {k: v.detach().cpu() for k, v in checkpoint["network_weights"].items()}
@@ -134,7 +135,6 @@ def export_model(project: Project, model: str, dest: str | Path, *, force: bool 
     }
     buffer = io.BytesIO()
     torch.save(exported, buffer)
-    staging = dataset_dir.with_name(f".{dataset_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     folder = staging / target.name
     (folder / "fold_0").mkdir(parents=True)
@@ -150,7 +150,7 @@ def export_model(project: Project, model: str, dest: str | Path, *, force: bool 
         if target.exists():
             shutil.rmtree(target)
         dataset_dir.mkdir(parents=True, exist_ok=True)
-        (folder).rename(target)
+        folder.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"model": model, "folder": str(target.resolve()), "dataset_folder": str(dataset_dir.resolve()),

@@ -381,6 +381,44 @@ def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phant
         session.add_prompt(case, "spleen", points=points)
 
 
+def test_pseudo_label_this_case_now_runs_litemedsam_on_the_stored_prompt(tmp_path, phantom_dir):
+    """The panel's "Pseudo-label this case now": a box placed as a markups ROI, stored, then the real
+    `alseg pseudolabel` (built-in LiteMedSAM weights) as a background job on that case alone; the result
+    opens as the case's segmentation to correct."""
+    from ALSegLib import metrics
+    from ALSegSlicer import jobs
+    from ALSegSlicer.facade import Session
+
+    scene = slicer.vtkMRMLScene()
+    session = Session(scene)
+    project = session.create(tmp_path / "p", "organ=1,vessel=2,lesion=3", "CT")
+    cases = session.add_files([phantom_dir / "images"], reference_dir=phantom_dir / "labels")
+    case = cases[0]
+    with pytest.raises(InputError, match="no stored prompt"):
+        session.pseudolabel_case_args(case)
+    reference = sitk.GetArrayFromImage(project.read_label(case, "reference"))
+    organ = np.isin(reference, (1, 3))
+    k = int(np.argmax(organ.sum(axis=(1, 2))))
+    rows, cols = np.flatnonzero(organ[k].any(1)), np.flatnonzero(organ[k].any(0))
+    volume = glue.volume_node_from_image(scene, project.read_image(case), case)
+    m = glue.node_ijk_to_ras(volume)
+    corners = [(m @ np.array([i, j, k, 1.0]))[:3] for i, j in ((cols[0], rows[0]), (cols[-1], rows[-1]))]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenterWorld(*((corners[0] + corners[1]) / 2))
+    roi.SetSizeWorld(*np.abs(corners[1] - corners[0]), 0.0)
+    session.add_prompt(case, "organ", roi=roi)
+    args = session.pseudolabel_case_args(case, device="cpu")
+    assert args[:4] == ["pseudolabel", str(project.root), "--source", "sam"] and args[args.index("--case") + 1] == case
+    job = jobs.start(*args, python=sys.executable)
+    assert job.wait(timeout=600) == 0, job.error
+    assert project.label_path(case, "pseudo") is not None and project.label_path(cases[1], "pseudo") is None
+    opened = session.open_case(case, start_with="pseudo")
+    assert opened.started_from == "pseudo"
+    got = glue.label_from_segmentation(scene, opened.segmentation, opened.volume, project.labels)
+    dice = metrics.binary_metrics(sitk.GetArrayFromImage(got) == 1, organ, (1, 1, 1))["dice"]
+    assert dice > 0.5, dice
+
+
 def vtk_point(p):
     import vtk
 
