@@ -292,10 +292,13 @@ def values_present(arr: np.ndarray) -> np.ndarray:
     """The distinct values of an array, sorted: a counting pass for small non-negative integers (a
     CT-sized label in tens of milliseconds, where sorting it takes a second), else ``np.unique``."""
     arr = np.asarray(arr)
-    if arr.dtype.kind in "ub" or (arr.dtype.kind == "i" and arr.size and arr.min() >= 0):
-        top = int(arr.max()) if arr.size else 0
-        if top < 1 << 16:
-            return np.flatnonzero(np.bincount(arr.ravel(), minlength=top + 1)).astype(arr.dtype)
+    if not arr.size or arr.dtype.kind not in "uib":
+        return np.unique(arr)
+    low, top = int(arr.min()), int(arr.max())
+    if low >= 0 and top <= 32:  # a label: one comparison per possible value beats any counting pass
+        return np.array([v for v in range(low, top + 1) if v in (low, top) or np.count_nonzero(arr == v)], arr.dtype)
+    if low >= 0 and top < 1 << 16:
+        return np.flatnonzero(np.bincount(arr.ravel(), minlength=top + 1)).astype(arr.dtype)
     return np.unique(arr)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 from common import REPO, write_results
 
-sys.path.insert(0, str(REPO / "ALSeg"))
+sys.path[:0] = [str(REPO), str(REPO / "ALSeg")]  # this checkout's engine and glue
 
 import slicer  # noqa: E402  (slicer-core: the real MRML core)
 import vtk  # noqa: E402
@@ -102,6 +102,7 @@ def main() -> int:
         opened = session.open_next()
         first_open_s = time.perf_counter() - start
         times, accept_parts = [], []
+        first_case = opened.case
         for k in range(args.accepts):
             edit(scene, opened, k)
             start = time.perf_counter()
@@ -114,8 +115,8 @@ def main() -> int:
             accept_parts.append((accepted - start, done - accepted))
             print(f"accept {k + 1}: {done - start:.3f} s (accept {accepted - start:.3f} s, open next {done - accepted:.3f} s)",
                   flush=True)
-        stored = project.read_label(project.cases()[0], "human")
-        assert int((sitk.GetArrayViewFromImage(stored) == 3).sum()) > int((sitk.GetArrayViewFromImage(label) == 3).sum())
+        stored = sitk.GetArrayFromImage(project.read_label(first_case, "human"))
+        assert (stored[48:52, 240:260, 180:200] == 3).all(), "the reviewer's edit is not in the stored label"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     median, worst = statistics.median(times), max(times)
@@ -130,7 +131,10 @@ def main() -> int:
         "accepts": args.accepts, "setup_s": round(setup_s, 1), "seconds": round(time.perf_counter() - t0, 1),
         "notes": "slicer-core's MRML scene and the module's glue (ALSegSlicer.review) with the engine, no Qt: inside "
                  "Slicer the Segment Editor and the slice views then redraw (not measured here). Timed from accept to "
-                 "the next case's volume and segmentation nodes in the scene.",
+                 "the next case's volume and segmentation nodes in the scene. The next case's files are read ahead in "
+                 "a thread from the moment a case opens (as in the product); here the reviewer's edit takes about a "
+                 "tenth of a second, so the read-ahead overlaps mostly with the accept itself, which a reviewer's "
+                 "real editing time would not.",
     }
     write_results(args.name, result)
     print(f"accept -> next: median {median:.3f} s, max {worst:.3f} s (goal < 1 s: {'met' if worst < 1 else 'missed'})")

@@ -514,11 +514,13 @@ def test_a_model_applied_to_any_image_and_exported_for_nnunets_own_predictor(tin
 
     project, model = tiny["project"], tiny["pretrain"]["name"]
     case = project.cases()[0]
-    image = tmp_path / "scan.nii.gz"
+    from ALSegLib.volumes import image_extension
+
+    image = tmp_path / f"scan{image_extension(project.image_path(case))}"
     shutil.copy(project.image_path(case), image)
     out = tmp_path / "scan-label.nii.gz"
-    code, stdout, _ = run_cli("apply", project.root, "--model", model, "--image", image, "--out", out, "--device", "cpu")
-    assert code == 0 and str(out.resolve()) in stdout
+    code, stdout, err = run_cli("apply", project.root, "--model", model, "--image", image, "--out", out, "--device", "cpu")
+    assert code == 0 and str(out.resolve()) in stdout, err
     applied = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     predict(project, model, [case], probabilities=False, device="cpu")
     assert np.array_equal(applied, sitk.GetArrayFromImage(project.read_label(case, "predicted")))

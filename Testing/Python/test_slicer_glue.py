@@ -254,9 +254,9 @@ def test_the_next_case_is_read_ahead_and_read_again_when_its_files_changed(proje
     session.open_next()
     state, future = session._ahead
     assert state[0] == queued[1]
-    image, started_from, label = future.result(timeout=60)
-    assert started_from == "pseudo" and np.array_equal(sitk.GetArrayFromImage(image),
-                                                       sitk.GetArrayFromImage(project.read_image(queued[1])))
+    files = future.result(timeout=60)
+    assert files.started_from == "pseudo" and np.array_equal(files.voxels,
+                                                             sitk.GetArrayFromImage(project.read_image(queued[1])))
     session.accept()
     second = session.open_next()  # from the read-ahead
     assert second.case == queued[1]
@@ -405,7 +405,8 @@ def test_pseudo_label_this_case_now_runs_litemedsam_on_the_stored_prompt(tmp_pat
     corners = [(m @ np.array([i, j, k, 1.0]))[:3] for i, j in ((cols[0], rows[0]), (cols[-1], rows[-1]))]
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     roi.SetCenterWorld(*((corners[0] + corners[1]) / 2))
-    roi.SetSizeWorld(*np.abs(corners[1] - corners[0]), 0.0)
+    sx, sy, _ = np.abs(corners[1] - corners[0])
+    roi.SetSizeWorld(float(sx), float(sy), 0.0)  # a box on slice k
     session.add_prompt(case, "organ", roi=roi)
     args = session.pseudolabel_case_args(case, device="cpu")
     assert args[:4] == ["pseudolabel", str(project.root), "--source", "sam"] and args[args.index("--case") + 1] == case
@@ -530,9 +531,10 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     assert session.learning_curve_png() is not None
     assert session.latest_report() == project.root / "rounds" / "0001" / "report.html"
     assert "0/1 accepted unchanged" in session.effort_text()
-    # the round's model on a volume in the scene (a background job): the label, as a segmentation on the volume,
-    # is the prediction the round stored for that case
-    model = session.latest_model()
+    # a model on a volume in the scene (a background job): the label, as a segmentation on the volume, is the
+    # prediction the round stored for that case with the same model (the pool's: the pretrained one)
+    model = project.provenance("scan0", "predicted")["produced_by"]["model"]
+    assert session.latest_model() != model  # the round's fine-tuned model finished later: that one is exported
     args, out = session.apply_model_args(nodes[0], model, device="cpu")
     job = jobs.start(*args, python=sys.executable)
     assert job.wait(timeout=300) == 0, job.error
@@ -541,6 +543,6 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     predicted = sitk.GetArrayFromImage(project.read_label("scan0", "predicted"))
     assert np.array_equal(sitk.GetArrayFromImage(glue.label_from_segmentation(scene, applied, nodes[0], project.labels)),
                           predicted)
-    job = jobs.start(*session.export_model_args(tmp_path / "export", model), python=sys.executable)
+    job = jobs.start(*session.export_model_args(tmp_path / "export"), python=sys.executable)
     assert job.wait(timeout=300) == 0, job.error
     assert list((tmp_path / "export").glob("Dataset*/nnUNetTrainer__*__3d_fullres/fold_0/checkpoint_final.pth"))
