@@ -29,7 +29,7 @@ from ..progress import emit
 from ..project import Project
 from .env import folders, nnunet_environment, resolve_device
 from .plan import PLANS
-from .predict import _predictor
+from .predict import make_predictor
 from .train import checked_checkpoint, model_dir, read_model
 from .trainers import weights_digest
 
@@ -78,7 +78,7 @@ def apply_model(project: Project, model: str, image: str | Path, out: str | Path
     back = _label_values(project, record)
     log = model_dir(project, model) / "nnunet.log"
     with nnunet_environment(project.root, log=log):
-        predictor = _predictor(project, record, checkpoint, dev, mirroring, tile_step)
+        predictor = make_predictor(project, record, checkpoint, dev, mirroring, tile_step)
         emit("stage", stage="apply", model=model, image=str(image))
         data = sitk.GetArrayFromImage(img).astype(np.float32)[None]
         seg = predictor.predict_single_npy_array(data, {"spacing": list(img.GetSpacing())[::-1]}, None, None, False)
