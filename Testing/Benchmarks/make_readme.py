@@ -428,6 +428,7 @@ def rows_review(d: dict) -> Rows:
          f"({fmt(get(d, 'goal_met'))})"),
         ("of which accept / open the next (medians)",
          both(get(d, "accept_s_median"), get(d, "open_next_s_median"), "s", sep=" / ")),
+        ("the first case's open (nothing read ahead)", fmt(get(d, "first_open_s"), "s")),
         ("accepts timed", fmt(get(d, "accepts"))),
     ]
 
