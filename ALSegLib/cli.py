@@ -789,33 +789,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     p.add_argument("--json", action="store_true")
 
+    def model_options(p) -> None:
+        p.add_argument("project")
+        p.add_argument("--model", required=True, help="model name (alseg models)")
+
+    def prediction_options(p) -> None:
+        p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
+        p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+
     p = add("predict", cmd_predict, "Predict cases with a trained model: 'predicted' labels and class probabilities.")
-    p.add_argument("project")
-    p.add_argument("--model", required=True, help="model name (alseg models)")
+    model_options(p)
     p.add_argument("--case", action="append", default=[], help="only this case (repeatable; default: all cases)")
     p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
     p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
-    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
-    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+    prediction_options(p)
     p.add_argument("--round", help="round id recorded in the provenance")
     p.add_argument("--json", action="store_true")
 
     p = add("apply", cmd_apply, "Apply a trained model to any image file (not a case of the project) and write its "
             "label file; the project is not changed.")
-    p.add_argument("project")
-    p.add_argument("--model", required=True, help="model name (alseg models)")
+    model_options(p)
     p.add_argument("--image", required=True, metavar="FILE", help="a 3D image (.nii/.nii.gz/.nrrd/.mha)")
     p.add_argument("--out", required=True, metavar="FILE", help="the label file to write (.nii.gz, .nrrd, .mha, or "
                    ".seg.nrrd with the project's segment names and colors); outside the project")
-    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
-    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+    prediction_options(p)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true")
 
     p = add("export-model", cmd_export_model, "Export a trained model as an nnU-Net results folder (nnUNetv2_predict, "
             "the SlicerNNUNet extension) with its plans, dataset.json and weights.")
-    p.add_argument("project")
-    p.add_argument("--model", required=True, help="model name (alseg models)")
+    model_options(p)
     p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder outside the project")
     p.add_argument("--force", action="store_true", help="replace an earlier export of this model in DIR")
     p.add_argument("--json", action="store_true")
