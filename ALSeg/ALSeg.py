@@ -1,15 +1,17 @@
 """ALSeg: active learning for nnU-Net segmentation with foundation-model pseudo-labels, in 3D Slicer.
 
 This file is the Slicer-facing layer only: the module description, a widget
-that wires the controls of ``Resources/UI/ALSeg.ui``, the parameter node, a
-logic facade over ``ALSegSlicer`` (glue, review, jobs, install; tested
-without Qt on slicer-core) and a self-test that runs inside Slicer. The
-engine (``ALSegLib``) runs in background ``alseg`` processes.
+that wires the controls of ``Resources/UI/ALSeg.ui``, the parameter node, the
+logic (``ALSegLogic``: the tested ``ALSegSlicer.facade.Session`` with Slicer's
+parameter node, handed to the widget) and a self-test that runs inside Slicer.
+The engine (``ALSegLib``) runs in background ``alseg`` processes. Needs
+3D Slicer 5.10 or newer (Python 3.10+).
 """
 from __future__ import annotations
 
 import pathlib
 import sys
+import threading
 import time
 from typing import Annotated
 
@@ -24,12 +26,34 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ALSegSlicer.jobs import engine_path
+MINIMUM_SLICER = (5, 10)  # Python 3.10 (zip(strict=True), X | Y types), the parameter node's Choice, RotateToVolumePlane
+
+
+def slicerVersionProblem(major: int, minor: int, text: str = "") -> str | None:
+    """Why this Slicer cannot run ALSeg, or None."""
+    needed = f"{MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]}"
+    if (int(major), int(minor)) < MINIMUM_SLICER:
+        return (f"ALSeg needs 3D Slicer {needed} or newer; this is Slicer {text or f'{major}.{minor}'}: "
+                "install a newer 3D Slicer from download.slicer.org")
+    return None
+
+
+_PROBLEM = slicerVersionProblem(slicer.app.majorVersion, slicer.app.minorVersion, slicer.app.applicationVersion)
+if _PROBLEM:
+    raise RuntimeError(_PROBLEM)  # Slicer reports the module as not loaded, with this message
+
+from ALSegSlicer.jobs import engine_path  # noqa: E402
 
 # the engine (ALSegLib) sits beside this file in an installed extension, at the top of a checkout otherwise
 if str(engine_path()) not in sys.path:
     sys.path.append(str(engine_path()))
 
+from ALSegSlicer import jobs  # noqa: E402
+from ALSegSlicer.charts import TrainingCurves  # noqa: E402
+from ALSegSlicer.facade import RoundOptions, Session  # noqa: E402 (imports with Slicer's own packages only)
+
+SHORTCUTS = {"accept": "Ctrl+Shift+A", "skip": "Ctrl+Shift+K", "positive": "Ctrl+Shift+P", "negative": "Ctrl+Shift+N",
+             "box": "Ctrl+Shift+B"}
 STRATEGIES = ["hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"]
 MODES = ["finetune", "filtermatch"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -74,15 +98,21 @@ class ALSegParameterNode:
 
 
 class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Wires the panel's controls to the logic; no engine work happens here."""
+    """Wires the panel's controls to the logic (a :class:`ALSegLogic`, handed in or made in
+    :meth:`setup`); no engine work happens here: long work runs as background ``alseg`` jobs."""
 
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, logic=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
+        self.logic = logic
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
+        self.curves = TrainingCurves()
+        self.plotWidget = None
+        self.placeWidgets = {}
+        self.shortcuts = []
+        self._uncertaintyThread = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -90,8 +120,11 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = ALSegLogic()
+        if self.logic is None:
+            self.logic = ALSegLogic()
         self.setupSegmentEditor()
+        self.setupPromptPlacement()
+        self.setupChart()
 
         self.ui.createProjectButton.connect("clicked(bool)", self.onCreateProject)
         self.ui.openProjectButton.connect("clicked(bool)", self.onOpenProject)
@@ -99,18 +132,31 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addFolderButton.connect("clicked(bool)", self.onAddFolder)
         self.ui.addSceneVolumeButton.connect("clicked(bool)", self.onAddSceneVolume)
         self.ui.addPromptButton.connect("clicked(bool)", self.onAddPrompt)
+        self.ui.pseudolabelCaseButton.connect("clicked(bool)", self.onPseudolabelCase)
         self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.applyModelButton.connect("clicked(bool)", self.onApplyModel)
+        self.ui.exportModelButton.connect("clicked(bool)", self.onExportModel)
         self.ui.openNextButton.connect("clicked(bool)", self.onOpenNext)
         self.ui.acceptNextButton.connect("clicked(bool)", self.onAcceptNext)
         self.ui.skipButton.connect("clicked(bool)", self.onSkip)
+        self.ui.revertButton.connect("clicked(bool)", self.onRevert)
+        self.ui.queueTable.connect("cellDoubleClicked(int,int)", self.onQueueDoubleClicked)
         self.ui.uncertaintyCheckBox.connect("toggled(bool)", self.onUncertainty)
         self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         self.ui.cancelButton.enabled = False
+        for key, slot in (("accept", self.onAcceptNext), ("skip", self.onSkip)):
+            self.addShortcut(SHORTCUTS[key], slot)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+
+    def addShortcut(self, keys, slot):
+        shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+        shortcut.connect("activated()", slot)
+        self.shortcuts.append(shortcut)
+        return shortcut
 
     def setupSegmentEditor(self):
         """The embedded Segment Editor on ALSeg's own editor node (not the Segment Editor module's)."""
@@ -123,8 +169,38 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
 
+    def setupPromptPlacement(self):
+        """One place button each for positive points, negative points and the box, in the views;
+        a markups node is made for the prompt case and label when its selector is empty."""
+        frame = self.ui.promptPlaceFrame.layout()
+        for key, selector, cls, text in (
+                ("positive", self.ui.promptPointsSelector, "vtkMRMLMarkupsFiducialNode", "+ points"),
+                ("negative", self.ui.promptNegativeSelector, "vtkMRMLMarkupsFiducialNode", "- points"),
+                ("box", self.ui.promptRoiSelector, "vtkMRMLMarkupsROINode", "box")):
+            place = slicer.qSlicerMarkupsPlaceWidget()
+            place.setMRMLScene(slicer.mrmlScene)
+            place.buttonsVisible = False
+            place.placeButton().show()
+            place.placeButton().text = f"Place {text}"
+            place.placeButton().toolTip = f"Place {text} in the slice views ({SHORTCUTS[key]})"
+            place.placeMultipleMarkups = (slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup if key == "box"
+                                          else slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups)
+            frame.addWidget(place)
+            self.placeWidgets[key] = place
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", place.setCurrentNode)
+            place.placeButton().connect("clicked(bool)", lambda checked, k=key, s=selector, c=cls: self.onPlace(k, s, c))
+            self.addShortcut(SHORTCUTS[key], lambda k=key, s=selector, c=cls: self.onPlace(k, s, c, toggle=True))
+
+    def setupChart(self):
+        self.plotWidget = slicer.qMRMLPlotWidget()
+        self.plotWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.chartFrame.layout().addWidget(self.plotWidget)
+
     def cleanup(self):
         self.removeObservers()
+        for shortcut in self.shortcuts:
+            shortcut.setParent(None)
+        self.shortcuts = []
         if self.job is not None:
             self.job.cancel()
 
@@ -140,6 +216,8 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
+        self.clearEditor()  # before the nodes it shows are removed
+        self.logic.scene_closed()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -157,66 +235,121 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
+    def dependenciesReady(self) -> bool:
+        """The engine's packages, installed after asking if missing (no wait cursor over the dialogs)."""
+        with slicer.util.tryWithErrorDisplay("Could not install ALSeg's Python packages."):
+            return self.logic.ensureDependencies()
+        return False
+
     # project -----------------------------------------------------------------------------
 
     def onCreateProject(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not create the project.", waitCursor=True):
-            self.logic.createProject(str(p.projectFolder), p.labels, p.modality)
+            self.logic.create(str(p.projectFolder), p.labels, p.modality)
             self.refresh()
 
     def onOpenProject(self):
         with slicer.util.tryWithErrorDisplay("Could not open the project.", waitCursor=True):
-            self.logic.openProject(str(self._parameterNode.projectFolder))
+            self.logic.open(str(self._parameterNode.projectFolder))
             self.refresh()
 
     def onAddFiles(self):
         files = qt.QFileDialog.getOpenFileNames(None, "Add images", "", "Images (*.nii *.nii.gz *.nrrd *.mha *.mhd)")
         if files:
-            with slicer.util.tryWithErrorDisplay("Could not add the images.", waitCursor=True):
-                self.logic.addFiles(list(files))
-                self.refresh()
+            self.runAdd(list(files))
 
     def onAddFolder(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "Add a folder of images or a DICOM series")
         if folder:
-            with slicer.util.tryWithErrorDisplay("Could not add the folder.", waitCursor=True):
-                self.logic.addFiles([folder])
-                self.refresh()
+            self.runAdd([folder])
+
+    def runAdd(self, paths):
+        """Reading and checking images (a DICOM series: seconds to minutes) runs as a background job."""
+        with slicer.util.tryWithErrorDisplay("Could not add the images."):
+            self.startJob(["add", str(self.logic.require().root), *paths], "adding images")
 
     def onAddSceneVolume(self):
         node = self.ui.sceneVolumeSelector.currentNode()
         if node is not None:
             with slicer.util.tryWithErrorDisplay("Could not add the volume.", waitCursor=True):
-                self.logic.addVolumes([node])
+                cases = self.logic.add_volumes([node])
+                slicer.util.showStatusMessage(f"Added case {', '.join(cases)}", 3000)
                 self.refresh()
+
+    # prompts -----------------------------------------------------------------------------
+
+    def onPlace(self, key, selector, cls, toggle=False):
+        """Place markups for the prompt case and label: with no node chosen, a new one named for them
+        (the place button of a chosen node toggles placing by itself; the shortcut toggles it here)."""
+        with slicer.util.tryWithErrorDisplay("Could not start placing the prompt."):
+            place = self.placeWidgets[key]
+            node = selector.currentNode()
+            if node is None:
+                case, label = self.ui.promptCaseComboBox.currentText, self.ui.promptLabelComboBox.currentText
+                node = slicer.mrmlScene.AddNewNodeByClass(cls, f"{case} {label} {key}")
+                selector.setCurrentNode(node)
+                place.setCurrentNode(node)
+                place.setPlaceModeEnabled(True)
+            elif toggle:
+                place.setCurrentNode(node)
+                place.setPlaceModeEnabled(not place.placeModeEnabled)
 
     def onAddPrompt(self):
         with slicer.util.tryWithErrorDisplay("Could not store the prompt.", waitCursor=True):
             case = self.ui.promptCaseComboBox.currentText
             label = self.ui.promptLabelComboBox.currentText
-            path = self.logic.addPrompt(case, label, points=self.ui.promptPointsSelector.currentNode(),
-                                        negative=self.ui.promptNegativeSelector.currentNode(),
-                                        roi=self.ui.promptRoiSelector.currentNode())
+            path = self.logic.add_prompt(case, label, points=self.ui.promptPointsSelector.currentNode(),
+                                         negative=self.ui.promptNegativeSelector.currentNode(),
+                                         roi=self.ui.promptRoiSelector.currentNode())
             slicer.util.showStatusMessage(f"Prompt stored in {path}", 3000)
 
-    # rounds ------------------------------------------------------------------------------
+    def onPseudolabelCase(self):
+        if not self.dependenciesReady():
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the pseudo-labels."):
+            case = self.ui.promptCaseComboBox.currentText
+            p = self._parameterNode
+            args = self.logic.pseudolabel_case_args(case, checkpoint=ALSegLogic.pathOrEmpty(p.checkpoint), device=p.device)
+            self.startJob(args, f"pseudo-labels of {case}", onSuccess=lambda: self.showCase(
+                self.logic.open_case(case, start_with="pseudo")))
+
+    # jobs --------------------------------------------------------------------------------
+
+    def startJob(self, args, what, onSuccess=None):
+        """Run ``alseg ARGS`` in the background: one job at a time, its log and chart in the panel."""
+        if self.job is not None:
+            raise RuntimeError(f"wait for the running job ({self.job.what}) or cancel it")
+        self.ui.progressBar.setValue(0)
+        self.ui.progressLabel.text = f"{what}: starting..."
+        self.ui.trainingLogEdit.appendPlainText(f"--- {what}: alseg {' '.join(map(str, args))}")
+        self.job = jobs.start_in_slicer(*args, on_event=self.onJobEvent, on_line=self.onJobLine,
+                                        on_done=lambda code, error: self.onJobDone(code, error, onSuccess))
+        self.job.what = what
+        self.ui.startButton.enabled = False
+        self.ui.cancelButton.enabled = True
+        return self.job
 
     def onStart(self):
-        with slicer.util.tryWithErrorDisplay("Could not start the round.", waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
-            self.ui.progressBar.setValue(0)
-            self.ui.progressLabel.text = "starting..."
-            self.job = self.logic.startRound(self._parameterNode, onEvent=self.onJobEvent, onDone=self.onJobDone)
-            self.ui.startButton.enabled = False
-            self.ui.cancelButton.enabled = True
+        if not self.dependenciesReady():
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the round."):
+            self.startJob(self.logic.round_args(self.logic.roundOptions(self._parameterNode)), "round")
 
     def onCancel(self):
         if self.job is not None:
-            self.job.cancel()
+            self.job.cancel()  # returns at once; the job's end arrives through onJobDone
+            self.ui.progressLabel.text = "cancelling..."
+
+    def onJobLine(self, line):
+        if not line.startswith('{"event"'):
+            self.ui.trainingLogEdit.appendPlainText(line)
 
     def onJobEvent(self, event):
+        if event.get("event") in ("stage", "estimate", "warning"):
+            self.ui.trainingLogEdit.appendPlainText(event.get("message") or f"{event['event']}: {event.get('stage', '')}")
+        if self.curves.feed(event):
+            self.plotWidget.setMRMLPlotViewNode(self.curves.update_nodes(slicer.mrmlScene))
         progress = self.job.parser.progress if self.job is not None else None
         if progress is None:
             return
@@ -224,38 +357,117 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(int(100 * progress.fraction))
         self.ui.progressLabel.text = progress.text()
 
-    def onJobDone(self, returnCode, error):
+    def onJobDone(self, returnCode, error, onSuccess=None):
+        what = getattr(self.job, "what", "job")
         self.ui.startButton.enabled = True
         self.ui.cancelButton.enabled = False
         self.job = None
         if returnCode != 0:
-            self.ui.progressLabel.text = "cancelled" if error == "cancelled" else "failed"
+            self.ui.progressLabel.text = f"{what}: cancelled" if error == "cancelled" else f"{what}: failed"
             if error != "cancelled":
-                slicer.util.errorDisplay("The ALSeg job failed.", detailedText=error)
+                slicer.util.errorDisplay(f"ALSeg: {what} failed.", detailedText=error)
         else:
             self.ui.progressBar.setValue(100)
-            self.ui.progressLabel.text = "done"
+            self.ui.progressLabel.text = f"{what}: done"
+            if onSuccess is not None:
+                with slicer.util.tryWithErrorDisplay(f"Could not load the result of {what}."):
+                    onSuccess()
         self.refresh()
+
+    # models ------------------------------------------------------------------------------
+
+    def onApplyModel(self):
+        volume = self.ui.applyVolumeSelector.currentNode()
+        if not self.dependenciesReady():
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the prediction."):
+            model = self.logic.latest_model()
+            args, out = self.logic.apply_model_args(volume, model, device=self._parameterNode.device)
+            self.startJob(args, f"{model} on {volume.GetName()}",
+                          onSuccess=lambda: self.logic.load_applied(out, volume, model))
+
+    def onExportModel(self):
+        folder = qt.QFileDialog.getExistingDirectory(None, "Export the model to an empty folder (SlicerNNUNet, nnU-Net)")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not export the model."):
+            self.startJob(self.logic.export_model_args(folder), "model export",
+                          onSuccess=lambda: slicer.util.infoDisplay(
+                              f"The model is in {folder}: choose this folder as the model path of the NNUNet extension."))
 
     # review ------------------------------------------------------------------------------
 
+    def clearEditor(self):
+        """Detach the editor from the case's nodes before they are removed (a closed scene, the next case)."""
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.setSegmentationNode(None)
+        editor.setSourceVolumeNode(None)
+
     def onOpenNext(self):
         with slicer.util.tryWithErrorDisplay("Could not open the next case.", waitCursor=True):
-            self.showCase(self.logic.openNext())
+            self.clearEditor()
+            self.showCase(self.logic.open_next())
+
+    def onQueueDoubleClicked(self, row, column):
+        item = self.ui.queueTable.item(row, 0)
+        if item is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
+            self.clearEditor()
+            self.showCase(self.logic.open_case(item.text()))
 
     def onAcceptNext(self):
+        if self.logic.current_case() is None:
+            return
         with slicer.util.tryWithErrorDisplay("Could not store the label.", waitCursor=True):
-            version, opened = self.logic.acceptAndNext()
+            self.ui.segmentEditorWidget.setActiveEffect(None)  # an effect's pending edit goes into the segmentation
+            version = self.logic.review.accept()
             slicer.util.showStatusMessage(f"Human label v{version:04d} stored", 3000)
-            self.showCase(opened)
+            self.clearEditor()
+            self.showCase(self.logic.open_next())
 
     def onSkip(self):
         with slicer.util.tryWithErrorDisplay("Could not skip the case.", waitCursor=True):
+            self.clearEditor()
             self.showCase(self.logic.skip())
 
+    def onRevert(self):
+        if self.logic.current_case() is None:
+            return
+        if not slicer.util.confirmOkCancelDisplay("Throw away the edits of this case and start again from its machine label?"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not revert the case.", waitCursor=True):
+            self.clearEditor()
+            self.showCase(self.logic.revert())
+
     def onUncertainty(self, checked):
-        overlay = self.logic.uncertaintyVolume() if checked else None
-        slicer.util.setSliceViewerLayers(foreground=overlay, foregroundOpacity=0.4 if overlay else 0.0)
+        """The uncertainty map is computed off the GUI thread, then shown as the foreground layer."""
+        with slicer.util.tryWithErrorDisplay("Could not show the uncertainty."):
+            opened = self.logic.current_case()
+            if not checked or opened is None:
+                slicer.util.setSliceViewerLayers(foreground=None, foregroundOpacity=0.0)
+                return
+            review = self.logic.review
+            result = {}
+            case, round_number = opened.case, opened.round
+            self._uncertaintyThread = threading.Thread(
+                target=lambda: result.update(image=review.uncertainty_map(case, round_number)), daemon=True)
+            self._uncertaintyThread.start()
+
+            def poll():
+                if self._uncertaintyThread.is_alive():
+                    qt.QTimer.singleShot(100, poll)
+                    return
+                current = self.logic.current_case()
+                if current is None or current.case != case or not self.ui.uncertaintyCheckBox.checked:
+                    return
+                overlay = review.uncertainty_volume(result.get("image"))
+                if overlay is None:
+                    slicer.util.showStatusMessage("No stored probabilities for this case's round.", 3000)
+                slicer.util.setSliceViewerLayers(foreground=overlay, foregroundOpacity=0.4 if overlay else 0.0)
+
+            qt.QTimer.singleShot(100, poll)
 
     def showCase(self, opened):
         editor = self.ui.segmentEditorWidget
@@ -265,7 +477,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             editor.setSegmentationNode(opened.segmentation)
             editor.setSourceVolumeNode(opened.volume)
-            slicer.util.setSliceViewerLayers(background=opened.volume, fit=True)
+            slicer.util.setSliceViewerLayers(background=opened.volume, foreground=None, fit=True, rotateToVolumePlane=True)
             if self.ui.uncertaintyCheckBox.checked:
                 self.onUncertainty(True)
         self.refresh()
@@ -273,23 +485,31 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # results -----------------------------------------------------------------------------
 
     def onOpenReport(self):
-        path = self.logic.latestReport()
-        if path:
+        with slicer.util.tryWithErrorDisplay("Could not open the report."):
+            path = self.logic.latest_report()
+            if path is None:
+                slicer.util.showStatusMessage("No round report yet.", 3000)
+                return
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(path)))
 
     def refresh(self):
         """Fill the project summary, the review table, the case and label lists and the results."""
-        if not self.logic.hasProject():
+        if not self.logic.has_project:
             self.ui.projectStatusLabel.text = "No project open."
             return
-        self.ui.projectStatusLabel.text = self.logic.summaryText()
-        fillTable(self.ui.queueTable, ["case", "score", "reason"], [list(r) for r in self.logic.queueRows()])
-        header, rows = self.logic.resultRows()
+        self.ui.projectStatusLabel.text = self.logic.summary_text()
+        fillTable(self.ui.queueTable, ["case", "score", "reason"], [list(r) for r in self.logic.queue_rows()])
+        self.ui.effortLabel.text = self.logic.effort_text()
+        header, rows = self.logic.result_rows()
         fillTable(self.ui.resultsTable, header, rows)
-        png = self.logic.learningCurvePng()
-        self.ui.learningCurveLabel.setPixmap(qt.QPixmap(str(png)) if png else qt.QPixmap())
-        for combo, items in ((self.ui.promptCaseComboBox, self.logic.cases()),
-                             (self.ui.promptLabelComboBox, self.logic.labelNames())):
+        png = self.logic.learning_curve_png()
+        pixmap = qt.QPixmap(str(png)) if png else qt.QPixmap()
+        width = max(200, self.ui.resultsCollapsibleButton.width - 30)
+        if not pixmap.isNull() and pixmap.width() > width:  # never wider than the panel
+            pixmap = pixmap.scaledToWidth(width, qt.Qt.SmoothTransformation)
+        self.ui.learningCurveLabel.setPixmap(pixmap)
+        for combo, items in ((self.ui.promptCaseComboBox, self.logic.case_names()),
+                             (self.ui.promptLabelComboBox, self.logic.label_names())):
             current = combo.currentText
             combo.clear()
             combo.addItems(items)
@@ -308,169 +528,152 @@ def fillTable(table, header, rows):
     table.resizeColumnsToContents()
 
 
-class ALSegLogic(ScriptedLoadableModuleLogic):
-    """The module's logic: a thin facade over ``ALSegSlicer.facade.Session`` (plain Python)."""
+class ALSegLogic(ScriptedLoadableModuleLogic, Session):
+    """The module's logic: the tested :class:`ALSegSlicer.facade.Session` on Slicer's scene, with
+    the parameter node and the engine's dependencies."""
 
-    def __init__(self):
+    def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self._session = None
-        self.job = None
+        Session.__init__(self, scene if scene is not None else slicer.mrmlScene)
 
     def getParameterNode(self):
         return ALSegParameterNode(super().getParameterNode())
 
     @staticmethod
     def ensureDependencies(ask: bool = True) -> bool:
-        """Install the engine's packages into Slicer's Python if missing (asks first)."""
+        """Install the engine's packages into Slicer's Python if missing (asks first; in testing
+        mode only says whether they are there)."""
         from ALSegSlicer import install
 
         return install.ensure(ask=ask)
 
-    @property
-    def session(self):
-        if self._session is None:
-            if not self.ensureDependencies():
-                raise RuntimeError("ALSeg's Python packages are not installed")
-            from ALSegSlicer.facade import Session
+    @staticmethod
+    def pathOrEmpty(path) -> str:
+        return str(path) if str(path) not in ("", ".") else ""
 
-            self._session = Session(slicer.mrmlScene)
-        return self._session
-
-    def hasProject(self) -> bool:
-        return self._session is not None and self._session.project is not None
-
-    def createProject(self, folder, labels, modality):
-        return self.session.create(folder, labels, modality)
-
-    def openProject(self, folder):
-        return self.session.open(folder)
-
-    def addFiles(self, paths, referenceFolder=None):
-        return self.session.add_files(paths, referenceFolder)
-
-    def addVolumes(self, nodes):
-        return self.session.add_volumes(nodes)
-
-    def addPrompt(self, case, label, points=None, negative=None, roi=None):
-        return self.session.add_prompt(case, label, points=points, negative=negative, roi=roi)
-
-    def roundOptions(self, p):
-        from ALSegSlicer.facade import RoundOptions
-
+    def roundOptions(self, p) -> RoundOptions:
+        """The parameter node's values as the facade's round options."""
         return RoundOptions(budget=p.budget, strategy=p.strategy, mode=p.trainingMode, device=p.device,
                             minutes=p.minutesPerTraining,
                             pseudo_source="" if p.pseudoSource == "existing" else p.pseudoSource,
-                            checkpoint=str(p.checkpoint) if str(p.checkpoint) not in ("", ".") else "",
-                            import_folder=str(p.importFolder) if str(p.importFolder) not in ("", ".") else "")
+                            checkpoint=self.pathOrEmpty(p.checkpoint), import_folder=self.pathOrEmpty(p.importFolder))
 
     def startRound(self, parameterNode, onEvent=None, onDone=None, extraArgs=()):
-        """Start (or continue) a round as a background ``alseg round`` process."""
-        from ALSegSlicer import jobs
-
-        args = self.session.round_args(self.roundOptions(parameterNode)) + list(extraArgs)
-        self.job = jobs.start_in_slicer(*args, on_event=onEvent, on_done=onDone)
-        return self.job
-
-    def openNext(self):
-        return self.session.open_next()
-
-    def acceptAndNext(self):
-        return self.session.accept_and_next()
-
-    def skip(self):
-        return self.session.skip()
-
-    def uncertaintyVolume(self):
-        review = self.session.review
-        return review.uncertainty_volume() if review is not None else None
-
-    def queueRows(self):
-        return self.session.queue_rows()
-
-    def resultRows(self):
-        return self.session.result_rows()
-
-    def learningCurvePng(self):
-        return self.session.learning_curve_png()
-
-    def latestReport(self):
-        return self.session.latest_report()
-
-    def cases(self):
-        return self.session.require().cases()
-
-    def labelNames(self):
-        return list(self.session.require().labels.mapping)
-
-    def summaryText(self):
-        return self.session.summary_text()
+        """Start (or continue) a round as a background ``alseg round`` process (scripts, the self-test)."""
+        args = self.round_args(self.roundOptions(parameterNode)) + list(extraArgs)
+        return jobs.start_in_slicer(*args, on_event=onEvent, on_done=onDone)
 
 
 class ALSegTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: a project from scene volumes, a tiny round, review, accept, human label v0001 on disk."""
+    """Inside Slicer: a project from scene volumes, a tiny round, review (open, revert, edit, accept:
+    human label v0001 on disk with the reviewer's effort), the model applied to a scene volume and
+    exported for SlicerNNUNet, the training chart, a closed scene, and the round's report with the
+    effort figures. Under ctest without the engine's packages it is skipped (nothing is installed
+    in testing mode)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        if not ALSegLogic.ensureDependencies(ask=not slicer.app.testingEnabled()):
+            self.skipTest("ALSeg's Python packages are not installed in this Slicer's Python (testing mode installs "
+                          "nothing): open the module and press Start once, then run the test again")
         self.test_round_review_accept()
 
     def test_round_review_accept(self):
+        import json
+
         import numpy as np
 
         self.delayDisplay("Starting the ALSeg round/review test")
         logic = ALSegLogic()
-        self.assertTrue(logic.ensureDependencies(ask=False))
         from ALSegLib import phantoms
         from ALSegSlicer import scene as glue
 
         folder = pathlib.Path(slicer.util.tempDirectory("ALSegTest")) / "project"
-        project = logic.createProject(folder, "organ=1,vessel=2,lesion=3", "CT")
+        project = logic.create(folder, "organ=1,vessel=2,lesion=3", "CT")
         nodes, labels = [], {}
         for i in range(5):
             image, label = phantoms.make_phantom(i, "CT", size=32)
-            nodes.append(glue.volume_node_from_image(slicer.mrmlScene, image, f"scan{i}"))
-            labels[f"scan{i}"] = label
-        self.assertEqual(logic.addVolumes(nodes), [f"scan{i}" for i in range(5)])
+            nodes.append(glue.volume_node_from_image(slicer.mrmlScene, image, f"{i}: scan"))
+            labels[f"{i}__scan"] = label
+        self.assertEqual(logic.add_volumes(nodes), [f"{i}__scan" for i in range(5)])  # ids from DICOM-like names
         for case, label in labels.items():
             project.write_label(case, "pseudo", label, source="import")
-        project.write_label("scan4", "reference", labels["scan4"], source="self-test")
+        project.write_label("4__scan", "reference", labels["4__scan"], source="self-test")
 
         parameters = logic.getParameterNode()
         parameters.budget, parameters.strategy, parameters.device = "1", "random", "cpu"
-        tiny = ["--exclude", "scan4", "--configuration", "3d_fullres", "--batch-size", "2", "--pretrain-epochs", "1",
+        tiny = ["--exclude", "4__scan", "--configuration", "3d_fullres", "--batch-size", "2", "--pretrain-epochs", "1",
                 "--pretrain-iters", "2", "--epochs", "1", "--iters", "2", "--val-iters", "1"]
-        self.runJob(logic, parameters, tiny)
-        self.assertEqual(logic.session.rounds_waiting(), [1])
+        job = self.runJob(logic, parameters, tiny)
+        self.assertEqual(logic.rounds_waiting(), [1])
+        curves = TrainingCurves()
+        for event in job.parser.events:
+            curves.feed(event)
+        view = curves.update_nodes(slicer.mrmlScene)
+        self.assertEqual(view.GetPlotChartNode().GetNumberOfPlotSeriesNodes(), 3)
+        self.assertGreater(curves.current.rows.__len__(), 0, "no epoch event reached the chart")
 
-        self.delayDisplay("Opening the proposed case")
-        opened = logic.openNext()
+        self.delayDisplay("Opening the proposed case, reverting, editing, accepting")
+        opened = logic.open_next()
         self.assertIsNotNone(opened)
         self.assertEqual(opened.started_from, "pseudo")
         segmentId = opened.segmentation.GetSegmentation().GetSegmentIdBySegmentName("lesion")
         edit = np.zeros(slicer.util.arrayFromVolume(opened.volume).shape, np.uint8)
         edit[10:14, 10:14, 10:14] = 1
         slicer.util.updateSegmentBinaryLabelmapFromArray(edit, opened.segmentation, segmentId, opened.volume)
-        version, nxt = logic.acceptAndNext()
+        reverted = logic.revert()  # the edit is thrown away ...
+        segmentId = reverted.segmentation.GetSegmentation().GetSegmentIdBySegmentName("lesion")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edit, reverted.segmentation, segmentId, reverted.volume)
+        version, nxt = logic.accept_and_next()  # ... and made again
         self.assertEqual(version, 1)
         self.assertIsNone(nxt)
         stored = folder / "labels" / "human" / opened.case / "v0001.nrrd"
         self.assertTrue(stored.is_file(), f"{stored} was not written")
         voxels = slicer.util.arrayFromVolume(slicer.util.loadVolume(str(stored)))
         self.assertEqual(int((voxels[10:14, 10:14, 10:14] == 3).sum()), 64)  # the edit, with the lesion's value
+        effort = project.provenance(opened.case, "human", 1)["effort"]
+        self.assertGreater(effort["voxels_changed"], 0)
+        self.assertLess(effort["dice_to_proposal"], 1.0)
+        self.assertIn("0/1 accepted unchanged", logic.effort_text())
 
         self.delayDisplay("Finishing the round")
         self.runJob(logic, parameters, [])
-        header, rows = logic.resultRows()
+        header, rows = logic.result_rows()
         self.assertEqual([r[0] for r in rows], ["pseudo-only", "1"])
+        report = json.loads((folder / "rounds" / "0001" / "report.json").read_text())
+        self.assertEqual(report["effort"]["accepted"], 1)
+
+        self.delayDisplay("The model on a scene volume, and exported for SlicerNNUNet")
+        model = logic.latest_model()
+        args, out = logic.apply_model_args(nodes[0], model, device="cpu")
+        self.runArgs(args)
+        segmentation = logic.load_applied(out, nodes[0], model)
+        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 3)
+        export = pathlib.Path(slicer.util.tempDirectory("ALSegExport"))
+        self.runArgs(logic.export_model_args(export, model))
+        self.assertTrue(any(export.rglob("fold_0/checkpoint_final.pth")), "the export wrote no checkpoint")
+
+        self.delayDisplay("Closing the scene forgets the open case")
+        logic.open_case("0__scan")
+        slicer.mrmlScene.Clear()
+        logic.scene_closed()
+        self.assertIsNone(logic.current_case())
         self.delayDisplay("ALSeg test passed")
 
     def runJob(self, logic, parameters, extra):
-        job = logic.startRound(parameters, extraArgs=extra)
+        return self.wait(logic.startRound(parameters, extraArgs=extra))
+
+    def runArgs(self, args):
+        return self.wait(jobs.start_in_slicer(*args))
+
+    def wait(self, job):
         deadline = time.monotonic() + 1800
         while job.running:
             slicer.app.processEvents()
             time.sleep(0.05)
             self.assertLess(time.monotonic(), deadline, "the ALSeg job did not finish in 30 minutes")
         self.assertEqual(job.returncode, 0, job.error)
+        return job

@@ -331,6 +331,36 @@ def cmd_predict(args) -> int:
     return EXIT_OK
 
 
+def cmd_apply(args) -> int:
+    from .nnunet.share import apply_model
+
+    project = Project.open(args.project)
+    result = apply_model(project, args.model, args.image, args.out, device=args.device, mirroring=args.mirroring,
+                         force=args.force)
+    if args.json:
+        _print_json(result)
+    else:
+        names = {v: k for k, v in project.labels.mapping.items()}
+        found = ", ".join(names.get(v, str(v)) for v in result["labels_present"]) or "nothing"
+        print(f"Applied {args.model} to {args.image}: {found} found; label written to {result['label']}")
+    return EXIT_OK
+
+
+def cmd_export_model(args) -> int:
+    from .nnunet.share import export_model
+
+    project = Project.open(args.project)
+    result = export_model(project, args.model, args.to, force=args.force)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Exported {args.model} to {result['folder']}\n"
+              f"  nnU-Net: nnUNet_results={Path(args.to).resolve()} nnUNetv2_predict -d {Path(result['dataset_folder']).name} "
+              f"-c {result['configuration']} -tr {result['trainer']} -f 0 ...\n"
+              f"  SlicerNNUNet: choose {Path(args.to).resolve()} as the model folder")
+    return EXIT_OK
+
+
 def cmd_pseudolabel(args) -> int:
     project = Project.open(args.project)
     cases = (args.case + args.cases) or None
@@ -759,15 +789,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     p.add_argument("--json", action="store_true")
 
+    def model_options(p) -> None:
+        p.add_argument("project")
+        p.add_argument("--model", required=True, help="model name (alseg models)")
+
+    def prediction_options(p) -> None:
+        p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
+        p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+
     p = add("predict", cmd_predict, "Predict cases with a trained model: 'predicted' labels and class probabilities.")
-    p.add_argument("project")
-    p.add_argument("--model", required=True, help="model name (alseg models)")
+    model_options(p)
     p.add_argument("--case", action="append", default=[], help="only this case (repeatable; default: all cases)")
     p.add_argument("--cases", nargs="+", default=[], metavar="CASE", help="only these cases")
     p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
-    p.add_argument("--mirroring", action="store_true", help="test-time mirroring (slower, slightly better)")
-    p.add_argument("--device", default="auto", type=_device, help=f"{DEVICE_HELP} (default auto)")
+    prediction_options(p)
     p.add_argument("--round", help="round id recorded in the provenance")
+    p.add_argument("--json", action="store_true")
+
+    p = add("apply", cmd_apply, "Apply a trained model to any image file (not a case of the project) and write its "
+            "label file; the project is not changed.")
+    model_options(p)
+    p.add_argument("--image", required=True, metavar="FILE", help="a 3D image (.nii/.nii.gz/.nrrd/.mha)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the label file to write (.nii.gz, .nrrd, .mha, or "
+                   ".seg.nrrd with the project's segment names and colors); outside the project")
+    prediction_options(p)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true")
+
+    p = add("export-model", cmd_export_model, "Export a trained model as an nnU-Net results folder (nnUNetv2_predict, "
+            "the SlicerNNUNet extension) with its plans, dataset.json and weights.")
+    model_options(p)
+    p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder outside the project")
+    p.add_argument("--force", action="store_true", help="replace an earlier export of this model in DIR")
     p.add_argument("--json", action="store_true")
 
     p = add("pseudolabel", cmd_pseudolabel, "Pseudo-labels for the project's cases: from a SAM-family model "

@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
-from tqdm import tqdm
-
 T = TypeVar("T")
 
 
@@ -56,5 +54,7 @@ def track(items: Sequence[T] | Iterable[T], desc: str, total: int | None = None)
             yield item
             emit("progress", stage=desc, done=i + 1, total=total)
         return
+    from tqdm import tqdm  # here: the engine's console API imports in a bare Slicer Python
+
     disable = mode() == "off" or not sys.stderr.isatty()
     yield from tqdm(items, desc=desc, total=total, disable=disable, leave=False)

@@ -23,7 +23,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from . import atomic, volumes
@@ -432,7 +431,9 @@ class Project:
             raise InputError(f"case {case!r}", f"has no {what}")
         return sitk.ReadImage(str(path))
 
-    def provenance(self, case: str, kind: str, version: int | None = None) -> dict:
+    def provenance(self, case: str, kind: str, version: int | None = None, *, check_file: bool = True) -> dict:
+        """The label's provenance sidecar; ``matches_file``: whether the label file is the one it
+        describes (its checksum; ``check_file=False`` skips reading the label for summaries)."""
         self._require_case(case)
         path = self.label_path(case, kind, version)
         if path is None:
@@ -442,12 +443,13 @@ class Project:
             return {"kind": kind, "case": case, "source": "unknown", "note": "provenance sidecar missing"}
         prov = read_json_object(sidecar)
         # a crash between writing a label and its sidecar leaves an older sidecar
-        prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
+        if check_file:
+            prov["matches_file"] = prov.get("file_sha256") == sha256_file(path)
         return prov
 
     def _provenance(self, case: str, kind: str, source: str, produced_by: Mapping, label: sitk.Image, file: Path,
                     **extra) -> dict:
-        present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v != 0]
+        present = [int(v) for v in volumes.values_present(sitk.GetArrayViewFromImage(label)) if v != 0]
         return {
             "kind": kind, "case": case, "source": source, "produced_by": dict(produced_by), "time": now_iso(),
             "tool": f"alseg {__version__}", "user": user_name(), "host": socket.gethostname(),

@@ -160,6 +160,13 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
         text = (f"mean Dice of the pseudo-labels against the references: "
                 f"{pseudo['pseudo_label_dice']:.3f} over {pseudo['pseudo_label_cases']} cases")
         sections.append(("Pseudo-labels", text, [], []))
+    effort = rounds.review_effort(project, record["round"])
+    if effort["accepted"]:
+        sections.append(("Annotation effort (labels accepted in Slicer for this round's queue)",
+                         rounds.effort_text(effort), ["case", "version", "seconds", "Dice to the proposal",
+                                                      "voxels changed", "unchanged"],
+                         [[e["case"], e["version"], e.get("seconds"), e.get("dice_to_proposal"), e.get("voxels_changed"),
+                           "yes" if e.get("unchanged") else "no"] for e in effort["labels"]]))
     metrics = record.get("metrics")
     if metrics:
         heading = (f"Held-out evaluation ({len(metrics['cases'])} cases, model {metrics['model']}, "
@@ -173,7 +180,8 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     atomic.write_bytes(folder / "report.md", md.encode())
     atomic.write_bytes(folder / "report.html", page.encode())
     atomic.write_json(folder / "report.json", {"round": record["round"], "settings": settings, "stages": record["stages"],
-                                               "queue": queue, "metrics": metrics, "learning_curve": curve})
+                                               "queue": queue, "metrics": metrics, "learning_curve": curve,
+                                               "effort": {k: v for k, v in effort.items() if k != "labels"}})
     return {k: str(p.relative_to(project.root)) for k, p in
             (("markdown", folder / "report.md"), ("html", folder / "report.html"), ("json", folder / "report.json"),
              ("learning_curve", png))}

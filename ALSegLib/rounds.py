@@ -181,3 +181,46 @@ def queue_items(project: Project, rounds: list[int] | None = None) -> list[dict]
 
 def pending_cases(project: Project) -> set[str]:
     return {item["case"] for item in queue_items(project) if item["status"] == "pending"}
+
+
+def review_effort(project: Project, round_number: int | None = None) -> dict:
+    """The reviewers' effort, from the provenance of the human labels accepted in Slicer (each
+    records seconds from open to accept, the Dice between the label it opened with and the
+    accepted one, and the voxels changed): accepted n, accepted unchanged, mean proposal-to-accepted
+    Dice, median seconds per case. Labels that edited an earlier human version again are left out
+    (they measure no machine proposal). ``round_number``: only labels accepted for that round's queue."""
+    import statistics
+
+    entries = []
+    for case in project.labeled_cases("human"):
+        for version in project.human_versions(case):
+            prov = project.provenance(case, "human", version, check_file=False)
+            effort = prov.get("effort")
+            if not isinstance(effort, dict):
+                continue
+            produced_by = prov.get("produced_by") or {}
+            if round_number is not None and produced_by.get("round") != round_number:
+                continue
+            if str(produced_by.get("started_from") or "").startswith("human"):
+                continue  # a human version edited again: not the machine's proposal's cost
+            entries.append({"case": case, "version": version, "started_from": produced_by.get("started_from"), **effort})
+    seconds = [e["seconds"] for e in entries if isinstance(e.get("seconds"), (int, float))]
+    dices = [e["dice_to_proposal"] for e in entries if isinstance(e.get("dice_to_proposal"), (int, float))
+             and not e.get("started_empty")]
+    return {"accepted": len(entries), "unchanged": sum(1 for e in entries if e.get("unchanged")),
+            "mean_dice_to_proposal": round(statistics.fmean(dices), 4) if dices else None,
+            "median_seconds": round(statistics.median(seconds), 1) if seconds else None,
+            "voxels_changed": sum(int(e.get("voxels_changed", 0)) for e in entries),
+            "round": round_number, "labels": entries}
+
+
+def effort_text(effort: dict) -> str:
+    """``3 accepted: 1/3 unchanged, mean Dice to the proposal 0.912, median 42 s per case``."""
+    if not effort["accepted"]:
+        return "no label accepted in Slicer yet"
+    parts = [f"{effort['unchanged']}/{effort['accepted']} accepted unchanged"]
+    if effort["mean_dice_to_proposal"] is not None:
+        parts.append(f"mean Dice proposal -> accepted {effort['mean_dice_to_proposal']:.3f}")
+    if effort["median_seconds"] is not None:
+        parts.append(f"median {effort['median_seconds']:.0f} s per case")
+    return ", ".join(parts)

@@ -1,13 +1,17 @@
-"""What the module's logic does, as plain Python on a scene and a project folder.
+"""The module's logic, as plain Python on a scene and a project folder.
 
-``ALSegLogic`` in ``ALSeg.py`` hands each call here; nothing below needs Qt, so
-it is tested on ``slicer-core``. Long work is not run here: :meth:`Session.round_args`
-and :meth:`Session.pseudolabel_args` build the ``alseg`` command lines that
-:mod:`.jobs` runs in the background.
+``ALSegLogic`` in ``ALSeg.py`` is this :class:`Session` (plus Slicer's parameter
+node) and is handed to the widget, which calls it directly; nothing here needs Qt,
+so it is tested on ``slicer-core``. Long work is not run here: the ``*_args``
+methods build the ``alseg`` command lines that :mod:`.jobs` runs in the background,
+and the results come back through :meth:`Session.open_case` and
+:meth:`Session.load_applied`. It imports with Slicer's own packages only (numpy,
+SimpleITK, VTK): the engine's other packages are needed when work starts.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +66,21 @@ class Session:
         self.project = Project.open(folder)
         self.review = None
         return self.project
+
+    @property
+    def has_project(self) -> bool:
+        return self.project is not None
+
+    def case_names(self) -> list[str]:
+        return self.require().cases()
+
+    def label_names(self) -> list[str]:
+        return list(self.require().labels.mapping)
+
+    def scene_closed(self) -> None:
+        """File -> Close Scene removed every node: the open review case is gone with them."""
+        if self.review is not None:
+            self.review.scene_closed()
 
     def require(self) -> Project:
         if self.project is None:
@@ -154,6 +173,67 @@ class Session:
             atomic.write_json(path, settings.to_json())
         return [*args, "--settings", str(path)]
 
+    def pseudolabel_case_args(self, case: str, checkpoint: str = "", device: str = "auto") -> list[str]:
+        """``alseg pseudolabel`` for one case with its prompts stored from the scene (LiteMedSAM,
+        or ``checkpoint``); the prompts are checked here, before a job starts."""
+        project = self.require()
+        if not project.has_case(case):
+            raise InputError(f"case {case!r}", f"not in project {project.root}")
+        if device not in DEVICES:
+            raise InputError("device", f"unknown device {device!r} (one of {', '.join(DEVICES)})")
+        path = project.layout.slicer_prompts
+        stored = json.loads(path.read_text()).get("cases", {}) if path.is_file() else {}
+        if not stored.get(case):
+            raise InputError(f"case {case!r}", "has no stored prompt: place a box or points and store a prompt first")
+        args = ["pseudolabel", str(project.root), "--source", "sam", "--case", case, "--prompts", str(path)]
+        if checkpoint:
+            args += ["--checkpoint", str(checkpoint)]
+        return args + (["--device", device] if device != "auto" else [])
+
+    # models ------------------------------------------------------------------------------
+
+    def latest_model(self) -> str:
+        """The most recently finished model of the project (an InputError when none has finished)."""
+        from ALSegLib.store.models import list_models, read_model
+
+        project = self.require()
+        done = [read_model(project, m) for m in list_models(project)]
+        done = [r for r in done if r.get("status") == "done"]
+        if not done:
+            raise InputError(f"project {project.name}", "has no trained model yet: run a round first")
+        return max(done, key=lambda r: (str(r.get("finished") or ""), r["name"]))["name"]
+
+    def apply_model_args(self, volume_node, model: str | None = None, device: str = "auto") -> tuple[list[str], Path]:
+        """``alseg apply`` for a volume in the scene (any volume, not only the project's cases): the
+        volume is written to a temporary file; returns the arguments and the label file the job
+        writes, for :meth:`load_applied`."""
+        project = self.require()
+        if volume_node is None:
+            raise InputError("apply the model", "choose a volume")
+        model = model or self.latest_model()
+        work = Path(tempfile.mkdtemp(prefix="alseg-apply-"))
+        image = work / "volume.nii"  # uncompressed: written in a fraction of a second on the GUI thread
+        import SimpleITK as sitk
+
+        sitk.WriteImage(glue.image_from_volume_node(volume_node), str(image), False)
+        out = work / "label.nii.gz"
+        args = ["apply", str(project.root), "--model", model, "--image", str(image), "--out", str(out)]
+        return args + (["--device", device] if device != "auto" else []), out
+
+    def load_applied(self, label_file: str | Path, volume_node, model: str = ""):
+        """The label an ``alseg apply`` job wrote, as a segmentation node on the volume (the
+        project's segment names and colors)."""
+        from ALSegLib import volumes
+
+        label = volumes.read_label(label_file, label_values=self.require().labels.values)
+        name = f"{volume_node.GetName()} segmentation" + (f" ({model})" if model else "")
+        return glue.segmentation_node_from_label(self.scene, label, volume_node, self.require().labels, name)
+
+    def export_model_args(self, folder: str | Path, model: str | None = None) -> list[str]:
+        """``alseg export-model``: the model as an nnU-Net results folder (SlicerNNUNet loads it)."""
+        project = self.require()
+        return ["export-model", str(project.root), "--model", model or self.latest_model(), "--to", str(folder)]
+
     # review --------------------------------------------------------------------------------
 
     def start_review(self, author: str | None = None) -> ReviewSession:
@@ -165,6 +245,27 @@ class Session:
         review = self.review or self.start_review()
         return [(q["case"], "" if q.get("score") is None else f"{q['score']:.3g}", q.get("reason", ""))
                 for q in review.queue()]
+
+    def open_case(self, case: str, start_with: str | None = None) -> OpenCase:
+        """Open one case for review (a double-click in the queue; a pseudo-label made just now:
+        ``start_with="pseudo"``)."""
+        return (self.review or self.start_review()).open(case, start_with=start_with)
+
+    def revert(self) -> OpenCase:
+        if self.review is None or self.review.current is None:
+            raise InputError("review", "no case is open")
+        return self.review.revert()
+
+    def current_case(self) -> OpenCase | None:
+        return self.review.current if self.review is not None else None
+
+    def effort(self) -> dict:
+        return rounds.review_effort(self.require())
+
+    def effort_text(self) -> str:
+        """``accepted in Slicer: 2/5 unchanged, mean Dice proposal -> accepted 0.941, median 38 s per case``."""
+        effort = self.effort()
+        return ("accepted in Slicer: " if effort["accepted"] else "") + rounds.effort_text(effort)
 
     def open_next(self) -> OpenCase | None:
         return (self.review or self.start_review()).open_next()

@@ -189,55 +189,96 @@ def _as_event(line: str) -> dict | None:
 # --- processes ------------------------------------------------------------------------------
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process started (transitively) by ``pid``: psutil where installed, else /proc."""
+PROC = Path("/proc")
+
+
+def process_table() -> dict[int, tuple[int, bool]]:
+    """Every process as ``pid -> (parent pid, exited-but-unreaped)``, from psutil where it is
+    installed, else Linux's /proc, else ``ps`` (macOS and other Unix: Slicer ships no psutil)."""
     try:
         import psutil
-
-        try:
-            return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
     except ImportError:
-        pass
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    parents: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
+        psutil = None
+    if psutil is not None:
+        out = {}
+        for p in psutil.process_iter(["pid", "ppid", "status"]):
+            info = p.info
+            out[info["pid"]] = (info["ppid"] or 0, info["status"] == psutil.STATUS_ZOMBIE)
+        return out
+    if PROC.is_dir():
+        out = {}
+        for entry in PROC.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(entry.name)] = (int(fields[1]), fields[0] == "Z")
+        return out
+    return _ps_table()
+
+
+def _ps_table() -> dict[int, tuple[int, bool]]:
+    done = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True, check=False)
+    out = {}
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            out[int(parts[0])] = (int(parts[1]), len(parts) > 2 and parts[2].startswith("Z"))
+    return out
+
+
+def descendants(pid: int, table: dict[int, tuple[int, bool]] | None = None) -> list[int]:
+    """Every process started (transitively) by ``pid``, on every platform but Windows (where
+    ``taskkill /T`` walks the tree itself)."""
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for child, (parent, _zombie) in table.items():
+        children.setdefault(parent, []).append(child)
     out, todo = [], [pid]
     while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
+        for child in children.get(todo.pop(), []):
+            if child not in out and child != pid:
+                out.append(child)
+                todo.append(child)
     return out
+
+
+def terminate_tree(pid: int) -> list[int]:
+    """SIGTERM to a process and all its descendants (found before any is signalled, so that
+    children re-parented when their parent exits are not missed); returns the pids signalled."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, check=False)
+        return [pid]
+    pids = [pid, *descendants(pid)]
+    _signal(pids, signal.SIGTERM)
+    return pids
+
+
+def _signal(pids: Sequence[int], sig) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def finish_kill(pids: Sequence[int], grace: float = 3.0) -> None:
+    """Wait up to ``grace`` seconds for terminated processes to end, then SIGKILL what is left."""
+    if os.name == "nt":
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(is_running(p) for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if is_running(p)]
+    if left:
+        _signal(left, signal.SIGKILL)
 
 
 def kill_tree(pid: int, grace: float = 3.0) -> None:
     """End a process and all its descendants: terminate, wait up to ``grace`` seconds, then kill."""
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, check=False)
-        return
-    pids = [pid, *descendants(pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 0)
-        while time.monotonic() < deadline and any(is_running(p) for p in pids):
-            time.sleep(0.05)
-        if not any(is_running(p) for p in pids):
-            return
+    finish_kill(terminate_tree(pid), grace)
 
 
 def is_running(pid: int) -> bool:
@@ -248,10 +289,44 @@ def is_running(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie (exited, not yet reaped by its parent) is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether a pid that still answers signals is a zombie (exited, not yet reaped) or just gone."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    if PROC.is_dir():
+        try:
+            return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return True
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, check=False).stdout.strip()
+    return not state or state.startswith("Z")
+
+
+class LineBuffer:
+    """Bytes as they arrive from a process (a read can end in the middle of a line, or of a
+    UTF-8 character) -> whole lines; :meth:`flush` gives the last unterminated line at the end."""
+
+    def __init__(self):
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        self._pending += bytes(data)
+        *lines, self._pending = self._pending.split(b"\n")
+        return [ln.rstrip(b"\r").decode("utf-8", "replace") for ln in lines]
+
+    def flush(self) -> list[str]:
+        rest, self._pending = self._pending, b""
+        return [rest.rstrip(b"\r").decode("utf-8", "replace")] if rest.strip() else []
 
 
 class Job:
@@ -278,18 +353,26 @@ class Job:
         if self.on_line is not None:
             self.on_line(line)
 
-    def _finish(self, returncode: int) -> None:
+    def _finish(self, returncode: int, error: str | None = None) -> None:
+        if self.returncode is not None:  # Qt may report a crash twice (errorOccurred, then finished)
+            return
         self.returncode = returncode
         if returncode != 0:
-            self.error = "cancelled" if self.cancelled else self.parser.error_text(returncode)
+            self.error = "cancelled" if self.cancelled else error or self.parser.error_text(returncode)
         if self.on_done is not None:
             self.on_done(returncode, self.error)
 
-    def cancel(self) -> None:
-        """End the job and every process it started."""
+    def cancel(self, wait: bool = False) -> None:
+        """End the job and every process it started: SIGTERM to the whole tree now, SIGKILL to
+        what is left after a grace period, waited for in a background thread unless ``wait``
+        (the GUI never blocks on it); the job's end arrives as usual."""
         if self.running:
             self.cancelled = True
-            kill_tree(self.pid)
+            pids = terminate_tree(self.pid)
+            if wait:
+                finish_kill(pids)
+            else:
+                threading.Thread(target=finish_kill, args=(pids,), daemon=True, name="alseg-cancel").start()
 
 
 class SubprocessJob(Job):
@@ -355,6 +438,8 @@ class SlicerJob(Job):
             self.process = self._qprocess(environment)
 
     def _qprocess(self, environment: dict):
+        """Slicer < 5.12: a ``qt.QProcess``. Its signals are connected by their full signatures:
+        PythonQt would otherwise hand ``finished`` to Qt 5's deprecated one-argument overload."""
         import qt
 
         process = qt.QProcess()
@@ -363,12 +448,31 @@ class SlicerJob(Job):
         for key, value in environment.items():
             qenv.insert(key, value)
         process.setProcessEnvironment(qenv)
-        process.readyReadStandardOutput.connect(
-            lambda: [self._line(ln) for ln in bytes(process.readAllStandardOutput()).decode("utf-8", "replace").splitlines()])
-        process.finished.connect(lambda code, status: self._finish(code if status == qt.QProcess.NormalExit else -9))
+        self._buffer = LineBuffer()
+        process.connect("readyReadStandardOutput()", lambda: self._on_output(process.readAllStandardOutput()))
+        process.connect("finished(int,QProcess::ExitStatus)",
+                        lambda code, status: self._on_finished(code, status == qt.QProcess.NormalExit))
+        process.connect("errorOccurred(QProcess::ProcessError)",
+                        lambda err: self._on_error(err == qt.QProcess.FailedToStart, process.errorString()))
         process.start(self.args[0], self.args[1:])
         self.pid = int(process.processId())
         return process
+
+    def _on_output(self, data) -> None:
+        for line in self._buffer.feed(bytes(data)):
+            self._line(line)
+
+    def _on_finished(self, code: int, normal_exit: bool) -> None:
+        if self.process is not None:  # what is still unread, then the last unterminated line
+            self._on_output(self.process.readAllStandardOutput())
+        for line in self._buffer.flush():
+            self._line(line)
+        self._finish(int(code) if normal_exit else -int(signal.SIGKILL))
+
+    def _on_error(self, failed_to_start: bool, text: str) -> None:
+        """A process that could not start never sends ``finished``: end the job here."""
+        if failed_to_start:
+            self._finish(127, f"the engine could not be started ({self.args[0]}): {text}")
 
 
 def start_in_slicer(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None) -> SlicerJob:

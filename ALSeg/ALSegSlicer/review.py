@@ -6,10 +6,15 @@ order the selection ranked them in; skipped cases last) as a volume and an
 editable segmentation; ``accept`` exports the edited segmentation onto the
 image grid with the project's label values and stores it through the engine
 as the case's next human-label version (``v0001``, ``v0002``, …: never
-overwritten), then the caller opens the next case.
+overwritten), then the caller opens the next case. Each accepted version's
+provenance carries the reviewer's effort: the seconds from open to accept, the
+Dice between the label the case opened with and the accepted one, and the voxels
+changed (:func:`ALSegLib.rounds.review_effort` sums them up for the report).
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +37,33 @@ class OpenCase:
     reason: str = ""
     score: float | None = None
     overlays: list = field(default_factory=list)  # extra nodes (uncertainty), removed with the case
+    opened_at: float = field(default_factory=time.monotonic)
+    proposal: np.ndarray | None = None  # the voxels it opened with (None: empty segments)
+
+    @property
+    def machine_label(self) -> bool:
+        return self.started_from in ("pseudo", "predicted")
+
+
+@dataclass
+class CaseFiles:
+    """A case as read for review, before any node exists."""
+    voxels: np.ndarray
+    ijk_to_ras: np.ndarray
+    window_level: tuple[float, float]
+    started_from: str | None
+    label: np.ndarray | None  # the project's values
+    numbered: np.ndarray | None  # renumbered for Slicer's import
+
+
+def display_window(modality: str, voxels: np.ndarray) -> tuple[float, float]:
+    """The window (width, level) a case opens with: CT's soft-tissue window (400, 40), else the
+    0.5-99.5 percentiles of a 1-in-64 sample of the voxels (Slicer's automatic window/level would
+    take a pass over every voxel of a CT-sized volume on the GUI thread)."""
+    if modality == "CT":
+        return 400.0, 40.0
+    lo, hi = np.percentile(voxels[::4, ::4, ::4], [0.5, 99.5])
+    return max(float(hi - lo), 1e-6), float(hi + lo) / 2
 
 
 class ReviewSession:
@@ -43,6 +75,8 @@ class ReviewSession:
         self.author = author
         self.skipped: list[str] = []
         self.current: OpenCase | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: tuple | None = None  # (what was read, the read's future)
 
     def queue(self) -> list[dict]:
         """Queued cases waiting for a human label, in review order (round, rank; skipped last)."""
@@ -59,40 +93,120 @@ class ReviewSession:
         item = items[0]
         return self.open(item["case"], item)
 
-    def open(self, case: str, item: dict | None = None) -> OpenCase:
+    def open(self, case: str, item: dict | None = None, start_with: str | None = None) -> OpenCase:
         """Load ``case``'s image and its best label to start from: the latest human version,
-        else the pseudo-label, else the latest prediction, else empty segments."""
+        else the pseudo-label, else the latest prediction, else empty segments (``start_with``:
+        this kind first, e.g. ``pseudo`` for a pseudo-label made just now). The files come from
+        the read-ahead of :meth:`prefetch` when it read this very case's current files."""
         if not self.project.has_case(case):
             raise InputError(f"case {case!r}", f"not in project {self.project.root}")
+        if item is None:
+            item = next((q for q in self.queue() if q["case"] == case), {})
         self.close()
-        image = self.project.read_image(case)
-        volume = glue.volume_node_from_image(self.scene, image, case)
-        started_from, label = None, None
-        human = self.project.human_versions(case)
-        if human:
-            started_from, label = f"human v{human[-1]:04d}", self.project.read_label(case, "human")
-        else:
-            preferred = (item or {}).get("open_with")
-            for kind in dict.fromkeys([k for k in (preferred, "pseudo", "predicted") if k]):
-                if self.project.label_path(case, kind) is not None:
-                    started_from, label = kind, self.project.read_label(case, kind)
-                    break
-        segmentation = glue.segmentation_node_from_label(self.scene, label, volume, self.project.labels,
-                                                         f"{case} segmentation")
-        item = item or {}
-        self.current = OpenCase(case, item.get("round"), started_from, volume, segmentation,
-                                item.get("reason", ""), item.get("score"))
+        files = self._take_prefetched(case, item, start_with) or self._read(case, item, start_with)
+        volume = glue.volume_node_from_array(self.scene, files.voxels, files.ijk_to_ras, case,
+                                             window_level=files.window_level)
+        segmentation = glue.segmentation_node_from_numbers(self.scene, files.numbered, volume, self.project.labels,
+                                                           f"{case} segmentation")
+        self.current = OpenCase(case, item.get("round"), files.started_from, volume, segmentation,
+                                item.get("reason", ""), item.get("score"), proposal=files.label)
+        self.prefetch()
         return self.current
 
+    # read-ahead: the next case's files are read (decompressed, checked) while the reviewer edits this one
+
+    def _read(self, case: str, item: dict, start_with: str | None) -> CaseFiles:
+        """Everything of a case's opening that needs no scene: the reads, the arrays, the display
+        window, the label renumbered for Slicer's import (safe off the GUI thread)."""
+        image = self.project.read_image(case)
+        voxels = sitk.GetArrayFromImage(image)
+        started_from, label = self._start_label(case, item, start_with)
+        values = None if label is None else sitk.GetArrayFromImage(label)
+        numbered = None if values is None else glue.segment_numbers(values, self.project.labels, f"{case} segmentation")
+        return CaseFiles(voxels, glue.ijk_to_ras(image), display_window(self.project.modality, voxels), started_from,
+                         values, numbered)
+
+    def _state(self, case: str, item: dict, start_with: str | None) -> tuple:
+        """What the files read for ``case`` depend on: the image's and labels' files and their times."""
+        paths = [self.project.image_path(case)]
+        paths += [p for k in ("human", "pseudo", "predicted") if (p := self.project.label_path(case, k)) is not None]
+        return (case, item.get("open_with"), start_with,
+                tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths))
+
+    def prefetch(self) -> None:
+        """Start reading the case that would open after the current one is accepted (in a thread:
+        the reads and decompression release the GIL; nothing of the scene is touched there)."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alseg-review-read")
+        current = self.current.case if self.current is not None else None
+        upcoming = next((q for q in self.queue() if q["case"] != current), None)
+        if upcoming is None:
+            self._ahead = None
+            return
+        case = upcoming["case"]
+        if self._ahead is not None and self._ahead[0][0] == case:
+            return
+        try:
+            state = self._state(case, upcoming, None)
+        except OSError:
+            self._ahead = None
+            return
+        self._ahead = (state, self._reader.submit(self._read, case, upcoming, None))
+
+    def _take_prefetched(self, case: str, item: dict, start_with: str | None):
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0][0] != case:
+            return None
+        try:
+            if self._state(case, item, start_with) != ahead[0]:
+                return None  # a file changed since it was read (another reviewer, a new pseudo-label)
+            return ahead[1].result()
+        except Exception:  # noqa: BLE001 - read again in the open, where its error reaches the reviewer
+            return None
+
+    def _start_label(self, case: str, item: dict, start_with: str | None) -> tuple[str | None, sitk.Image | None]:
+        human = self.project.human_versions(case)
+        if human and start_with in (None, "human"):
+            return f"human v{human[-1]:04d}", self.project.read_label(case, "human")
+        for kind in dict.fromkeys([k for k in (start_with, item.get("open_with"), "pseudo", "predicted")
+                                   if k and k != "human"]):
+            if self.project.label_path(case, kind) is not None:
+                return kind, self.project.read_label(case, kind)
+        return None, None
+
+    def revert(self) -> OpenCase:
+        """Throw away the edits of the open case: a fresh segmentation from its machine label (the
+        pseudo-label or prediction it opened with, else the pseudo-label, else the prediction);
+        stored labels are untouched. The effort clock keeps running."""
+        if self.current is None:
+            raise InputError("review", "no case is open")
+        c = self.current
+        kinds = [c.started_from] if c.machine_label else []
+        kind = next((k for k in dict.fromkeys([*kinds, "pseudo", "predicted"])
+                     if self.project.label_path(c.case, k) is not None), None)
+        if kind is None:
+            raise InputError(f"case {c.case!r}", "has no machine label (pseudo-label or prediction) to revert to")
+        label = self.project.read_label(c.case, kind)
+        segmentation = glue.segmentation_node_from_label(self.scene, label, c.volume, self.project.labels,
+                                                         f"{c.case} segmentation")
+        if c.segmentation is not None and c.segmentation.GetScene() is not None:
+            self.scene.RemoveNode(c.segmentation)
+        c.segmentation, c.started_from, c.proposal = segmentation, kind, sitk.GetArrayFromImage(label)
+        return c
+
     def accept(self) -> int:
-        """Store the current segmentation as the case's next human-label version; returns it."""
+        """Store the current segmentation as the case's next human-label version, with the
+        reviewer's effort in its provenance; returns the version."""
         if self.current is None:
             raise InputError("review", "no case is open")
         c = self.current
         label = glue.label_from_segmentation(self.scene, c.segmentation, c.volume, self.project.labels)
+        effort = edit_effort(c.proposal, sitk.GetArrayViewFromImage(label), self.project.labels.values,
+                             time.monotonic() - c.opened_at)
         version = self.project.add_human_label(
             c.case, label, author=self.author, source="human",
-            produced_by={"tool": "3D Slicer Segment Editor (ALSeg)", "started_from": c.started_from, "round": c.round})
+            produced_by={"tool": "3D Slicer Segment Editor (ALSeg)", "started_from": c.started_from, "round": c.round},
+            effort=effort)
         if c.case in self.skipped:
             self.skipped.remove(c.case)
         return version
@@ -110,6 +224,10 @@ class ReviewSession:
                 self.project.log_event("review_skipped", case=self.current.case)
         return self.open_next()
 
+    def scene_closed(self) -> None:
+        """The scene was closed (its nodes are gone): forget the open case without touching nodes."""
+        self.current = None
+
     def close(self) -> None:
         """Remove the current case's nodes from the scene (stored labels are untouched)."""
         if self.current is None:
@@ -119,25 +237,71 @@ class ReviewSession:
                 self.scene.RemoveNode(node)
         self.current = None
 
-    def uncertainty_volume(self):
-        """The current case's voxel entropy (0..1) from the probabilities its round's selection used
-        (or, for a selection that used none, the round's pool prediction), as a scalar volume for
-        the foreground layer; None when none are stored."""
+    def uncertainty_map(self, case: str | None = None, round_number: int | None = None) -> sitk.Image | None:
+        """A case's voxel entropy (0..1) from the probabilities its round's selection used (or, for
+        a selection that used none, the round's pool prediction); None when none are stored. Reads
+        files and computes only (no scene access): the panel runs it off the GUI thread."""
         from ALSegLib.selection.uncertainty import entropy_map
-
-        if self.current is None or self.current.round is None:
-            return None
-        record = rounds.read_round(self.project, self.current.round)
-        model = record.get("selection", {}).get("model") or record["stages"].get("predict-pool", {}).get("model")
-        if not model:
-            return None
         from ALSegLib.store.predictions import load_probabilities, probabilities_path
 
-        if not probabilities_path(self.project, model, self.current.case).is_file():
+        if case is None:
+            if self.current is None:
+                return None
+            case, round_number = self.current.case, self.current.round
+        if round_number is None:
             return None
-        entropy = entropy_map(load_probabilities(self.project, model, self.current.case)[0])
+        record = rounds.read_round(self.project, round_number)
+        model = record.get("selection", {}).get("model") or record["stages"].get("predict-pool", {}).get("model")
+        if not model or not probabilities_path(self.project, model, case).is_file():
+            return None
+        entropy = entropy_map(load_probabilities(self.project, model, case)[0])
         image = sitk.GetImageFromArray(entropy.astype(np.float32))
-        image.CopyInformation(self.project.read_image(self.current.case))
-        node = glue.volume_node_from_image(self.scene, image, f"{self.current.case} uncertainty")
+        image.CopyInformation(self.project.read_image(case))
+        return image
+
+    def uncertainty_volume(self, image: sitk.Image | None = None):
+        """The open case's uncertainty as one scalar volume for the foreground layer (the same node
+        on every call; removed with the case), shown with the Inferno colormap from 0 to 1;
+        ``image``: a map computed already by :meth:`uncertainty_map`. None when there is none."""
+        if self.current is None:
+            return None
+        name = f"{self.current.case} uncertainty"
+        for node in self.current.overlays:
+            if node.GetScene() is not None and node.GetName() == name:
+                return node
+        image = image if image is not None else self.uncertainty_map()
+        if image is None:
+            return None
+        node = glue.volume_node_from_image(self.scene, image, name)
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetAndObserveColorNodeID(UNCERTAINTY_COLORS)
+            display.SetAutoWindowLevel(0)
+            display.SetWindowLevelMinMax(0.0, 1.0)
         self.current.overlays.append(node)
         return node
+
+
+UNCERTAINTY_COLORS = "vtkMRMLColorTableNodeFileInferno.txt"  # one of Slicer's default color tables
+
+
+def edit_effort(proposal: np.ndarray | None, accepted: np.ndarray, values, seconds: float) -> dict:
+    """What the reviewer changed: seconds from open to accept, voxels whose value changed, and
+    the Dice between the proposal and the accepted label (mean over the label values present in
+    either; 1.0 when both are empty, as in :mod:`ALSegLib.metrics`)."""
+    accepted = np.asarray(accepted)
+    before = np.zeros(accepted.shape, accepted.dtype) if proposal is None else np.asarray(proposal)
+    changed = int(np.count_nonzero(before != accepted))
+    n = int(max(values)) + 1
+    # the counts, within the box around every labelled voxel of either (a CT's organs fill a small part of it)
+    foreground = (before != 0) | (accepted != 0)
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) if i.size else slice(0, 0)
+                for i in (np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)))
+    before, accepted = before[box], accepted[box]
+    count_before = np.bincount(before.ravel(), minlength=n)[:n]
+    count_after = np.bincount(accepted.ravel(), minlength=n)[:n]
+    same = np.bincount(accepted[before == accepted].ravel(), minlength=n)[:n]
+    dices = [2.0 * same[v] / (count_before[v] + count_after[v]) for v in values if count_before[v] + count_after[v]]
+    return {"seconds": round(float(seconds), 1), "voxels_changed": changed, "unchanged": changed == 0,
+            "dice_to_proposal": round(float(np.mean(dices)), 4) if dices else 1.0,
+            "started_empty": proposal is None}

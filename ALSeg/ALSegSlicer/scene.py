@@ -20,6 +20,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from ALSegLib import volumes
 from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 
@@ -90,19 +91,41 @@ def voxels(node) -> np.ndarray:
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
 
 
-def volume_node_from_image(scene, image: sitk.Image, name: str, *, labelmap: bool = False):
+def volume_node_from_image(scene, image: sitk.Image, name: str, *, labelmap: bool = False,
+                           window_level: tuple[float, float] | None = None):
     """A new scalar (or labelmap) volume node holding ``image`` with its exact geometry."""
+    return volume_node_from_array(scene, sitk.GetArrayFromImage(image), ijk_to_ras(image), name, labelmap=labelmap,
+                                  window_level=window_level)
+
+
+def volume_node_from_array(scene, array: np.ndarray, ijk_to_ras_matrix: np.ndarray, name: str, *,
+                           labelmap: bool = False, window_level: tuple[float, float] | None = None):
+    """A new volume node of ``array`` (k, j, i) with the IJK-to-RAS matrix given. A scalar volume
+    gets Slicer's default display (automatic window/level from the voxels' histogram) unless
+    ``window_level`` (width, level) is given, which saves that pass over the voxels."""
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    _set_voxels(node, sitk.GetArrayFromImage(image))
-    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(image)))
-    if not labelmap:
+    _set_voxels(node, array)
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_matrix))
+    if labelmap:
+        return node
+    if window_level is None:
         node.CreateDefaultDisplayNodes()
+    else:
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.SetAutoWindowLevel(0)
+        display.SetWindowLevel(float(window_level[0]), float(window_level[1]))
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        node.SetAndObserveDisplayNodeID(display.GetID())
     return node
 
 
 def image_from_volume_node(node) -> sitk.Image:
     """The node's voxels as a SimpleITK image in LPS with the node's geometry (parent transforms ignored)."""
-    image = sitk.GetImageFromArray(voxels(node))
+    return with_node_geometry(sitk.GetImageFromArray(voxels(node)), node)
+
+
+def with_node_geometry(image: sitk.Image, node) -> sitk.Image:
+    """``image`` (on the node's voxel grid) given the node's spacing, direction and origin, in LPS."""
     m = node_ijk_to_ras(node)
     lps = LPS_TO_RAS @ m[:3, :3]  # LPS_TO_RAS is its own inverse
     spacing = np.linalg.norm(lps, axis=0)
@@ -131,6 +154,25 @@ def segmentation_node_from_label(scene, label: sitk.Image | None, reference, lab
     """A segmentation node on ``reference``'s geometry with one segment per class of the label
     table (segment ID and name = class name, the table's color), filled from ``label``'s values
     (classes absent from ``label``, or no label at all, give empty segments to draw in)."""
+    numbered = None if label is None else segment_numbers(sitk.GetArrayFromImage(label), labels, name)
+    return segmentation_node_from_numbers(scene, numbered, reference, labels, name)
+
+
+def segment_numbers(values: np.ndarray, labels: LabelTable, where: str) -> np.ndarray:
+    """A label's project values renumbered 1..N in the label table's order, as Slicer's import fills
+    the i-th listed segment from value i (values not in the table: an error naming ``where``). Plain
+    numpy: the review computes it off the GUI thread."""
+    unknown = sorted(set(volumes.values_present(values).tolist()) - {0, *labels.values})
+    if unknown:
+        raise InputError(where, f"label values {unknown} are not in the project's label table {labels.mapping}")
+    lookup = np.zeros(max(labels.values) + 1, np.uint8 if len(labels.classes) < 256 else np.uint16)
+    for i, c in enumerate(labels.classes, 1):
+        lookup[c.value] = i
+    return lookup[values]
+
+
+def segmentation_node_from_numbers(scene, numbered: np.ndarray | None, reference, labels: LabelTable, name: str):
+    """:func:`segmentation_node_from_label` from :func:`segment_numbers`' array (on the reference's grid)."""
     ensure_segmentation_converters()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
@@ -140,29 +182,19 @@ def segmentation_node_from_label(scene, label: sitk.Image | None, reference, lab
     for c in labels.classes:
         segmentation.AddEmptySegment(c.name, c.name, list(c.color))
         ids.InsertNextValue(c.name)
-    if label is None:
+    if numbered is None:
         return node
-    values = sitk.GetArrayFromImage(label)
-    unknown = sorted(set(np.unique(values).tolist()) - {0, *labels.values})
-    if unknown:
-        raise InputError(name, f"label values {unknown} are not in the project's label table {labels.mapping}")
-    # the import fills the i-th listed segment from label value i: renumber the table's values 1..N in table order
-    lookup = np.zeros(max(labels.values) + 1, np.uint16)
-    for i, c in enumerate(labels.classes, 1):
-        lookup[c.value] = i
-    temporary = volume_node_from_image(scene, _like(label, lookup[values]), "__alseg_import__", labelmap=True)
+    grid = reference.GetImageData().GetDimensions()[::-1]
+    if tuple(numbered.shape) != tuple(grid):
+        scene.RemoveNode(node)
+        raise InputError(name, f"the label's grid {tuple(numbered.shape)} is not the volume's {tuple(grid)} (z, y, x)")
+    temporary = volume_node_from_array(scene, numbered, node_ijk_to_ras(reference), "__alseg_import__", labelmap=True)
     try:
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ids):
             raise RuntimeError(f"Slicer could not import the label into segmentation {name!r}")
     finally:
         scene.RemoveNode(temporary)
     return node
-
-
-def _like(reference: sitk.Image, array: np.ndarray) -> sitk.Image:
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(reference)
-    return out
 
 
 def segment_values(segmentation_node, labels: LabelTable) -> dict[str, int]:
@@ -196,9 +228,9 @@ def label_from_segmentation(scene, segmentation_node, reference, labels: LabelTa
     """The segmentation on ``reference``'s image grid with the project's label values (by segment
     name; where segments overlap, the one later in the segment list wins, as in Slicer)."""
     values = segment_values(segmentation_node, labels)
-    grid = image_from_volume_node(reference)
+    dims = reference.GetImageData().GetDimensions()
     if not values:
-        return _like(grid, np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.uint16))
+        return with_node_geometry(sitk.GetImageFromArray(np.zeros(dims[::-1], np.uint16)), reference)
     ids = vtk.vtkStringArray()
     for segment_id in values:
         ids.InsertNextValue(segment_id)
@@ -218,10 +250,8 @@ def label_from_segmentation(scene, segmentation_node, reference, labels: LabelTa
     finally:
         scene.RemoveNode(temporary)
         scene.RemoveNode(colors)
-    present = set(np.unique(array).tolist()) - {0}
-    if not present <= set(values.values()):
-        raise RuntimeError(f"export produced label values {sorted(present)}, expected a subset of {sorted(values.values())}")
-    return _like(grid, array.astype(np.uint16))
+    # the values are checked against the label table where the label is stored (Project's validation)
+    return with_node_geometry(sitk.GetImageFromArray(array.astype(np.uint16, copy=False)), reference)
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -258,18 +288,39 @@ def load_segmentation(scene, path: str | Path, name: str | None = None):
     return node
 
 
+def case_ids_for_nodes(nodes: Sequence) -> list[str]:
+    """Case ids from the nodes' names, derived as ids are from file names (``3: CT chest`` from
+    DICOM becomes ``3__CT_chest``); two nodes giving one id is an error naming both."""
+    from ALSegLib.store.ids import case_id_from_name
+
+    ids, seen = [], {}
+    for node in nodes:
+        name = node.GetName() or ""
+        case = case_id_from_name(name, where=f"volume {name!r}")
+        if case in seen:
+            raise InputError(f"volume {name!r}", f"gives the case id {case!r}, as volume {seen[case]!r} does: "
+                             "rename one of them or give the case ids")
+        seen[case] = name
+        ids.append(case)
+    return ids
+
+
 def add_volume_nodes(project: Project, nodes: Sequence, case_ids: Sequence[str] | None = None) -> list[str]:
-    """Add volumes already in the scene to the project as new cases (name of the node = case id
-    unless given); returns the case ids."""
+    """Add volumes already in the scene to the project as new cases (ids derived from the nodes'
+    names unless given); returns the case ids."""
     import tempfile
 
-    case_ids = list(case_ids) if case_ids is not None else [n.GetName() for n in nodes]
+    case_ids = list(case_ids) if case_ids is not None else case_ids_for_nodes(nodes)
     if len(case_ids) != len(nodes):
         raise InputError("case ids", f"{len(case_ids)} ids for {len(nodes)} volumes")
+    for node, case in zip(nodes, case_ids, strict=True):  # named by the volume, not by a temporary file
+        if project.has_case(case):
+            raise InputError(f"volume {node.GetName()!r}", f"gives the case id {case!r}, which project {project.name} "
+                             "has already: rename the volume or give another case id")
     with tempfile.TemporaryDirectory(prefix="alseg-scene-") as tmp:
         files = []
-        for node, case in zip(nodes, case_ids, strict=True):
-            path = Path(tmp) / f"{case}.nii.gz"
-            sitk.WriteImage(image_from_volume_node(node), str(path), True)
+        for i, node in enumerate(nodes):  # the temporary files' names never come from the nodes' names
+            path = Path(tmp) / f"volume{i:04d}.nii"  # uncompressed: the project compresses what it stores
+            sitk.WriteImage(image_from_volume_node(node), str(path), False)
             files.append(path)
         return project.add_cases(files, case_ids=case_ids)

@@ -39,7 +39,7 @@ def _discard(project: Project, path: Path) -> None:
                               reason="the case was predicted again without storing it")
 
 
-def _predictor(project: Project, record: dict, checkpoint: dict, device, mirroring: bool, tile_step: float):
+def make_predictor(project: Project, record: dict, checkpoint: dict, device, mirroring: bool, tile_step: float):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -194,7 +194,7 @@ def predict(
     out = []
     log = model_dir(project, model) / "nnunet.log"
     with nnunet_environment(project.root, log=log):
-        predictor = _predictor(project, record, checkpoint, dev, mirroring, tile_step)
+        predictor = make_predictor(project, record, checkpoint, dev, mirroring, tile_step)
         pool = BottleneckPool(predictor.network) if features else None
         emit("stage", stage="predict", model=model, cases=len(cases))
         timer = PredictionEstimate(project, predictor, cases, mirroring, tile_step, model)

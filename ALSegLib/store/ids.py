@@ -37,10 +37,18 @@ def derive_case_id(source: Path, *, strip_channel: bool = True) -> str:
     stem = volumes.strip_extension(source) if source.is_file() or volumes.image_extension(source) else source.name
     if strip_channel and (source.is_file() or volumes.image_extension(source)):
         stem = stem.removesuffix(NNUNET_CHANNEL) or stem
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
+    return case_id_from_name(stem, where=source)
+
+
+def case_id_from_name(name: str, *, where: object = None) -> str:
+    """A case id from any name (a file's stem, a Slicer node's name such as ``3: CT chest``):
+    characters outside ``[A-Za-z0-9._-]`` become ``_``, runs of dots collapse, leading
+    dots/dashes/underscores go (``3_CT_chest``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     cleaned = re.sub(r"\.{2,}", ".", cleaned).lstrip("._-")[:128].rstrip(".")
     if not cleaned:
-        raise InputError(source, "cannot derive a case id from this name; pass one explicitly")
+        raise InputError(where if where is not None else f"name {name!r}",
+                         "cannot derive a case id from this name; pass one explicitly")
     return check_case_id(cleaned)
 
 

@@ -71,6 +71,9 @@ PROSE = {
                    "pseudo-labels of a few cases, on phantoms, the shared Hippocampus and the shared CT example; "
                    "`alseg train --minutes` timed from outside as a user runs it; and the CT example's CPU plan "
                    "(the batch chosen, a real training step there against one at nnU-Net's batch).",
+    "review": "The review loop's wait in the Slicer module: from Accept to the next case's volume and segmentation in "
+              "the scene, on slicer-core's real MRML core with the module's glue and the engine (no Qt: the editor's "
+              "and views' redraw inside Slicer is not in it), on a CT-sized case with three segments.",
     "demo": "`alseg demo` (the README's main command) over several seeds: the held-out mean Dice per row (pseudo-labels "
             "only, each round, supervised-only on the last round's human labels), what the pseudo-labels buy, and the "
             "wall time per seed.",
@@ -416,6 +419,20 @@ def rows_time_budget(d: dict) -> Rows:
     return rows
 
 
+def rows_review(d: dict) -> Rows:
+    case = get(d, "case", default={})
+    return [
+        ("case", f"{fmt(get(case, 'shape_zyx'))} voxels (z, y, x), {fmt(get(case, 'segments'))} segments"),
+        ("accept -> next case ready: median / max (goal < 1 s; met)",
+         f"{both(get(d, 'accept_to_next_s', 'median'), get(d, 'accept_to_next_s', 'max'), 's', sep=' / ')} "
+         f"({fmt(get(d, 'goal_met'))})"),
+        ("of which accept / open the next (medians)",
+         both(get(d, "accept_s_median"), get(d, "open_next_s_median"), "s", sep=" / ")),
+        ("the first case's open (nothing read ahead)", fmt(get(d, "first_open_s"), "s")),
+        ("accepts timed", fmt(get(d, "accepts"))),
+    ]
+
+
 def rows_generic(d: dict) -> Rows:
     """Unknown results file: its top-level scalar fields."""
     skip = {"benchmark", "commit", "time"}
@@ -434,6 +451,7 @@ EXTRACTORS: dict[str, Callable[[dict], Rows]] = {
     "selection": rows_selection,
     "demo": rows_demo,
     "time_budget": rows_time_budget,
+    "review": rows_review,
 }
 
 

@@ -51,7 +51,18 @@ def test_epoch_progress_gives_loss_and_time_left():
     assert parser.progress.fraction is None and parser.progress.loss is None
 
 
-def test_cancel_ends_the_whole_process_tree():
+@pytest.fixture(params=["psutil", "proc", "ps"])
+def process_table_source(request, monkeypatch, tmp_path):
+    """Where the process tree comes from: psutil (installed here), Linux's /proc, or ``ps`` alone
+    (macOS: Slicer ships no psutil and there is no /proc)."""
+    if request.param != "psutil":
+        monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil raises ImportError
+    if request.param == "ps":
+        monkeypatch.setattr(jobs, "PROC", tmp_path / "no-proc")
+    return request.param
+
+
+def test_cancel_ends_the_whole_process_tree(process_table_source):
     script = textwrap.dedent("""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -67,9 +78,123 @@ def test_cancel_ends_the_whole_process_tree():
         time.sleep(0.05)
     child = int(next(ln for ln in lines if ln.startswith("child ")).split()[1])
     assert child in jobs.descendants(job.process.pid)
-    job.cancel()
+    started = time.monotonic()
+    job.cancel()  # returns at once: the SIGKILL after the grace period waits in a thread, not in the GUI
+    assert time.monotonic() - started < 1.0
     assert job.wait(timeout=30) != 0 and job.error == "cancelled"
-    assert not jobs.is_running(child)  # the grandchild is gone too (at most a zombie waiting for init to reap it)
+    deadline = time.monotonic() + 10
+    while jobs.is_running(child):  # the grandchild is gone too (at most a zombie waiting for init to reap it)
+        assert time.monotonic() < deadline, f"the engine's child {child} survived the cancel ({process_table_source})"
+        time.sleep(0.05)
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period():
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+    lines = []
+    job = jobs.SubprocessJob([sys.executable, "-c", script], on_line=lines.append)
+    while "ready" not in lines:
+        job.poll()
+        time.sleep(0.02)
+    job.cancel(wait=True)
+    assert job.wait(timeout=30) == -9 and job.error == "cancelled"
+
+
+def test_line_buffer_keeps_lines_cut_across_reads():
+    buffer = jobs.LineBuffer()
+    line = json.dumps({"event": "epoch", "epoch": 3, "message": "Dice 0.91 · 12 min"}).encode()
+    assert buffer.feed(b"plain\r\n" + line[:17]) == ["plain"]
+    middle = "·".encode()  # a UTF-8 character cut in two
+    assert buffer.feed(line[17:30]) == [] and buffer.feed(line[30:] + b"\nlast " + middle[:1]) == [line.decode()]
+    assert buffer.feed(middle[1:]) == [] and buffer.flush() == ["last ·"] and buffer.flush() == []
+
+
+class _Signal:
+    def __init__(self):
+        self.slots = []
+
+    def emit(self, *args):
+        for slot in self.slots:
+            slot(*args)
+
+
+class StandInQProcess:
+    """The part of PythonQt's ``qt.QProcess`` the job uses, run by a real subprocess: output arrives in
+    chunks cut anywhere, and a connection is made only by a full signal signature (as PythonQt needs for
+    an overloaded signal such as ``finished``)."""
+
+    MergedChannels, NormalExit, CrashExit, FailedToStart, Crashed = 1, 0, 1, 0, 1
+    SIGNATURES = ("readyReadStandardOutput()", "finished(int,QProcess::ExitStatus)", "errorOccurred(QProcess::ProcessError)")
+
+    def __init__(self):
+        self.signals = {name: _Signal() for name in self.SIGNATURES}
+        self.pending = b""
+        self.popen = None
+
+    def setProcessChannelMode(self, mode):
+        pass
+
+    def setProcessEnvironment(self, env):
+        self.env = env.values
+
+    def connect(self, signature, slot):
+        assert signature in self.signals, f"not a full signal signature: {signature!r}"
+        self.signals[signature].slots.append(slot)
+
+    def start(self, program, args):
+        import subprocess
+
+        try:
+            self.popen = subprocess.Popen([program, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          env=self.env)
+        except OSError:
+            self.signals["errorOccurred(QProcess::ProcessError)"].emit(self.FailedToStart)
+
+    def processId(self):
+        return self.popen.pid if self.popen else 0
+
+    def errorString(self):
+        return "No such file or directory"
+
+    def readAllStandardOutput(self):
+        out, self.pending = self.pending, b""
+        return out
+
+    def run_event_loop(self, chunk=7):
+        """Deliver the output in chunks of ``chunk`` bytes, then the end."""
+        data = self.popen.stdout.read()
+        for i in range(0, len(data), chunk):
+            self.pending += data[i:i + chunk]
+            self.signals["readyReadStandardOutput()"].emit()
+        code = self.popen.wait()
+        self.signals["finished(int,QProcess::ExitStatus)"].emit(code, self.NormalExit)
+
+
+class StandInEnvironment:
+    def __init__(self):
+        self.values = {}
+
+    def insert(self, key, value):
+        self.values[key] = value
+
+
+def test_the_qprocess_launcher_connects_by_signature_and_keeps_every_line(monkeypatch):
+    import types
+
+    qt = types.SimpleNamespace(QProcess=StandInQProcess, QProcessEnvironment=StandInEnvironment)
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    events, done = [], []
+    job = jobs.SlicerJob.__new__(jobs.SlicerJob)
+    jobs.Job.__init__(job, [sys.executable, "-c", SCRIPT], on_event=events.append,
+                      on_done=lambda code, err: done.append(code))
+    job.process = job._qprocess(jobs.engine_environment())
+    job.process.run_event_loop(chunk=7)  # every JSON line arrives cut in pieces
+    assert done == [0] and not job.running
+    assert [e["event"] for e in events] == ["stage", "epoch", "epoch", "epoch", "stage", "progress"]
+    assert "{not json" in job.parser.tail  # the last line too
+    failed = jobs.SlicerJob.__new__(jobs.SlicerJob)
+    jobs.Job.__init__(failed, ["/no/such/PythonSlicer", "-m", "ALSegLib"], on_done=lambda code, err: done.append(err))
+    failed.process = failed._qprocess({})
+    assert not failed.running and "could not be started" in done[-1] and "/no/such/PythonSlicer" in done[-1]
 
 
 def test_a_failed_job_shows_the_engines_error_text():

@@ -502,3 +502,63 @@ def test_the_models_table_has_column_headers(tiny, run_cli):
     header, *rows = out.splitlines()
     assert code == 0 and header.split() == ["model", "mode", "status", "config", "epochs", "labeled", "val", "Dice"]
     assert any(row.split()[:3] == ["pretrain", "pretrain", "done"] for row in rows)
+
+
+def test_a_model_applied_to_any_image_and_exported_for_nnunets_own_predictor(tiny, tmp_path, run_cli):
+    """`alseg apply` predicts an image that is not a case and gives what
+    `alseg predict` gives for the same image; `alseg export-model` writes an nnU-Net results folder that
+    nnunetv2's own predictor (what nnUNetv2_predict and SlicerNNUNet run) loads and predicts the same with."""
+    import shutil
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    project, model = tiny["project"], tiny["pretrain"]["name"]
+    case = project.cases()[0]
+    from ALSegLib.volumes import image_extension
+
+    image = tmp_path / f"scan{image_extension(project.image_path(case))}"
+    shutil.copy(project.image_path(case), image)
+    out = tmp_path / "scan-label.nii.gz"
+    code, stdout, err = run_cli("apply", project.root, "--model", model, "--image", image, "--out", out, "--device", "cpu")
+    assert code == 0 and str(out.resolve()) in stdout, err
+    applied = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    predict(project, model, [case], probabilities=False, device="cpu")
+    assert np.array_equal(applied, sitk.GetArrayFromImage(project.read_label(case, "predicted")))
+    assert applied.any()
+    # bad input: exit 2, named, nothing written
+    assert run_cli("apply", project.root, "--model", model, "--image", image, "--out", out)[0] == 2  # exists
+    code, _, err = run_cli("apply", project.root, "--model", model, "--image", tmp_path / "none.nii.gz", "--out",
+                           tmp_path / "x.nii.gz")
+    assert code == 2 and "none.nii.gz" in err and not (tmp_path / "x.nii.gz").exists()
+    code, _, err = run_cli("apply", project.root, "--model", model, "--image", image, "--out", project.root / "x.nii.gz")
+    assert code == 2 and "inside the project" in err
+    assert run_cli("apply", project.root, "--model", "nosuch", "--image", image, "--out", tmp_path / "y.nii.gz")[0] == 2
+    seg_out = tmp_path / "scan.seg.nrrd"  # Slicer's segmentation file, with the project's names
+    assert run_cli("apply", project.root, "--model", model, "--image", image, "--out", seg_out, "--json")[0] == 0
+    assert "Segment0_Name:=organ" in seg_out.read_bytes()[:4000].decode("latin-1")
+
+    export = tmp_path / "export"
+    code, stdout, _ = run_cli("export-model", project.root, "--model", model, "--to", export, "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    folder = export / json.loads(stdout)["folder"].split(str(export.resolve()) + "/")[1]
+    assert folder.parent.name.startswith("Dataset") and folder.name == f"nnUNetTrainer__{PLANS}__3d_fullres"
+    assert {p.name for p in folder.iterdir()} == {"dataset.json", "plans.json", "fold_0", "alseg_model.json"}
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    load_checkpoint_safely(checkpoint)  # plain tensors and containers: loads with weights_only=True
+    theirs = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"),
+                             perform_everything_on_device=False, allow_tqdm=False)
+    theirs.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    img = sitk.ReadImage(str(image))
+    seg = theirs.predict_single_npy_array(sitk.GetArrayFromImage(img).astype(np.float32)[None],
+                                          {"spacing": list(img.GetSpacing())[::-1]}, None, None, False)
+    values = np.array(json.loads((folder / "alseg_model.json").read_text())["label_values"])
+    assert np.array_equal(values[np.asarray(seg)], applied)
+    assert result["trainer"] == "nnUNetTrainer" and result["fold"] == 0
+    # again: refused without --force, replaced with it; a non-empty foreign folder is refused
+    assert run_cli("export-model", project.root, "--model", model, "--to", export)[0] == 2
+    assert run_cli("export-model", project.root, "--model", model, "--to", export, "--force")[0] == 0
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert run_cli("export-model", project.root, "--model", model, "--to", tmp_path / "busy")[0] == 2
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]

@@ -1,6 +1,7 @@
 """The Slicer module's glue (ALSeg/ALSegSlicer) on Slicer's real MRML core (slicer-core, no Qt)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -162,6 +163,131 @@ def test_volumes_in_the_scene_become_project_cases(tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(oblique_image()))
 
 
+def test_case_ids_come_from_node_names_as_from_file_names(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    project = Project.create(tmp_path / "p", TABLE, "CT")
+    dicom = glue.volume_node_from_image(scene, oblique_image(), "3: CT chest")  # as Slicer's DICOM module names them
+    other = glue.volume_node_from_image(scene, oblique_image(), "CT/abdomen (2)")
+    assert glue.add_volume_nodes(project, [dicom, other]) == ["3__CT_chest", "CT_abdomen__2_"]
+    same = glue.volume_node_from_image(scene, oblique_image(), "3: CT?chest")
+    fresh = glue.volume_node_from_image(scene, oblique_image(), "fresh")
+    with pytest.raises(InputError, match="'3: CT\\?chest'.*3__CT_chest"):
+        glue.add_volume_nodes(project, [fresh, same])  # clashes with a case already there: nothing is added
+    assert project.cases() == ["3__CT_chest", "CT_abdomen__2_"]
+    twins = [glue.volume_node_from_image(scene, oblique_image(), n) for n in ("a b", "a:b")]
+    with pytest.raises(InputError, match="'a:b'.*as volume 'a b' does"):
+        glue.add_volume_nodes(project, twins)
+    assert project.cases() == ["3__CT_chest", "CT_abdomen__2_"]
+
+
+def _pseudo_without_lesion(project):
+    for case in project.cases():
+        ref = project.read_label(case, "reference")
+        arr = sitk.GetArrayFromImage(ref)
+        arr[arr == 3] = 0
+        project.write_label(case, "pseudo", _like(ref, arr), source="test")
+
+
+def test_accept_records_the_reviewers_effort_and_the_round_report_sums_it(project):
+    from ALSegLib import report, rounds
+
+    _pseudo_without_lesion(project)
+    record = select_cases(project, 2, "random", seed=3)
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene)
+    first = session.open_next()
+    reference = sitk.GetArrayFromImage(project.read_label(first.case, "reference"))
+    proposal = sitk.GetArrayFromImage(project.read_label(first.case, "pseudo"))
+    paint(scene, first.segmentation, first.volume, "lesion", reference == 3)
+    version, second = session.accept_and_next()
+    effort = project.provenance(first.case, "human", version)["effort"]
+    assert effort["voxels_changed"] == int(np.count_nonzero(proposal != reference)) > 0
+    lesion_free = [v for v in (1, 2) if (proposal == v).any() or (reference == v).any()]
+    assert effort["dice_to_proposal"] == pytest.approx(np.mean([1.0] * len(lesion_free) + [0.0]), abs=1e-4)
+    assert effort["unchanged"] is False and effort["seconds"] >= 0 and effort["started_empty"] is False
+    session.accept()  # the second one as proposed
+    effort2 = project.provenance(second.case, "human", 1)["effort"]
+    assert effort2 == {**effort2, "voxels_changed": 0, "unchanged": True, "dice_to_proposal": 1.0}
+    summary = rounds.review_effort(project, record["round"])
+    assert (summary["accepted"], summary["unchanged"]) == (2, 1)
+    assert summary["mean_dice_to_proposal"] == pytest.approx((effort["dice_to_proposal"] + 1.0) / 2, abs=1e-4)
+    assert rounds.review_effort(project, record["round"] + 1)["accepted"] == 0
+    assert "1/2 accepted unchanged" in rounds.effort_text(summary)
+    paths = report.write_round_report(project, rounds.read_round(project, record["round"]))
+    text = (project.root / paths["markdown"]).read_text()
+    assert "Annotation effort" in text and "1/2 accepted unchanged" in text and first.case in text
+    stored = json.loads((project.root / paths["json"]).read_text())["effort"]
+    assert (stored["accepted"], stored["unchanged"]) == (2, 1)
+
+
+def test_revert_throws_the_edits_away_and_keeps_every_stored_label(project):
+    _pseudo_without_lesion(project)
+    select_cases(project, 1, "random", seed=0)
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene)
+    opened = session.open_next()
+    proposal = sitk.GetArrayFromImage(project.read_label(opened.case, "pseudo"))
+    paint(scene, opened.segmentation, opened.volume, "organ", np.zeros(proposal.shape, bool))
+    old = opened.segmentation
+    reverted = session.revert()
+    assert old.GetScene() is None and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    label = glue.label_from_segmentation(scene, reverted.segmentation, reverted.volume, project.labels)
+    assert np.array_equal(sitk.GetArrayFromImage(label), proposal) and reverted.started_from == "pseudo"
+    # a case opened from a human version reverts to its machine label; the human version stays
+    session.accept()
+    again = session.open(opened.case)
+    assert again.started_from == "human v0001"
+    assert session.revert().started_from == "pseudo" and project.human_versions(opened.case) == [1]
+    bare = Project.create(project.root.parent / "bare", project.labels, "CT")
+    bare.add_cases([project.image_path(opened.case)])
+    lonely = ReviewSession(bare, scene)
+    lonely.open(bare.cases()[0])
+    with pytest.raises(InputError, match="no machine label"):
+        lonely.revert()
+
+
+def test_the_next_case_is_read_ahead_and_read_again_when_its_files_changed(project):
+    _pseudo_without_lesion(project)
+    queued = [q["case"] for q in select_cases(project, 3, "random", seed=2)["queue"]]
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene)
+    session.open_next()
+    state, future = session._ahead
+    assert state[0] == queued[1]
+    files = future.result(timeout=60)
+    assert files.started_from == "pseudo" and np.array_equal(files.voxels,
+                                                             sitk.GetArrayFromImage(project.read_image(queued[1])))
+    session.accept()
+    second = session.open_next()  # from the read-ahead
+    assert second.case == queued[1]
+    assert np.array_equal(second.proposal, sitk.GetArrayFromImage(project.read_label(queued[1], "pseudo")))
+    # the third case's pseudo-label is replaced after it was read ahead: the open reads the new one
+    session._ahead[1].result(timeout=60)
+    ref = project.read_label(queued[2], "reference")
+    project.write_label(queued[2], "pseudo", ref, source="a newer model")
+    session.accept()
+    third = session.open_next()
+    assert np.array_equal(third.proposal, sitk.GetArrayFromImage(ref))
+
+
+def test_a_closed_scene_forgets_the_open_case(project):
+    _pseudo_without_lesion(project)
+    select_cases(project, 2, "random", seed=0)
+    scene = slicer.vtkMRMLScene()
+    from ALSegSlicer.facade import Session
+
+    session = Session(scene)
+    session.open(project.root)
+    first = session.open_next()
+    scene.Clear(0)  # File > Close Scene: every node is gone
+    session.scene_closed()
+    assert session.current_case() is None
+    with pytest.raises(InputError, match="no case is open"):
+        session.revert()
+    reopened = session.open_next()  # opens on the new scene, touching none of the removed nodes
+    assert reopened.case == first.case and reopened.volume.GetScene() is scene
+
+
 def test_review_opens_the_queue_in_order_and_accept_stores_new_human_versions(project):
     for case in project.cases():  # pseudo-labels: the reference with the lesion removed
         arr = sitk.GetArrayFromImage(project.read_label(case, "reference"))
@@ -255,6 +381,45 @@ def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phant
         session.add_prompt(case, "spleen", points=points)
 
 
+def test_pseudo_label_this_case_now_runs_litemedsam_on_the_stored_prompt(tmp_path, phantom_dir):
+    """The panel's "Pseudo-label this case now": a box placed as a markups ROI, stored, then the real
+    `alseg pseudolabel` (built-in LiteMedSAM weights) as a background job on that case alone; the result
+    opens as the case's segmentation to correct."""
+    from ALSegLib import metrics
+    from ALSegSlicer import jobs
+    from ALSegSlicer.facade import Session
+
+    scene = slicer.vtkMRMLScene()
+    session = Session(scene)
+    project = session.create(tmp_path / "p", "organ=1,vessel=2,lesion=3", "CT")
+    cases = session.add_files([phantom_dir / "images"], reference_dir=phantom_dir / "labels")
+    case = cases[0]
+    with pytest.raises(InputError, match="no stored prompt"):
+        session.pseudolabel_case_args(case)
+    reference = sitk.GetArrayFromImage(project.read_label(case, "reference"))
+    organ = np.isin(reference, (1, 3))
+    k = int(np.argmax(organ.sum(axis=(1, 2))))
+    rows, cols = np.flatnonzero(organ[k].any(1)), np.flatnonzero(organ[k].any(0))
+    volume = glue.volume_node_from_image(scene, project.read_image(case), case)
+    m = glue.node_ijk_to_ras(volume)
+    corners = [(m @ np.array([i, j, k, 1.0]))[:3] for i, j in ((cols[0], rows[0]), (cols[-1], rows[-1]))]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenterWorld(*((corners[0] + corners[1]) / 2))
+    sx, sy, _ = np.abs(corners[1] - corners[0])
+    roi.SetSizeWorld(float(sx), float(sy), 0.0)  # a box on slice k
+    session.add_prompt(case, "organ", roi=roi)
+    args = session.pseudolabel_case_args(case, device="cpu")
+    assert args[:4] == ["pseudolabel", str(project.root), "--source", "sam"] and args[args.index("--case") + 1] == case
+    job = jobs.start(*args, python=sys.executable)
+    assert job.wait(timeout=600) == 0, job.error
+    assert project.label_path(case, "pseudo") is not None and project.label_path(cases[1], "pseudo") is None
+    opened = session.open_case(case, start_with="pseudo")
+    assert opened.started_from == "pseudo"
+    got = glue.label_from_segmentation(scene, opened.segmentation, opened.volume, project.labels)
+    dice = metrics.binary_metrics(sitk.GetArrayFromImage(got) == 1, organ, (1, 1, 1))["dice"]
+    assert dice > 0.5, dice
+
+
 def vtk_point(p):
     import vtk
 
@@ -333,6 +498,24 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     entropy = glue.voxels(overlay)
     assert entropy.shape == glue.voxels(opened.volume).shape and 0 <= entropy.min() and entropy.max() <= 1 and entropy.max() > 0
     np.testing.assert_allclose(glue.node_ijk_to_ras(overlay), glue.node_ijk_to_ras(opened.volume), atol=1e-6)
+    # toggled again: the same node (not one more per toggle), on a heat colormap from 0 to 1
+    assert session.review.uncertainty_volume() is overlay and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 7
+    assert overlay.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
+    # the training chart: the pretraining's epochs from the job's own events, in MRML table and plot nodes
+    from ALSegSlicer.charts import TrainingCurves
+
+    curves = TrainingCurves()
+    for event in seen:
+        curves.feed(event)
+    epochs = [e for e in seen if e["event"] == "epoch"]
+    assert epochs and len(curves.current.rows) == len(epochs)
+    view = curves.update_nodes(scene)
+    table = scene.GetFirstNodeByName("ALSeg training")
+    assert table.GetNumberOfRows() == len(curves.current.rows)
+    assert table.GetTable().GetValue(0, 1).ToDouble() == pytest.approx(epochs[0]["train_loss"])
+    assert view.GetPlotChartNode().GetNumberOfPlotSeriesNodes() == 3
+    curves.update_nodes(scene)  # again: the same nodes
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
     paint(scene, opened.segmentation, opened.volume, "lesion", np.ones(sitk.GetArrayFromImage(labels[case]).shape, bool))
     version, nxt = session.accept_and_next()
     assert version == 1 and nxt is None
@@ -347,3 +530,19 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     assert header[:4] == ["round", "model", "annotated", "mean Dice"] and [r[0] for r in rows] == ["pseudo-only", "1"]
     assert session.learning_curve_png() is not None
     assert session.latest_report() == project.root / "rounds" / "0001" / "report.html"
+    assert "0/1 accepted unchanged" in session.effort_text()
+    # a model on a volume in the scene (a background job): the label, as a segmentation on the volume, is the
+    # prediction the round stored for that case with the same model (the pool's: the pretrained one)
+    model = project.provenance("scan0", "predicted")["produced_by"]["model"]
+    assert session.latest_model() != model  # the round's fine-tuned model finished later: that one is exported
+    args, out = session.apply_model_args(nodes[0], model, device="cpu")
+    job = jobs.start(*args, python=sys.executable)
+    assert job.wait(timeout=300) == 0, job.error
+    applied = session.load_applied(out, nodes[0], model)
+    assert applied.GetSegmentation().GetNumberOfSegments() == 3
+    predicted = sitk.GetArrayFromImage(project.read_label("scan0", "predicted"))
+    assert np.array_equal(sitk.GetArrayFromImage(glue.label_from_segmentation(scene, applied, nodes[0], project.labels)),
+                          predicted)
+    job = jobs.start(*session.export_model_args(tmp_path / "export"), python=sys.executable)
+    assert job.wait(timeout=300) == 0, job.error
+    assert list((tmp_path / "export").glob("Dataset*/nnUNetTrainer__*__3d_fullres/fold_0/checkpoint_final.pth"))

