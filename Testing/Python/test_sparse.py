@@ -154,3 +154,84 @@ def test_a_training_through_the_ignore_label_takes_no_loss_from_ignored_voxels(p
     annotated = logits.clone()
     annotated[:, :, patch[0] // 2:] += torch.randn_like(annotated[:, :, patch[0] // 2:]) * 10
     assert abs(float(loss(annotated, target)) - base) > 1e-3
+
+
+# --- slice-level selection -----------------------------------------------------------------------
+
+def _store_probabilities(project, model, rng, drop: tuple[int, ...] = ()):
+    """Class probabilities for every case as the prediction pass stores them (float16 npz): the
+    reference (less the values ``drop``) made soft, with a random share of slices made uncertain
+    (test data)."""
+    from ALSegLib import atomic
+    from ALSegLib.store.predictions import probabilities_path
+
+    values = [0, *project.labels.values]
+    for case in project.cases():
+        ref = sitk.GetArrayFromImage(project.read_label(case, "reference"))
+        ref[np.isin(ref, drop)] = 0
+        probs = np.stack([(ref == v).astype(np.float32) for v in values]) * 0.9 + 0.1 / len(values)
+        noisy = rng.random(ref.shape[0]) < (0.0 if drop else 0.3)
+        probs[:, noisy] = rng.dirichlet(np.ones(len(values)), size=(int(noisy.sum()), *ref.shape[1:])).transpose(3, 0, 1, 2)
+        path = probabilities_path(project, model, case)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import io
+
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, probabilities=probs.astype(np.float16), class_values=np.array(values, np.int32))
+        atomic.write_bytes(path, buffer.getvalue())
+
+
+def test_slice_strategies_are_deterministic_and_never_propose_annotated_or_waiting_slices(project):
+    from ALSegLib import rounds
+    from ALSegLib.selection.slices import score_units, select_slices
+
+    _store_probabilities(project, "m", np.random.default_rng(0))
+    cases = project.cases()
+    whole, sparse_case = cases[0], cases[1]
+    project.add_human_label(whole, project.read_label(whole, "reference"))
+    project.add_human_label(sparse_case, project.read_label(sparse_case, "reference"), annotated=SliceSet.of(0, [3, 4]))
+    # a queued unit waiting for review: slices 7 and 8 of case 2
+    record = rounds.new_round(1)
+    record["queue"] = [{"rank": 1, "case": cases[2], "axis": 0, "slices": [7, 8], "score": 0.5, "reason": "test"}]
+    with project.lock("test queue"):
+        rounds.write_round(project, record)
+    scored = score_units(project, "m", cases)
+    free = {(u.case, u.start) for u in scored.units}
+    assert not any(c == whole for c, _ in free)
+    assert (sparse_case, 3) not in free and (sparse_case, 4) not in free and (sparse_case, 5) in free
+    assert (cases[2], 7) not in free and (cases[2], 8) not in free and (cases[2], 6) in free
+    total = sum(1 for _ in scored.units)
+    for strategy in ("random", "random-fg", "uncertainty", "hybrid"):
+        a = select_slices(scored, 9, strategy, seed=4, labels={1: "organ", 2: "vessel", 3: "lesion"})
+        b = select_slices(scored, 9, strategy, seed=4, labels={1: "organ", 2: "vessel", 3: "lesion"})
+        assert a == b and len(a) == 9 and len({(p["case"], p["slices"][0]) for p in a}) == 9
+        assert all((p["case"], p["slices"][0]) in free for p in a)
+        assert all(p["case"] in p["reason"] and "focused entropy" in p["reason"] for p in a)
+    assert select_slices(scored, 9, "random", seed=4) != select_slices(scored, 9, "random", seed=5)
+    # uncertainty: exactly the nine highest focused entropies
+    picked = {(p["case"], p["slices"][0]) for p in select_slices(scored, 9, "uncertainty")}
+    top = {(scored.units[i].case, scored.units[i].start) for i in np.argsort(-scored.entropy, kind="stable")[:9]}
+    assert picked == top
+    # a percentage of the free slices (rounded half up, as the case budget is)
+    assert len(select_slices(scored, "10%", "random")) == int(np.floor(0.1 * total + 0.5))
+    with pytest.raises(InputError, match="slice-level strategies"):
+        select_slices(scored, 3, "coreset")
+
+
+def test_random_fg_draws_two_thirds_from_predicted_foreground(project):
+    from ALSegLib.selection.slices import score_units, select_slices
+
+    _store_probabilities(project, "m", np.random.default_rng(1), drop=(2,))  # no vessel: it runs through every slice
+    scored = score_units(project, "m", project.cases())
+    share = float(scored.foreground.mean())
+    assert 0.2 < share < 0.8, share  # the organ and the lesion cover some of the slices
+    by_unit = {(u.case, u.start): bool(f) for u, f in zip(scored.units, scored.foreground, strict=True)}
+    for seed in range(5):
+        picks = select_slices(scored, 12, "random-fg", seed=seed)
+        fg_draws = [p for p in picks if "where the model predicts foreground" in p["reason"]]
+        assert len(fg_draws) == 8 and all(by_unit[(p["case"], p["slices"][0])] for p in fg_draws)  # 2/3 of 12
+        assert sum(by_unit[(p["case"], p["slices"][0])] for p in picks) >= 8  # the 4 others at random
+    slabs = score_units(project, "m", project.cases(), slab=3)
+    assert all(u.size == 3 and u.start % 3 == 0 for u in slabs.units)
+    assert all(len(p["slices"]) == 3 for p in select_slices(slabs, 9, "hybrid"))  # 9 slices: 3 slabs
+    assert len(select_slices(slabs, 9, "hybrid")) == 3
