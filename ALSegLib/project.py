@@ -23,12 +23,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import atomic, volumes
 from ._version import __version__
 from .errors import InputError
 from .progress import track
+from .store import sparse
 from .store.events import EventLog
 from .store.files import now_iso, read_json_object, sha256_file, user_name
 from .store.ids import check_case_id, derive_case_id, expand_sources, label_index
@@ -488,32 +490,69 @@ class Project:
 
     def add_human_label(
         self, case: str, label: sitk.Image | str | Path, *, author: str | None = None,
-        source: str = "human", produced_by: Mapping | None = None, **extra,
+        source: str = "human", produced_by: Mapping | None = None, annotated=None, **extra,
     ) -> int:
         """Store a human label as the next version (``v0001``, ``v0002``, …); never overwrites.
 
         ``source`` is ``human`` (edited by a person), ``human-import`` (a manual
         label brought from elsewhere) or ``simulated`` (the oracle experiment).
-        Returns the new version number.
+        ``annotated``: a sparse version covering only these slices (a
+        :class:`~.store.sparse.SliceSet`) or this mask (an image on the label's grid);
+        the label is kept inside it only, the mask is stored beside the version and the
+        slices in its provenance (:mod:`.store.sparse`). Returns the new version number.
         """
         if source not in HUMAN_SOURCES:
             raise InputError("source", f"human labels come from {', '.join(HUMAN_SOURCES)}, not {source!r}")
         label = self._validated(case, label)
+        mask = None
+        if annotated is not None:
+            mask = sparse.mask_array(annotated, label, f"annotated region of the label for case {case!r}")
+            kept = sitk.GetImageFromArray(np.where(mask, sitk.GetArrayViewFromImage(label), 0).astype(
+                sitk.GetArrayViewFromImage(label).dtype))
+            kept.CopyInformation(label)
+            label = kept
         with self.lock("accept human label"):
             versions = self.human_versions(case)
             version = (versions[-1] if versions else 0) + 1
             final = self._label_file(case, "human", version)
-            volumes.write_image(label, final, exclusive=True)
+            mask_file = self.layout.human_version_mask(case, version)
+            if mask_file.exists():  # a mask whose version's label never got written (a crash in between)
+                mask_file.unlink()
+            written = []
             try:
+                if mask is not None:  # the mask first: a version's label never exists without its mask
+                    mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
+                    mask_image.CopyInformation(label)
+                    volumes.write_image(mask_image, mask_file, exclusive=True)
+                    written.append(mask_file)
+                    extra = {**extra, "annotated": {**sparse.annotation_record(mask), "mask_file": mask_file.name,
+                                                    "mask_sha256": sha256_file(mask_file)}}
+                volumes.write_image(label, final, exclusive=True)
+                written.append(final)
                 prov = self._provenance(case, "human", source, produced_by or {}, label, final,
                                         version=version, author=author or user_name(), **extra)
                 atomic.write_json(final.with_suffix(".json"), prov, exclusive=True)
-                self.log_event("human_label_added", case=case, version=version, source=source, author=prov["author"])
+                self.log_event("human_label_added", case=case, version=version, source=source, author=prov["author"],
+                               **({"sparse_voxels": int(mask.sum())} if mask is not None else {}))
             except atomic.StorageError as exc:  # disk full after the label itself fit: take back this version
                 final.with_suffix(".json").unlink(missing_ok=True)
-                final.unlink()
+                for path in reversed(written):
+                    path.unlink(missing_ok=True)
                 raise atomic.storage_error(OSError(exc.errno, ""), exc.where, "the label was not stored") from None
         return version
+
+    def annotation_mask(self, case: str, version: int | None = None) -> np.ndarray | None:
+        """The annotated mask (bool, k, j, i) of a sparse human version (default: the latest), or
+        None for a whole-case version."""
+        self._require_case(case)
+        versions = self.human_versions(case)
+        if not versions:
+            raise InputError(f"case {case!r}", "has no human label")
+        version = versions[-1] if version is None else version
+        path = self.layout.human_version_mask(case, version)
+        if not path.is_file():
+            return None
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
 
     def import_labels(
         self, files: Sequence[str | Path], kind: str, *, source: str = "import", author: str | None = None,

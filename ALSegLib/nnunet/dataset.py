@@ -82,8 +82,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+SPARSE_FILLS = ("ignore", "pseudo")
+
+
 def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: bool = False,
-                   exclude: Sequence[str] = ()) -> Dataset:
+                   exclude: Sequence[str] = (), sparse_fill: str = "ignore") -> Dataset:
     """Write ``nnunet/raw/Dataset###_<tag>`` for ``policy``; returns it.
 
     With ``pool_as_ignore`` (semi-supervised training) the unlabeled cases are
@@ -91,8 +94,13 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
     so that nnU-Net preprocesses their images like the labeled ones; they never
     contribute a supervised loss. An export is a snapshot: exporting the same
     tag again returns the existing one. ``exclude``: cases left out entirely, neither
-    labeled nor unlabeled (held-out test cases).
+    labeled nor unlabeled (held-out test cases). A sparse human version (only some slices
+    annotated, :mod:`..store.sparse`) is exported with nnU-Net's ``ignore`` label on its
+    unannotated voxels (no loss comes from them; prediction stays dense), or, with
+    ``sparse_fill="pseudo"``, with the case's pseudo-label there (ignore where it has none).
     """
+    if sparse_fill not in SPARSE_FILLS:
+        raise InputError("sparse fill", f"must be one of {', '.join(SPARSE_FILLS)}, not {sparse_fill!r}")
     if policy not in POLICIES:
         raise InputError("--policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}")
     check_case_id(tag)
@@ -144,10 +152,15 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
             blank = sitk.Image(geometry.size, sitk.sitkUInt8 if ignore < 256 else sitk.sitkUInt16)
             geometry.apply(blank)
             sitk.WriteImage(blank + ignore, str(tmp / "labelsTr" / f"{case}{STORE_EXT}"), True)
+        sparse_cases: dict[str, dict] = {}
         for case, (kind, version) in chosen.items():
             _link_or_copy(project.image_path(case), tmp / "imagesTr" / f"{case}_0000{STORE_EXT}")
             label_file = project.label_path(case, kind, version)
-            if consecutive:
+            mask = project.annotation_mask(case, version) if kind == "human" else None
+            if mask is not None:
+                sparse_cases[case] = _write_sparse(project, case, label_file, mask, lut, ignore, sparse_fill,
+                                                   tmp / "labelsTr" / f"{case}{STORE_EXT}")
+            elif consecutive:
                 _link_or_copy(label_file, tmp / "labelsTr" / f"{case}{STORE_EXT}")
             else:
                 label = sitk.ReadImage(str(label_file))
@@ -159,7 +172,8 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
         dataset_json = {
             "channel_names": {"0": "CT" if project.modality == "CT" else "MRI"},  # CT -> CT normalisation, else z-score
             "labels": {"background": 0, **{by_value[v]: i for i, v in enumerate(ordered, start=1)},
-                       **({"ignore": ignore} if pool_as_ignore else {})},
+                       **({"ignore": ignore} if pool_as_ignore or any(v["ignored_voxels"] for v in sparse_cases.values())
+                          else {})},
             "numTraining": len(chosen) + (len(pool) if pool_as_ignore else 0),
             "file_ending": STORE_EXT,
             "name": tag,
@@ -176,9 +190,31 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
         meta = {
             "policy": policy, "cases": sorted(chosen), "pool": pool, "pool_as_ignore": pool_as_ignore,
             "sources": sources, "values": ordered, "project": project.name, "excluded": sorted(excluded),
+            "sparse": sparse_cases, "sparse_fill": sparse_fill, "ignore_value": ignore,
         }
         atomic.write_json(tmp / ALSEG_META, meta)
         os.replace(tmp, raw / name)
         atomic.fsync_path(raw)
         project.log_event("nnunet_dataset_exported", dataset=name, policy=policy, cases=len(chosen), pool=len(meta["pool"]))
     return Dataset.load(raw / name)
+
+
+def _write_sparse(project: Project, case: str, label_file, mask: np.ndarray, lut: np.ndarray, ignore: int,
+                  fill: str, out) -> dict:
+    """A sparse human version as nnU-Net's label map: the annotated voxels in nnU-Net's indices, the
+    rest ``ignore`` (or the pseudo-label's indices with ``fill="pseudo"`` where the case has one)."""
+    label = sitk.ReadImage(str(label_file))
+    values = sitk.GetArrayFromImage(label)
+    dtype = np.uint8 if ignore < 256 else np.uint16
+    out_arr = np.full(values.shape, ignore, dtype)
+    out_arr[mask] = lut[values[mask]]
+    filled = 0
+    if fill == "pseudo" and project.label_path(case, "pseudo") is not None:
+        pseudo = sitk.GetArrayFromImage(project.read_label(case, "pseudo"))
+        out_arr[~mask] = lut[pseudo[~mask]]
+        filled = int((~mask).sum())
+    image = sitk.GetImageFromArray(out_arr)
+    image.CopyInformation(label)
+    sitk.WriteImage(image, str(out), True)
+    return {"annotated_voxels": int(mask.sum()), "ignored_voxels": int((~mask).sum()) - filled,
+            "pseudo_filled_voxels": filled}

@@ -25,7 +25,7 @@ from ..store.locks import exclusive_run
 from ..store.models import list_models, model_dir, read_model  # noqa: F401 (importable from here too)
 from ..store.models import write_model as _write_record
 from . import estimate as est
-from .dataset import Dataset, export_dataset, find_dataset
+from .dataset import SPARSE_FILLS, Dataset, export_dataset, find_dataset
 from .env import folders, nnunet_environment, resolve_device, scratch_environment
 from .modes import MODES, TrainingMode, check_budget, check_minutes, default_budget
 from .plan import PLANS, plan, preprocess, project_plans
@@ -63,7 +63,8 @@ def sample_repeats(sources: dict[str, str], pseudo_share: float) -> dict[str, in
     return {c: repeats for c in human}
 
 
-def _dataset_for(project: Project, mode: TrainingMode, name: str, exclude: Sequence[str], policy: str) -> Dataset:
+def _dataset_for(project: Project, mode: TrainingMode, name: str, exclude: Sequence[str], policy: str,
+                 sparse_fill: str = "ignore") -> Dataset:
     """The model's dataset: its own snapshot; a model on pseudo-labels alone (pretraining) may
     take over the pseudo-labeled planning dataset (already preprocessed) if no other model uses
     it and no case is to be left out."""
@@ -85,7 +86,8 @@ def _dataset_for(project: Project, mode: TrainingMode, name: str, exclude: Seque
                 if holder is None:
                     atomic.write_bytes(claim, name.encode())
                 return Dataset.load(folder)
-    return export_dataset(project, policy, name, pool_as_ignore=mode.pool_as_ignore, exclude=exclude)
+    return export_dataset(project, policy, name, pool_as_ignore=mode.pool_as_ignore, exclude=exclude,
+                          sparse_fill=sparse_fill)
 
 
 def train(
@@ -106,6 +108,7 @@ def train(
     pseudo_share: float = 0.0,
     seed: int | None = None,
     minutes: float | None = None,
+    sparse_fill: str = "ignore",
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -122,12 +125,16 @@ def train(
     ``minutes``: choose the epochs (or, with ``epochs`` given, the iterations) that fit this many
     minutes on this machine, from a probe of a few real iterations (:mod:`.estimate`); explicit
     ``epochs`` and ``iterations`` both given win. Every training's estimate is in its record.
+    ``sparse_fill``: what a sparse human version's unannotated voxels train as: nnU-Net's ``ignore``
+    label (no loss from them), or ``pseudo``: the case's pseudo-label there.
     """
     started = time.perf_counter()
     m = training_mode(mode)
     check_budget(epochs=epochs, iterations=iterations, val_iterations=val_iterations,  # before anything is written
                  batch_size=batch_size)
     check_minutes(minutes)
+    if sparse_fill not in SPARSE_FILLS:
+        raise InputError("sparse fill", f"must be one of {', '.join(SPARSE_FILLS)}, not {sparse_fill!r}")
     est.check_memory_limit()
     name = check_case_id(name or mode)
     dev = resolve_device(device)
@@ -161,7 +168,7 @@ def train(
         cls = m.trainer_class()
         if sample_bytes is None:  # planned just now: checked before the model's dataset is written
             sample_bytes = _check_memory(project, configuration, batch_size, dev, name, factor)
-        dataset = _model_dataset(project, m, name, previous, exclude, policy)
+        dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill)
         preprocess(project, dataset, configuration, hold_out=hold_out)
         probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
         shape = _job_shape(project, m, dataset, configuration, validate, filtermatch, probe)
@@ -173,7 +180,7 @@ def train(
             "labeled_cases": len(dataset.cases), "label_sources": dataset.sources, "configuration": configuration,
             "plans": PLANS, "trainer": cls.__name__, "init_from": init, "started": now_iso(), "resumed_at_epochs": [],
             "excluded_cases": sorted(dataset.excluded), "plans_digest": plans_record.get("plans_digest"),
-            "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed,
+            "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed, "sparse_fill": sparse_fill,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
         }
         if record.get("estimate") and previous is not None:  # a resumed run: each run's estimate and actual time kept
@@ -467,10 +474,10 @@ def _resolve_init(project: Project, mode: TrainingMode, init_from: str | None) -
 
 
 def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: dict | None, exclude: list[str],
-                   policy: str) -> Dataset:
+                   policy: str, sparse_fill: str = "ignore") -> Dataset:
     if previous is not None:
         return Dataset.load(folders(project.root).raw / previous["dataset"])
-    dataset = _dataset_for(project, mode, name, exclude, policy)
+    dataset = _dataset_for(project, mode, name, exclude, policy, sparse_fill)
     if sorted(dataset.excluded) != exclude:
         raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
                                             "choose another --name")

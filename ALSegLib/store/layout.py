@@ -115,6 +115,12 @@ class Layout:
     def human_version(self, case: str, version: int) -> Path:
         return self.inside(self.human_versions(case) / f"v{version:04d}{STORE_EXT}")
 
+    def human_version_mask(self, case: str, version: int) -> Path:
+        """A sparse human version's annotated mask, beside it (``v0003.annotated.nrrd``)."""
+        from .sparse import MASK_SUFFIX
+
+        return self.inside(self.human_versions(case) / f"v{version:04d}{MASK_SUFFIX}{STORE_EXT}")
+
     # the loop's records
     @property
     def prompts(self) -> Path:
