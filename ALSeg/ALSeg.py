@@ -50,7 +50,7 @@ if str(engine_path()) not in sys.path:
 
 from ALSegSlicer import jobs  # noqa: E402
 from ALSegSlicer.charts import TrainingCurves  # noqa: E402
-from ALSegSlicer.facade import RoundOptions, Session  # noqa: E402 (imports with Slicer's own packages only)
+from ALSegSlicer.facade import RoundOptions, Session, discard_apply_files  # noqa: E402 (Slicer's own packages only)
 
 SHORTCUTS = {"accept": "Ctrl+Shift+A", "skip": "Ctrl+Shift+K", "positive": "Ctrl+Shift+P", "negative": "Ctrl+Shift+N",
              "box": "Ctrl+Shift+B"}
@@ -102,8 +102,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     :meth:`setup`); no engine work happens here: long work runs as background ``alseg`` jobs."""
 
     def __init__(self, parent=None, logic=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # everything setup() uses first: without a parent the base class calls setup() at once
         self.logic = logic
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -112,7 +111,9 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.plotWidget = None
         self.placeWidgets = {}
         self.shortcuts = []
-        self._uncertaintyThread = None
+        self._busy = False  # an accept, skip or open in progress: a repeated click or key waits for it
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,7 +154,11 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def addShortcut(self, keys, slot):
+        """A shortcut of the module (enabled while the module is shown: see enter/exit), never
+        auto-repeated: a held key must not accept the next case unreviewed."""
         shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+        shortcut.setAutoRepeat(False)
+        shortcut.setEnabled(False)
         shortcut.connect("activated()", slot)
         self.shortcuts.append(shortcut)
         return shortcut
@@ -170,8 +175,10 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
 
     def setupPromptPlacement(self):
-        """One place button each for positive points, negative points and the box, in the views;
-        a markups node is made for the prompt case and label when its selector is empty."""
+        """A button each for placing positive points, negative points and the box in the views; a
+        markups node is made for the prompt case and label when its selector is empty (the place
+        widget's own button is disabled without a node, so the buttons are ours and the place
+        widget, hidden, only switches Slicer's place mode)."""
         frame = self.ui.promptPlaceFrame.layout()
         for key, selector, cls, text in (
                 ("positive", self.ui.promptPointsSelector, "vtkMRMLMarkupsFiducialNode", "+ points"),
@@ -180,16 +187,17 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             place = slicer.qSlicerMarkupsPlaceWidget()
             place.setMRMLScene(slicer.mrmlScene)
             place.buttonsVisible = False
-            place.placeButton().show()
-            place.placeButton().text = f"Place {text}"
-            place.placeButton().toolTip = f"Place {text} in the slice views ({SHORTCUTS[key]})"
             place.placeMultipleMarkups = (slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup if key == "box"
                                           else slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups)
+            place.hide()
+            button = qt.QPushButton(f"Place {text}")
+            button.toolTip = f"Place {text} in the slice views ({SHORTCUTS[key]}); again to stop"
+            frame.addWidget(button)
             frame.addWidget(place)
             self.placeWidgets[key] = place
             selector.connect("currentNodeChanged(vtkMRMLNode*)", place.setCurrentNode)
-            place.placeButton().connect("clicked(bool)", lambda checked, k=key, s=selector, c=cls: self.onPlace(k, s, c))
-            self.addShortcut(SHORTCUTS[key], lambda k=key, s=selector, c=cls: self.onPlace(k, s, c, toggle=True))
+            button.connect("clicked(bool)", lambda checked, k=key, s=selector, c=cls: self.onPlace(k, s, c))
+            self.addShortcut(SHORTCUTS[key], lambda k=key, s=selector, c=cls: self.onPlace(k, s, c))
 
     def setupChart(self):
         self.plotWidget = slicer.qMRMLPlotWidget()
@@ -207,8 +215,12 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        for shortcut in self.shortcuts:  # the module's keys act only while its panel is shown
+            shortcut.setEnabled(True)
 
     def exit(self):
+        for shortcut in self.shortcuts:
+            shortcut.setEnabled(False)
         self.ui.segmentEditorWidget.setActiveEffect(None)
         self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
         if self._parameterNode:
@@ -246,11 +258,13 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCreateProject(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not create the project.", waitCursor=True):
+            self.clearEditor()  # the open case's nodes go with the old project
             self.logic.create(str(p.projectFolder), p.labels, p.modality)
             self.refresh()
 
     def onOpenProject(self):
         with slicer.util.tryWithErrorDisplay("Could not open the project.", waitCursor=True):
+            self.clearEditor()
             self.logic.open(str(self._parameterNode.projectFolder))
             self.refresh()
 
@@ -279,9 +293,9 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # prompts -----------------------------------------------------------------------------
 
-    def onPlace(self, key, selector, cls, toggle=False):
-        """Place markups for the prompt case and label: with no node chosen, a new one named for them
-        (the place button of a chosen node toggles placing by itself; the shortcut toggles it here)."""
+    def onPlace(self, key, selector, cls):
+        """Start (or stop) placing markups for the prompt case and label: the selector's node, or a
+        new one named for them."""
         with slicer.util.tryWithErrorDisplay("Could not start placing the prompt."):
             place = self.placeWidgets[key]
             node = selector.currentNode()
@@ -289,11 +303,8 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 case, label = self.ui.promptCaseComboBox.currentText, self.ui.promptLabelComboBox.currentText
                 node = slicer.mrmlScene.AddNewNodeByClass(cls, f"{case} {label} {key}")
                 selector.setCurrentNode(node)
-                place.setCurrentNode(node)
-                place.setPlaceModeEnabled(True)
-            elif toggle:
-                place.setCurrentNode(node)
-                place.setPlaceModeEnabled(not place.placeModeEnabled)
+            place.setCurrentNode(node)
+            place.setPlaceModeEnabled(not place.placeModeEnabled)
 
     def onAddPrompt(self):
         with slicer.util.tryWithErrorDisplay("Could not store the prompt.", waitCursor=True):
@@ -311,12 +322,23 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             case = self.ui.promptCaseComboBox.currentText
             p = self._parameterNode
             args = self.logic.pseudolabel_case_args(case, checkpoint=ALSegLogic.pathOrEmpty(p.checkpoint), device=p.device)
-            self.startJob(args, f"pseudo-labels of {case}", onSuccess=lambda: self.showCase(
-                self.logic.open_case(case, start_with="pseudo")))
+            self.startJob(args, f"pseudo-labels of {case}", onSuccess=lambda: self.showPseudolabel(case))
+
+    def showPseudolabel(self, case):
+        """A pseudo-label made just now: open it, unless the reviewer is editing another case and would
+        rather keep it (nothing of theirs is stored until they accept)."""
+        current = self.logic.current_case()
+        if current is not None and current.case != case and not slicer.util.confirmOkCancelDisplay(
+                f"The pseudo-label of {case} is ready. Open it now? The edits of {current.case} are not stored "
+                "unless you accept them first."):
+            slicer.util.showStatusMessage(f"The pseudo-label of {case} is stored; open the case to see it.", 5000)
+            return
+        self.clearEditor()
+        self.showCase(self.logic.open_case(case, start_with="pseudo"))
 
     # jobs --------------------------------------------------------------------------------
 
-    def startJob(self, args, what, onSuccess=None):
+    def startJob(self, args, what, onSuccess=None, onFailure=None):
         """Run ``alseg ARGS`` in the background: one job at a time, its log and chart in the panel."""
         if self.job is not None:
             raise RuntimeError(f"wait for the running job ({self.job.what}) or cancel it")
@@ -324,7 +346,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressLabel.text = f"{what}: starting..."
         self.ui.trainingLogEdit.appendPlainText(f"--- {what}: alseg {' '.join(map(str, args))}")
         self.job = jobs.start_in_slicer(*args, on_event=self.onJobEvent, on_line=self.onJobLine,
-                                        on_done=lambda code, error: self.onJobDone(code, error, onSuccess))
+                                        on_done=lambda code, error: self.onJobDone(code, error, onSuccess, onFailure))
         self.job.what = what
         self.ui.startButton.enabled = False
         self.ui.cancelButton.enabled = True
@@ -357,12 +379,14 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(int(100 * progress.fraction))
         self.ui.progressLabel.text = progress.text()
 
-    def onJobDone(self, returnCode, error, onSuccess=None):
+    def onJobDone(self, returnCode, error, onSuccess=None, onFailure=None):
         what = getattr(self.job, "what", "job")
         self.ui.startButton.enabled = True
         self.ui.cancelButton.enabled = False
         self.job = None
         if returnCode != 0:
+            if onFailure is not None:
+                onFailure()
             self.ui.progressLabel.text = f"{what}: cancelled" if error == "cancelled" else f"{what}: failed"
             if error != "cancelled":
                 slicer.util.errorDisplay(f"ALSeg: {what} failed.", detailedText=error)
@@ -383,8 +407,13 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start the prediction."):
             model = self.logic.latest_model()
             args, out = self.logic.apply_model_args(volume, model, device=self._parameterNode.device)
-            self.startJob(args, f"{model} on {volume.GetName()}",
-                          onSuccess=lambda: self.logic.load_applied(out, volume, model))
+            try:
+                self.startJob(args, f"{model} on {volume.GetName()}",
+                              onSuccess=lambda: self.logic.load_applied(out, volume, model),
+                              onFailure=lambda: discard_apply_files(out))
+            except Exception:
+                discard_apply_files(out)
+                raise
 
     def onExportModel(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "Export the model to an empty folder (SlicerNNUNet, nnU-Net)")
@@ -404,42 +433,84 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(None)
         editor.setSourceVolumeNode(None)
 
+    def reviewStep(self, message, step, waitCursor=True):
+        """One review action at a time: a second click or key while one runs is ignored (it would act
+        on the case the first one opened)."""
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+                step()
+        finally:
+            self._busy = False
+
+    def showFailed(self):
+        failed = self.logic.review.failed if self.logic.review is not None else {}
+        if failed:
+            slicer.util.showStatusMessage(f"{len(failed)} case(s) could not be opened and were moved to the end: "
+                                          + "; ".join(f"{c}: {e}" for c, e in failed.items()), 10000)
+
     def onOpenNext(self):
-        with slicer.util.tryWithErrorDisplay("Could not open the next case.", waitCursor=True):
+        def step():
             self.clearEditor()
             self.showCase(self.logic.open_next())
+            self.showFailed()
+
+        self.reviewStep("Could not open the next case.", step)
 
     def onQueueDoubleClicked(self, row, column):
         item = self.ui.queueTable.item(row, 0)
         if item is None:
             return
-        with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
+
+        def step():
             self.clearEditor()
             self.showCase(self.logic.open_case(item.text()))
 
+        self.reviewStep("Could not open the case.", step)
+
     def onAcceptNext(self):
-        if self.logic.current_case() is None:
-            return
-        with slicer.util.tryWithErrorDisplay("Could not store the label.", waitCursor=True):
+        current = self.logic.current_case()
+        if current is None or time.monotonic() - current.opened_at < 1.0:
+            return  # nothing open, or opened less than a second ago: not a reviewed case yet
+
+        def step():
             self.ui.segmentEditorWidget.setActiveEffect(None)  # an effect's pending edit goes into the segmentation
             version = self.logic.review.accept()
             slicer.util.showStatusMessage(f"Human label v{version:04d} stored", 3000)
             self.clearEditor()
             self.showCase(self.logic.open_next())
+            self.showFailed()
+
+        self.reviewStep("Could not store the label.", step)
 
     def onSkip(self):
-        with slicer.util.tryWithErrorDisplay("Could not skip the case.", waitCursor=True):
+        if self.logic.current_case() is None:
+            return
+
+        def step():
             self.clearEditor()
             self.showCase(self.logic.skip())
+            self.showFailed()
+
+        self.reviewStep("Could not skip the case.", step)
 
     def onRevert(self):
         if self.logic.current_case() is None:
             return
-        if not slicer.util.confirmOkCancelDisplay("Throw away the edits of this case and start again from its machine label?"):
+        kind = self.logic.revert_kind()
+        if kind is None:
+            slicer.util.showStatusMessage("This case has no pseudo-label or prediction to revert to.", 5000)
             return
-        with slicer.util.tryWithErrorDisplay("Could not revert the case.", waitCursor=True):
+        if not slicer.util.confirmOkCancelDisplay(f"Throw away the edits of this case and start again from its {kind} label?"):
+            return
+
+        def step():
             self.clearEditor()
             self.showCase(self.logic.revert())
+
+        self.reviewStep("Could not revert the case.", step)
 
     def onUncertainty(self, checked):
         """The uncertainty map is computed off the GUI thread, then shown as the foreground layer."""
@@ -448,24 +519,32 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not checked or opened is None:
                 slicer.util.setSliceViewerLayers(foreground=None, foregroundOpacity=0.0)
                 return
-            review = self.logic.review
+            review, case, round_number = self.logic.review, opened.case, opened.round
             result = {}
-            case, round_number = opened.case, opened.round
-            self._uncertaintyThread = threading.Thread(
-                target=lambda: result.update(image=review.uncertainty_map(case, round_number)), daemon=True)
-            self._uncertaintyThread.start()
 
-            def poll():
-                if self._uncertaintyThread.is_alive():
+            def compute():
+                try:
+                    result["image"] = review.uncertainty_map(case, round_number)
+                except Exception as exc:  # noqa: BLE001 - shown by poll, on the GUI thread
+                    result["error"] = exc
+
+            thread = threading.Thread(target=compute, daemon=True, name="alseg-uncertainty")
+            thread.start()
+
+            def poll():  # this toggle's own thread: a later toggle has its own poll
+                if thread.is_alive():
                     qt.QTimer.singleShot(100, poll)
                     return
-                current = self.logic.current_case()
-                if current is None or current.case != case or not self.ui.uncertaintyCheckBox.checked:
-                    return
-                overlay = review.uncertainty_volume(result.get("image"))
-                if overlay is None:
-                    slicer.util.showStatusMessage("No stored probabilities for this case's round.", 3000)
-                slicer.util.setSliceViewerLayers(foreground=overlay, foregroundOpacity=0.4 if overlay else 0.0)
+                with slicer.util.tryWithErrorDisplay("Could not show the uncertainty."):
+                    if "error" in result:
+                        raise result["error"]
+                    current = self.logic.current_case()
+                    if current is None or current.case != case or not self.ui.uncertaintyCheckBox.checked:
+                        return
+                    overlay = review.uncertainty_volume(result.get("image"))
+                    if overlay is None:
+                        slicer.util.showStatusMessage("No stored probabilities for this case's round.", 3000)
+                    slicer.util.setSliceViewerLayers(foreground=overlay, foregroundOpacity=0.4 if overlay else 0.0)
 
             qt.QTimer.singleShot(100, poll)
 
@@ -576,15 +655,21 @@ class ALSegTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_round_review_accept()
+
+    def requireEngine(self):
+        """Skip (ctest, testing mode: nothing is installed) when the engine's packages are missing; ctest
+        runs the test method itself, not runTest, so every test method starts with this."""
         if not ALSegLogic.ensureDependencies(ask=not slicer.app.testingEnabled()):
             self.skipTest("ALSeg's Python packages are not installed in this Slicer's Python (testing mode installs "
                           "nothing): open the module and press Start once, then run the test again")
-        self.test_round_review_accept()
 
     def test_round_review_accept(self):
         import json
 
         import numpy as np
+
+        self.requireEngine()
 
         self.delayDisplay("Starting the ALSeg round/review test")
         logic = ALSegLogic()

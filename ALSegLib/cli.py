@@ -356,7 +356,7 @@ def cmd_export_model(args) -> int:
     else:
         print(f"Exported {args.model} to {result['folder']}\n"
               f"  nnU-Net: nnUNet_results={Path(args.to).resolve()} nnUNetv2_predict -d {Path(result['dataset_folder']).name} "
-              f"-c {result['configuration']} -tr {result['trainer']} -f 0 ...\n"
+              f"-c {result['configuration']} -tr {result['trainer']} -p {result['plans']} -f 0 ...\n"
               f"  SlicerNNUNet: choose {Path(args.to).resolve()} as the model folder")
     return EXIT_OK
 

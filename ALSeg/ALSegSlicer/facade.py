@@ -49,22 +49,33 @@ class RoundOptions:
 class Session:
     """One open project in one scene: cases in, review, rounds' command lines, results."""
 
-    def __init__(self, scene):
+    def __init__(self, scene=None):
+        # scene=None: Slicer's ScriptedLoadableModuleLogic.__init__ calls super().__init__() with no
+        # arguments, which reaches here through ALSegLogic's bases; ALSegLogic then gives the scene
         self.scene = scene
         self.project: Project | None = None
         self.review: ReviewSession | None = None
+
+    def _end_review(self) -> None:
+        """Another project: the open case's nodes go (its stored labels stay), the read-ahead stops."""
+        if self.review is not None:
+            self.review.close()
+            self.review.shutdown()
+        self.review = None
 
     # project -------------------------------------------------------------------------------
 
     def create(self, folder: str | Path, labels: str, modality: str, name: str | None = None) -> Project:
         """A new project (``labels``: ``NAME=VALUE[:#RRGGBB],...``)."""
-        self.project = Project.create(folder, LabelTable.parse(labels), modality, name=name)
-        self.review = None
+        project = Project.create(folder, LabelTable.parse(labels), modality, name=name)
+        self._end_review()
+        self.project = project
         return self.project
 
     def open(self, folder: str | Path) -> Project:
-        self.project = Project.open(folder)
-        self.review = None
+        project = Project.open(folder)
+        self._end_review()
+        self.project = project
         return self.project
 
     @property
@@ -225,9 +236,12 @@ class Session:
         project's segment names and colors)."""
         from ALSegLib import volumes
 
-        label = volumes.read_label(label_file, label_values=self.require().labels.values)
-        name = f"{volume_node.GetName()} segmentation" + (f" ({model})" if model else "")
-        return glue.segmentation_node_from_label(self.scene, label, volume_node, self.require().labels, name)
+        try:
+            label = volumes.read_label(label_file, label_values=self.require().labels.values)
+            name = f"{volume_node.GetName()} segmentation" + (f" ({model})" if model else "")
+            return glue.segmentation_node_from_label(self.scene, label, volume_node, self.require().labels, name)
+        finally:
+            discard_apply_files(label_file)
 
     def export_model_args(self, folder: str | Path, model: str | None = None) -> list[str]:
         """``alseg export-model``: the model as an nnU-Net results folder (SlicerNNUNet loads it)."""
@@ -255,6 +269,10 @@ class Session:
         if self.review is None or self.review.current is None:
             raise InputError("review", "no case is open")
         return self.review.revert()
+
+    def revert_kind(self) -> str | None:
+        """The machine label :meth:`revert` would start again from (None: nothing to revert to)."""
+        return self.review.machine_kind() if self.review is not None and self.review.current is not None else None
 
     def current_case(self) -> OpenCase | None:
         return self.review.current if self.review is not None else None
@@ -317,6 +335,16 @@ class Session:
         return (f"{status['name']} ({status['modality']}): {status['cases']} cases"
                 + (f"; labels: {labeled}" if labeled else "; no labels yet")
                 + (f"; round(s) {', '.join(map(str, waiting))} wait for review" if waiting else ""))
+
+
+def discard_apply_files(label_file: str | Path) -> None:
+    """Remove the temporary folder of :meth:`Session.apply_model_args` (the volume written for the
+    job and the label it wrote), whether the job succeeded or not."""
+    import shutil
+
+    folder = Path(label_file).parent
+    if folder.name.startswith("alseg-apply-"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _control_points(node) -> list[list[float]]:

@@ -158,8 +158,11 @@ def _install(missing: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="alseg-pip-") as tmp:
         pins = Path(tmp) / "constraints.txt"
         pins.write_text("\n".join(constraints()) + "\n")
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_install"):  # Slicer >= 5.12
+        try:  # a submodule: slicer/__init__ does not import it
+            packaging = importlib.import_module("slicer.packaging")  # Slicer >= 5.12
+        except ModuleNotFoundError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_install"):
             for text in missing:
                 name = _name(text)
                 if name in NO_DEPS:

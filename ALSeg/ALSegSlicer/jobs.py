@@ -248,6 +248,8 @@ def descendants(pid: int, table: dict[int, tuple[int, bool]] | None = None) -> l
 def terminate_tree(pid: int) -> list[int]:
     """SIGTERM to a process and all its descendants (found before any is signalled, so that
     children re-parented when their parent exits are not missed); returns the pids signalled."""
+    if pid <= 0:  # os.kill(0, ...) would signal the caller's own process group
+        raise ValueError(f"not a process id: {pid}")
     if os.name == "nt":
         subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, check=False)
         return [pid]
@@ -366,7 +368,7 @@ class Job:
         """End the job and every process it started: SIGTERM to the whole tree now, SIGKILL to
         what is left after a grace period, waited for in a background thread unless ``wait``
         (the GUI never blocks on it); the job's end arrives as usual."""
-        if self.running:
+        if self.running and getattr(self, "pid", 0) > 0:  # pid 0 would signal Slicer's own process group
             self.cancelled = True
             pids = terminate_tree(self.pid)
             if wait:
@@ -470,9 +472,16 @@ class SlicerJob(Job):
         self._finish(int(code) if normal_exit else -int(signal.SIGKILL))
 
     def _on_error(self, failed_to_start: bool, text: str) -> None:
-        """A process that could not start never sends ``finished``: end the job here."""
+        """A process that could not start never sends ``finished``: end the job here, from the event
+        loop (Qt may report it inside ``start()``, before the caller holds the job)."""
         if failed_to_start:
-            self._finish(127, f"the engine could not be started ({self.args[0]}): {text}")
+            message = f"the engine could not be started ({self.args[0]}): {text}"
+            try:
+                import qt
+
+                qt.QTimer.singleShot(0, lambda: self._finish(127, message))
+            except (ImportError, AttributeError):
+                self._finish(127, message)
 
 
 def start_in_slicer(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None) -> SlicerJob:

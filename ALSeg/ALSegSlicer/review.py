@@ -77,6 +77,7 @@ class ReviewSession:
         self.current: OpenCase | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._ahead: tuple | None = None  # (what was read, the read's future)
+        self.failed: dict[str, str] = {}  # cases that could not be opened: their errors
 
     def queue(self) -> list[dict]:
         """Queued cases waiting for a human label, in review order (round, rank; skipped last)."""
@@ -85,13 +86,21 @@ class ReviewSession:
         return pending
 
     def open_next(self) -> OpenCase | None:
-        """Open the first waiting case (closing the current one); None when the queue is empty."""
-        items = self.queue()
-        if not items:
-            self.close()
-            return None
-        item = items[0]
-        return self.open(item["case"], item)
+        """Open the first waiting case (closing the current one); None when the queue is empty. A
+        case that cannot be opened (a corrupt file, values outside the label table) goes to the end
+        of the queue like a skipped one, its error kept in :attr:`failed` for the panel to show, and
+        the next case opens instead."""
+        for item in self.queue():
+            if item["case"] in self.failed:
+                continue
+            try:
+                return self.open(item["case"], item)
+            except (InputError, RuntimeError, OSError) as exc:  # RuntimeError: ITK could not read a file
+                self.failed[item["case"]] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                if item["case"] not in self.skipped:
+                    self.skipped.append(item["case"])
+        self.close()
+        return None
 
     def open(self, case: str, item: dict | None = None, start_with: str | None = None) -> OpenCase:
         """Load ``case``'s image and its best label to start from: the latest human version,
@@ -106,8 +115,13 @@ class ReviewSession:
         files = self._take_prefetched(case, item, start_with) or self._read(case, item, start_with)
         volume = glue.volume_node_from_array(self.scene, files.voxels, files.ijk_to_ras, case,
                                              window_level=files.window_level)
-        segmentation = glue.segmentation_node_from_numbers(self.scene, files.numbered, volume, self.project.labels,
-                                                           f"{case} segmentation")
+        try:
+            segmentation = glue.segmentation_node_from_numbers(self.scene, files.numbered, volume, self.project.labels,
+                                                               f"{case} segmentation")
+        except Exception:
+            self.scene.RemoveNode(volume)
+            raise
+        self.failed.pop(case, None)
         self.current = OpenCase(case, item.get("round"), files.started_from, volume, segmentation,
                                 item.get("reason", ""), item.get("score"), proposal=files.label)
         self.prefetch()
@@ -181,9 +195,7 @@ class ReviewSession:
         if self.current is None:
             raise InputError("review", "no case is open")
         c = self.current
-        kinds = [c.started_from] if c.machine_label else []
-        kind = next((k for k in dict.fromkeys([*kinds, "pseudo", "predicted"])
-                     if self.project.label_path(c.case, k) is not None), None)
+        kind = self.machine_kind()
         if kind is None:
             raise InputError(f"case {c.case!r}", "has no machine label (pseudo-label or prediction) to revert to")
         label = self.project.read_label(c.case, kind)
@@ -193,6 +205,23 @@ class ReviewSession:
             self.scene.RemoveNode(c.segmentation)
         c.segmentation, c.started_from, c.proposal = segmentation, kind, sitk.GetArrayFromImage(label)
         return c
+
+    def machine_kind(self) -> str | None:
+        """The machine label the open case would revert to: the one it opened with, else its
+        pseudo-label, else its prediction; None when it has none."""
+        if self.current is None:
+            return None
+        c = self.current
+        kinds = [c.started_from] if c.machine_label else []
+        return next((k for k in dict.fromkeys([*kinds, "pseudo", "predicted"])
+                     if self.project.label_path(c.case, k) is not None), None)
+
+    def shutdown(self) -> None:
+        """Stop the read-ahead thread (a project closed)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
+        self._ahead = None
 
     def accept(self) -> int:
         """Store the current segmentation as the case's next human-label version, with the
@@ -261,17 +290,17 @@ class ReviewSession:
 
     def uncertainty_volume(self, image: sitk.Image | None = None):
         """The open case's uncertainty as one scalar volume for the foreground layer (the same node
-        on every call; removed with the case), shown with the Inferno colormap from 0 to 1;
-        ``image``: a map computed already by :meth:`uncertainty_map`. None when there is none."""
+        on every call; removed with the case), shown with the Inferno colormap from 0 to 1, from
+        ``image``, the map :meth:`uncertainty_map` computed (off the GUI thread). None when there
+        is no overlay yet and no map."""
         if self.current is None:
             return None
         name = f"{self.current.case} uncertainty"
         for node in self.current.overlays:
             if node.GetScene() is not None and node.GetName() == name:
                 return node
-        image = image if image is not None else self.uncertainty_map()
         if image is None:
-            return None
+            return None  # computed off the GUI thread by uncertainty_map, or none stored: never here
         node = glue.volume_node_from_image(self.scene, image, name)
         display = node.GetDisplayNode()
         if display is not None:

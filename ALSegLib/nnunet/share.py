@@ -84,7 +84,10 @@ def apply_model(project: Project, model: str, image: str | Path, out: str | Path
         seg = predictor.predict_single_npy_array(data, {"spacing": list(img.GetSpacing())[::-1]}, None, None, False)
     label = sitk.GetImageFromArray(back[np.asarray(seg)])
     label.CopyInformation(img)
-    volumes.write_label_file(label, out, project.labels.segments())
+    try:
+        volumes.write_label_file(label, out, project.labels.segments())
+    except OSError as exc:
+        raise InputError(out, f"cannot write: {exc.strerror or exc}") from None
     present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v]
     return {"model": model, "image": str(image.resolve()), "label": str(out.resolve()), "labels_present": present,
             "weights_digest": record["final_weights_digest"], "mirroring": mirroring, "device": str(dev)}
@@ -137,7 +140,10 @@ def export_model(project: Project, model: str, dest: str | Path, *, force: bool 
     torch.save(exported, buffer)
     shutil.rmtree(staging, ignore_errors=True)
     folder = staging / target.name
-    (folder / "fold_0").mkdir(parents=True)
+    try:
+        (folder / "fold_0").mkdir(parents=True)
+    except OSError as exc:
+        raise InputError(dest, f"cannot write: {exc.strerror or exc}") from None
     try:
         atomic.write_json(folder / "dataset.json", dataset_json)
         atomic.write_json(folder / "plans.json", plans)
@@ -151,8 +157,10 @@ def export_model(project: Project, model: str, dest: str | Path, *, force: bool 
             shutil.rmtree(target)
         dataset_dir.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
+    except OSError as exc:
+        raise InputError(dest, f"cannot write: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"model": model, "folder": str(target.resolve()), "dataset_folder": str(dataset_dir.resolve()),
-            "configuration": configuration, "trainer": EXPORT_TRAINER, "fold": 0,
+            "configuration": configuration, "trainer": EXPORT_TRAINER, "plans": plans.get("plans_name", PLANS), "fold": 0,
             "checkpoint": str((target / "fold_0" / "checkpoint_final.pth").resolve())}

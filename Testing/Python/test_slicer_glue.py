@@ -494,7 +494,7 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     opened = session.open_next()
     assert opened.case == case and opened.started_from == "pseudo"
     # the uncertainty overlay: voxel entropy of the probabilities the selection used, on the case's grid
-    overlay = session.review.uncertainty_volume()
+    overlay = session.review.uncertainty_volume(session.review.uncertainty_map())  # the map: off the GUI thread
     entropy = glue.voxels(overlay)
     assert entropy.shape == glue.voxels(opened.volume).shape and 0 <= entropy.min() and entropy.max() <= 1 and entropy.max() > 0
     np.testing.assert_allclose(glue.node_ijk_to_ras(overlay), glue.node_ijk_to_ras(opened.volume), atol=1e-6)
@@ -546,3 +546,60 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     job = jobs.start(*session.export_model_args(tmp_path / "export"), python=sys.executable)
     assert job.wait(timeout=300) == 0, job.error
     assert list((tmp_path / "export").glob("Dataset*/nnUNetTrainer__*__3d_fullres/fold_0/checkpoint_final.pth"))
+
+
+def test_the_logic_class_builds_as_slicer_builds_it(project):
+    """ALSegLogic(ScriptedLoadableModuleLogic, Session): Slicer's logic base calls super().__init__()
+    with no arguments (Base/Python/slicer/ScriptedLoadableModule.py), which reaches Session first."""
+    from ALSegSlicer.facade import Session
+
+    class ScriptedLoadableModuleLogic:  # its __init__ as in Slicer's source
+        def __init__(self, parent=None):
+            super().__init__()
+            self.moduleName = self.__class__.__name__
+
+    class ALSegLogic(ScriptedLoadableModuleLogic, Session):  # as in ALSeg.py
+        def __init__(self, scene=None):
+            ScriptedLoadableModuleLogic.__init__(self)
+            Session.__init__(self, scene)
+
+    scene = slicer.vtkMRMLScene()
+    logic = ALSegLogic(scene)
+    assert logic.scene is scene and logic.moduleName == "ALSegLogic" and not logic.has_project
+    logic.open(project.root)
+    assert logic.has_project
+    source = (REPO / "ALSeg" / "ALSeg.py").read_text()
+    assert "class ALSegLogic(ScriptedLoadableModuleLogic, Session):" in source
+
+
+def test_a_case_that_cannot_be_opened_moves_to_the_end_and_the_next_opens(project):
+    _pseudo_without_lesion(project)
+    queued = [q["case"] for q in select_cases(project, 3, "random", seed=5)["queue"]]
+    project.label_path(queued[0], "pseudo").write_bytes(b"not an image")  # a corrupt file on disk
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene)
+    opened = session.open_next()
+    assert opened.case == queued[1] and queued[0] in session.failed and session.queue()[-1]["case"] == queued[0]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1  # no node left behind by the failed one
+    assert session.machine_kind() == "pseudo"
+    session.accept()
+    assert session.open_next().case == queued[2]
+    session.accept()
+    assert session.open_next() is None  # only the broken one is left, and it does not open
+
+
+def test_apply_files_are_removed_and_pid_zero_is_never_signalled(tmp_path):
+    from ALSegSlicer import jobs
+    from ALSegSlicer.facade import discard_apply_files
+
+    folder = tmp_path / "alseg-apply-x"
+    folder.mkdir()
+    (folder / "volume.nii").write_bytes(b"x")
+    discard_apply_files(folder / "label.nii.gz")
+    assert not folder.exists()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    discard_apply_files(keep / "label.nii.gz")  # not a folder apply_model_args made: left alone
+    assert keep.is_dir()
+    with pytest.raises(ValueError):
+        jobs.terminate_tree(0)
