@@ -557,6 +557,13 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editor.setSegmentationNode(opened.segmentation)
             editor.setSourceVolumeNode(opened.volume)
             slicer.util.setSliceViewerLayers(background=opened.volume, foreground=None, fit=True, rotateToVolumePlane=True)
+            if opened.slices:  # a slice unit: the views at its first slice, the others named
+                from ALSegSlicer import scene as glue
+
+                r, a, s_ = glue.slice_center_ras(opened.volume, opened.axis, opened.slices[0])
+                slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s_)
+                slicer.util.showStatusMessage(f"Label slices {', '.join(map(str, opened.slices))} of {opened.case} "
+                                              "(only these are stored)", 10000)
             if self.ui.uncertaintyCheckBox.checked:
                 self.onUncertainty(True)
         self.refresh()

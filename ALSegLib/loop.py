@@ -256,14 +256,19 @@ class Round:
         return {"cases": selection.cases}
 
     def review(self) -> dict:
-        queued = [q["case"] for q in self.record.get("queue", [])]
-        labeled = set(self.project.labeled_cases("human"))
-        waiting = [c for c in queued if c not in labeled]
-        if waiting and self.annotator is not None:
-            for case in waiting:
-                self.annotator(self.project, case)
+        def pending() -> list[dict]:
             labeled = set(self.project.labeled_cases("human"))
-            waiting = [c for c in queued if c not in labeled]
+            return [q for q in self.record.get("queue", []) if rounds.item_pending(self.project, q, labeled)]
+
+        items = pending()
+        if items and self.annotator is not None:
+            for item in items:  # a slice unit's annotator is told which slices (an annotator of cases is not)
+                if item.get("slices") is not None:
+                    self.annotator(self.project, item["case"], item)
+                else:
+                    self.annotator(self.project, item["case"])
+            items = pending()
+        waiting = list(dict.fromkeys(q["case"] for q in items))
         if waiting:
             return {"waiting": True, "cases": waiting,
                     "message": f"{len(waiting)} case(s) wait for review: {', '.join(waiting)}. Accept their labels "

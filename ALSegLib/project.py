@@ -541,6 +541,28 @@ class Project:
                 raise atomic.storage_error(OSError(exc.errno, ""), exc.where, "the label was not stored") from None
         return version
 
+    def add_human_slices(self, case: str, label: sitk.Image | str | Path, slices: sparse.SliceSet, **options) -> int:
+        """Store ``label`` on ``slices`` only, merged with what the case's latest human version holds:
+        the new version keeps every voxel annotated before (a sparse version's mask, or all of a
+        whole-case one) and takes ``label`` on the new slices; the mask is the union. Returns the
+        new version (the earlier ones stay, as always)."""
+        label = self._validated(case, label)
+        shape = sitk.GetArrayViewFromImage(label).shape
+        new = slices.check(shape, f"annotated slices of the label for case {case!r}").mask(shape)
+        versions = self.human_versions(case)
+        if not versions:
+            return self.add_human_label(case, label, annotated=slices, **options)
+        before = sitk.GetArrayFromImage(self.read_label(case, "human"))
+        before_mask = self.annotation_mask(case)
+        merged = np.where(new, sitk.GetArrayViewFromImage(label), before).astype(before.dtype)
+        image = sitk.GetImageFromArray(merged)
+        image.CopyInformation(label)
+        if before_mask is None:  # a whole-case version edited on some slices: still whole
+            return self.add_human_label(case, image, **options)
+        union = sitk.GetImageFromArray((before_mask | new).astype(np.uint8))
+        union.CopyInformation(label)
+        return self.add_human_label(case, image, annotated=union, **options)
+
     def annotation_mask(self, case: str, version: int | None = None) -> np.ndarray | None:
         """The annotated mask (bool, k, j, i) of a sparse human version (default: the latest), or
         None for a whole-case version."""

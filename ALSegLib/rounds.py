@@ -169,17 +169,36 @@ def store_selection(project: Project, selection: Selection, record: dict | None 
 
 
 def queue_items(project: Project, rounds: list[int] | None = None) -> list[dict]:
-    """Every queued case of ``rounds`` (default: all), with its status: ``pending`` until
-    a human label exists, then ``labeled``."""
+    """Every queued case (or slice unit: ``axis`` and ``slices`` in the item) of ``rounds``
+    (default: all), with its status: ``pending`` until a human label covers it (for a case, any
+    human version; for slices, a version annotated on all of them), then ``labeled``."""
     labeled = set(project.labeled_cases("human"))
     out = []
     for number in rounds if rounds is not None else list_rounds(project):
         for item in read_round(project, number).get("queue", []):
-            out.append({"round": number, **item, "status": "labeled" if item["case"] in labeled else "pending"})
+            out.append({"round": number, **item, "status": "pending" if item_pending(project, item, labeled) else "labeled"})
     return out
 
 
+def item_pending(project: Project, item: dict, labeled: set[str] | None = None) -> bool:
+    """Whether a queue item still waits for a human label (``labeled``: the cases with one, if known)."""
+    labeled = set(project.labeled_cases("human")) if labeled is None else labeled
+    return item["case"] not in labeled or (item.get("slices") is not None and not slices_annotated(project, item))
+
+
+def slices_annotated(project: Project, item: dict) -> bool:
+    """Whether the case's latest human version covers every slice of a slice unit."""
+    mask = project.annotation_mask(item["case"])
+    if mask is None:
+        return True  # a whole-case version
+    axis = int(item.get("axis", 0))
+    other = tuple(a for a in range(3) if a != axis)
+    covered = mask.all(axis=other)
+    return all(0 <= int(i) < covered.size and covered[int(i)] for i in item["slices"])
+
+
 def pending_cases(project: Project) -> set[str]:
+    """Cases with a queued case or slice unit still waiting for review."""
     return {item["case"] for item in queue_items(project) if item["status"] == "pending"}
 
 

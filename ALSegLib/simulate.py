@@ -108,11 +108,20 @@ class SimulatedAnnotator:
         self.test = set(test)
         self.revealed: list[str] = []
 
-    def __call__(self, project: Project, case: str) -> None:
+    def __call__(self, project: Project, case: str, item: dict | None = None) -> None:
+        """Reveal the case's reference; for a slice unit (``item`` with ``axis`` and ``slices``) on
+        those slices only, merged into the case's earlier sparse labels."""
         if case in self.test:
             raise RuntimeError(f"the simulated annotator was asked to reveal held-out test case {case!r}")
-        project.add_human_label(case, project.read_label(case, "reference"), source="simulated",
-                                produced_by={"simulated": True, "from": "reference"})
+        reference = project.read_label(case, "reference")
+        produced_by = {"simulated": True, "from": "reference"}
+        if item is not None and item.get("slices") is not None:
+            from .store.sparse import SliceSet
+
+            project.add_human_slices(case, reference, SliceSet.of(int(item.get("axis", 0)), item["slices"]),
+                                     source="simulated", produced_by={**produced_by, "slices": list(item["slices"])})
+        else:
+            project.add_human_label(case, reference, source="simulated", produced_by=produced_by)
         self.revealed.append(case)
 
 

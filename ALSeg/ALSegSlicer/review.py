@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from ALSegLib import rounds
 from ALSegLib.errors import InputError
 from ALSegLib.project import Project
+from ALSegLib.store.sparse import SliceSet
 
 from . import scene as glue
 
@@ -39,6 +40,8 @@ class OpenCase:
     overlays: list = field(default_factory=list)  # extra nodes (uncertainty), removed with the case
     opened_at: float = field(default_factory=time.monotonic)
     proposal: np.ndarray | None = None  # the voxels it opened with (None: empty segments)
+    axis: int | None = None  # a slice unit: the array axis (0 = k) and the slices to label; None: the whole case
+    slices: list[int] | None = None
 
     @property
     def machine_label(self) -> bool:
@@ -123,7 +126,9 @@ class ReviewSession:
             raise
         self.failed.pop(case, None)
         self.current = OpenCase(case, item.get("round"), files.started_from, volume, segmentation,
-                                item.get("reason", ""), item.get("score"), proposal=files.label)
+                                item.get("reason", ""), item.get("score"), proposal=files.label,
+                                axis=None if item.get("slices") is None else int(item.get("axis", 0)),
+                                slices=None if item.get("slices") is None else [int(i) for i in item["slices"]])
         self.prefetch()
         return self.current
 
@@ -230,12 +235,22 @@ class ReviewSession:
             raise InputError("review", "no case is open")
         c = self.current
         label = glue.label_from_segmentation(self.scene, c.segmentation, c.volume, self.project.labels)
-        effort = edit_effort(c.proposal, sitk.GetArrayViewFromImage(label), self.project.labels.values,
-                             time.monotonic() - c.opened_at)
-        version = self.project.add_human_label(
-            c.case, label, author=self.author, source="human",
-            produced_by={"tool": "3D Slicer Segment Editor (ALSeg)", "started_from": c.started_from, "round": c.round},
-            effort=effort)
+        accepted = sitk.GetArrayViewFromImage(label)
+        proposal = c.proposal
+        if c.slices is not None:  # a slice unit: only its slices are stored, and only they count as effort
+            index = [slice(None)] * 3
+            index[c.axis] = c.slices
+            accepted = accepted[tuple(index)]
+            proposal = None if proposal is None else proposal[tuple(index)]
+        effort = edit_effort(proposal, accepted, self.project.labels.values, time.monotonic() - c.opened_at)
+        produced_by = {"tool": "3D Slicer Segment Editor (ALSeg)", "started_from": c.started_from, "round": c.round}
+        if c.slices is not None:
+            version = self.project.add_human_slices(c.case, label, SliceSet.of(c.axis, c.slices), author=self.author,
+                                                    source="human", produced_by={**produced_by, "slices": c.slices},
+                                                    effort=effort)
+        else:
+            version = self.project.add_human_label(c.case, label, author=self.author, source="human",
+                                                   produced_by=produced_by, effort=effort)
         if c.case in self.skipped:
             self.skipped.remove(c.case)
         return version

@@ -119,6 +119,16 @@ def volume_node_from_array(scene, array: np.ndarray, ijk_to_ras_matrix: np.ndarr
     return node
 
 
+def slice_center_ras(node, axis: int, index: int) -> tuple[float, float, float]:
+    """The RAS position of the centre of slice ``index`` along array ``axis`` (0 = k) of a volume
+    node: where the views jump to open a slice unit."""
+    dims = node.GetImageData().GetDimensions()  # i, j, k
+    ijk = [(d - 1) / 2 for d in dims]
+    ijk[2 - axis] = float(index)
+    ras = node_ijk_to_ras(node) @ np.array([*ijk, 1.0])
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
 def image_from_volume_node(node) -> sitk.Image:
     """The node's voxels as a SimpleITK image in LPS with the node's geometry (parent transforms ignored)."""
     return with_node_geometry(sitk.GetImageFromArray(voxels(node)), node)

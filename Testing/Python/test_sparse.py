@@ -235,3 +235,90 @@ def test_random_fg_draws_two_thirds_from_predicted_foreground(project):
     assert all(u.size == 3 and u.start % 3 == 0 for u in slabs.units)
     assert all(len(p["slices"]) == 3 for p in select_slices(slabs, 9, "hybrid"))  # 9 slices: 3 slabs
     assert len(select_slices(slabs, 9, "hybrid")) == 3
+
+
+# --- slice units through review and the simulated annotator ------------------------------------
+
+def test_slices_added_later_merge_with_the_earlier_sparse_version(project):
+    case = project.cases()[2]
+    ref = project.read_label(case, "reference")
+    arr = sitk.GetArrayFromImage(ref)
+    assert project.add_human_slices(case, ref, SliceSet.of(0, [5])) == 1
+    other = sitk.GetImageFromArray(np.where(arr > 0, 1, 0).astype(np.uint8))  # another drawing, for slice 9
+    other.CopyInformation(ref)
+    assert project.add_human_slices(case, other, SliceSet.of(0, [9])) == 2
+    v2 = sitk.GetArrayFromImage(project.read_label(case, "human", 2))
+    assert np.array_equal(v2[5], arr[5]) and np.array_equal(v2[9], (arr[9] > 0).astype(v2.dtype))
+    assert slices_of_mask(project.annotation_mask(case, 2)) == SliceSet.of(0, [5, 9])
+    assert slices_of_mask(project.annotation_mask(case, 1)) == SliceSet.of(0, [5])  # v0001 as it was
+    project.add_human_label(case, ref)  # whole: slices added after it keep the version whole
+    assert project.add_human_slices(case, other, SliceSet.of(0, [9])) == 4 and project.annotation_mask(case) is None
+
+
+def test_the_simulated_annotator_reveals_only_the_queued_slices(project):
+    from ALSegLib import rounds
+    from ALSegLib.simulate import SimulatedAnnotator
+
+    case = project.cases()[3]
+    item = {"case": case, "axis": 0, "slices": [4, 6], "rank": 1, "score": 0.4, "reason": "test"}
+    record = rounds.new_round(1)
+    record["queue"] = [item, {**item, "slices": [8], "rank": 2}]
+    with project.lock("test queue"):
+        rounds.write_round(project, record)
+    assert [q["status"] for q in rounds.queue_items(project)] == ["pending", "pending"]
+    annotator = SimulatedAnnotator(test=[project.cases()[0]])
+    annotator(project, case, item)
+    stored = sitk.GetArrayFromImage(project.read_label(case, "human"))
+    ref = sitk.GetArrayFromImage(project.read_label(case, "reference"))
+    assert np.array_equal(stored[[4, 6]], ref[[4, 6]]) and not np.delete(stored, [4, 6], axis=0).any()
+    assert [q["status"] for q in rounds.queue_items(project)] == ["labeled", "pending"]
+    assert case in rounds.pending_cases(project)
+    annotator(project, case, record["queue"][1])
+    assert [q["status"] for q in rounds.queue_items(project)] == ["labeled", "labeled"]
+    assert slices_of_mask(project.annotation_mask(case)) == SliceSet.of(0, [4, 6, 8])
+    assert project.provenance(case, "human")["source"] == "simulated"
+    with pytest.raises(RuntimeError, match="held-out"):
+        annotator(project, project.cases()[0], {**item, "case": project.cases()[0]})
+
+
+def test_review_of_a_slice_unit_stores_those_slices_only(project):
+    slicer = pytest.importorskip("slicer")
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "ALSeg"))
+    from ALSegLib import rounds
+    from ALSegSlicer import scene as glue
+    from ALSegSlicer.review import ReviewSession
+
+    case = project.cases()[4]
+    ref = sitk.GetArrayFromImage(project.read_label(case, "reference"))
+    pseudo = np.where(ref == 3, 0, ref).astype(np.uint8)  # the lesion missing
+    image = sitk.GetImageFromArray(pseudo)
+    image.CopyInformation(project.read_label(case, "reference"))
+    project.write_label(case, "pseudo", image, source="test")
+    lesion_slices = [int(k) for k in np.flatnonzero((ref == 3).any(axis=(1, 2)))[:2]]
+    record = rounds.new_round(1)
+    record["queue"] = [{"case": case, "axis": 0, "slices": lesion_slices, "rank": 1, "score": 0.5, "reason": "test"}]
+    with project.lock("test queue"):
+        rounds.write_round(project, record)
+    scene = slicer.vtkMRMLScene()
+    session = ReviewSession(project, scene)
+    opened = session.open_next()
+    assert opened.case == case and opened.slices == lesion_slices and opened.axis == 0
+    centre = glue.slice_center_ras(opened.volume, 0, lesion_slices[0])
+    dims = opened.volume.GetImageData().GetDimensions()
+    expected = glue.node_ijk_to_ras(opened.volume) @ np.array([(dims[0] - 1) / 2, (dims[1] - 1) / 2, lesion_slices[0], 1])
+    np.testing.assert_allclose(centre, expected[:3], atol=1e-6)
+    # the reviewer draws the whole reference (every slice): only the unit's slices are stored
+    from test_slicer_glue import paint
+
+    paint(scene, opened.segmentation, opened.volume, "lesion", ref == 3)
+    version = session.accept()
+    stored = sitk.GetArrayFromImage(project.read_label(case, "human", version))
+    assert np.array_equal(stored[lesion_slices], ref[lesion_slices])
+    assert not np.delete(stored, lesion_slices, axis=0).any()
+    effort = project.provenance(case, "human", version)["effort"]
+    assert effort["voxels_changed"] == int((ref[lesion_slices] == 3).sum())  # counted on the unit's slices only
+    assert rounds.queue_items(project)[0]["status"] == "labeled" and session.open_next() is None
