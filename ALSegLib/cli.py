@@ -24,7 +24,18 @@ from .nnunet.modes import MODES as TRAINING_MODES
 from .project import LABEL_KINDS, Project
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
-from .settings import CONFIGURATIONS, DEFAULT_STRATEGY, FEATURE_SOURCES, PSEUDO_SOURCES, STRATEGIES, RoundSettings
+from .settings import (
+    CONFIGURATIONS,
+    DEFAULT_STRATEGY,
+    FEATURE_SOURCES,
+    PSEUDO_SOURCES,
+    ROUND_STRATEGIES,
+    SLICE_STRATEGIES,
+    SPARSE_FILLS,
+    STRATEGIES,
+    UNITS,
+    RoundSettings,
+)
 from .settings import MODES as ROUND_MODES
 from .store.files import read_json_object
 from .store.labels import LabelTable, parse_color
@@ -517,7 +528,7 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
         fm = _filtermatch_config(args, "round --mode filtermatch") if args.mode == "filtermatch" else None
         pseudo = _pseudo_spec(args)
         own = {"strategy": args.strategy, "mode": args.mode, "seed": args.seed, "exclude": args.exclude or [],
-               "features": args.features}
+               "features": args.features, **{k: getattr(args, k) for k in ("unit", "slab", "sparse_fill") if hasattr(args, k)}}
     return RoundSettings(budget=args.budget, device=args.device, configuration=args.configuration,
                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
@@ -527,6 +538,7 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
 
 # `alseg round`'s options and the RoundSettings field each sets (pseudo-label and FilterMatch options: below)
 ROUND_OPTION_FIELDS = {"budget": "budget", "strategy": "strategy", "mode": "mode", "seed": "seed", "exclude": "exclude",
+                       "unit": "unit", "slab": "slab", "sparse_fill": "sparse_fill",
                        "features": "features", "device": "device", "configuration": "configuration",
                        "batch_size": "batch_size", "pretrain_epochs": "pretrain_epochs",
                        "pretrain_iters": "pretrain_iterations", "epochs": "epochs", "iters": "iterations",
@@ -936,7 +948,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", metavar="FILE", help="the round's settings as a JSON object (e.g. the Slicer panel's "
                    "rounds/next-settings.json); options also given override the file's (an option given with its "
                    "default value does not)")
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=ROUND_STRATEGIES,
+                   help="--unit case: " + ", ".join(STRATEGIES) + "; --unit slice: " + ", ".join(SLICE_STRATEGIES))
+    p.add_argument("--unit", default="case", choices=UNITS, help="what is queried: whole cases (default), or slabs of "
+                   "--slab slices along each case's acquisition axis, the budget then counted in slices")
+    p.add_argument("--slab", type=int, default=1, help="--unit slice: slices per queried unit (default 1)")
+    p.add_argument("--sparse-fill", default="ignore", choices=SPARSE_FILLS,
+                   help="a sparse human label's unannotated voxels train as nnU-Net's ignore label (default) or as "
+                   "the case's pseudo-label")
     p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="held-out cases: never selected or trained on; "

@@ -178,6 +178,11 @@ class Round:
         return [c for c in self.settings.exclude if c in refs]
 
     def pool(self) -> list[str]:
+        """The cases selection may propose from: without a human label and not waiting for review;
+        for slice units, every case not labeled whole (its free slices are the candidates)."""
+        if self.settings.unit == "slice":
+            whole = {c for c in self.project.labeled_cases("human") if self.project.annotation_mask(c) is None}
+            return [c for c in self.trainable() if c not in whole]
         taken = set(self.project.labeled_cases("human")) | rounds.pending_cases(self.project)
         return [c for c in self.trainable() if c not in taken]
 
@@ -250,10 +255,27 @@ class Round:
 
         s = self.settings
         model = self.record["stages"]["predict-pool"]["model"]
+        if s.unit == "slice":
+            return self._select_slices(model)
         selection = choose_cases(self.project, s.budget, s.strategy, seed=s.seed + self.number, model=model,
                                  features=s.features, exclude=s.exclude)
         self.record = rounds.store_selection(self.project, selection, self.record)
         return {"cases": selection.cases}
+
+    def _select_slices(self, model: str) -> dict:
+        """Slice units of the pool (:mod:`.selection.slices`) as the review queue."""
+        from .selection.slices import score_units, select_slices
+
+        s = self.settings
+        scored = score_units(self.project, model, self.pool(), slab=s.slab)
+        names = {c.value: c.name for c in self.project.labels.classes}
+        picks = select_slices(scored, s.budget, s.strategy, seed=s.seed + self.number, labels=names)
+        queue = [{"rank": i, **pick} for i, pick in enumerate(picks, 1)]
+        details = {"unit": "slice", "strategy": s.strategy, "budget": s.budget, "slab": s.slab, "model": model,
+                   "seed": s.seed + self.number, "free_slices": len(scored.units) * s.slab,
+                   "slices": sum(len(p["slices"]) for p in picks)}
+        self.record = rounds.store_selection(self.project, rounds.Selection(details, queue), self.record)
+        return {"cases": sorted({p["case"] for p in picks}), "units": len(picks), "slices": details["slices"]}
 
     def review(self) -> dict:
         def pending() -> list[dict]:
@@ -286,7 +308,8 @@ class Round:
         rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
-                    pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0, minutes=s.minutes)
+                    pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0, minutes=s.minutes,
+                    sparse_fill=s.sparse_fill)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
         return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],
@@ -399,7 +422,8 @@ def _check(project: Project, settings: RoundSettings) -> None:
                              "source (SAM checkpoint and prompts, or another model's labels), or make them first "
                              "with 'alseg pseudolabel'")
     try:
-        make_strategy(settings.strategy)
+        if settings.unit == "case":  # slice strategies: checked by RoundSettings
+            make_strategy(settings.strategy)
         parse_budget(settings.budget, len(project.cases()))
     except ValueError as exc:
         raise InputError("round settings", str(exc)) from None

@@ -150,9 +150,9 @@ def store_selection(project: Project, selection: Selection, record: dict | None 
     """Store ``selection`` as the review queue of ``record`` (a round being run), else of the
     project's open round, else of a new one; returns the round record. Refused if a chosen case
     was labeled or queued since it was chosen (another writer), with nothing written."""
-    chosen = set(selection.cases)
-    with project.lock("select cases"):
-        if set(project.labeled_cases("human")) & chosen or pending_cases(project) & chosen:
+    whole = {item["case"] for item in selection.queue if item.get("slices") is None}  # slice units: a labeled
+    with project.lock("select cases"):                                                 # case may have free slices
+        if set(project.labeled_cases("human")) & whole or pending_cases(project) & whole:
             raise InputError(str(project.root), "cases were labeled or queued while selecting; run the selection again")
         if record is None:
             existing = list_rounds(project)

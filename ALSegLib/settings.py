@@ -16,6 +16,10 @@ from .nnunet.filtermatch_settings import FilterMatchConfig
 from .nnunet.modes import ROUND_MODES, check_budget, check_minutes
 
 STRATEGIES = ("hybrid", "hybrid-weighted", "uncertainty", "coreset", "random")  # selection.strategies.STRATEGIES
+SLICE_STRATEGIES = ("random", "random-fg", "uncertainty", "hybrid")  # selection.slices.SLICE_STRATEGIES
+ROUND_STRATEGIES = STRATEGIES + tuple(s for s in SLICE_STRATEGIES if s not in STRATEGIES)  # either unit's
+UNITS = ("case", "slice")  # what a round queries: whole cases, or slabs of slices along the acquisition axis
+SPARSE_FILLS = ("ignore", "pseudo")  # nnunet.dataset.SPARSE_FILLS
 DEFAULT_STRATEGY = "hybrid"
 MODES = ROUND_MODES  # the training modes a round may use
 PSEUDO_SOURCES = ("sam", "import", "degraded-reference")
@@ -134,10 +138,22 @@ class RoundSettings:
     filtermatch: FilterMatchConfig | None = None  # mode filtermatch (a mapping of its fields is read as one)
     # finetune: share of training draws from cases with only a pseudo-label (0: the human labels alone)
     pseudo_share: float = 0.5
+    # what is queried: whole cases, or (``slice``) slabs of ``slab`` slices, the budget then counted in slices;
+    # a sparse case's unannotated voxels train as nnU-Net's ignore label, or (sparse_fill "pseudo") as its pseudo-label
+    unit: str = "case"
+    slab: int = 1
+    sparse_fill: str = "ignore"
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise InputError("--strategy", f"one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.unit not in UNITS:
+            raise InputError("--unit", f"one of {', '.join(UNITS)}, not {self.unit!r}")
+        allowed = SLICE_STRATEGIES if self.unit == "slice" else STRATEGIES
+        if self.strategy not in allowed:
+            raise InputError("--strategy", f"for --unit {self.unit}: one of {', '.join(allowed)}, not {self.strategy!r}")
+        if not isinstance(self.slab, int) or isinstance(self.slab, bool) or self.slab < 1:
+            raise InputError("--slab", f"must be a whole number of slices, at least 1, not {self.slab!r}")
+        if self.sparse_fill not in SPARSE_FILLS:
+            raise InputError("--sparse-fill", f"one of {', '.join(SPARSE_FILLS)}, not {self.sparse_fill!r}")
         if self.mode not in MODES:
             raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
         check_budget(epochs=self.epochs, iterations=self.iterations, val_iterations=self.val_iterations,

@@ -91,6 +91,10 @@ def test_choice_lists_are_defined_once_and_every_interface_offers_them():
     from ALSegLib.selection import features, strategies
 
     assert set(strategies.STRATEGIES) == set(settings.STRATEGIES)
+    from ALSegLib.nnunet.dataset import SPARSE_FILLS
+    from ALSegLib.selection.slices import SLICE_STRATEGIES
+
+    assert SLICE_STRATEGIES == settings.SLICE_STRATEGIES and SPARSE_FILLS == settings.SPARSE_FILLS
     assert settings.DEFAULT_STRATEGY in settings.STRATEGIES and settings.RoundSettings().strategy == settings.DEFAULT_STRATEGY
     assert set(features.SOURCES) | {"auto"} == set(settings.FEATURE_SOURCES)
     assert set(settings.MODES) == {m for m, mode in TRAINING_MODES.items() if mode.in_rounds} == {"finetune", "filtermatch"}
@@ -98,7 +102,8 @@ def test_choice_lists_are_defined_once_and_every_interface_offers_them():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     for command in ("round", "demo", "select"):
         actions = {a.dest: a for a in sub[command]._actions}
-        assert tuple(actions["strategy"].choices) == settings.STRATEGIES, command
+        assert tuple(actions["strategy"].choices) == (settings.ROUND_STRATEGIES if command == "round"
+                                                      else settings.STRATEGIES), command
         assert actions["strategy"].default == settings.DEFAULT_STRATEGY, command
         if "mode" in actions:
             assert tuple(actions["mode"].choices) == settings.MODES and actions["mode"].default == "finetune", command

@@ -322,3 +322,41 @@ def test_review_of_a_slice_unit_stores_those_slices_only(project):
     effort = project.provenance(case, "human", version)["effort"]
     assert effort["voxels_changed"] == int((ref[lesion_slices] == 3).sum())  # counted on the unit's slices only
     assert rounds.queue_items(project)[0]["status"] == "labeled" and session.open_next() is None
+
+
+def test_two_slice_level_rounds_through_the_console_api(tmp_path):
+    """`--unit slice`: each round queries slices, the simulated annotator reveals only those, the
+    fine-tuning trains through the ignore label, and the next round never proposes a slice again."""
+    from ALSegLib import phantoms, rounds
+    from ALSegLib.loop import run_round
+    from ALSegLib.nnunet.train import read_model
+    from ALSegLib.project import LabelTable, Project
+    from ALSegLib.simulate import SimulatedAnnotator
+
+    images, labels = phantoms.write_dataset(tmp_path / "src", n=10, modality="CT", size=32)
+    project = Project.create(tmp_path / "p", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    test = project.cases()[-2:]
+    settings = dict(budget="6", strategy="random-fg", unit="slice", slab=2, mode="finetune", exclude=test,
+                    pseudo={"source": "degraded-reference", "target_dice": 0.75}, device="cpu",
+                    configuration="3d_fullres", batch_size=2, pretrain_epochs=1, pretrain_iterations=2, epochs=1,
+                    iterations=2, val_iterations=1, pseudo_share=0.0)
+    annotator = SimulatedAnnotator(test)
+    first = run_round(Project(project.root), annotator=annotator, **settings)
+    queue = rounds.read_round(project, 1)["queue"]
+    assert len(queue) == 3 and all(len(q["slices"]) == 2 and q["axis"] == 0 for q in queue)  # 6 slices, slabs of 2
+    assert first["stages"]["select"]["slices"] == 6 and first["stages"]["select"]["units"] == 3
+    for q in queue:
+        mask = project.annotation_mask(q["case"])
+        assert mask is not None and mask[q["slices"]].all()
+    assert not set(project.labeled_cases("human")) & set(test)
+    model = read_model(project, "round0001-finetune")
+    assert model["sparse_fill"] == "ignore" and model["policy"] == "human"
+    dataset = json.loads((project.root / "nnunet" / "raw" / model["dataset"] / "dataset.json").read_text())
+    assert "ignore" in dataset["labels"]
+    run_round(Project(project.root), annotator=annotator, **settings)
+    second = rounds.read_round(project, 2)["queue"]
+    first_units = {(q["case"], s) for q in queue for s in q["slices"]}
+    assert not first_units & {(q["case"], s) for q in second for s in q["slices"]}  # never a slice twice
+    annotated = sum(int(project.annotation_mask(c).any(axis=(1, 2)).sum()) for c in project.labeled_cases("human"))
+    assert annotated == 12  # two rounds of 6 slices
