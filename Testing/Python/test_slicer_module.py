@@ -86,11 +86,28 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
     # the engine accepts every choice the panel offers
     from ALSegLib.cli import build_parser
 
+    from ALSegLib.settings import SLICE_STRATEGIES, STRATEGIES, RoundSettings
+
+    for unit in constants["UNITS"]:
+        for strategy in constants["STRATEGIES"]:
+            for mode in constants["MODES"]:
+                for device in constants["DEVICES"]:
+                    build_parser().parse_args(["round", "p", "--budget", "1", "--strategy", strategy, "--mode", mode,
+                                               "--device", device, "--unit", unit])
+    # each strategy fits at least one unit, and every strategy of either unit is offered
+    assert set(constants["STRATEGIES"]) == set(STRATEGIES) | set(SLICE_STRATEGIES)
     for strategy in constants["STRATEGIES"]:
-        for mode in constants["MODES"]:
-            for device in constants["DEVICES"]:
-                build_parser().parse_args(["round", "p", "--budget", "1", "--strategy", strategy, "--mode", mode,
-                                           "--device", device])
+        assert any(_accepted(RoundSettings, budget="1", strategy=strategy, unit=u) for u in constants["UNITS"])
+
+
+def _accepted(cls, **kw) -> bool:
+    from ALSegLib.errors import InputError
+
+    try:
+        cls(**kw)
+    except InputError:
+        return False
+    return True
 
 
 def cmake_list(text: str, variable: str) -> list[str]:
