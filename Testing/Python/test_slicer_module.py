@@ -85,7 +85,6 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
             assert items == values, name
     # the engine accepts every choice the panel offers
     from ALSegLib.cli import build_parser
-
     from ALSegLib.settings import SLICE_STRATEGIES, STRATEGIES, RoundSettings
 
     for unit in constants["UNITS"]:
