@@ -68,7 +68,7 @@ def annotated_slices(project: Project, exclude: Sequence[str]) -> dict:
     label counts all of its case's slices) and voxels, each of the total the cases hold."""
     import numpy as np
 
-    from .store.sparse import acquisition_axis, slice_coverage
+    from .store.sparse import case_slices, slice_coverage
 
     held = set(exclude)
     labeled = set(project.labeled_cases("human"))
@@ -77,8 +77,7 @@ def annotated_slices(project: Project, exclude: Sequence[str]) -> dict:
         if case in held:
             continue
         geometry = project.geometry(case)
-        axis = acquisition_axis(geometry.spacing)
-        n_slices = int(geometry.size[::-1][axis])
+        axis, n_slices = case_slices(geometry)
         n_voxels = int(np.prod(geometry.size))
         out["slices_of"] += n_slices
         out["voxels_of"] += n_voxels

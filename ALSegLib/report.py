@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from . import atomic, rounds
 from .project import Project
 from .store.files import now_iso
@@ -120,14 +122,27 @@ def curve_point(metrics: Mapping, round_number: int | None) -> dict:
             "slice_fraction": metrics.get("slice_fraction")}
 
 
-def aubc(points: Sequence[Mapping], x: str = "slice_fraction", y: str = "mean_dice") -> float | None:
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aubc(points: Sequence[Mapping], x: str = "slice_fraction", y: str = "mean_dice",
+         upto: float | None = None) -> float | None:
     """The area under the budget curve (nnActive's AUBC): the trapezoidal area under ``y`` against
-    ``x`` (the annotated share, 0..1) from the first point to the last, divided by that span so it
-    reads as a mean Dice over the budget. None with fewer than two points or a missing value."""
-    pts = sorted((p.get(x), p.get(y)) for p in points)
-    if len(pts) < 2 or any(a is None or b is None or math.isnan(b) for a, b in pts):
+    ``x`` (the annotated share, 0..1) from the first point to the last (or to ``upto``, the curve
+    interpolated there: compare arms over one span), divided by that span so it reads as a mean Dice
+    over the budget. None with fewer than two points, a missing or non-finite value, or no span."""
+    raw = [(p.get(x), p.get(y)) for p in points]
+    if len(raw) < 2 or not all(_finite(a) and _finite(b) for a, b in raw):
         return None
-    xs, ys = [a for a, _ in pts], [b for _, b in pts]
+    pts = sorted(raw)
+    xs, ys = [float(a) for a, _ in pts], [float(b) for _, b in pts]
+    if upto is not None:
+        if not xs[0] < upto <= xs[-1] + 1e-12:
+            return None
+        keep = [i for i, v in enumerate(xs) if v < upto]
+        y_end = float(np.interp(upto, xs, ys))
+        xs, ys = [xs[i] for i in keep] + [upto], [ys[i] for i in keep] + [y_end]
     span = xs[-1] - xs[0]
     if span <= 0:
         return None
@@ -135,10 +150,16 @@ def aubc(points: Sequence[Mapping], x: str = "slice_fraction", y: str = "mean_di
     return float(area / span)
 
 
+def common_budget(curves: Sequence[Sequence[Mapping] | None], x: str = "slice_fraction") -> float | None:
+    """The largest share every curve reached (the smallest of their last ``x``): one span for all."""
+    ends = [max(p[x] for p in c) for c in curves if c and all(_finite(p.get(x)) for p in c)]
+    return min(ends) if ends and len(ends) == len([c for c in curves if c]) else None
+
+
 def budget_axis(points: Sequence[Mapping]) -> tuple[str, str]:
     """The learning curve's x: the share of slices annotated when every point counts slices (a
     whole-case label counts all its slices, so both units compare), else the share of cases."""
-    if points and all(p.get("slice_fraction") is not None for p in points):
+    if points and all(_finite(p.get("slice_fraction")) for p in points):
         return "slice_fraction", "slices annotated (%)"
     return "fraction", "cases annotated (%)"
 
@@ -249,8 +270,11 @@ def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
                                                  "foreground Dice", *results["classes"], "ratio to full"], rows)]
     areas = [[arm, data["aubc"], *data["aubc_per_seed"]] for arm, data in arms.items() if data.get("aubc") is not None]
     if areas:
+        spans = ", ".join(format_number(100 * v if v is not None else None, 2) for v in setup.get("aubc_span", []))
         sections.append(("Area under the budget curve", "mean Dice against the share of slices annotated, from the "
-                         "pretrained model to the last round, divided by that span; then per seed",
+                         "pretrained model (nothing annotated) to the share every arm reached in that seed (the "
+                         f"same span for every arm: {spans} % of the pool's slices), divided by that span; "
+                         "then per seed",
                          ["arm", "AUBC", *(f"seed {s}" for s in setup["seeds"])], areas))
     if results.get("sweep"):
         sections.append(("Final Dice vs pseudo-label Dice", "", ["target pseudo-label Dice", "measured pseudo-label Dice",

@@ -45,7 +45,7 @@ from .loop import prepare, run_round, score_held_out
 from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project
-from .report import aubc, curve_point
+from .report import aubc, common_budget, curve_point
 from .settings import SLICE_STRATEGIES, PseudoSource, RoundSettings
 from .store.files import now_iso
 
@@ -158,14 +158,10 @@ def slices_per_round(source: Project, settings: ExperimentSettings, test: Sequen
     the pool's mean number of slices per case along each case's acquisition axis (rounded), so that
     every arm annotates about as many slices."""
     from .selection.strategies import parse_budget
-    from .store.sparse import acquisition_axis
+    from .store.sparse import case_slices
 
     held = set(test) | set(settings.round.exclude)
-    counts = []
-    for case in source.cases():
-        if case not in held:
-            g = source.geometry(case)
-            counts.append(int(g.size[::-1][acquisition_axis(g.spacing)]))
+    counts = [case_slices(source.geometry(c))[1] for c in source.cases() if c not in held]
     if settings.slice_budget is not None:
         return parse_budget(settings.slice_budget, sum(counts))
     return max(1, round(_per_round(settings.round.budget, len(counts)) * float(np.mean(counts))))
@@ -269,6 +265,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
     pseudo_dice: list[float] = []
     alseg = [a for a in settings.arms if "+" in a]
     aubcs: dict[str, list[float | None]] = {arm: [] for arm in alseg}
+    span: list[float | None] = []
     slices = slices_per_round(source, settings, test) if any(arm_parts(a)[0] == "slice" for a in alseg) else None
     for seed in settings.seeds:
         emit("stage", stage="experiment-seed", seed=seed)
@@ -277,14 +274,20 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         if "pseudo-only" in settings.arms:
             per_seed["pseudo-only"].append([curve_point(pretrained, 0)])
         labeled_rounds = None
+        curves = {}
         for arm in alseg:
             points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test,
                                                seed, slices)
             per_seed[arm].append(points)
-            # from the pretrained model (nothing annotated) to the last round, against the slices annotated
-            aubcs[arm].append(aubc([curve_point(pretrained, 0), *points]) if pretrained else None)
+            curves[arm] = [curve_point(pretrained, 0), *points] if pretrained else None
             if labeled_rounds is None and arm.startswith("hybrid"):
                 labeled_rounds = labeled_after
+        # from the pretrained model (nothing annotated) to the budget every arm reached, against the share
+        # of slices annotated: the same span for every arm (the whole-case arm's last share depends on its cases)
+        upto = common_budget(list(curves.values()))
+        span.append(upto)
+        for arm, curve in curves.items():
+            aubcs[arm].append(aubc(curve, upto=upto) if curve is not None and upto is not None else None)
         if "supervised-only" in settings.arms:
             if labeled_rounds is None:  # no hybrid arm ran: the labels random selection would pick
                 rng = random.Random(seed)
@@ -311,14 +314,15 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
     for arm, values in aubcs.items():
         if arm in arms:
             arms[arm]["aubc_per_seed"] = values
-            arms[arm]["aubc"] = _nanmean(values)
+            mean = _nanmean(values)
+            arms[arm]["aubc"] = None if math.isnan(mean) else mean
     results = {
         "classes": classes, "arms": arms, **compare_arms(arms),
         "pseudo_label_dice": float(np.mean(pseudo_dice)) if pseudo_dice else None,
         "setup": {"pool": len(pool), "test": len(test), "test_cases": test, "seeds": settings.seeds,
                   "rounds": settings.rounds,
                   "budget_per_round": _per_round(settings.round.budget, len(source.cases()) - len(test)),
-                  "slices_per_round": slices,
+                  "slices_per_round": slices, "aubc_span": span,
                   "pseudo_source": f"{settings.round.pseudo.source} (simulated)"
                   if settings.round.pseudo.source == "degraded-reference" else settings.round.pseudo.source,
                   "compute": _compute_text(settings), "settings": settings.to_json()},
@@ -338,8 +342,12 @@ def compare_arms(arms: dict[str, dict]) -> dict:
     for data in arms.values():
         for p in data["points"] + [data["final"]]:
             p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
-    return {
-        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a for p in d["points"]), default=0.0),
+    return {  # cases annotated by the whole-case arms (a slice arm touches many cases a slice or two each)
+        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a and arm_parts(a)[0] == "case"
+                         for p in d["points"]), default=0.0),
+        "slice_fraction": max((p["slice_fraction"] for a, d in arms.items() if "+" in a for p in d["points"]
+                               if p.get("slice_fraction") is not None and not math.isnan(p["slice_fraction"])),
+                              default=None),
         "dice": {a: d["final"]["mean_dice"] for a, d in arms.items()},
         "ratio_to_full": {a: d["final"]["ratio_to_full"] for a, d in arms.items()},
     }
@@ -380,9 +388,16 @@ def _mean_over_seeds(runs: list[list[dict]], classes: Sequence[str]) -> dict:
             "mean_dice": _nanmean([p["mean_dice"] for p in group]),
             "per_class": {c: _nanmean([p["per_class"].get(c, math.nan) for p in group]) for c in classes},
             "per_seed": [p["mean_dice"] for p in group],
-            **{k: _nanmean([p.get(k) for p in group]) for k in ("foreground_dice", "slices", "slice_fraction", "voxels")},
+            **{k: _finite_mean([p.get(k) for p in group])
+               for k in ("foreground_dice", "slices", "slices_of", "slice_fraction", "voxels")},
         })
     return {"points": points, "final": dict(points[-1])}
+
+
+def _finite_mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values given (None where none is: a record from before slices were counted)."""
+    mean = _nanmean(values)
+    return None if math.isnan(mean) else mean
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -399,7 +414,8 @@ def _sweep(source: Project, out: Path, settings: ExperimentSettings, test: list[
         folder = out / f"sweep-{target:.2f}"
         base, pdice, _ = make_base(source, folder / "base", settings, test, seed,
                                 pseudo=settings.round.pseudo.with_options(target_dice=target))
-        points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed)
+        slices = slices_per_round(source, settings, test) if arm_parts(arm)[0] == "slice" else None
+        points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed, slices)
         rows.append({"target": target, "pseudo_label_dice": pdice, "final_dice": points[-1]["mean_dice"],
                      "arm": arm, "seed": seed})
     return rows

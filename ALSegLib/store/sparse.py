@@ -31,6 +31,12 @@ def acquisition_axis(spacing_xyz: Sequence[float]) -> int:
     return next(a for a, s in enumerate(spacing_kji) if s >= top * (1 - 1e-6))
 
 
+def case_slices(geometry: Geometry) -> tuple[int, int]:
+    """(acquisition axis, slices along it) of a case, from its image geometry (size is x, y, z)."""
+    axis = acquisition_axis(geometry.spacing)
+    return axis, int(geometry.size[::-1][axis])
+
+
 @dataclass(frozen=True)
 class SliceSet:
     """Whole slices ``indices`` along array ``axis`` (0 = k, 1 = j, 2 = i)."""

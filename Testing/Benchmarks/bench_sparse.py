@@ -114,6 +114,7 @@ def main() -> int:
         start = time.perf_counter()
         results = simulate(source, work / "experiment", settings)
         seconds = time.perf_counter() - start
+        pool_total = pool_slices(source, [p.name[: -len(".nii.gz")] for p in test])
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -124,19 +125,19 @@ def main() -> int:
               "training_split": "every label (no validation split)", "rounds": args.rounds,
               "cases_per_round": args.budget, "slices_per_round": per_round, "seeds": args.seeds,
               "pool": len(pool), "test": len(test), "split_seed": args.split_seed,
-              "pool_slices": _pool_slices(results), "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
+              "pool_slices": pool_total, "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
               "seconds": round(seconds, 1)}
     raw = {arm: _raw(data, args.seeds) for arm, data in results["arms"].items()}
     write_results(args.name, summarize(raw, results["pseudo_label_dice"], budget))
     return 0
 
 
-def _pool_slices(results: dict) -> int | None:
-    for data in results["arms"].values():
-        for p in data["points"]:
-            if p.get("slices") is not None and p.get("slice_fraction"):
-                return round(p["slices"] / p["slice_fraction"])
-    return None
+def pool_slices(project: Project, test: list[str]) -> int:
+    """The pool's slices along each case's acquisition axis (what a slice budget is a share of)."""
+    from ALSegLib.store.sparse import case_slices
+
+    held = set(test)
+    return sum(case_slices(project.geometry(c))[1] for c in project.cases() if c not in held)
 
 
 def _raw(data: dict, seeds: list[int]) -> dict:
@@ -146,6 +147,8 @@ def _raw(data: dict, seeds: list[int]) -> dict:
             "dice": [list(p["per_seed"]) for p in points],
             "slices": [_finite(p.get("slices")) for p in points],
             "slice_fraction": [_finite(p.get("slice_fraction")) for p in points],
+            # per seed, per round (a point's slice share is a mean over seeds: per seed only with one seed)
+            "slice_fraction_seeds": ([[_finite(p.get("slice_fraction")) for p in points]] if len(seeds) == 1 else None),
             "foreground_dice": [_finite(p.get("foreground_dice")) for p in points],
             "aubc": [_finite(a) for a in data.get("aubc_per_seed", [None] * len(seeds))]}
 
@@ -164,7 +167,10 @@ def summarize(raw: dict[str, dict], pseudo_label_dice: float | None, budget: dic
     foreground Dice, the learning curves, and the goals as paired per-seed differences in Dice points."""
     final = {arm: r["dice"][-1] for arm, r in raw.items()}
     dice = {arm: _mean(v) for arm, v in final.items()}
-    aubc = {arm: _mean(r["aubc"]) for arm, r in raw.items() if any(a is not None for a in r["aubc"])}
+    per_seed_aubc, spans = common_span_aubc(raw)
+    if per_seed_aubc is None:  # no per-seed slice shares or no pretrained point: the runs' own
+        per_seed_aubc = {arm: r["aubc"] for arm, r in raw.items()}
+    aubc = {arm: _mean(v) for arm, v in per_seed_aubc.items() if any(a is not None for a in v)}
     slice_arms_run = [a for a in raw if a.startswith("slice-")]
     best = max(slice_arms_run, key=lambda a: dice[a]) if slice_arms_run else None
 
@@ -184,7 +190,8 @@ def summarize(raw: dict[str, dict], pseudo_label_dice: float | None, budget: dic
         "per_seed": final,
         "spread": {arm: {"std": float(np.std(v)), "min": float(min(v)), "max": float(max(v))} for arm, v in final.items()},
         "aubc": aubc,
-        "aubc_per_seed": {arm: r["aubc"] for arm, r in raw.items()},
+        "aubc_per_seed": per_seed_aubc,
+        "aubc_span": spans,  # per seed: the share of the pool's slices every arm reached (AUBC from 0 to it)
         "foreground_dice": {arm: r["foreground_dice"][-1] for arm, r in raw.items()},
         "slices_annotated": {arm: r["slices"][-1] for arm, r in raw.items()},
         "pseudo_label_dice": pseudo_label_dice,
@@ -206,13 +213,36 @@ def summarize(raw: dict[str, dict], pseudo_label_dice: float | None, budget: dic
     }
 
 
+def common_span_aubc(raw: dict[str, dict]) -> tuple[dict | None, list | None]:
+    """Per seed, every ALSeg arm's AUBC over one span: from the pretrained model (``pseudo-only``, no
+    slice annotated) to the smallest last slice share of the arms in that seed, interpolated there."""
+    from ALSegLib.report import aubc, common_budget
+
+    arms = [a for a in raw if "+" in a]
+    if "pseudo-only" not in raw or not arms or any(raw[a].get("slice_fraction_seeds") is None for a in arms):
+        return None, None
+    seeds = raw["pseudo-only"]["seeds"]
+    out: dict[str, list] = {a: [] for a in arms}
+    spans = []
+    for i, _ in enumerate(seeds):
+        start = {"slice_fraction": 0.0, "mean_dice": raw["pseudo-only"]["dice"][0][i]}
+        curves = {a: [start, *({"slice_fraction": f, "mean_dice": d[i]}
+                               for f, d in zip(raw[a]["slice_fraction_seeds"][i], raw[a]["dice"], strict=True))]
+                  for a in arms}
+        upto = common_budget(list(curves.values()))
+        spans.append(upto)
+        for a, curve in curves.items():
+            out[a].append(aubc(curve, upto=upto) if upto is not None else None)
+    return out, spans
+
+
 def merge(paths: list[str]) -> dict:
     """One results file from runs of the same setup on different seeds: each arm's per-seed values
     pooled (seed order kept, so the paired differences stay paired), means recomputed."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
 
-    def setup(run):
-        return {k: v for k, v in run["budget"].items() if k not in ("seeds", "seconds")}
+    def setup(run):  # pool_slices: earlier runs estimated it from a rounded share (the pool is the split's)
+        return {k: v for k, v in run["budget"].items() if k not in ("seeds", "seconds", "pool_slices")}
 
     for path, run in zip(paths, runs, strict=True):
         if setup(run) != setup(runs[0]):
@@ -237,13 +267,40 @@ def merge(paths: list[str]) -> dict:
                     "dice": [[d for p in parts for d in p["dice"][i]] for i in range(len(parts[0]["rounds"]))],
                     **{k: [weighted([p[k][i] for p in parts]) for i in range(len(parts[0]["rounds"]))]
                        for k in ("slices", "slice_fraction", "foreground_dice")},
-                    "aubc": [a for p in parts for a in p["aubc"]]}
+                    "aubc": [a for p in parts for a in p["aubc"]],
+                    "slice_fraction_seeds": _seed_shares(parts)}
     pseudo = [run["pseudo_label_dice"] for run in runs]
-    budget = {**runs[0]["budget"], "seeds": seeds, "seconds": [run["budget"]["seconds"] for run in runs]}
+    budget = {**runs[0]["budget"], "seeds": seeds, "seconds": [run["budget"]["seconds"] for run in runs],
+              "pool_slices": _split_pool_slices(runs[0]["budget"])}
     figures = summarize(raw, None if None in pseudo else weighted(pseudo), budget)
     figures["merged_runs"] = [{"file": Path(p).name, "commit": run["commit"], "time": run["time"],
                                "seeds": run["budget"]["seeds"]} for p, run in zip(paths, runs, strict=True)]
     return figures
+
+
+def _seed_shares(parts: list[dict]) -> list | None:
+    """Each seed's slice shares per round, from runs of one seed each (or runs that kept them)."""
+    out = []
+    for p in parts:
+        shares = p.get("slice_fraction_seeds")
+        if shares is None and len(p["seeds"]) == 1:
+            shares = [p["slice_fraction"]]
+        if shares is None:
+            return None
+        out += shares
+    return out
+
+
+def _split_pool_slices(budget: dict) -> int | None:
+    """The pool's slices, counted again from the split the runs used (the shared data's headers)."""
+    from ALSegLib.store.sparse import case_slices
+    from ALSegLib.volumes import Geometry
+
+    data = shared_data()
+    if data is None:
+        return budget.get("pool_slices")
+    pool, _ = split(data / "hippocampus", budget["pool"], budget["test"], budget["split_seed"])
+    return sum(case_slices(Geometry.read(p))[1] for p in pool)
 
 
 if __name__ == "__main__":

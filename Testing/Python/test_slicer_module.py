@@ -44,6 +44,25 @@ def ui_widgets() -> dict[str, ET.Element]:
     return {w.get("name"): w for w in root.iter("widget")}
 
 
+def test_no_two_items_of_a_grid_or_form_layout_share_a_cell():
+    """Qt drops an item whose cell is taken ("Cell already occupied"): the widget would float outside
+    its section. Every (row, column) a layout's items span is spanned once."""
+    root = ET.parse(UI).getroot()
+    layouts = [la for la in root.iter("layout") if la.get("class") in ("QFormLayout", "QGridLayout")]
+    assert layouts
+    for layout in layouts:
+        taken: dict[tuple[int, int], str] = {}
+        for item in layout.findall("item"):
+            if item.get("row") is None:
+                continue
+            row, col, span = int(item.get("row")), int(item.get("column", 0)), int(item.get("colspan", 1))
+            child = next(iter(item), None)
+            name = child.get("name", child.get("class")) if child is not None else "?"
+            for c in range(col, col + span):
+                assert (row, c) not in taken, f"{layout.get('name')}: row {row} column {c} holds {taken[(row, c)]} and {name}"
+                taken[(row, c)] = name
+
+
 def test_ui_file_has_every_widget_the_code_uses():
     widgets = ui_widgets()
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "ALSeg.py").read_text()))

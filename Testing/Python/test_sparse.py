@@ -366,7 +366,8 @@ def test_two_slice_level_rounds_through_the_console_api(tmp_path):
     assert metrics[1]["voxels"] == 12 * 32 * 32 and 0 <= metrics[1]["foreground_dice"] <= 1
     curve = json.loads((project.layout.reports / "learning_curve.json").read_text())
     assert curve["aubc_over"] == "slice_fraction" and 0 <= curve["aubc"] <= 1
-    assert "slices annotated" in (project.root / "rounds" / "0002" / "report.md").read_text()
+    report = json.loads((project.root / "rounds" / "0002" / "report.json").read_text())
+    assert [p["slices"] for p in report["learning_curve"]] == [0, 6, 12] and report["aubc"] == curve["aubc"]
 
 
 def test_annotated_slices_count_sparse_and_whole_labels_along_the_acquisition_axis(project):
@@ -388,13 +389,20 @@ def test_annotated_slices_count_sparse_and_whole_labels_along_the_acquisition_ax
 
 def test_aubc_and_the_foreground_dice_of_nnunets_convention():
     from ALSegLib.metrics import foreground_dice
-    from ALSegLib.report import aubc
+    from ALSegLib.report import aubc, common_budget
 
     points = [{"slice_fraction": 0.0, "mean_dice": 0.5}, {"slice_fraction": 0.05, "mean_dice": 0.7},
               {"slice_fraction": 0.1, "mean_dice": 0.7}]
     assert aubc(points) == pytest.approx(((0.5 + 0.7) / 2 * 0.05 + 0.7 * 0.05) / 0.1)
     assert aubc(points[::-1]) == aubc(points)  # order of the points does not matter
     assert aubc(points[:1]) is None and aubc([*points, {"slice_fraction": 0.2, "mean_dice": None}]) is None
+    assert aubc([*points, {"slice_fraction": None, "mean_dice": 0.7}]) is None
+    assert aubc([*points, {"slice_fraction": 0.2, "mean_dice": float("nan")}]) is None
+    # one span for every arm: up to 0.075, the last segment interpolated (0.7 at 0.075)
+    assert aubc(points, upto=0.075) == pytest.approx(((0.5 + 0.7) / 2 * 0.05 + 0.7 * 0.025) / 0.075)
+    assert aubc(points, upto=0.2) is None  # beyond the curve: not extrapolated
+    curves = [points, [{"slice_fraction": 0.0, "mean_dice": 0.5}, {"slice_fraction": 0.08, "mean_dice": 0.6}]]
+    assert common_budget(curves) == 0.08 and common_budget([points, None]) == 0.1
     per_case = {"c1": {"a": {"dice": 0.8}, "b": {"dice": 1.0}}, "c2": {"a": {"dice": 0.6}, "b": {"dice": 0.4}}}
     # c1 holds no b at all (reference and prediction empty): left out, not counted as a perfect 1.0
     assert foreground_dice(per_case, {"c1": ["b"]}) == pytest.approx((0.7 + 0.4) / 2)
@@ -420,6 +428,7 @@ def test_simulate_runs_slice_arms_on_the_whole_case_arms_slice_budget(tmp_path, 
     assert code == 0, err
     results = json.loads(out)
     assert results["setup"]["slices_per_round"] == 32  # one case of 32 slices
+    assert results["setup"]["aubc_span"] == [pytest.approx(32 / (6 * 32), abs=1e-4)]  # the span every arm reached
     arms = results["arms"]
     for arm in ("hybrid+finetune", "slice-random-fg+finetune", "slice-hybrid+finetune"):
         assert arms[arm]["final"]["slices"] == 32
