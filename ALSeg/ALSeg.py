@@ -54,7 +54,8 @@ from ALSegSlicer.facade import RoundOptions, Session, discard_apply_files  # noq
 
 SHORTCUTS = {"accept": "Ctrl+Shift+A", "skip": "Ctrl+Shift+K", "positive": "Ctrl+Shift+P", "negative": "Ctrl+Shift+N",
              "box": "Ctrl+Shift+B"}
-STRATEGIES = ["hybrid", "hybrid-weighted", "uncertainty", "coreset", "random"]
+STRATEGIES = ["hybrid", "hybrid-weighted", "uncertainty", "coreset", "random", "random-fg"]  # random-fg: slices only
+UNITS = ["case", "slice"]
 MODES = ["finetune", "filtermatch"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 PSEUDO_SOURCES = ["existing", "sam", "import"]
@@ -95,6 +96,8 @@ class ALSegParameterNode:
     trainingMode: Annotated[str, Choice(MODES)] = "finetune"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     minutesPerTraining: int = 0  # 0: the default budget
+    unit: Annotated[str, Choice(UNITS)] = "case"
+    slab: int = 1
 
 
 class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -640,7 +643,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic, Session):
     def roundOptions(self, p) -> RoundOptions:
         """The parameter node's values as the facade's round options."""
         return RoundOptions(budget=p.budget, strategy=p.strategy, mode=p.trainingMode, device=p.device,
-                            minutes=p.minutesPerTraining,
+                            minutes=p.minutesPerTraining, unit=p.unit, slab=p.slab,
                             pseudo_source="" if p.pseudoSource == "existing" else p.pseudoSource,
                             checkpoint=self.pathOrEmpty(p.checkpoint), import_folder=self.pathOrEmpty(p.importFolder))
 

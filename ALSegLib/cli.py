@@ -217,6 +217,8 @@ def cmd_evaluate(args) -> int:
     for cls, m in result["summary"].items():
         print(f"{cls:<{cw}} {_fmt(m['dice']['mean']):>7} {_fmt(m['iou']['mean']):>7} {_fmt(m['hd95']['mean'], 2):>9} "
               f"{_fmt(m['asd']['mean'], 2):>8}  n={m['hd95']['n']}")
+    print(f"foreground Dice (nnU-Net's convention: a class absent from both labels left out): "
+          f"{_fmt(result['foreground_dice'])}")
     if args.per_case:
         print()
         names = list(project.labels.mapping)
@@ -523,7 +525,7 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
         wants_fm = any(a.endswith("+filtermatch") for a in (args.arms or [])) or not args.arms
         fm = _filtermatch_config(args, "simulate") if wants_fm else None
         pseudo = _pseudo_spec(args, experiment=True) or {"source": "degraded-reference", "target_dice": args.target_dice}
-        own = {}
+        own = {"slab": args.slab, "sparse_fill": args.sparse_fill}  # slice arms' (the case arms ignore them)
     else:
         fm = _filtermatch_config(args, "round --mode filtermatch") if args.mode == "filtermatch" else None
         pseudo = _pseudo_spec(args)
@@ -619,7 +621,8 @@ def cmd_simulate(args) -> int:
     source = Project.open(args.project)
     kw = {"arms": args.arms} if args.arms else {}
     settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=args.test, test_fraction=args.test_fraction,
-                                  sweep=args.sweep, round=_round_settings(args, experiment=True), **kw)
+                                  sweep=args.sweep, round=_round_settings(args, experiment=True),
+                                  slice_budget=args.slice_budget, **kw)
     results = simulate(source, args.out, settings)
     if args.json:
         _print_json(results)
@@ -628,8 +631,10 @@ def cmd_simulate(args) -> int:
           f"pseudo-labels {results['setup']['pseudo_source']} (Dice {_fmt(results['pseudo_label_dice'])})")
     for arm, data in results["arms"].items():
         f = data["final"]
-        print(f"  {arm:<22} {100 * f['fraction']:5.1f} % annotated  mean Dice {_fmt(f['mean_dice'])}  "
-              f"ratio to full {_fmt(f.get('ratio_to_full'))}")
+        slices = "" if f.get("slices") is None or math.isnan(f["slices"]) else f"  {f['slices']:6.0f} slices"
+        area = "" if data.get("aubc") is None or math.isnan(data["aubc"]) else f"  AUBC {_fmt(data['aubc'])}"
+        print(f"  {arm:<26} {100 * f['fraction']:5.1f} % cases{slices}  mean Dice {_fmt(f['mean_dice'])}  "
+              f"ratio to full {_fmt(f.get('ratio_to_full'))}{area}")
     print(f"Report: {results['report']['html']}")
     return EXIT_OK
 
@@ -967,7 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add("simulate", cmd_simulate, "The oracle experiment: reference labels play the annotator; arms random/hybrid x "
-            "finetune/filtermatch and the baselines pseudo-only, supervised-only and full supervision.")
+            "finetune/filtermatch, slice-level arms (slice-random, slice-random-fg, slice-uncertainty, slice-hybrid, "
+            "each +finetune or +filtermatch) and the baselines pseudo-only, supervised-only and full supervision.")
     p.add_argument("project", help="a project whose every case has a reference label (left untouched)")
     p.add_argument("--out", required=True, help="folder for the experiment's projects and report")
     p.add_argument("--rounds", type=int, default=2)
@@ -975,8 +981,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--test", nargs="+", metavar="CASE", help="held-out test cases (default: --test-fraction of the cases)")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--arms", nargs="+", help="arms to run (default: all): random+finetune, random+filtermatch, "
-                   "hybrid+finetune, hybrid+filtermatch, pseudo-only, supervised-only, 'full supervision'")
+    p.add_argument("--arms", nargs="+", help="arms to run (default: the case-level arms and the baselines): random+finetune, "
+                   "random+filtermatch, hybrid+finetune, hybrid+filtermatch, pseudo-only, supervised-only, "
+                   "'full supervision'; slice-level: slice-random+finetune, slice-random-fg+finetune, "
+                   "slice-uncertainty+finetune, slice-hybrid+finetune (or +filtermatch)")
+    p.add_argument("--slice-budget", help="slice arms: slices per round, a count or a percentage of the pool's slices "
+                   "(default: as many slices as --budget's cases hold on average)")
+    p.add_argument("--slab", type=int, default=1, help="slice arms: slices per queried unit (default 1)")
+    p.add_argument("--sparse-fill", default="ignore", choices=SPARSE_FILLS,
+                   help="slice arms: a sparse case's unannotated voxels train as nnU-Net's ignore label, or as its "
+                   "pseudo-label (default ignore)")
     p.add_argument("--sweep", type=float, nargs="+", metavar="DICE", help="also: final Dice for these pseudo-label Dice targets")
     budgets(p)
     pseudo_source(p)

@@ -62,15 +62,49 @@ def annotated_fraction(project: Project, exclude: Sequence[str]) -> tuple[int, i
     return len(labeled), len(total)
 
 
+def annotated_slices(project: Project, exclude: Sequence[str]) -> dict:
+    """What the human labels outside ``exclude`` cover, counted as the protocol counts a budget:
+    slices along each case's acquisition axis (a slice with any annotated voxel counts; a whole-case
+    label counts all of its case's slices) and voxels, each of the total the cases hold."""
+    import numpy as np
+
+    from .store.sparse import case_slices, slice_coverage
+
+    held = set(exclude)
+    labeled = set(project.labeled_cases("human"))
+    out = {"slices": 0, "slices_of": 0, "voxels": 0, "voxels_of": 0}
+    for case in project.cases():
+        if case in held:
+            continue
+        geometry = project.geometry(case)
+        axis, n_slices = case_slices(geometry)
+        n_voxels = int(np.prod(geometry.size))
+        out["slices_of"] += n_slices
+        out["voxels_of"] += n_voxels
+        if case not in labeled:
+            continue
+        mask = project.annotation_mask(case)
+        if mask is None:
+            out["slices"] += n_slices
+            out["voxels"] += n_voxels
+        else:
+            out["slices"] += int(np.count_nonzero(slice_coverage(mask, axis)[1]))
+            out["voxels"] += int(np.count_nonzero(mask))
+    out["slice_fraction"] = round(out["slices"] / out["slices_of"], 5) if out["slices_of"] else 0.0
+    return out
+
+
 def held_out_metrics(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str]) -> dict:
-    """Metrics of the stored ``predicted`` labels of ``cases`` (made by ``model``) and how
-    many cases were annotated then: what a round, the experiment and the reports record."""
+    """Metrics of the stored ``predicted`` labels of ``cases`` (made by ``model``) and how much was
+    annotated then (cases, and slices and voxels: :func:`annotated_slices`): what a round, the
+    experiment and the reports record."""
     from .evaluation import evaluate
 
-    summary = evaluate(project, "predicted", cases)["summary"]
+    result = evaluate(project, "predicted", cases)
     done, total = annotated_fraction(project, exclude)
-    return {"model": model, "cases": list(cases), "summary": summary, "annotated": done, "of": total,
-            "fraction": round(done / total, 4) if total else 0.0}
+    return {"model": model, "cases": list(cases), "summary": result["summary"],
+            "foreground_dice": result["foreground_dice"], "annotated": done, "of": total,
+            "fraction": round(done / total, 4) if total else 0.0, **annotated_slices(project, exclude)}
 
 
 def score_held_out(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str], device: str,

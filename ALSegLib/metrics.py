@@ -103,6 +103,20 @@ def summarize(per_case: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict
     return out
 
 
+def foreground_dice(per_case: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    both_empty: Mapping[str, Sequence[str]]) -> float:
+    """The foreground Dice nnU-Net's evaluation (and nnActive) report: per class the mean Dice over
+    the cases where the reference or the prediction holds that class (a class absent from both is
+    left out, not counted as 1.0), then the mean over classes. ``both_empty``: case -> classes
+    absent from both masks."""
+    if not per_case:
+        return math.nan
+    classes = list(next(iter(per_case.values())).keys())
+    per_class = [_nanmean([case[c]["dice"] for name, case in per_case.items() if c not in both_empty.get(name, ())])
+                 for c in classes]
+    return _nanmean(per_class)
+
+
 def _nanmean(values: Sequence[float]) -> float:
     defined = [v for v in values if not math.isnan(v)]
     return float(np.mean(defined)) if defined else math.nan

@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from . import atomic, rounds
 from .project import Project
 from .store.files import now_iso
@@ -69,7 +71,7 @@ def _page(title: str, sections: Sequence[tuple[str, str, Sequence[str], Sequence
 
 
 def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str,
-                reference: Mapping[str, float] | None = None) -> Path:
+                reference: Mapping[str, float] | None = None, xlabel: str = "cases annotated (%)") -> Path:
     """Mean Dice against % annotated, one line per curve; ``reference``: horizontal lines."""
     import matplotlib
     import matplotlib.style
@@ -90,7 +92,7 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path,
             if value is not None and not math.isnan(value):
                 ax.axhline(value, linestyle="--", linewidth=1, color="gray")
                 ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
-        ax.set_xlabel("cases annotated (%)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("mean Dice (held-out cases)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -113,7 +115,53 @@ def curve_point(metrics: Mapping, round_number: int | None) -> dict:
     summary = metrics["summary"]
     return {"round": round_number, "model": metrics.get("model"), "annotated": metrics["annotated"],
             "of": metrics["of"], "fraction": metrics["fraction"], "mean_dice": summary["mean"]["dice"]["mean"],
-            "per_class": {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}}
+            "per_class": {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"},
+            # records from before slices were counted have none of these
+            "foreground_dice": metrics.get("foreground_dice"), "slices": metrics.get("slices"),
+            "slices_of": metrics.get("slices_of"), "voxels": metrics.get("voxels"),
+            "slice_fraction": metrics.get("slice_fraction")}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aubc(points: Sequence[Mapping], x: str = "slice_fraction", y: str = "mean_dice",
+         upto: float | None = None) -> float | None:
+    """The area under the budget curve (nnActive's AUBC): the trapezoidal area under ``y`` against
+    ``x`` (the annotated share, 0..1) from the first point to the last (or to ``upto``, the curve
+    interpolated there: compare arms over one span), divided by that span so it reads as a mean Dice
+    over the budget. None with fewer than two points, a missing or non-finite value, or no span."""
+    raw = [(p.get(x), p.get(y)) for p in points]
+    if len(raw) < 2 or not all(_finite(a) and _finite(b) for a, b in raw):
+        return None
+    pts = sorted(raw)
+    xs, ys = [float(a) for a, _ in pts], [float(b) for _, b in pts]
+    if upto is not None:
+        if not xs[0] < upto <= xs[-1] + 1e-12:
+            return None
+        keep = [i for i, v in enumerate(xs) if v < upto]
+        y_end = float(np.interp(upto, xs, ys))
+        xs, ys = [xs[i] for i in keep] + [upto], [ys[i] for i in keep] + [y_end]
+    span = xs[-1] - xs[0]
+    if span <= 0:
+        return None
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return float(area / span)
+
+
+def common_budget(curves: Sequence[Sequence[Mapping] | None], x: str = "slice_fraction") -> float | None:
+    """The largest share every curve reached (the smallest of their last ``x``): one span for all."""
+    ends = [max(p[x] for p in c) for c in curves if c and all(_finite(p.get(x)) for p in c)]
+    return min(ends) if ends and len(ends) == len([c for c in curves if c]) else None
+
+
+def budget_axis(points: Sequence[Mapping]) -> tuple[str, str]:
+    """The learning curve's x: the share of slices annotated when every point counts slices (a
+    whole-case label counts all its slices, so both units compare), else the share of cases."""
+    if points and all(_finite(p.get("slice_fraction")) for p in points):
+        return "slice_fraction", "slices annotated (%)"
+    return "fraction", "cases annotated (%)"
 
 
 def learning_curve(project: Project, current: Mapping | None = None) -> list[dict]:
@@ -137,10 +185,13 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     curve = learning_curve(project, record)
     png = project.layout.learning_curve_png
     classes = list(curve[-1]["per_class"]) if curve else []
-    lines = {"mean": [(p["fraction"], p["mean_dice"]) for p in curve]}
-    lines.update({c: [(p["fraction"], p["per_class"].get(c, math.nan)) for p in curve] for c in classes})
-    plot_curves(lines, png, f"{project.name}: learning curve")
-    atomic.write_json(reports / "learning_curve.json", {"project": project.name, "time": now_iso(), "points": curve})
+    x, xlabel = budget_axis(curve)
+    lines = {"mean": [(p[x], p["mean_dice"]) for p in curve]}
+    lines.update({c: [(p[x], p["per_class"].get(c, math.nan)) for p in curve] for c in classes})
+    plot_curves(lines, png, f"{project.name}: learning curve", xlabel=xlabel)
+    area = aubc(curve, x)
+    atomic.write_json(reports / "learning_curve.json", {"project": project.name, "time": now_iso(), "points": curve,
+                                                        "aubc": area, "aubc_over": x})
 
     settings = record.get("settings", {})
 
@@ -173,14 +224,18 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
                    f"{metrics['annotated']} of {metrics['of']} cases annotated)")
         sections.append((heading, "", ["class", "Dice", "IoU", "HD95 (mm)"], class_rows(metrics["summary"])))
     if curve:
-        sections.append(("Learning curve", "", ["round", "annotated", "% annotated", "mean Dice"] + classes,
-                         [[p["round"], p["annotated"], 100 * p["fraction"], p["mean_dice"]]
-                          + [p["per_class"].get(c) for c in classes] for p in curve]))
+        text = (f"area under the budget curve (mean Dice against {xlabel}): {format_number(area)}"
+                if area is not None else "")
+        sections.append(("Learning curve", text, ["round", "cases annotated", "% cases", "slices annotated", "% slices",
+                                                  "mean Dice", "foreground Dice"] + classes,
+                         [[p["round"], p["annotated"], 100 * p["fraction"], p.get("slices"),
+                           None if p.get("slice_fraction") is None else 100 * p["slice_fraction"], p["mean_dice"],
+                           p.get("foreground_dice")] + [p["per_class"].get(c) for c in classes] for p in curve]))
     md, page = _page(f"{project.name} — round {record['round']}", sections, "../../reports/learning_curve.png")
     atomic.write_bytes(folder / "report.md", md.encode())
     atomic.write_bytes(folder / "report.html", page.encode())
     atomic.write_json(folder / "report.json", {"round": record["round"], "settings": settings, "stages": record["stages"],
-                                               "queue": queue, "metrics": metrics, "learning_curve": curve,
+                                               "queue": queue, "metrics": metrics, "learning_curve": curve, "aubc": area,
                                                "effort": {k: v for k, v in effort.items() if k != "labels"}})
     return {k: str(p.relative_to(project.root)) for k, p in
             (("markdown", folder / "report.md"), ("html", folder / "report.html"), ("json", folder / "report.json"),
@@ -191,23 +246,36 @@ def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
     """experiment.{md,html,json} and experiment.png in ``folder`` from :func:`..simulate.simulate`'s results."""
     folder.mkdir(parents=True, exist_ok=True)
     arms = results["arms"]
-    curves = {arm: [(p["fraction"], p["mean_dice"]) for p in data["points"]] for arm, data in arms.items()
+    x, xlabel = budget_axis([p for data in arms.values() for p in data["points"]])
+    curves = {arm: [(p[x], p["mean_dice"]) for p in data["points"]] for arm, data in arms.items()
               if len(data["points"]) > 1 or arm not in ("pseudo-only", "full supervision")}
     reference = {arm: arms[arm]["final"]["mean_dice"] for arm in ("pseudo-only", "full supervision") if arm in arms}
-    png = plot_curves(curves, folder / "experiment.png", "oracle experiment (simulated annotator)", reference)
+    png = plot_curves(curves, folder / "experiment.png", "oracle experiment (simulated annotator)", reference,
+                      xlabel=xlabel)
     rows = []
     for arm, data in arms.items():
         for p in data["points"]:
-            rows.append([arm, p.get("round"), 100 * p["fraction"], p["mean_dice"],
-                         *(p["per_class"].get(c) for c in results["classes"]), p.get("ratio_to_full")])
+            rows.append([arm, p.get("round"), 100 * p["fraction"], p.get("slices"),
+                         None if p.get("slice_fraction") is None else 100 * p["slice_fraction"], p["mean_dice"],
+                         p.get("foreground_dice"), *(p["per_class"].get(c) for c in results["classes"]),
+                         p.get("ratio_to_full")])
     setup = results["setup"]
+    slices = (f"; slice arms {setup['slices_per_round']} slices a round" if setup.get("slices_per_round") else "")
     text = (f"pool {setup['pool']} cases, {setup['test']} held-out test cases (never selectable); "
-            f"seeds {setup['seeds']}; {setup['rounds']} round(s) of {setup['budget_per_round']} case(s); "
+            f"seeds {setup['seeds']}; {setup['rounds']} round(s) of {setup['budget_per_round']} case(s){slices}; "
             f"pseudo-labels: {setup['pseudo_source']} (mean Dice {format_number(results.get('pseudo_label_dice'))}); "
             f"compute: {setup['compute']}. Values are means over seeds.")
     sections = [("Setup", text, [], []),
-                ("Mean Dice vs % annotated", "", ["arm", "round", "% annotated", "mean Dice",
-                                                  *results["classes"], "ratio to full"], rows)]
+                ("Mean Dice vs annotation", "", ["arm", "round", "% cases", "slices", "% slices", "mean Dice",
+                                                 "foreground Dice", *results["classes"], "ratio to full"], rows)]
+    areas = [[arm, data["aubc"], *data["aubc_per_seed"]] for arm, data in arms.items() if data.get("aubc") is not None]
+    if areas:
+        spans = ", ".join(format_number(100 * v if v is not None else None, 2) for v in setup.get("aubc_span", []))
+        sections.append(("Area under the budget curve", "mean Dice against the share of slices annotated, from the "
+                         "pretrained model (nothing annotated) to the share every arm reached in that seed (the "
+                         f"same span for every arm: {spans} % of the pool's slices), divided by that span; "
+                         "then per seed",
+                         ["arm", "AUBC", *(f"seed {s}" for s in setup["seeds"])], areas))
     if results.get("sweep"):
         sections.append(("Final Dice vs pseudo-label Dice", "", ["target pseudo-label Dice", "measured pseudo-label Dice",
                                                                  "final mean Dice"],

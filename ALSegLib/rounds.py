@@ -191,9 +191,9 @@ def slices_annotated(project: Project, item: dict) -> bool:
     mask = project.annotation_mask(item["case"])
     if mask is None:
         return True  # a whole-case version
-    axis = int(item.get("axis", 0))
-    other = tuple(a for a in range(3) if a != axis)
-    covered = mask.all(axis=other)
+    from .store.sparse import slice_coverage
+
+    covered, _ = slice_coverage(mask, int(item.get("axis", 0)))
     return all(0 <= int(i) < covered.size and covered[int(i)] for i in item["slices"])
 
 

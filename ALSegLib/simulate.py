@@ -45,17 +45,31 @@ from .loop import prepare, run_round, score_held_out
 from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project
-from .report import curve_point
-from .settings import PseudoSource, RoundSettings
+from .report import aubc, common_budget, curve_point
+from .settings import SLICE_STRATEGIES, PseudoSource, RoundSettings
 from .store.files import now_iso
 
 SELECTIONS = ("random", "hybrid")
 TRAININGS = ("finetune", "filtermatch")
 BASELINES = ("pseudo-only", "supervised-only", "full supervision")
+SLICE_PREFIX = "slice-"  # slice-random-fg+finetune: slice units, strategy random-fg, fine-tuning
 
 
 def alseg_arms(selections: Sequence[str] = SELECTIONS, trainings: Sequence[str] = TRAININGS) -> list[str]:
     return [f"{s}+{t}" for s in selections for t in trainings]
+
+
+def slice_arms(selections: Sequence[str] = SLICE_STRATEGIES, trainings: Sequence[str] = ("finetune",)) -> list[str]:
+    """Arms that query slices (:mod:`.selection.slices`), named ``slice-<strategy>+<mode>``."""
+    return [f"{SLICE_PREFIX}{s}+{t}" for s in selections for t in trainings]
+
+
+def arm_parts(arm: str) -> tuple[str, str, str]:
+    """(unit, strategy, mode) of an ALSeg arm's name."""
+    selection, mode = arm.split("+")
+    if selection.startswith(SLICE_PREFIX):
+        return "slice", selection[len(SLICE_PREFIX):], mode
+    return "case", selection, mode
 
 
 def experiment_round() -> RoundSettings:
@@ -79,9 +93,12 @@ class ExperimentSettings:
     arms: list[str] = field(default_factory=lambda: [*alseg_arms(), *BASELINES])
     sweep: list[float] | None = None  # pseudo-label target Dice values: final Dice of the best arm for each
     round: RoundSettings = field(default_factory=experiment_round)
+    # slice arms' budget per round (slices, or a % of the pool's slices); default: as many slices as the
+    # round's case budget holds on average (the pool's mean slices per case along the acquisition axis)
+    slice_budget: str | None = None
 
     def __post_init__(self):
-        known = set(alseg_arms()) | set(BASELINES)
+        known = set(alseg_arms()) | set(slice_arms(trainings=TRAININGS)) | set(BASELINES)
         bad = [a for a in self.arms if a not in known]
         if bad:
             raise InputError("--arms", f"unknown arm(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
@@ -136,9 +153,26 @@ def split_test(project: Project, settings: ExperimentSettings) -> list[str]:
     return sorted(random.Random(settings.split_seed).sample(cases, n))
 
 
-def _round_settings(settings: ExperimentSettings, strategy: str, mode: str, test: list[str], seed: int) -> RoundSettings:
+def slices_per_round(source: Project, settings: ExperimentSettings, test: Sequence[str]) -> int:
+    """The slice arms' budget per round: ``slice_budget`` if given, else the round's case budget times
+    the pool's mean number of slices per case along each case's acquisition axis (rounded), so that
+    every arm annotates about as many slices."""
+    from .selection.strategies import parse_budget
+    from .store.sparse import case_slices
+
+    held = set(test) | set(settings.round.exclude)
+    counts = [case_slices(source.geometry(c))[1] for c in source.cases() if c not in held]
+    if settings.slice_budget is not None:
+        return parse_budget(settings.slice_budget, sum(counts))
+    return max(1, round(_per_round(settings.round.budget, len(counts)) * float(np.mean(counts))))
+
+
+def _round_settings(settings: ExperimentSettings, arm: str, test: list[str], seed: int,
+                    slices: int | None = None) -> RoundSettings:
     r = settings.round
-    return r.with_changes(strategy=strategy, mode=mode, seed=seed, exclude=sorted(set(r.exclude) | set(test)),
+    unit, strategy, mode = arm_parts(arm)
+    per_unit = {"unit": "slice", "budget": str(slices)} if unit == "slice" else {"unit": "case"}
+    return r.with_changes(**per_unit, strategy=strategy, mode=mode, seed=seed, exclude=sorted(set(r.exclude) | set(test)),
                           filtermatch=r.filtermatch if mode == "filtermatch" else None,
                           pseudo_share=r.pseudo_share if TRAINING_MODES[mode].mixes_pseudo else 0.0)
 
@@ -194,13 +228,12 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
 
 
 def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettings, test: list[str],
-               seed: int) -> tuple[list[dict], list[list[str]]]:
-    strategy, mode = arm.split("+")
+               seed: int, slices: int | None = None) -> tuple[list[dict], list[list[str]]]:
     project = base.copy_to(folder)
     annotator = SimulatedAnnotator(test)
     points, labeled_after = [], []
     for _ in range(settings.rounds):
-        record = rounds.RoundRecord(run_round(project, _round_settings(settings, strategy, mode, test, seed),
+        record = rounds.RoundRecord(run_round(project, _round_settings(settings, arm, test, seed, slices),
                                               annotator=annotator))
         if record.waiting or record.metrics is None:
             raise RuntimeError(f"arm {arm}: round {record.number} did not finish ({record.waiting})")
@@ -231,6 +264,9 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
     per_seed: dict[str, list[list[dict]]] = {arm: [] for arm in settings.arms}
     pseudo_dice: list[float] = []
     alseg = [a for a in settings.arms if "+" in a]
+    aubcs: dict[str, list[float | None]] = {arm: [] for arm in alseg}
+    span: list[float | None] = []
+    slices = slices_per_round(source, settings, test) if any(arm_parts(a)[0] == "slice" for a in alseg) else None
     for seed in settings.seeds:
         emit("stage", stage="experiment-seed", seed=seed)
         base, pdice, pretrained = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
@@ -238,11 +274,20 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         if "pseudo-only" in settings.arms:
             per_seed["pseudo-only"].append([curve_point(pretrained, 0)])
         labeled_rounds = None
+        curves = {}
         for arm in alseg:
-            points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test, seed)
+            points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test,
+                                               seed, slices)
             per_seed[arm].append(points)
+            curves[arm] = [curve_point(pretrained, 0), *points] if pretrained else None
             if labeled_rounds is None and arm.startswith("hybrid"):
                 labeled_rounds = labeled_after
+        # from the pretrained model (nothing annotated) to the budget every arm reached, against the share
+        # of slices annotated: the same span for every arm (the whole-case arm's last share depends on its cases)
+        upto = common_budget(list(curves.values()))
+        span.append(upto)
+        for arm, curve in curves.items():
+            aubcs[arm].append(aubc(curve, upto=upto) if curve is not None and upto is not None else None)
         if "supervised-only" in settings.arms:
             if labeled_rounds is None:  # no hybrid arm ran: the labels random selection would pick
                 rng = random.Random(seed)
@@ -266,12 +311,18 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
             per_seed["full supervision"].append([curve_point(_train_supervised(full, "full", settings, test), None)])
     classes = list(source.labels.mapping)
     arms = {arm: _mean_over_seeds(runs, classes) for arm, runs in per_seed.items() if runs}
+    for arm, values in aubcs.items():
+        if arm in arms:
+            arms[arm]["aubc_per_seed"] = values
+            mean = _nanmean(values)
+            arms[arm]["aubc"] = None if math.isnan(mean) else mean
     results = {
         "classes": classes, "arms": arms, **compare_arms(arms),
         "pseudo_label_dice": float(np.mean(pseudo_dice)) if pseudo_dice else None,
         "setup": {"pool": len(pool), "test": len(test), "test_cases": test, "seeds": settings.seeds,
                   "rounds": settings.rounds,
                   "budget_per_round": _per_round(settings.round.budget, len(source.cases()) - len(test)),
+                  "slices_per_round": slices, "aubc_span": span,
                   "pseudo_source": f"{settings.round.pseudo.source} (simulated)"
                   if settings.round.pseudo.source == "degraded-reference" else settings.round.pseudo.source,
                   "compute": _compute_text(settings), "settings": settings.to_json()},
@@ -291,8 +342,12 @@ def compare_arms(arms: dict[str, dict]) -> dict:
     for data in arms.values():
         for p in data["points"] + [data["final"]]:
             p["ratio_to_full"] = round(p["mean_dice"] / full, 4) if full else None
-    return {
-        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a for p in d["points"]), default=0.0),
+    return {  # cases annotated by the whole-case arms (a slice arm touches many cases a slice or two each)
+        "fraction": max((p["fraction"] for a, d in arms.items() if "+" in a and arm_parts(a)[0] == "case"
+                         for p in d["points"]), default=0.0),
+        "slice_fraction": max((p["slice_fraction"] for a, d in arms.items() if "+" in a for p in d["points"]
+                               if p.get("slice_fraction") is not None and not math.isnan(p["slice_fraction"])),
+                              default=None),
         "dice": {a: d["final"]["mean_dice"] for a, d in arms.items()},
         "ratio_to_full": {a: d["final"]["ratio_to_full"] for a, d in arms.items()},
     }
@@ -333,8 +388,16 @@ def _mean_over_seeds(runs: list[list[dict]], classes: Sequence[str]) -> dict:
             "mean_dice": _nanmean([p["mean_dice"] for p in group]),
             "per_class": {c: _nanmean([p["per_class"].get(c, math.nan) for p in group]) for c in classes},
             "per_seed": [p["mean_dice"] for p in group],
+            **{k: _finite_mean([p.get(k) for p in group])
+               for k in ("foreground_dice", "slices", "slices_of", "slice_fraction", "voxels")},
         })
     return {"points": points, "final": dict(points[-1])}
+
+
+def _finite_mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values given (None where none is: a record from before slices were counted)."""
+    mean = _nanmean(values)
+    return None if math.isnan(mean) else mean
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -351,7 +414,8 @@ def _sweep(source: Project, out: Path, settings: ExperimentSettings, test: list[
         folder = out / f"sweep-{target:.2f}"
         base, pdice, _ = make_base(source, folder / "base", settings, test, seed,
                                 pseudo=settings.round.pseudo.with_options(target_dice=target))
-        points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed)
+        slices = slices_per_round(source, settings, test) if arm_parts(arm)[0] == "slice" else None
+        points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed, slices)
         rows.append({"target": target, "pseudo_label_dice": pdice, "final_dice": points[-1]["mean_dice"],
                      "arm": arm, "seed": seed})
     return rows

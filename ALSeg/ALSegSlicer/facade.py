@@ -44,6 +44,8 @@ class RoundOptions:
     pretrain_epochs: int = 0
     minutes: float = 0  # each training fits this many minutes on this machine (0: the default budget)
     exclude: tuple[str, ...] = ()  # held-out cases: never selected or trained on, scored each round
+    unit: str = "case"  # "slice": slabs of ``slab`` slices, the budget counted in slices
+    slab: int = 1
 
 
 class Session:
@@ -164,7 +166,7 @@ class Session:
                              device=options.device, exclude=list(options.exclude),
                              configuration=options.configuration or None, epochs=options.epochs or None,
                              pretrain_epochs=options.pretrain_epochs or None, pseudo=pseudo,
-                             minutes=options.minutes or None)
+                             minutes=options.minutes or None, unit=options.unit, slab=int(options.slab))
 
     def round_args(self, options: RoundOptions) -> list[str]:
         """``alseg round`` arguments for the panel's settings: they are written to the project's

@@ -30,7 +30,7 @@ from scipy import ndimage
 from ..errors import InputError
 from ..progress import track
 from ..project import Project
-from ..store.sparse import AXIS_NAMES, acquisition_axis
+from ..store.sparse import AXIS_NAMES, acquisition_axis, slice_coverage
 from .coreset import k_center_greedy
 from .strategies import parse_budget
 from .uncertainty import MAYBE_FOREGROUND, entropy_map
@@ -76,8 +76,7 @@ def taken_slices(project: Project, case: str, axis: int) -> set[int] | None:
         mask = project.annotation_mask(case, version)
         if mask is None:
             return None
-        other = tuple(a for a in range(3) if a != axis)
-        taken |= set(np.flatnonzero(mask.any(axis=other)).tolist())
+        taken |= set(np.flatnonzero(slice_coverage(mask, axis)[1]).tolist())
     for item in rounds.queue_items(project):
         if item["case"] != case or item["status"] != "pending":
             continue

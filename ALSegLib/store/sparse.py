@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..volumes import Geometry
 
 MASK_SUFFIX = ".annotated"  # v0003.annotated.nrrd beside v0003.nrrd
 AXIS_NAMES = ("k", "j", "i")  # array axis 0, 1, 2 of a (k, j, i) voxel array
@@ -28,6 +29,12 @@ def acquisition_axis(spacing_xyz: Sequence[float]) -> int:
     spacing_kji = list(spacing_xyz)[::-1]
     top = max(spacing_kji)
     return next(a for a, s in enumerate(spacing_kji) if s >= top * (1 - 1e-6))
+
+
+def case_slices(geometry: Geometry) -> tuple[int, int]:
+    """(acquisition axis, slices along it) of a case, from its image geometry (size is x, y, z)."""
+    axis = acquisition_axis(geometry.spacing)
+    return axis, int(geometry.size[::-1][axis])
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,16 @@ class SliceSet:
         return {"axis": self.axis, "axis_name": AXIS_NAMES[self.axis], "slices": list(self.indices)}
 
 
+def slice_coverage(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fully annotated, partly annotated) per slice of ``mask`` along ``axis``: two bool vectors."""
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    return mask.all(axis=other), mask.any(axis=other)
+
+
 def slices_of_mask(mask: np.ndarray) -> SliceSet | None:
     """The slice set a mask is made of (whole slices along one axis), or None for any other mask."""
     for axis in (0, 1, 2):
-        other = tuple(a for a in range(3) if a != axis)
-        full, any_ = mask.all(axis=other), mask.any(axis=other)
+        full, any_ = slice_coverage(mask, axis)
         if np.array_equal(full, any_) and any_.any():
             return SliceSet.of(axis, np.flatnonzero(full).tolist())
     return None
@@ -84,10 +96,9 @@ def mask_array(annotated, label: sitk.Image, where: object) -> np.ndarray:
         return annotated.check(shape, where).mask(shape)
     if not isinstance(annotated, sitk.Image):
         raise InputError(where, f"the annotated region must be slices or a mask image, not {type(annotated).__name__}")
-    if annotated.GetSize() != label.GetSize() or not _same_grid(annotated, label):
-        raise InputError(where, f"the annotated mask's grid (size {annotated.GetSize()}, spacing "
-                                f"{tuple(round(s, 4) for s in annotated.GetSpacing())}) does not match the label's "
-                                f"(size {label.GetSize()}, spacing {tuple(round(s, 4) for s in label.GetSpacing())})")
+    differences = Geometry.of(label).differences(Geometry.of(annotated))
+    if differences:
+        raise InputError(where, "the annotated mask is not on the label's grid: " + "; ".join(differences))
     values = sitk.GetArrayFromImage(annotated)
     odd = sorted(set(np.unique(values).tolist()) - {0, 1})
     if odd:
@@ -95,12 +106,6 @@ def mask_array(annotated, label: sitk.Image, where: object) -> np.ndarray:
     if not values.any():
         raise InputError(where, "the annotated mask is empty: a sparse label needs annotated voxels")
     return values.astype(bool)
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    return (np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tol, atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=tol, atol=tol * 10)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 def annotation_record(mask: np.ndarray) -> dict:

@@ -74,6 +74,11 @@ PROSE = {
     "review": "The review loop's wait in the Slicer module: from Accept to the next case's volume and segmentation in "
               "the scene, on slicer-core's real MRML core with the module's glue and the engine (no Qt: the editor's "
               "and views' redraw inside Slicer is not in it), on a CT-sized case with three segments.",
+    "sparse": "Slices against whole cases on the shared Hippocampus (issue 22): every arm annotates about the same "
+              "number of slices (as many as 5 % of the pool's cases hold), the slice arms through nnU-Net's ignore "
+              "label, the same fine-tuning from the same pretrained weights per arm; test Dice is the mean of both "
+              "classes on held-out cases, AUBC the area under Dice against the share of slices annotated divided by "
+              "its span, and the goals are paired per-seed differences in Dice points.",
     "demo": "`alseg demo` (the README's main command) over several seeds: the held-out mean Dice per row (pseudo-labels "
             "only, each round, supervised-only on the last round's human labels), what the pseudo-labels buy, and the "
             "wall time per seed.",
@@ -419,6 +424,37 @@ def rows_time_budget(d: dict) -> Rows:
     return rows
 
 
+def rows_sparse(d: dict) -> Rows:
+    b = get(d, "budget", default={})
+    setup = (f"{fmt(get(b, 'pool'))} pool / {fmt(get(b, 'test'))} test cases (split seed {fmt(get(b, 'split_seed'))}); "
+             f"seeds {fmt(get(b, 'seeds'))}; {fmt(get(b, 'rounds'))} rounds; whole-case arm {fmt(get(b, 'cases_per_round'))} "
+             f"cases a round, slice arms {fmt(get(b, 'slices_per_round'))} slices a round (slabs of {fmt(get(b, 'slab'))}, "
+             f"unannotated voxels: {fmt(get(b, 'sparse_fill'))}); {fmt(get(b, 'device'))}, {fmt(get(b, 'configuration'))}, "
+             f"batch {fmt(get(b, 'batch_size'))}; epochs × iterations: pretraining {fmt(get(b, 'pretrain'))}, each "
+             f"round's fine-tuning {fmt(get(b, 'each_training'))}; pseudo-label share {fmt(get(b, 'pseudo_share'))}")
+    rows = [("setup", setup), ("slice budget (all rounds)", fmt(get(d, "slices_budget"))),
+            ("pseudo-label Dice (simulated)", fmt(get(d, "pseudo_label_dice")))]
+    dice = get(d, "dice", default={})
+    if not isinstance(dice, dict) or not dice:
+        return [*rows, ("test Dice per arm", NOT_MEASURED)]
+    for arm, value in dice.items():
+        spread = get(d, "spread", arm, default={})
+        text = (f"{fmt(value)} (per seed {fmt(get(d, 'per_seed', arm))}; std {fmt(get(spread, 'std'))}); AUBC "
+                f"{fmt(get(d, 'aubc', arm))}; foreground Dice {fmt(get(d, 'foreground_dice', arm))}; slices annotated "
+                f"{fmt(get(d, 'slices_annotated', arm))}")
+        rows.append((f"test Dice, {arm}", text))
+    for key, what in (("best_slice_minus_whole", f"best slice arm ({fmt(get(d, 'best_slice_arm'))}) − whole-case hybrid"),
+                      ("slice_hybrid_minus_random_fg", "slice hybrid − slice random-fg")):
+        g = get(d, "goals", key, default=None)
+        if isinstance(g, dict):
+            rows.append((f"{what}, Dice points (paired by seed)",
+                         f"{fmt(get(g, 'mean_points'))} (per seed {fmt(get(g, 'per_seed_points'))}; better in "
+                         f"{fmt(get(g, 'seeds_better'))} of {fmt(get(g, 'of_seeds'))} seeds); AUBC "
+                         f"{fmt(get(g, 'aubc_points'))} points"))
+    rows.append(("wall time per run", fmt(get(b, "seconds"), "s")))
+    return rows
+
+
 def rows_review(d: dict) -> Rows:
     case = get(d, "case", default={})
     return [
@@ -452,6 +488,7 @@ EXTRACTORS: dict[str, Callable[[dict], Rows]] = {
     "demo": rows_demo,
     "time_budget": rows_time_budget,
     "review": rows_review,
+    "sparse": rows_sparse,
 }
 
 

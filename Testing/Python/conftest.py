@@ -103,6 +103,7 @@ SLOW_TESTS = {
                             "test_concurrent_writers_are_serialised_without_lost_updates"},
     "test_fuzz.py": {"test_fuzz"},
     "test_sparse.py": {"test_a_training_through_the_ignore_label_takes_no_loss_from_ignored_voxels",
+                       "test_simulate_runs_slice_arms_on_the_whole_case_arms_slice_budget",
                        "test_two_slice_level_rounds_through_the_console_api"},
     "test_cli.py": {"test_console_script_help_and_version"},
     "test_nnunet.py": {"test_training_resumes_after_sigkill", "test_checkpoint_of_another_architecture_is_a_clear_error"},

@@ -458,6 +458,13 @@ def test_round_settings_become_a_settings_file_the_engine_reads(project):
     with pytest.raises(InputError, match="strategy"):
         session.round_args(RoundOptions(budget="2", strategy="nosuch"))
     assert path.read_text() == before
+    # the panel's query unit: slices, in slabs, with a slice strategy; a slice-only strategy on cases is refused
+    with pytest.raises(InputError, match="for --unit case"):
+        session.round_args(RoundOptions(budget="2", strategy="random-fg"))
+    assert path.read_text() == before
+    read = cli._settings_file(cli.build_parser().parse_args(
+        session.round_args(RoundOptions(budget="40", strategy="random-fg", unit="slice", slab=2))))
+    assert (read.unit, read.slab, read.strategy, read.budget) == ("slice", 2, "random-fg", "40")
 
 
 def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path):

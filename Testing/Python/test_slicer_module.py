@@ -44,6 +44,25 @@ def ui_widgets() -> dict[str, ET.Element]:
     return {w.get("name"): w for w in root.iter("widget")}
 
 
+def test_no_two_items_of_a_grid_or_form_layout_share_a_cell():
+    """Qt drops an item whose cell is taken ("Cell already occupied"): the widget would float outside
+    its section. Every (row, column) a layout's items span is spanned once."""
+    root = ET.parse(UI).getroot()
+    layouts = [la for la in root.iter("layout") if la.get("class") in ("QFormLayout", "QGridLayout")]
+    assert layouts
+    for layout in layouts:
+        taken: dict[tuple[int, int], str] = {}
+        for item in layout.findall("item"):
+            if item.get("row") is None:
+                continue
+            row, col, span = int(item.get("row")), int(item.get("column", 0)), int(item.get("colspan", 1))
+            child = next(iter(item), None)
+            name = child.get("name", child.get("class")) if child is not None else "?"
+            for c in range(col, col + span):
+                assert (row, c) not in taken, f"{layout.get('name')}: row {row} column {c} holds {taken[(row, c)]} and {name}"
+                taken[(row, c)] = name
+
+
 def test_ui_file_has_every_widget_the_code_uses():
     widgets = ui_widgets()
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "ALSeg.py").read_text()))
@@ -85,12 +104,28 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
             assert items == values, name
     # the engine accepts every choice the panel offers
     from ALSegLib.cli import build_parser
+    from ALSegLib.settings import SLICE_STRATEGIES, STRATEGIES, RoundSettings
 
+    for unit in constants["UNITS"]:
+        for strategy in constants["STRATEGIES"]:
+            for mode in constants["MODES"]:
+                for device in constants["DEVICES"]:
+                    build_parser().parse_args(["round", "p", "--budget", "1", "--strategy", strategy, "--mode", mode,
+                                               "--device", device, "--unit", unit])
+    # each strategy fits at least one unit, and every strategy of either unit is offered
+    assert set(constants["STRATEGIES"]) == set(STRATEGIES) | set(SLICE_STRATEGIES)
     for strategy in constants["STRATEGIES"]:
-        for mode in constants["MODES"]:
-            for device in constants["DEVICES"]:
-                build_parser().parse_args(["round", "p", "--budget", "1", "--strategy", strategy, "--mode", mode,
-                                           "--device", device])
+        assert any(_accepted(RoundSettings, budget="1", strategy=strategy, unit=u) for u in constants["UNITS"])
+
+
+def _accepted(cls, **kw) -> bool:
+    from ALSegLib.errors import InputError
+
+    try:
+        cls(**kw)
+    except InputError:
+        return False
+    return True
 
 
 def cmake_list(text: str, variable: str) -> list[str]:

@@ -57,7 +57,7 @@ def test_bad_sparse_input_is_refused_by_name_and_nothing_is_stored(project):
     with pytest.raises(InputError, match="at least one annotated slice"):
         project.add_human_label(case, reference, annotated=SliceSet.of(0, []))
     other = sitk.Image([s + 1 for s in reference.GetSize()], sitk.sitkUInt8)
-    with pytest.raises(InputError, match="does not match the label's"):
+    with pytest.raises(InputError, match=r"annotated mask is not on the label's grid: size"):
         project.add_human_label(case, reference, annotated=other)
     twos = sitk.GetImageFromArray(np.full(shape, 2, np.uint8))
     twos.CopyInformation(reference)
@@ -360,3 +360,88 @@ def test_two_slice_level_rounds_through_the_console_api(tmp_path):
     assert not first_units & {(q["case"], s) for q in second for s in q["slices"]}  # never a slice twice
     annotated = sum(int(project.annotation_mask(c).any(axis=(1, 2)).sum()) for c in project.labeled_cases("human"))
     assert annotated == 12  # two rounds of 6 slices
+    # the protocol's figures: slices counted on the held-out metrics, the learning curve's AUBC over them
+    metrics = [rounds.read_round(project, n)["metrics"] for n in (1, 2)]
+    assert [m["slices"] for m in metrics] == [6, 12] and metrics[0]["slices_of"] == 8 * 32
+    assert metrics[1]["voxels"] == 12 * 32 * 32 and 0 <= metrics[1]["foreground_dice"] <= 1
+    curve = json.loads((project.layout.reports / "learning_curve.json").read_text())
+    assert curve["aubc_over"] == "slice_fraction" and 0 <= curve["aubc"] <= 1
+    report = json.loads((project.root / "rounds" / "0002" / "report.json").read_text())
+    assert [p["slices"] for p in report["learning_curve"]] == [0, 6, 12] and report["aubc"] == curve["aubc"]
+
+
+def test_annotated_slices_count_sparse_and_whole_labels_along_the_acquisition_axis(project):
+    from ALSegLib.loop import annotated_slices
+
+    a, b, held = project.cases()[:3]
+    shapes = {c: sitk.GetArrayViewFromImage(project.read_label(c, "reference")).shape for c in project.cases()}
+    empty = annotated_slices(project, [held])
+    assert empty["slices"] == empty["voxels"] == 0
+    assert empty["slices_of"] == sum(s[0] for c, s in shapes.items() if c != held)  # isotropic phantoms: axis k
+    project.add_human_label(a, project.read_label(a, "reference"), annotated=SliceSet.of(0, [3, 9]))
+    project.add_human_label(b, project.read_label(b, "reference"))
+    project.add_human_label(held, project.read_label(held, "reference"))  # held out: never counted
+    got = annotated_slices(project, [held])
+    assert got["slices"] == 2 + shapes[b][0]
+    assert got["voxels"] == 2 * shapes[a][1] * shapes[a][2] + int(np.prod(shapes[b]))
+    assert got["slice_fraction"] == round(got["slices"] / got["slices_of"], 5)
+
+
+def test_aubc_and_the_foreground_dice_of_nnunets_convention():
+    from ALSegLib.metrics import foreground_dice
+    from ALSegLib.report import aubc, common_budget
+
+    points = [{"slice_fraction": 0.0, "mean_dice": 0.5}, {"slice_fraction": 0.05, "mean_dice": 0.7},
+              {"slice_fraction": 0.1, "mean_dice": 0.7}]
+    assert aubc(points) == pytest.approx(((0.5 + 0.7) / 2 * 0.05 + 0.7 * 0.05) / 0.1)
+    assert aubc(points[::-1]) == aubc(points)  # order of the points does not matter
+    assert aubc(points[:1]) is None and aubc([*points, {"slice_fraction": 0.2, "mean_dice": None}]) is None
+    assert aubc([*points, {"slice_fraction": None, "mean_dice": 0.7}]) is None
+    assert aubc([*points, {"slice_fraction": 0.2, "mean_dice": float("nan")}]) is None
+    # one span for every arm: up to 0.075, the last segment interpolated (0.7 at 0.075)
+    assert aubc(points, upto=0.075) == pytest.approx(((0.5 + 0.7) / 2 * 0.05 + 0.7 * 0.025) / 0.075)
+    assert aubc(points, upto=0.2) is None  # beyond the curve: not extrapolated
+    curves = [points, [{"slice_fraction": 0.0, "mean_dice": 0.5}, {"slice_fraction": 0.08, "mean_dice": 0.6}]]
+    assert common_budget(curves) == 0.08 and common_budget([points, None]) == 0.1
+    per_case = {"c1": {"a": {"dice": 0.8}, "b": {"dice": 1.0}}, "c2": {"a": {"dice": 0.6}, "b": {"dice": 0.4}}}
+    # c1 holds no b at all (reference and prediction empty): left out, not counted as a perfect 1.0
+    assert foreground_dice(per_case, {"c1": ["b"]}) == pytest.approx((0.7 + 0.4) / 2)
+    assert foreground_dice(per_case, {}) == pytest.approx((0.7 + 0.7) / 2)
+
+
+def test_simulate_runs_slice_arms_on_the_whole_case_arms_slice_budget(tmp_path, run_cli):
+    """`alseg simulate` with slice arms: each gets as many slices a round as the case budget holds on
+    average, the simulated annotator reveals slices only, and the results carry slices and AUBC."""
+    from ALSegLib import phantoms
+    from ALSegLib.project import LabelTable, Project
+    from ALSegLib.simulate import check_no_test_revealed
+
+    images, labels = phantoms.write_dataset(tmp_path / "src", n=8, modality="CT", size=32)
+    source = Project.create(tmp_path / "p", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    source.add_cases([images], reference_dir=labels)
+    code, out, err = run_cli("simulate", source.root, "--out", tmp_path / "exp", "--arms", "hybrid+finetune",
+                             "slice-random-fg+finetune", "slice-hybrid+finetune", "--rounds", "1", "--budget", "1",
+                             "--seeds", "0", "--test-fraction", "0.25", "--json", "--device", "cpu",
+                             "--configuration", "3d_fullres", "--batch-size", "2", "--pretrain-epochs", "1",
+                             "--pretrain-iters", "2", "--epochs", "1", "--iters", "2", "--val-iters", "1",
+                             "--pseudo-share", "0")
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["setup"]["slices_per_round"] == 32  # one case of 32 slices
+    assert results["setup"]["aubc_span"] == [pytest.approx(32 / (6 * 32), abs=1e-4)]  # the span every arm reached
+    arms = results["arms"]
+    for arm in ("hybrid+finetune", "slice-random-fg+finetune", "slice-hybrid+finetune"):
+        assert arms[arm]["final"]["slices"] == 32
+        assert 0 <= arms[arm]["aubc"] <= 1 and len(arms[arm]["aubc_per_seed"]) == 1
+    assert arms["hybrid+finetune"]["final"]["annotated"] == 1
+    sliced = Project(tmp_path / "exp" / "seed0" / "slice-hybrid-finetune")
+    check_no_test_revealed(sliced, results["setup"]["test_cases"])
+    assert all(sliced.annotation_mask(c) is not None for c in sliced.labeled_cases("human"))  # slices, never whole
+    assert rounds_unit(sliced) == "slice"
+    assert "Area under the budget curve" in (tmp_path / "exp" / "experiment.md").read_text()
+
+
+def rounds_unit(project):
+    from ALSegLib import rounds
+
+    return rounds.read_round(project, 1)["settings"]["unit"]
