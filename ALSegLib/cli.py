@@ -617,7 +617,7 @@ def cmd_round(args) -> int:
         if args.budget is None:
             raise InputError("round", "a new round needs --budget (cases to review: a count or a percentage)")
         settings = _round_settings(args)
-    record = run_round(project, settings)
+    record = run_round(project, settings, ray=_ray_spec(args))
     if args.json:
         _print_json(record)
         return EXIT_OK
@@ -968,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("round", cmd_round, "Run or continue one active-learning round: pseudo-labels, plan, pretrain, predict the "
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
     p.add_argument("project")
+    ray_options(p)
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
     p.add_argument("--settings", metavar="FILE", help="the round's settings as a JSON object (e.g. the Slicer panel's "
                    "rounds/next-settings.json); options also given override the file's (an option given with its "

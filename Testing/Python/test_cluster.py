@@ -137,3 +137,24 @@ def test_prediction_on_ray_stores_what_the_single_machine_path_stores(trained, t
         pr = np.load(probabilities_path(fanned, "pretrain", case))["probabilities"]
         np.testing.assert_allclose(pl.astype(np.float32), pr.astype(np.float32), atol=2e-3)
     assert len(workers) == 2  # both workers took cases
+
+
+def test_a_round_with_ray_predicts_on_the_workers_and_stores_in_the_driver(tmp_path, run_cli):
+    from ALSegLib import rounds
+
+    images, labels = phantoms.write_dataset(tmp_path / "src", n=6, modality="CT", size=32)
+    project = Project.create(tmp_path / "p", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    test = project.cases()[-2:]
+    code, out, err = run_cli("round", project.root, "--budget", "1", "--exclude", *test, "--pseudo-source",
+                             "degraded-reference", "--device", "cpu", "--configuration", "3d_fullres", "--batch-size",
+                             "2", "--pretrain-epochs", "1", "--pretrain-iters", "2", "--epochs", "1", "--iters", "2",
+                             "--val-iters", "1", "--ray", "--ray-workers", "2", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["waiting"] and rounds.read_round(project, 1)["stages"]["predict-pool"]["cases"] == 4
+    pool = [c for c in project.cases() if c not in test]
+    for case in pool:  # the pool's prediction: made by a worker, stored by the driver, with probabilities
+        made = project.provenance(case, "predicted")["produced_by"]
+        assert made["model"] == "pretrain" and int(made["worker"].split(":")[1]) != os.getpid()
+    assert "ray" not in record["settings"]  # how it ran is not a setting: the record reads as without Ray
