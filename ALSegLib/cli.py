@@ -335,13 +335,31 @@ def cmd_predict(args) -> int:
 
     project = Project.open(args.project)
     results = predict(project, args.model, (args.case + args.cases) or None, probabilities=args.probabilities,
-                      mirroring=args.mirroring, device=args.device, round_id=args.round)
+                      mirroring=args.mirroring, device=args.device, round_id=args.round, ray=_ray_spec(args))
     if args.json:
         _print_json({"model": args.model, "predicted": results})
     else:
         print(f"Predicted {len(results)} case(s) with {args.model}"
               + (" (probabilities stored under predictions/)" if args.probabilities else ""))
     return EXIT_OK
+
+
+def _ray_spec(args):
+    from .cluster import spec_from_options
+
+    return spec_from_options(args.ray, args.ray_workers, args.ray_threads, args.ray_retries)
+
+
+def ray_options(p) -> None:
+    g = p.add_argument_group("Ray (past one machine; default: off, nothing changes)")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="fan the per-case work out on Ray: without ADDRESS a local Ray instance sized to this machine, "
+                   "with one an existing cluster (auto, ray://HOST:10001, HOST:6379); workers compute, this process "
+                   "writes the project")
+    g.add_argument("--ray-workers", type=int, help="Ray workers (default: one per CPU, or per GPU on a GPU cluster)")
+    g.add_argument("--ray-threads", type=int, default=1, help="torch threads per Ray worker (default 1)")
+    g.add_argument("--ray-retries", type=int, default=2,
+                   help="a dead worker's task is retried this many times before its case is reported (default 2)")
 
 
 def cmd_apply(args) -> int:
@@ -599,7 +617,7 @@ def cmd_round(args) -> int:
         if args.budget is None:
             raise InputError("round", "a new round needs --budget (cases to review: a count or a percentage)")
         settings = _round_settings(args)
-    record = run_round(project, settings)
+    record = run_round(project, settings, ray=_ray_spec(args))
     if args.json:
         _print_json(record)
         return EXIT_OK
@@ -821,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true", help="store per-case class probabilities (float16 .npz)")
     prediction_options(p)
     p.add_argument("--round", help="round id recorded in the provenance")
+    ray_options(p)
     p.add_argument("--json", action="store_true")
 
     p = add("apply", cmd_apply, "Apply a trained model to any image file (not a case of the project) and write its "
@@ -949,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("round", cmd_round, "Run or continue one active-learning round: pseudo-labels, plan, pretrain, predict the "
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
     p.add_argument("project")
+    ray_options(p)
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
     p.add_argument("--settings", metavar="FILE", help="the round's settings as a JSON object (e.g. the Slicer panel's "
                    "rounds/next-settings.json); options also given override the file's (an option given with its "

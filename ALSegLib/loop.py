@@ -108,12 +108,12 @@ def held_out_metrics(project: Project, model: str, cases: Sequence[str], exclude
 
 
 def score_held_out(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str], device: str,
-                   round_id: str | None = None) -> dict:
+                   round_id: str | None = None, ray=None) -> dict:
     """Predict ``cases`` with ``model``, then :func:`held_out_metrics` of those predictions: how a round,
     the experiment's baselines and the demo's supervised-only row each score a model."""
     from .nnunet.predict import predict
 
-    predict(project, model, cases, probabilities=False, features=False, device=device, round_id=round_id)
+    predict(project, model, cases, probabilities=False, features=False, device=device, round_id=round_id, ray=ray)
     return held_out_metrics(project, model, cases, exclude)
 
 
@@ -138,8 +138,10 @@ def _previous_model(project: Project, number: int) -> str:
 class Round:
     """Runs the stages of one round over a project."""
 
-    def __init__(self, project: Project, record: dict, settings: RoundSettings, annotator: Annotator | None):
+    def __init__(self, project: Project, record: dict, settings: RoundSettings, annotator: Annotator | None,
+                 ray=None):
         self.project, self.record, self.settings, self.annotator = project, record, settings, annotator
+        self.ray = ray  # a cluster.RaySpec: the round's predictions on Ray workers (not a setting: same results)
         self.number = record["round"]
 
     # bookkeeping --------------------------------------------------------------------------
@@ -273,7 +275,8 @@ class Round:
         cases = self.evaluation_cases()
         if not cases:
             return None
-        return score_held_out(self.project, model, cases, self.settings.exclude, self.settings.device, f"{self.number:04d}")
+        return score_held_out(self.project, model, cases, self.settings.exclude, self.settings.device, f"{self.number:04d}",
+                              ray=self.ray)
 
     def predict_pool(self) -> dict:
         from .nnunet.predict import predict
@@ -281,7 +284,7 @@ class Round:
         model = _previous_model(self.project, self.number)
         pool = self.pool()
         out = predict(self.project, model, pool, probabilities=True, features=True, device=self.settings.device,
-                      round_id=f"{self.number:04d}", reuse=True) if pool else []
+                      round_id=f"{self.number:04d}", reuse=True, ray=self.ray) if pool else []
         return {"model": model, "cases": len(pool), "reused": sum(1 for o in out if o.get("reused"))}
 
     def select(self) -> dict:
@@ -355,7 +358,7 @@ class Round:
         cases = self.evaluation_cases()
         if cases:
             predict(self.project, self.record["model"], cases, probabilities=False, features=False,
-                    device=self.settings.device, round_id=f"{self.number:04d}")
+                    device=self.settings.device, round_id=f"{self.number:04d}", ray=self.ray)
         return {"cases": len(cases)}
 
     def evaluate(self) -> dict:
@@ -401,7 +404,7 @@ def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource
 
 
 def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None,
-              **options) -> dict:
+              ray=None, **options) -> dict:
     """Run (or continue) the project's current round; returns its record.
 
     An unfinished round continues with its stored settings (``settings``, if
@@ -410,7 +413,8 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
     (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``).
     ``annotator(project, case)`` stores a human label for a selected case (the
     oracle experiment); without it the round stops at review: the record then has
-    ``waiting``.
+    ``waiting``. ``ray``: a :class:`.cluster.RaySpec` to run the round's predictions (the pool's,
+    the held-out cases') on Ray workers; the results and the record are those of a run without it.
     """
     if settings is not None and options:
         raise TypeError("give either a RoundSettings or its fields as keywords, not both")
@@ -437,7 +441,7 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
                 record["settings"] = settings.to_json()
                 rounds.write_round(project, record)
                 project.log_event("round_started", round=record["round"], strategy=settings.strategy, mode=settings.mode)
-        return Round(project, record, settings, annotator).run()
+        return Round(project, record, settings, annotator, ray).run()
 
 
 def _check(project: Project, settings: RoundSettings) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import atomic
+from ..cluster import Worker
 from ..errors import InputError
 from ..progress import announce, duration, emit, track
 from ..project import Project
@@ -40,20 +42,27 @@ def _discard(project: Project, path: Path) -> None:
 
 
 def make_predictor(project: Project, record: dict, checkpoint: dict, device, mirroring: bool, tile_step: float):
+    pre = folders(project.root).preprocessed / record["dataset"]
+    return build_predictor(json.loads((pre / f"{PLANS}.json").read_text()), json.loads((pre / "dataset.json").read_text()),
+                           record["configuration"], checkpoint, device, mirroring, tile_step,
+                           str(project.layout.resolve(record["checkpoint"])))
+
+
+def build_predictor(plans: dict, dataset_json: dict, configuration: str, checkpoint: dict, device, mirroring: bool,
+                    tile_step: float, where: str):
+    """An ``nnUNetPredictor`` from the plans, the dataset description and a safely loaded checkpoint
+    (no project needed: a Ray worker builds its own from these); ``where`` names the checkpoint in errors."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    pre = folders(project.root).preprocessed / record["dataset"]
-    plans = json.loads((pre / f"{PLANS}.json").read_text())
-    dataset_json = json.loads((pre / "dataset.json").read_text())
     pm = PlansManager(plans)
-    cm = pm.get_configuration(record["configuration"])
+    cm = pm.get_configuration(configuration)
     network = TRAINER.build_network_architecture(
         pm, cm, determine_num_input_channels(pm, cm, dataset_json),
         pm.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False,
     )
-    load_weights_checked(network, checkpoint["network_weights"], project.layout.resolve(record["checkpoint"]))
+    load_weights_checked(network, checkpoint["network_weights"], where)
     predictor = nnUNetPredictor(
         tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
         perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
@@ -63,6 +72,42 @@ def make_predictor(project: Project, record: dict, checkpoint: dict, device, mir
         checkpoint.get("inference_allowed_mirroring_axes"),
     )
     return predictor
+
+
+def infer(predictor, pool, data: np.ndarray, props: dict, probabilities: bool) -> dict:
+    """One case through the network: nnU-Net's label indices, the probabilities (float16, or None)
+    and the pooled bottleneck vector (or None). The part a Ray worker runs."""
+    if pool is not None:
+        pool.reset()
+    seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)
+    return {"seg": np.asarray(seg), "probs": np.asarray(probs, dtype=np.float16) if probabilities else None,
+            "vector": pool.vector() if pool is not None else None}
+
+
+class PredictWorker(Worker):
+    """A Ray actor: builds the predictor once from the model's plans and weights, then predicts the
+    images it is handed (arrays from the object store); it may not change the project folder."""
+
+    def __init__(self, plans: dict, dataset_json: dict, configuration: str, checkpoint: dict, device: str,
+                 mirroring: bool, tile_step: float, probabilities: bool, features: bool, where: str,
+                 guard: str | None = None, threads: int = 1):
+        import torch
+
+        from .features import BottleneckPool
+
+        super().__init__(guard, threads)
+        dev = resolve_device(device)
+        if dev.type == "cuda" and os.environ.get("CUDA_VISIBLE_DEVICES"):  # Ray gave this worker its own GPU
+            dev = torch.device("cuda", 0)
+        self.predictor = build_predictor(plans, dataset_json, configuration, checkpoint, dev, mirroring, tile_step,
+                                         where)
+        self.pool = BottleneckPool(self.predictor.network) if features else None
+        self.probabilities = probabilities
+
+    def run(self, data: np.ndarray, props: dict) -> dict:
+        from ..cluster import worker_name
+
+        return {**infer(self.predictor, self.pool, data, props, self.probabilities), "worker": worker_name()}
 
 
 def case_tiles(project: Project, case: str, predictor, mirroring: bool, tile_step: float) -> int:
@@ -161,11 +206,13 @@ def predict(
     round_id: str | None = None,
     tile_step: float = 0.5,
     reuse: bool = False,
+    ray=None,
 ) -> list[dict]:
     """Predict ``cases`` (default: every case) with ``model``; writes ``predicted`` labels
     (and probabilities, and bottleneck features; ``features`` defaults to ``probabilities``).
     Returns one summary per case. ``reuse``: skip cases whose stored probabilities
-    (and features, if asked for) come from these very weights."""
+    (and features, if asked for) come from these very weights. ``ray``: a :class:`..cluster.RaySpec`
+    to predict on Ray workers (the driver still writes every file)."""
     from ..store.features import nnunet_features_path, write_vector
     from .features import BottleneckPool
 
@@ -193,44 +240,81 @@ def predict(
 
     out = []
     log = model_dir(project, model) / "nnunet.log"
+    produced_by = {"model": model, "checkpoint": record["checkpoint"], "weights_digest": record["final_weights_digest"],
+                   "configuration": record["configuration"], "mirroring": mirroring, "round": round_id}
+
+    def store(case: str, result: dict) -> None:
+        """What the driver writes for one predicted case (the single-machine path and Ray's alike)."""
+        label = sitk.GetImageFromArray(back[result["seg"]])
+        project.geometry(case).apply(label)
+        extra = {}
+        if probabilities:
+            path = probabilities_path(project, model, case)
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, probabilities=result["probs"], class_values=back.astype(np.int32),
+                                weights_digest=np.array(record["final_weights_digest"]),
+                                mirroring=np.array(bool(mirroring)), tile_step=np.array(float(tile_step)))
+            with project.lock("store probabilities"):
+                atomic.write_bytes(path, buffer.getvalue())
+            extra["probabilities"] = str(path.relative_to(project.root))
+        else:  # probabilities of an earlier pass no longer match the label stored now: selection must not read them
+            _discard(project, probabilities_path(project, model, case))
+        if result["vector"] is not None:
+            path = nnunet_features_path(project, model, case)
+            with project.lock("store features"):
+                write_vector(path, result["vector"])
+            extra["features"] = str(path.relative_to(project.root))
+        else:
+            _discard(project, nnunet_features_path(project, model, case))
+        made_by = {**produced_by, "worker": result["worker"]} if "worker" in result else produced_by
+        project.write_label(case, "predicted", label, source="nnunet", produced_by=made_by, **extra)
+        out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
+                    **extra, **({"worker": result["worker"]} if "worker" in result else {})})
+
     with nnunet_environment(project.root, log=log):
+        if ray is not None:
+            _predict_on_ray(project, record, checkpoint, cases, ray, store, device=device, mirroring=mirroring,
+                            tile_step=tile_step, probabilities=probabilities, features=features, model=model)
+            return out + [{"case": c, "reused": True} for c in kept]
         predictor = make_predictor(project, record, checkpoint, dev, mirroring, tile_step)
         pool = BottleneckPool(predictor.network) if features else None
         emit("stage", stage="predict", model=model, cases=len(cases))
         timer = PredictionEstimate(project, predictor, cases, mirroring, tile_step, model)
         for case in track(cases, desc=f"predicting with {model}"):
             data, props = SimpleITKIO().read_images([str(project.image_path(case))])
-            if pool is not None:
-                pool.reset()
-            seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)
-            label = sitk.GetImageFromArray(back[np.asarray(seg)])
-            project.geometry(case).apply(label)
-            produced_by = {"model": model, "checkpoint": record["checkpoint"], "weights_digest": record["final_weights_digest"],
-                           "configuration": record["configuration"], "mirroring": mirroring, "round": round_id}
-            extra = {}
-            if probabilities:
-                probs = np.asarray(probs, dtype=np.float16)
-                path = probabilities_path(project, model, case)
-                buffer = io.BytesIO()
-                np.savez_compressed(buffer, probabilities=probs, class_values=back.astype(np.int32),
-                                    weights_digest=np.array(record["final_weights_digest"]),
-                                    mirroring=np.array(bool(mirroring)), tile_step=np.array(float(tile_step)))
-                with project.lock("store probabilities"):
-                    atomic.write_bytes(path, buffer.getvalue())
-                extra["probabilities"] = str(path.relative_to(project.root))
-            else:  # probabilities of an earlier pass no longer match the label stored now: selection must not read them
-                _discard(project, probabilities_path(project, model, case))
-            if pool is not None:
-                path = nnunet_features_path(project, model, case)
-                with project.lock("store features"):
-                    write_vector(path, pool.vector())
-                extra["features"] = str(path.relative_to(project.root))
-            else:
-                _discard(project, nnunet_features_path(project, model, case))
-            project.write_label(case, "predicted", label, source="nnunet", produced_by=produced_by, **extra)
-            out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
-                        **extra})
+            store(case, infer(predictor, pool, data, props, probabilities))
             timer.case_done(case)
         if pool is not None:
             pool.close()
     return out + [{"case": c, "reused": True} for c in kept]
+
+
+def _predict_on_ray(project: Project, record: dict, checkpoint: dict, cases: Sequence[str], spec, store, *, device: str,
+                    mirroring: bool, tile_step: float, probabilities: bool, features: bool, model: str) -> None:
+    """The cases on Ray workers (:mod:`..cluster`): each worker builds the predictor once from the
+    plans and the weights (shared through the object store), the driver reads each image, hands it
+    over by reference and stores what comes back (``store``). Cases that failed after the retries are
+    named in an error once the others are stored."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from ..cluster import fan_out  # noqa: I001 (Ray itself is imported only there, only with --ray)
+
+    pre = folders(project.root).preprocessed / record["dataset"]
+    init = {"plans": json.loads((pre / f"{PLANS}.json").read_text()),
+            "dataset_json": json.loads((pre / "dataset.json").read_text()), "configuration": record["configuration"],
+            "checkpoint": {k: checkpoint[k] for k in ("network_weights", "inference_allowed_mirroring_axes")
+                           if k in checkpoint},
+            "device": device, "mirroring": mirroring, "tile_step": tile_step, "probabilities": probabilities,
+            "features": features, "where": str(project.layout.resolve(record["checkpoint"]))}
+    emit("stage", stage="predict", model=model, cases=len(cases), ray=spec.to_json())
+
+    def inputs():
+        for case in cases:
+            yield case, lambda case=case: SimpleITKIO().read_images([str(project.image_path(case))])
+
+    failures = fan_out(spec, PredictWorker, init, inputs(), store, gpus=resolve_device(device).type == "cuda",
+                       desc=f"predicting with {model}", guard=project.root)
+    if failures:
+        named = "; ".join(f"{f.key}: {f.error}" for f in failures[:10])
+        raise InputError(f"model {model!r}", f"{len(failures)} of {len(cases)} case(s) failed on Ray workers after the "
+                                             f"retries ({named}); the other cases are stored, run again to retry these")

@@ -1,0 +1,160 @@
+"""Past one machine (issue 23): per-case work on a local Ray instance (2 CPUs here), the project
+written by the driver only; dead workers retried, failing cases named, the rest stored."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ray = pytest.importorskip("ray")
+
+from ALSegLib import phantoms  # noqa: E402
+from ALSegLib.cluster import RaySpec, Worker, fan_out  # noqa: E402
+from ALSegLib.project import LabelTable, Project  # noqa: E402
+
+SPEC = RaySpec(workers=2, threads=1, retries=2)
+ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import this test module
+
+
+class Doubler(Worker):
+    """Twice the array it is handed; dies (the whole process) the first time it sees ``die_on``,
+    raises for ``fail_on``, and tries to write ``write_to`` when asked."""
+
+    def __init__(self, marker: str, die_on: str = "", fail_on: str = "", always: bool = False, guard: str | None = None,
+                 threads: int = 1):
+        super().__init__(guard, threads)
+        self.marker, self.die_on, self.fail_on, self.always = Path(marker), die_on, fail_on, always
+
+    def run(self, key: str, data: np.ndarray, write_to: str = "") -> dict:
+        if key == self.die_on and (self.always or not self.marker.exists()):
+            self.marker.write_text("died once")
+            os._exit(1)  # the worker process dies mid-task
+        if key == self.fail_on:
+            raise ValueError(f"cannot do {key}")
+        if write_to:
+            Path(write_to).write_text("a worker wrote this")
+        return {"key": key, "twice": 2 * data, "worker": os.getpid()}
+
+
+def _inputs(keys, write_to=""):
+    for k in keys:
+        yield k, lambda k=k: (k, np.full(4, int(k[1:])), write_to)
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_task_retried(tmp_path):
+    got = {}
+    keys = [f"c{i}" for i in range(6)]
+    failures = fan_out(SPEC, Doubler, {"marker": str(tmp_path / "died"), "die_on": "c2"}, _inputs(keys),
+                       lambda k, r: got.__setitem__(k, r))
+    assert (tmp_path / "died").is_file()  # the worker did die on c2
+    assert failures == [] and sorted(got) == keys
+    assert all(np.array_equal(got[k]["twice"], np.full(4, 2 * int(k[1:]))) for k in keys)
+    assert len({r["worker"] for r in got.values()}) >= 2  # the restarted worker is another process
+
+
+def test_a_task_that_always_fails_is_named_and_the_others_complete(tmp_path):
+    got = {}
+    keys = [f"c{i}" for i in range(5)]
+    failures = fan_out(SPEC, Doubler, {"marker": str(tmp_path / "m"), "fail_on": "c3"}, _inputs(keys),
+                       lambda k, r: got.__setitem__(k, r))
+    assert [f.key for f in failures] == ["c3"] and "cannot do c3" in failures[0].error
+    assert sorted(got) == ["c0", "c1", "c2", "c4"]
+    # a worker that dies on every try: named once the retries are spent
+    failures = fan_out(RaySpec(workers=1, retries=1), Doubler,
+                       {"marker": str(tmp_path / "m2"), "die_on": "c1", "always": True},
+                       _inputs(["c0", "c1", "c2"]), lambda k, r: None)
+    assert [f.key for f in failures] == ["c1"]
+
+
+def test_a_worker_may_not_write_the_guarded_folder(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    failures = fan_out(SPEC, Doubler, {"marker": str(tmp_path / "m")}, _inputs(["c0"], str(project / "x.txt")),
+                       lambda k, r: None, guard=project)
+    assert [f.key for f in failures] == ["c0"] and "may not write the project folder" in failures[0].error
+    assert not (project / "x.txt").exists()
+    got = []  # outside the guarded folder it may (a worker's own scratch space)
+    assert fan_out(SPEC, Doubler, {"marker": str(tmp_path / "m")}, _inputs(["c1"], str(tmp_path / "y.txt")),
+                   lambda k, r: got.append(k), guard=project) == []
+    assert got == ["c1"] and (tmp_path / "y.txt").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from ALSegLib.nnunet.plan import plan
+    from ALSegLib.nnunet.train import train
+    from ALSegLib.pseudolabels.degraded import pseudolabel_degraded
+
+    root = tmp_path_factory.mktemp("cluster")
+    images, labels = phantoms.write_dataset(root / "src", n=6, modality="CT", size=32)
+    project = Project.create(root / "project", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    pseudolabel_degraded(project, target_dice=0.8)
+    plan(project, configurations=("3d_fullres",), batch_size=2)
+    train(project, "pretrain", validate=False, epochs=1, iterations=2, val_iterations=1, device="cpu")
+    return project
+
+
+def _provenance(project, case):
+    prov = dict(project.provenance(case, "predicted"))
+    made = dict(prov.pop("produced_by"))
+    worker = made.pop("worker", None)
+    for key in ("time", "created", "stored_at"):
+        prov.pop(key, None)
+    return prov, made, worker
+
+
+def test_prediction_on_ray_stores_what_the_single_machine_path_stores(trained, tmp_path, run_cli):
+    from ALSegLib.nnunet.predict import predict
+    from ALSegLib.store.predictions import probabilities_path
+
+    local = trained.copy_to(tmp_path / "local")
+    fanned = trained.copy_to(tmp_path / "ray")
+    cases = local.cases()
+    predict(local, "pretrain", cases, device="cpu")
+    code, out, err = run_cli("predict", fanned.root, "--model", "pretrain", "--probabilities", "--device", "cpu",
+                             "--ray", "--ray-workers", "2", "--json")
+    assert code == 0, err
+    results = json.loads(out)["predicted"]
+    assert sorted(r["case"] for r in results) == cases
+    workers = set()
+    for case in cases:
+        a = local.label_path(case, "predicted").read_bytes()
+        b = fanned.label_path(case, "predicted").read_bytes()
+        assert np.array_equal(sitk.GetArrayFromImage(local.read_label(case, "predicted")),
+                              sitk.GetArrayFromImage(fanned.read_label(case, "predicted"))), case
+        assert a == b, case  # the same label bytes
+        pa, ma, wa = _provenance(local, case)
+        pb, mb, wb = _provenance(fanned, case)
+        assert pa == pb and ma == mb and wa is None, case  # the same provenance, the worker's name aside
+        assert wb and wb.split(":")[1].isdigit() and int(wb.split(":")[1]) != os.getpid()  # made by a worker
+        workers.add(wb)
+        pl = np.load(probabilities_path(local, "pretrain", case))["probabilities"]
+        pr = np.load(probabilities_path(fanned, "pretrain", case))["probabilities"]
+        np.testing.assert_allclose(pl.astype(np.float32), pr.astype(np.float32), atol=2e-3)
+    assert len(workers) == 2  # both workers took cases
+
+
+def test_a_round_with_ray_predicts_on_the_workers_and_stores_in_the_driver(tmp_path, run_cli):
+    from ALSegLib import rounds
+
+    images, labels = phantoms.write_dataset(tmp_path / "src", n=6, modality="CT", size=32)
+    project = Project.create(tmp_path / "p", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    test = project.cases()[-2:]
+    code, out, err = run_cli("round", project.root, "--budget", "1", "--exclude", *test, "--pseudo-source",
+                             "degraded-reference", "--device", "cpu", "--configuration", "3d_fullres", "--batch-size",
+                             "2", "--pretrain-epochs", "1", "--pretrain-iters", "2", "--epochs", "1", "--iters", "2",
+                             "--val-iters", "1", "--ray", "--ray-workers", "2", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["waiting"] and rounds.read_round(project, 1)["stages"]["predict-pool"]["cases"] == 4
+    pool = [c for c in project.cases() if c not in test]
+    for case in pool:  # the pool's prediction: made by a worker, stored by the driver, with probabilities
+        made = project.provenance(case, "predicted")["produced_by"]
+        assert made["model"] == "pretrain" and int(made["worker"].split(":")[1]) != os.getpid()
+    assert "ray" not in record["settings"]  # how it ran is not a setting: the record reads as without Ray
