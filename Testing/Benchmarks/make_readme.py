@@ -74,8 +74,8 @@ PROSE = {
     "review": "The review loop's wait in the Slicer module: from Accept to the next case's volume and segmentation in "
               "the scene, on slicer-core's real MRML core with the module's glue and the engine (no Qt: the editor's "
               "and views' redraw inside Slicer is not in it), on a CT-sized case with three segments.",
-    "sparse": "Slices against whole cases on the shared Hippocampus (issue 22): every arm annotates about the same "
-              "number of slices (as many as 5 % of the pool's cases hold), the slice arms through nnU-Net's ignore "
+    "sparse": "Slices against whole cases on the shared Hippocampus: every arm annotates about the same "
+              "number of slices (as many as the whole-case arm's cases hold on average), the slice arms through nnU-Net's ignore "
               "label, the same fine-tuning from the same pretrained weights per arm; test Dice is the mean of both "
               "classes on held-out cases, AUBC the area under Dice against the share of slices annotated divided by "
               "its span, and the goals are paired per-seed differences in Dice points.",
