@@ -38,10 +38,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from bench_nnunet import split  # noqa: E402
+from bench_nnunet import case_id, hippocampus_source, split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
-from ALSegLib.project import LabelTable, Project  # noqa: E402
 from ALSegLib.settings import RoundSettings  # noqa: E402
 from ALSegLib.simulate import (  # noqa: E402
     BASELINES,
@@ -93,10 +92,7 @@ def main() -> int:
     pool, test = split(hippo, args.pool, args.test, args.split_seed)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="alseg-bench-al-"))
     try:
-        source = Project.create(work / "source", LabelTable.parse("anterior=1,posterior=2"), "MRI", name="hippocampus")
-        images = pool + test
-        source.add_cases(images, references=[hippo / "labelsTr" / p.name for p in images],
-                         case_ids=[p.name[: -len(".nii.gz")] for p in images])
+        source = hippocampus_source(work / "source", hippo, pool + test)
         rounds = RoundSettings(
             budget=args.budget, pseudo={"source": "degraded-reference", "target_dice": args.target_dice},
             configuration=args.configuration, batch_size=args.batch_size or None,
@@ -104,7 +100,7 @@ def main() -> int:
             iterations=args.iters, val_iterations=args.val_iters, device=args.device,
             filtermatch={"warmup_epochs": args.warmup, "filter_start": args.filter_start, "filter_every": args.filter_every},
             pseudo_share=args.pseudo_share)
-        settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=[p.name[: -len(".nii.gz")] for p in test],
+        settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=[case_id(p) for p in test],
                                       arms=args.arms, sweep=args.sweep or None, round=rounds)
         start = time.perf_counter()
         results = simulate(source, work / "experiment", settings)

@@ -49,6 +49,20 @@ def split(hippo: Path, n_train: int, n_test: int, seed: int) -> tuple[list[Path]
     return images[:n_train], images[n_train : n_train + n_test]
 
 
+def case_id(path: Path) -> str:
+    return path.name[: -len(".nii.gz")]
+
+
+def hippocampus_source(folder: Path, hippo: Path, images: list[Path]) -> Project:
+    """A project of these shared Hippocampus images with their expert labels as references."""
+    from ALSegLib.project import LabelTable
+
+    source = Project.create(folder, LabelTable.parse("anterior=1,posterior=2"), "MRI", name="hippocampus")
+    source.add_cases(images, references=[hippo / "labelsTr" / p.name for p in images],
+                     case_ids=[case_id(p) for p in images])
+    return source
+
+
 def mean_dice(project: Project, cases: list[str], pred_of) -> float:
     scores = []
     for case in cases:

@@ -48,10 +48,10 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout this script is in, before any install
 
 import numpy as np  # noqa: E402
-from bench_nnunet import split  # noqa: E402
+from bench_nnunet import case_id, hippocampus_source, split  # noqa: E402
 from common import shared_data, write_results  # noqa: E402
 
-from ALSegLib.project import LabelTable, Project  # noqa: E402
+from ALSegLib.project import Project  # noqa: E402
 from ALSegLib.settings import RoundSettings  # noqa: E402
 from ALSegLib.simulate import ExperimentSettings, simulate, slice_arms  # noqa: E402
 
@@ -99,22 +99,19 @@ def main() -> int:
     pool, test = split(hippo, args.pool, args.test, args.split_seed)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="alseg-bench-sparse-"))
     try:
-        source = Project.create(work / "source", LabelTable.parse("anterior=1,posterior=2"), "MRI", name="hippocampus")
-        images = pool + test
-        source.add_cases(images, references=[hippo / "labelsTr" / p.name for p in images],
-                         case_ids=[p.name[: -len(".nii.gz")] for p in images])
+        source = hippocampus_source(work / "source", hippo, pool + test)
         rounds = RoundSettings(
             budget=args.budget, pseudo={"source": "degraded-reference", "target_dice": args.target_dice},
             configuration=args.configuration, batch_size=args.batch_size or None,
             pretrain_epochs=args.pretrain_epochs, pretrain_iterations=args.pretrain_iters, epochs=args.epochs,
             iterations=args.iters, val_iterations=args.val_iters, device=args.device, pseudo_share=args.pseudo_share,
             slab=args.slab, sparse_fill=args.sparse_fill)
-        settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=[p.name[: -len(".nii.gz")] for p in test],
+        settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=[case_id(p) for p in test],
                                       arms=args.arms, round=rounds)
         start = time.perf_counter()
         results = simulate(source, work / "experiment", settings)
         seconds = time.perf_counter() - start
-        pool_total = pool_slices(source, [p.name[: -len(".nii.gz")] for p in test])
+        pool_total = pool_slices(source, [case_id(p) for p in test])
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
