@@ -9,7 +9,8 @@ The rule: **workers compute, the driver writes**. A worker is an actor that load
 opens the project folder. The driver puts each input (an image array) into Ray's object store once,
 hands the reference to a worker, and stores what comes back under the project's lock with the same
 atomic writes and provenance as the single-machine path. A worker that dies is restarted and its
-task retried (``retries`` times); a task that still fails names its case, and the rest completes.
+task retried (``retries`` times); a task lost with it that may have been another task's victim runs
+again alone on a fresh worker; a task that still fails names its case, and the rest completes.
 A driver killed mid-run leaves the project as an interrupted single-machine run does: each case is
 stored whole or not at all, and the run resumes where it stopped.
 
@@ -181,6 +182,7 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
                  f"on {spec.address or 'a local instance'}", workers=n, threads=spec.threads, gpus=use_gpu)
         pending: dict[object, tuple[str, int]] = {}
         failures: list[Failure] = []
+        inputs_of: dict[str, Callable[[], tuple]] = {}
         todo = iter(inputs)
         done = total = 0
         busy = [0] * n
@@ -191,6 +193,7 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
             if item is None:
                 return False
             key, make_args = item
+            inputs_of[key] = make_args
             refs = [ray.put(a) for a in make_args()]  # by reference: one copy in the object store
             pending[getattr(actors[slot], method).remote(*refs)] = (key, slot)
             busy[slot] += 1
@@ -200,6 +203,18 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
         for slot in range(n):  # two tasks per worker in flight: the next input is there when one ends
             for _ in range(2):
                 submit(slot)
+        suspects: list[tuple[str, Callable[[], tuple]]] = []  # lost with a worker that died: maybe another task's fault
+
+        def finished(key: str, result: dict) -> None:
+            nonlocal done
+            on_result(key, result)
+            done += 1
+            emit("progress", stage=desc, done=done, total=None, case=key, worker=result.get("worker"))
+
+        def failed(key: str, exc: BaseException) -> None:
+            failures.append(Failure(key, _error_text(exc)))
+            emit("ray_failed", stage=desc, case=key, error=failures[-1].error)
+
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
@@ -207,14 +222,23 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
             busy[slot] -= 1
             try:
                 result = ray.get(ref)
-            except Exception as exc:  # a task error, or a worker that died more often than the retries
-                failures.append(Failure(key, _error_text(exc)))
-                emit("ray_failed", stage=desc, case=key, error=failures[-1].error)
+            except ray.exceptions.RayActorError:  # its worker died more often than the retries
+                suspects.append((key, inputs_of[key]))
+            except Exception as exc:  # the task's own error: named
+                failed(key, exc)
             else:
-                on_result(key, result)
-                done += 1
-                emit("progress", stage=desc, done=done, total=None, case=key, worker=result.get("worker"))
+                finished(key, result)
             submit(slot)
+        # a task in flight beside one that kills its worker dies with it: each such task runs again alone, on a
+        # fresh worker, and only a task that still kills it is named
+        for key, make_args in suspects:
+            solo = remote.remote(**shared, guard=str(guard) if guard else None, threads=spec.threads)
+            try:
+                finished(key, ray.get(getattr(solo, method).remote(*[ray.put(a) for a in make_args()])))
+            except Exception as exc:
+                failed(key, exc)
+            finally:
+                ray.kill(solo)
         return failures
 
 
