@@ -239,6 +239,8 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
                 failed(key, exc)
             finally:
                 ray.kill(solo)
+        for actor in actors:  # on a cluster that outlives this run, its workers (and their models) go now
+            ray.kill(actor)
         return failures
 
 
