@@ -173,6 +173,10 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
         use_gpu = gpus and resources.get("GPU", 0) >= 1
         capacity = int(resources.get("GPU", 0)) if use_gpu else max(1, int(resources.get("CPU", 1)) // spec.threads)
         n = spec.workers or capacity
+        if n > capacity:  # actors hold their CPUs or GPUs for life: the ones that cannot be placed would never run
+            announce("ray", f"ray: {n} workers asked for, the cluster holds {capacity} of {spec.threads} thread(s): "
+                     f"{capacity} used", workers_asked=n, workers=capacity)
+            n = capacity
         shared = {k: ray.put(v) for k, v in init.items()}
         remote = ray.remote(worker_cls).options(
             num_cpus=spec.threads, num_gpus=1 if use_gpu else 0, max_restarts=spec.retries,

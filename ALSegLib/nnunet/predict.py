@@ -275,6 +275,8 @@ def predict(
         if ray is not None:
             _predict_on_ray(project, record, checkpoint, cases, ray, store, device=device, mirroring=mirroring,
                             tile_step=tile_step, probabilities=probabilities, features=features, model=model)
+            order = {c: i for i, c in enumerate(cases)}
+            out.sort(key=lambda o: order[o["case"]])  # the cases' order, as without Ray (not completion order)
             return out + [{"case": c, "reused": True} for c in kept]
         predictor = make_predictor(project, record, checkpoint, dev, mirroring, tile_step)
         pool = BottleneckPool(predictor.network) if features else None
