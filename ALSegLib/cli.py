@@ -402,8 +402,9 @@ def cmd_pseudolabel(args) -> int:
                     "prompts_from_reference", "settings", "backend", "box_margin"):
             if getattr(args, opt) is not None:
                 raise InputError("pseudolabel --source import", f"--{opt.replace('_', '-')} belongs to --source sam")
-        if args.no_cache:
-            raise InputError("pseudolabel --source import", "--no-cache belongs to --source sam")
+        for flag, on in (("--no-cache", args.no_cache), ("--resume", args.resume), ("--ray", args.ray is not None)):
+            if on:
+                raise InputError("pseudolabel --source import", f"{flag} belongs to --source sam")
         if args.auto is not None:
             raise InputError("pseudolabel --source import", "--auto belongs to --source sam")
         if not args.from_dir:
@@ -427,11 +428,15 @@ def cmd_pseudolabel(args) -> int:
         settings_file=args.settings, cases=cases, exclude=args.exclude or (), axis=args.axis,
         window=args.window, device=args.device or "cpu", batch=args.batch, cache=not args.no_cache,
         memory_gib=args.memory_gib or 1.0, backend=args.backend or "auto",
-        box_margin=args.box_margin if args.box_margin is not None else REFERENCE_BOX_MARGIN)
+        box_margin=args.box_margin if args.box_margin is not None else REFERENCE_BOX_MARGIN, resume=args.resume,
+        ray=_ray_spec(args))
     if args.json:
         _print_json({"source": "sam", "cases": summaries})
     else:
         for s in summaries:
+            if "labels" not in s:  # kept by --resume
+                print(f"{s['case']}: {s['status']}")
+                continue
             labels = ", ".join(f"{n}: {v['slices']} slices" for n, v in s["labels"].items())
             enc = s["encoder"]
             print(f"{s['case']}: {s['status']}; {labels or 'nothing found'}; confidence {_fmt(s['confidence'])}; "
@@ -641,7 +646,7 @@ def cmd_simulate(args) -> int:
     settings = ExperimentSettings(rounds=args.rounds, seeds=args.seeds, test=args.test, test_fraction=args.test_fraction,
                                   sweep=args.sweep, round=_round_settings(args, experiment=True),
                                   slice_budget=args.slice_budget, **kw)
-    results = simulate(source, args.out, settings)
+    results = simulate(source, args.out, settings, ray=_ray_spec(args))
     if args.json:
         _print_json(results)
         return EXIT_OK
@@ -897,6 +902,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, help="slices per encoder call (default 1 on CPU, 8 on CUDA; halved on out-of-memory)")
     g.add_argument("--memory-gib", type=float, help="embeddings kept in memory per case (default 1 GiB)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")
+    g.add_argument("--resume", action="store_true", help="skip the cases whose stored pseudo-label this very request "
+                   "made (same model, mode, axis, prompts and settings): an interrupted run goes on where it stopped")
+    ray_options(p)
     g = p.add_argument_group("--source import")
     g.add_argument("--from", dest="from_dir", metavar="DIR", help="folder of label files named after the cases")
     g.add_argument("--map", metavar="SRC=DST,...", help="value mapping, e.g. 5=1,6=2 (unmapped values become background)")
@@ -1015,6 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
     budgets(p)
     pseudo_source(p)
     filtermatch_options(p)
+    ray_options(p)
     p.add_argument("--json", action="store_true")
 
     p = add("demo", cmd_demo, "The main job on built-in data: a phantom project (or --data DIR), two simulated "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def connected(spec: RaySpec) -> Iterator[object]:
             runtime_env = {"env_vars": env}
         else:
             runtime_env = {"py_modules": [str(ENGINE_DIR)]}
-        for key in ("nnUNet_def_n_proc", "nnUNet_compile"):
+        for key in ("nnUNet_def_n_proc", "nnUNet_compile", "nnUNet_n_proc_DA"):
             if key in os.environ:
                 runtime_env.setdefault("env_vars", {})[key] = os.environ[key]
         try:
@@ -147,9 +147,30 @@ class Worker:
 
         if guard:
             guard_folder(guard)
+        os.environ[ON_WORKER] = "1"
+        self.threads = threads
         os.environ["OMP_NUM_THREADS"] = str(threads)  # torch imported from now on takes it
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
+
+    def ready(self) -> str:
+        """Answers once the actor is built (its model loaded): where it runs."""
+        return worker_name()
+
+
+ON_WORKER = "ALSEG_RAY_WORKER"  # set in the processes of this module's actors and tasks
+
+
+def worker_device(device: str) -> str:
+    """The device a Ray worker runs on (as a name): a CUDA device asked for (``cuda`` or ``cuda:N``)
+    is the one GPU Ray gave this worker (Ray sets ``CUDA_VISIBLE_DEVICES`` to it, so it is ``cuda:0``
+    there). Outside a worker of this module the name is returned as given."""
+    from .devices import device_name
+
+    name = device_name(device)
+    if os.environ.get(ON_WORKER) and name.startswith("cuda") and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return "cuda:0"
+    return name
 
 
 @dataclass
@@ -160,92 +181,220 @@ class Failure:
 
 def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[str, Callable[[], tuple]]],
             on_result: Callable[[str, dict], None], *, method: str = "run", gpus: bool = False,
-            desc: str = "ray", guard: str | Path | None = None) -> list[Failure]:
+            desc: str = "ray", guard: str | Path | None = None, total: int | None = None) -> list[Failure]:
     """Run ``worker_cls(**init).<method>(*args)`` for every ``(key, make_args)`` of ``inputs`` on
     ``spec.workers`` actors, each input put into the object store once (``make_args`` is called in
     the driver, just before its task is submitted, so the driver holds only the inputs in flight);
     ``on_result(key, result)`` runs in the driver as each finishes (in completion order). Returns the
     keys that failed after the retries, with the error; the others completed. ``init``'s values are
     put into the object store once and shared by every actor (a model's weights). ``worker_cls``
-    subclasses :class:`Worker`; ``guard``: the folder its actors may not change (the project)."""
+    subclasses :class:`Worker`; ``guard``: the folder its actors may not change (the project);
+    ``total``: the number of inputs, for the progress events.
+
+    A worker that dies is restarted by Ray and its task retried (``spec.retries``); one that dies
+    more often is replaced by a fresh worker in its slot, and the tasks lost with it run again at
+    the end one by one on a worker of their own (a task in flight beside the one that kills its
+    worker dies with it): only a task that still fails alone is named. The actors are killed when
+    the run ends, however it ends (an error, Ctrl-C)."""
     with connected(spec) as ray:
+        return _Fleet(ray, spec, worker_cls, init, method, gpus, desc, guard, total).run(inputs, on_result)
+
+
+class _Fleet:
+    """The actors of one :func:`fan_out` run and its bookkeeping."""
+
+    def __init__(self, ray, spec: RaySpec, worker_cls: type, init: dict, method: str, gpus: bool, desc: str,
+                 guard, total: int | None):
+        self.ray, self.spec, self.method, self.desc, self.total = ray, spec, method, desc, total
         resources = ray.cluster_resources()
-        use_gpu = gpus and resources.get("GPU", 0) >= 1
-        capacity = int(resources.get("GPU", 0)) if use_gpu else max(1, int(resources.get("CPU", 1)) // spec.threads)
+        self.use_gpu = gpus and resources.get("GPU", 0) >= 1
+        capacity = int(resources.get("GPU", 0)) if self.use_gpu else max(1, int(resources.get("CPU", 1)) // spec.threads)
         n = spec.workers or capacity
         if n > capacity:  # actors hold their CPUs or GPUs for life: the ones that cannot be placed would never run
             announce("ray", f"ray: {n} workers asked for, the cluster holds {capacity} of {spec.threads} thread(s): "
                      f"{capacity} used", workers_asked=n, workers=capacity)
             n = capacity
-        shared = {k: ray.put(v) for k, v in init.items()}
-        remote = ray.remote(worker_cls).options(
-            num_cpus=spec.threads, num_gpus=1 if use_gpu else 0, max_restarts=spec.retries,
+        self.n = n
+        self.shared = {k: ray.put(v) for k, v in init.items()}
+        self.guard = str(guard) if guard else None
+        self.remote = ray.remote(worker_cls).options(
+            num_cpus=spec.threads, num_gpus=1 if self.use_gpu else 0, max_restarts=spec.retries,
             max_task_retries=spec.retries)
-        actors = [remote.remote(**shared, guard=str(guard) if guard else None, threads=spec.threads) for _ in range(n)]
-        announce("ray", f"ray: {n} worker(s) of {spec.threads} thread(s){' and 1 GPU each' if use_gpu else ''} "
-                 f"on {spec.address or 'a local instance'}", workers=n, threads=spec.threads, gpus=use_gpu)
-        pending: dict[object, tuple[str, int]] = {}
-        failures: list[Failure] = []
-        inputs_of: dict[str, Callable[[], tuple]] = {}
-        todo = iter(inputs)
-        done = total = 0
-        busy = [0] * n
+        self.alive: list[object] = []  # every actor started, killed at the end
+        self.done = 0
+        self.failures: list[Failure] = []
 
-        def submit(slot: int) -> bool:
-            nonlocal total
-            item = next(todo, None)
-            if item is None:
-                return False
-            key, make_args = item
-            inputs_of[key] = make_args
-            refs = [ray.put(a) for a in make_args()]  # by reference: one copy in the object store
-            pending[getattr(actors[slot], method).remote(*refs)] = (key, slot)
-            busy[slot] += 1
-            total += 1
-            return True
+    def _actor(self):
+        actor = self.remote.remote(**self.shared, guard=self.guard, threads=self.spec.threads)
+        self.alive.append(actor)
+        return actor
 
-        for slot in range(n):  # two tasks per worker in flight: the next input is there when one ends
-            for _ in range(2):
-                submit(slot)
-        suspects: list[tuple[str, Callable[[], tuple]]] = []  # lost with a worker that died: maybe another task's fault
+    def _ready(self, actors: list) -> None:
+        """Every actor built, or a clear error: a worker that cannot load its model fails the run at once."""
+        try:
+            names = self.ray.get([a.ready.remote() for a in actors])
+        except self.ray.exceptions.RayActorError as exc:
+            raise InputError(f"--ray {self.spec.address or LOCAL}",
+                             f"a worker could not start: {_error_text(exc)}") from exc
+        hosts = sorted({n.split(":")[0] for n in names})
+        announce("ray", f"ray: {len(actors)} worker(s) of {self.spec.threads} thread(s)"
+                 f"{' and 1 GPU each' if self.use_gpu else ''} on {self.spec.address or 'a local instance'} "
+                 f"({', '.join(hosts)})", workers=len(actors), threads=self.spec.threads, gpus=self.use_gpu, hosts=hosts)
 
-        def finished(key: str, result: dict) -> None:
-            nonlocal done
-            on_result(key, result)
-            done += 1
-            emit("progress", stage=desc, done=done, total=None, case=key, worker=result.get("worker"))
+    def _finished(self, key: str, result: dict, on_result) -> None:
+        on_result(key, result)
+        self.done += 1
+        emit("progress", stage=self.desc, done=self.done, total=self.total, case=key, worker=result.get("worker"))
 
-        def failed(key: str, exc: BaseException) -> None:
-            failures.append(Failure(key, _error_text(exc)))
-            emit("ray_failed", stage=desc, case=key, error=failures[-1].error)
+    def _failed(self, key: str, exc: BaseException) -> None:
+        self.failures.append(Failure(key, _error_text(exc)))
+        emit("ray_failed", stage=self.desc, case=key, error=self.failures[-1].error)
 
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            key, slot = pending.pop(ref)
-            busy[slot] -= 1
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError:  # its worker died more often than the retries
-                suspects.append((key, inputs_of[key]))
-            except Exception as exc:  # the task's own error: named
-                failed(key, exc)
-            else:
-                finished(key, result)
-            submit(slot)
-        # a task in flight beside one that kills its worker dies with it: each such task runs again alone, on a
-        # fresh worker, and only a task that still kills it is named
-        for key, make_args in suspects:
-            solo = remote.remote(**shared, guard=str(guard) if guard else None, threads=spec.threads)
-            try:
-                finished(key, ray.get(getattr(solo, method).remote(*[ray.put(a) for a in make_args()])))
-            except Exception as exc:
-                failed(key, exc)
-            finally:
-                ray.kill(solo)
-        for actor in actors:  # on a cluster that outlives this run, its workers (and their models) go now
-            ray.kill(actor)
-        return failures
+    def _submit(self, actor, make_args: Callable[[], tuple]):
+        refs = [self.ray.put(a) for a in make_args()]  # by reference: one copy in the object store
+        return getattr(actor, self.method).remote(*refs)
+
+    def run(self, inputs, on_result) -> list[Failure]:
+        ray = self.ray
+        try:
+            slots = [self._actor() for _ in range(self.n)]
+            self._ready(slots)
+            pending: dict[object, tuple[str, Callable[[], tuple], int, object]] = {}
+            todo = iter(inputs)
+            suspects: list[tuple[str, Callable[[], tuple]]] = []  # lost with a worker that died: maybe not their fault
+
+            def feed(slot: int) -> None:
+                item = next(todo, None)
+                if item is not None:
+                    key, make_args = item
+                    pending[self._submit(slots[slot], make_args)] = (key, make_args, slot, slots[slot])
+
+            for slot in range(self.n):  # two tasks per worker in flight: the next input is there when one ends
+                feed(slot)
+                feed(slot)
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                key, make_args, slot, actor = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayActorError:  # its worker died more often than the retries
+                    suspects.append((key, make_args))
+                    if slots[slot] is actor:  # the first of its tasks to come back: a fresh worker takes the slot
+                        ray.kill(actor, no_restart=True)
+                        slots[slot] = self._actor()
+                    feed(slot)  # the slot keeps its two tasks in flight
+                    continue
+                except Exception as exc:  # the task's own error: named
+                    self._failed(key, exc)
+                else:
+                    self._finished(key, result, on_result)
+                feed(slot)
+            solo = None
+            for key, make_args in suspects:  # alone now: a task that still kills its worker is the culprit
+                solo = solo or self._actor()
+                try:
+                    self._finished(key, ray.get(self._submit(solo, make_args)), on_result)
+                except ray.exceptions.RayActorError as exc:
+                    self._failed(key, exc)
+                    ray.kill(solo, no_restart=True)
+                    solo = None
+                except Exception as exc:
+                    self._failed(key, exc)
+            return self.failures
+        finally:  # on a cluster that outlives this run, its workers (and their models) go now, however it ended
+            for actor in self.alive:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+
+
+@dataclass
+class Job:
+    """One task of a run of dependent tasks (:func:`run_jobs`): ``fn`` (a module-level function the
+    workers can import) called with ``args(results)``, the results of the jobs named in ``after``
+    by key. It may write only where it was told to (its own folder)."""
+
+    key: str
+    fn: Callable
+    args: Callable[[dict], tuple]
+    after: tuple[str, ...] = ()
+
+
+def run_jobs_here(jobs: Sequence[Job]) -> dict[str, object]:
+    """The jobs one after another in this process, in their order (each after the ones it needs)."""
+    results: dict[str, object] = {}
+    for job in jobs:
+        emit("stage", stage="job", job=job.key)
+        results[job.key] = job.fn(*job.args(results))
+    return results
+
+
+def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: str = "jobs") -> dict[str, object]:
+    """The jobs as Ray tasks, ``spec.workers`` at a time (default: as many as the cluster can
+    place, one GPU each where ``gpus`` and there are GPUs), each started once the jobs it needs
+    have finished, in the order given among those ready; a task whose worker dies is retried
+    (``spec.retries``). Returns every job's result by key, or an error naming the jobs that
+    failed (and those that could not start without them) once the others have finished."""
+    with connected(spec) as ray:
+        resources = ray.cluster_resources()
+        use_gpu = gpus and resources.get("GPU", 0) >= 1
+        capacity = int(resources.get("GPU", 0)) if use_gpu else max(1, int(resources.get("CPU", 1)) // spec.threads)
+        n = min(spec.workers or capacity, capacity)
+        task = ray.remote(_run_job).options(num_cpus=spec.threads, num_gpus=1 if use_gpu else 0,
+                                            max_retries=spec.retries)
+        announce("ray", f"ray: {len(jobs)} {desc}, {n} at a time, {spec.threads} thread(s)"
+                 f"{' and 1 GPU' if use_gpu else ''} each, on {spec.address or 'a local instance'}",
+                 jobs=len(jobs), workers=n, threads=spec.threads, gpus=use_gpu)
+        results: dict[str, object] = {}
+        failed: dict[str, str] = {}
+        waiting = list(jobs)
+        pending: dict[object, Job] = {}
+        try:
+            while waiting or pending:
+                for job in list(waiting):
+                    lost = [d for d in job.after if d in failed]
+                    if lost:
+                        waiting.remove(job)
+                        failed[job.key] = f"not run: it needs {lost[0]}, which failed"
+                    elif len(pending) < n and all(d in results for d in job.after):
+                        waiting.remove(job)
+                        pending[task.remote(job.fn, job.args(results), spec.threads)] = job
+                if not pending:
+                    break
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                try:
+                    results[job.key], worker = ray.get(ready[0])
+                except Exception as exc:
+                    failed[job.key] = _error_text(exc)
+                    emit("ray_failed", stage=desc, case=job.key, error=failed[job.key])
+                else:
+                    emit("progress", stage=desc, done=len(results), total=len(jobs), case=job.key, worker=worker)
+        finally:
+            for ref in pending:  # an error or Ctrl-C in the driver: nothing keeps running for it
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+        if failed:
+            named = "; ".join(f"{k}: {e}" for k, e in list(failed.items())[:10])
+            raise InputError(f"--ray {spec.address or LOCAL}", f"{len(failed)} of {len(jobs)} {desc} failed ({named}); "
+                             "the others finished, their folders are kept")
+        return results
+
+
+def _run_job(fn: Callable, args: tuple, threads: int) -> tuple[object, str]:
+    """A Ray task's body: ``fn(*args)`` with ``threads`` torch threads; returns it and where it ran.
+
+    A Ray worker runs threads of its own: a process pool forked from it can hang in a child (nnU-Net's
+    planning forks one), so this worker's pools start their processes from a fork server instead."""
+    import multiprocessing
+    import sys
+
+    if multiprocessing.get_start_method(allow_none=True) != "forkserver":
+        multiprocessing.set_start_method("forkserver", force=True)
+    os.environ[ON_WORKER] = "1"
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return fn(*args), worker_name()
 
 
 def _error_text(exc: BaseException) -> str:

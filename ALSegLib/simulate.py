@@ -199,7 +199,9 @@ def baseline_minutes(r: RoundSettings) -> float | None:
     return 2 * r.minutes
 
 
-def _train_supervised(project: Project, name: str, settings: ExperimentSettings, test: list[str]) -> dict:
+def _train_supervised(project: Project, name: str, settings: ExperimentSettings, test: list[str],
+                      seed: int | None = None) -> dict:
+    """A from-scratch baseline's model (seeded as the arms' trainings are: the same run gives the same model)."""
     from .nnunet.train import train
 
     epochs, iterations = baseline_budget(settings)
@@ -207,7 +209,8 @@ def _train_supervised(project: Project, name: str, settings: ExperimentSettings,
     if minutes is not None:
         epochs = None  # the same time as the arm's model had, the epochs fitted to it
     train(project, "supervised", name=name, epochs=epochs, iterations=iterations, minutes=minutes,
-          val_iterations=settings.round.val_iterations, device=settings.round.device, validate=False, exclude_cases=test)
+          val_iterations=settings.round.val_iterations, device=settings.round.device, validate=False, exclude_cases=test,
+          seed=seed)
     return score_held_out(project, name, test, test, settings.round.device)
 
 
@@ -243,9 +246,112 @@ def _alseg_arm(base: Project, folder: Path, arm: str, settings: ExperimentSettin
     return points, labeled_after
 
 
-def simulate(source: Project, out: str | Path, settings: ExperimentSettings | None = None) -> dict:
+def job_base(source_root: str, folder: str, settings: ExperimentSettings, test: list[str], seed: int,
+             pseudo: PseudoSource | None = None) -> dict:
+    """The experiment's job for a seed's base (or a sweep point's): :func:`make_base` on a copy at ``folder``."""
+    emit("stage", stage="experiment-seed", seed=seed)
+    base, pdice, pretrained = make_base(Project.open(source_root), Path(folder), _here(settings), test, seed, pseudo)
+    return {"base": str(base.root), "pseudo_dice": pdice, "pretrained": pretrained}
+
+
+def job_arm(base: dict, folder: str, arm: str, settings: ExperimentSettings, test: list[str], seed: int,
+            slices: int | None) -> tuple[list[dict], list[list[str]]]:
+    """An ALSeg arm's rounds on its own copy of the base at ``folder``."""
+    return _alseg_arm(Project.open(base["base"]), Path(folder), arm, _here(settings), test, seed, slices)
+
+
+def job_supervised(base: dict, folder: str, settings: ExperimentSettings, test: list[str],
+                   labeled_rounds: list[list[str]], seed: int | None = None) -> list[dict]:
+    """supervised-only: after each round, a model from scratch on exactly that round's labeled cases."""
+    settings = _here(settings)
+    sup = Project.open(base["base"]).copy_to(Path(folder))
+    points = []
+    for r, labeled in enumerate(labeled_rounds, 1):
+        annotator = SimulatedAnnotator(test)
+        for case in labeled:
+            if not sup.human_versions(case):
+                annotator(sup, case)
+        points.append(curve_point(_train_supervised(sup, f"supervised-r{r}", settings, test, seed), r))
+    return points
+
+
+def job_full(base: dict, folder: str, settings: ExperimentSettings, test: list[str], pool: list[str],
+             seed: int | None = None) -> dict:
+    """full supervision: every pool case's reference, a model from scratch (the upper bound)."""
+    full = Project.open(base["base"]).copy_to(Path(folder))
+    annotator = SimulatedAnnotator(test)
+    for case in pool:
+        annotator(full, case)
+    return curve_point(_train_supervised(full, "full", _here(settings), test, seed), None)
+
+
+def _here(settings: ExperimentSettings) -> ExperimentSettings:
+    """The settings as this process runs them: on a Ray worker given one GPU, ``cuda:N`` is its ``cuda:0``."""
+    from dataclasses import replace
+
+    from .cluster import worker_device
+
+    device = worker_device(settings.round.device)
+    return settings if device == settings.round.device else replace(settings, round=settings.round.with_changes(device=device))
+
+
+def experiment_jobs(source: Project, out: Path, settings: ExperimentSettings, test: list[str],
+                    slices: int | None) -> list:
+    """The experiment as jobs (:class:`..cluster.Job`), in the order the sequential run takes them:
+    per seed its base, then each arm on its own copy of it, supervised-only (after the first hybrid
+    arm, whose labeled cases it trains on) and full supervision; then the sweep's bases and arms.
+    Independent jobs (seeds, arms) can run side by side (``simulate --ray``)."""
+    from .cluster import Job
+
+    pool = [c for c in source.cases() if c not in set(test)]
+    alseg = [a for a in settings.arms if "+" in a]
+    jobs = []
+    for seed in settings.seeds:
+        base = f"seed{seed}/base"
+        jobs.append(Job(base, job_base, lambda r, seed=seed: (str(source.root), str(out / f"seed{seed}" / "base"),
+                                                              settings, test, seed)))
+        for arm in alseg:
+            jobs.append(Job(f"seed{seed}/{arm}", job_arm, lambda r, seed=seed, arm=arm, base=base: (
+                r[base], str(out / f"seed{seed}" / arm.replace("+", "-")), arm, settings, test, seed, slices),
+                (base,)))
+        if "supervised-only" in settings.arms:
+            hybrid = next((a for a in alseg if a.startswith("hybrid")), None)
+            drawn = None
+            if hybrid is None:  # no hybrid arm runs: the labels random selection would pick
+                rng = random.Random(seed)
+                k = _per_round(settings.round.budget, len(source.cases()) - len(test))
+                order = rng.sample(pool, len(pool))
+                drawn = [sorted(order[: k * (r + 1)]) for r in range(settings.rounds)]
+            after = (base,) if hybrid is None else (base, f"seed{seed}/{hybrid}")
+            jobs.append(Job(f"seed{seed}/supervised-only", job_supervised, lambda r, seed=seed, base=base,
+                            hybrid=hybrid, drawn=drawn: (
+                r[base], str(out / f"seed{seed}" / "supervised-only"), settings, test,
+                drawn if hybrid is None else r[f"seed{seed}/{hybrid}"][1], seed), after))
+        if "full supervision" in settings.arms:
+            jobs.append(Job(f"seed{seed}/full supervision", job_full, lambda r, seed=seed, base=base: (
+                r[base], str(out / f"seed{seed}" / "full"), settings, test, pool, seed), (base,)))
+    if settings.sweep:
+        arm = next((a for a in settings.arms if "+" in a), "hybrid+finetune")
+        seed = settings.seeds[0]
+        sweep_slices = slices_per_round(source, settings, test) if arm_parts(arm)[0] == "slice" else None
+        for target in settings.sweep:
+            folder = out / f"sweep-{target:.2f}"
+            base = f"sweep-{target:.2f}/base"
+            jobs.append(Job(base, job_base, lambda r, folder=folder, target=target: (
+                str(source.root), str(folder / "base"), settings, test, seed,
+                settings.round.pseudo.with_options(target_dice=target))))
+            jobs.append(Job(f"sweep-{target:.2f}/{arm}", job_arm, lambda r, folder=folder, base=base: (
+                r[base], str(folder / arm.replace("+", "-")), arm, settings, test, seed, sweep_slices), (base,)))
+    return jobs
+
+
+def simulate(source: Project, out: str | Path, settings: ExperimentSettings | None = None, ray=None) -> dict:
     """Run the oracle experiment on ``source`` (left untouched) under ``out``; returns the results
-    (also written as ``out/experiment.{md,html,json,png}``)."""
+    (also written as ``out/experiment.{md,html,json,png}``). ``ray``: a :class:`..cluster.RaySpec`
+    to run the seeds' bases, the arms and the baselines as Ray tasks side by side (``out`` must be
+    a folder every node sees); the figures are the sequential run's."""
+    from .cluster import run_jobs, run_jobs_here
+    from .devices import device_name
     from .report import write_experiment_report
 
     settings = settings or ExperimentSettings()
@@ -256,32 +362,31 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
                          f"{len(missing)} have none (e.g. {', '.join(missing[:3])})")
     if source.labeled_cases("human"):
         raise InputError(source.root, "the oracle experiment starts without human labels; this project has some")
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     test = split_test(source, settings)
     pool = [c for c in source.cases() if c not in set(test)]
     start = time.perf_counter()
+    alseg = [a for a in settings.arms if "+" in a]
+    slices = slices_per_round(source, settings, test) if any(arm_parts(a)[0] == "slice" for a in alseg) else None
+    jobs = experiment_jobs(source, out, settings, test, slices)
+    done = (run_jobs_here(jobs) if ray is None else
+            run_jobs(ray, jobs, gpus=device_name(settings.round.device) != "cpu", desc="experiment jobs"))
     per_seed: dict[str, list[list[dict]]] = {arm: [] for arm in settings.arms}
     pseudo_dice: list[float] = []
-    alseg = [a for a in settings.arms if "+" in a]
     aubcs: dict[str, list[float | None]] = {arm: [] for arm in alseg}
     span: list[float | None] = []
-    slices = slices_per_round(source, settings, test) if any(arm_parts(a)[0] == "slice" for a in alseg) else None
     for seed in settings.seeds:
-        emit("stage", stage="experiment-seed", seed=seed)
-        base, pdice, pretrained = make_base(source, out / f"seed{seed}" / "base", settings, test, seed)
-        pseudo_dice.append(pdice)
+        base = done[f"seed{seed}/base"]
+        pretrained = base["pretrained"]
+        pseudo_dice.append(base["pseudo_dice"])
         if "pseudo-only" in settings.arms:
             per_seed["pseudo-only"].append([curve_point(pretrained, 0)])
-        labeled_rounds = None
         curves = {}
         for arm in alseg:
-            points, labeled_after = _alseg_arm(base, out / f"seed{seed}" / arm.replace("+", "-"), arm, settings, test,
-                                               seed, slices)
+            points, _ = done[f"seed{seed}/{arm}"]
             per_seed[arm].append(points)
             curves[arm] = [curve_point(pretrained, 0), *points] if pretrained else None
-            if labeled_rounds is None and arm.startswith("hybrid"):
-                labeled_rounds = labeled_after
         # from the pretrained model (nothing annotated) to the budget every arm reached, against the share
         # of slices annotated: the same span for every arm (the whole-case arm's last share depends on its cases)
         upto = common_budget(list(curves.values()))
@@ -289,26 +394,9 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         for arm, curve in curves.items():
             aubcs[arm].append(aubc(curve, upto=upto) if curve is not None and upto is not None else None)
         if "supervised-only" in settings.arms:
-            if labeled_rounds is None:  # no hybrid arm ran: the labels random selection would pick
-                rng = random.Random(seed)
-                k = _per_round(settings.round.budget, len(source.cases()) - len(test))
-                order = rng.sample(pool, len(pool))
-                labeled_rounds = [sorted(order[: k * (r + 1)]) for r in range(settings.rounds)]
-            sup = base.copy_to(out / f"seed{seed}" / "supervised-only")
-            points = []
-            for r, labeled in enumerate(labeled_rounds, 1):
-                annotator = SimulatedAnnotator(test)
-                for case in labeled:
-                    if not sup.human_versions(case):
-                        annotator(sup, case)
-                points.append(curve_point(_train_supervised(sup, f"supervised-r{r}", settings, test), r))
-            per_seed["supervised-only"].append(points)
+            per_seed["supervised-only"].append(done[f"seed{seed}/supervised-only"])
         if "full supervision" in settings.arms:
-            full = base.copy_to(out / f"seed{seed}" / "full")
-            annotator = SimulatedAnnotator(test)
-            for case in pool:
-                annotator(full, case)
-            per_seed["full supervision"].append([curve_point(_train_supervised(full, "full", settings, test), None)])
+            per_seed["full supervision"].append([done[f"seed{seed}/full supervision"]])
     classes = list(source.labels.mapping)
     arms = {arm: _mean_over_seeds(runs, classes) for arm, runs in per_seed.items() if runs}
     for arm, values in aubcs.items():
@@ -329,7 +417,7 @@ def simulate(source: Project, out: str | Path, settings: ExperimentSettings | No
         "seconds": None, "time": now_iso(),
     }
     if settings.sweep:
-        results["sweep"] = _sweep(source, out, settings, test)
+        results["sweep"] = _sweep_rows(done, settings)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["report"] = write_experiment_report(results, out)
     return results
@@ -405,19 +493,16 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def _sweep(source: Project, out: Path, settings: ExperimentSettings, test: list[str]) -> list[dict]:
-    """Final Dice of the first ALSeg arm against the pseudo-labels' quality (first seed)."""
+def _sweep_rows(done: dict, settings: ExperimentSettings) -> list[dict]:
+    """Final Dice of the first ALSeg arm against the pseudo-labels' quality (first seed): one base and
+    one arm per target (:func:`experiment_jobs`)."""
     arm = next((a for a in settings.arms if "+" in a), "hybrid+finetune")
     seed = settings.seeds[0]
     rows = []
     for target in settings.sweep:
-        folder = out / f"sweep-{target:.2f}"
-        base, pdice, _ = make_base(source, folder / "base", settings, test, seed,
-                                pseudo=settings.round.pseudo.with_options(target_dice=target))
-        slices = slices_per_round(source, settings, test) if arm_parts(arm)[0] == "slice" else None
-        points, _ = _alseg_arm(base, folder / arm.replace("+", "-"), arm, settings, test, seed, slices)
-        rows.append({"target": target, "pseudo_label_dice": pdice, "final_dice": points[-1]["mean_dice"],
-                     "arm": arm, "seed": seed})
+        points, _ = done[f"sweep-{target:.2f}/{arm}"]
+        rows.append({"target": target, "pseudo_label_dice": done[f"sweep-{target:.2f}/base"]["pseudo_dice"],
+                     "final_dice": points[-1]["mean_dice"], "arm": arm, "seed": seed})
     return rows
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import SimpleITK as sitk
 
 from .. import atomic
 from ..cluster import Worker
+from ..devices import device_name
 from ..errors import InputError
 from ..progress import announce, duration, emit, track
 from ..project import Project
@@ -91,14 +91,11 @@ class PredictWorker(Worker):
     def __init__(self, plans: dict, dataset_json: dict, configuration: str, checkpoint: dict, device: str,
                  mirroring: bool, tile_step: float, probabilities: bool, features: bool, where: str,
                  guard: str | None = None, threads: int = 1):
-        import torch
-
+        from ..cluster import worker_device
         from .features import BottleneckPool
 
         super().__init__(guard, threads)
-        dev = resolve_device(device)
-        if dev.type == "cuda" and os.environ.get("CUDA_VISIBLE_DEVICES"):  # Ray gave this worker its own GPU
-            dev = torch.device("cuda", 0)
+        dev = resolve_device(worker_device(device))  # a GPU asked for: the one Ray gave this worker
         self.predictor = build_predictor(plans, dataset_json, configuration, checkpoint, dev, mirroring, tile_step,
                                          where)
         self.pool = BottleneckPool(self.predictor.network) if features else None
@@ -232,7 +229,7 @@ def predict(
             return [{"case": c, "reused": True} for c in kept]
     else:
         kept = []
-    dev = resolve_device(device)
+    dev = resolve_device(device) if ray is None else None  # on Ray each worker resolves it (the driver may have no GPU)
     checkpoint = checked_checkpoint(project, record)  # before anything is written
     values = json.loads((folders(project.root).raw / record["dataset"] / "alseg_dataset.json").read_text())["values"]
     back = np.array([0, *values], dtype=np.uint16 if max(values) > 255 else np.uint8)  # nnU-Net index -> project value
@@ -314,8 +311,8 @@ def _predict_on_ray(project: Project, record: dict, checkpoint: dict, cases: Seq
         for case in cases:
             yield case, lambda case=case: SimpleITKIO().read_images([str(project.image_path(case))])
 
-    failures = fan_out(spec, PredictWorker, init, inputs(), store, gpus=resolve_device(device).type == "cuda",
-                       desc=f"predicting with {model}", guard=project.root)
+    failures = fan_out(spec, PredictWorker, init, inputs(), store, gpus=device_name(device) != "cpu",
+                       desc=f"predicting with {model}", guard=project.root, total=len(cases))
     if failures:
         named = "; ".join(f"{f.key}: {f.error}" for f in failures[:10])
         raise InputError(f"model {model!r}", f"{len(failures)} of {len(cases)} case(s) failed on Ray workers after the "

@@ -139,6 +139,10 @@ class OnnxEncoder:
         for b in sorted({1, self.batch}):
             self._session(b)
 
+    def files(self) -> dict[str, bytes]:
+        """The exported graphs and their stamps, by file name (what a Ray worker needs to run them)."""
+        return {path.name: path.read_bytes() for b in sorted(self._sessions) for path in self._paths(b)}
+
     def _paths(self, b: int) -> tuple[Path, Path]:
         stem = f"{self.sha[:16]}-b{b}-torch{torch.__version__.split('+')[0]}"
         return self.folder / f"{stem}.onnx", self.folder / f"{stem}.json"

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +29,15 @@ import SimpleITK as sitk
 import torch
 
 from .. import atomic, progress, volumes
+from ..cluster import Worker
+from ..devices import device_name
 from ..errors import InputError
 from ..progress import duration
 from ..project import Project
 from ..store.features import sam_features_path, write_vector
 from ..store.files import read_json_object, sha256_file
 from ..store.ids import label_index
-from . import REFERENCE_BOX_MARGIN
+from . import REFERENCE_BOX_MARGIN, litemedsam
 from . import prompts as pr
 from .postprocess import PostProcess, clean_mask
 from .sam import (
@@ -92,6 +96,7 @@ class CaseWork:
     prior_file: Path | None = None
     slices_expected: int = 0  # slices the encoder is expected to see (for the time estimate)
     decodes_expected: int = 0  # slice x label masks the decoder is expected to make
+    request: str | None = None  # the digest of everything its pseudo-label depends on (see _request_digest)
 
 
 def _settings_file(path: Path, label_names: Sequence[str],
@@ -115,8 +120,14 @@ def pseudolabel_with_sam(
     settings_file: str | Path | None = None, cases: Sequence[str] | None = None, exclude: Sequence[str] = (),
     axis: str | None = None, window: str | None = None, device: str = "cpu", batch: int | None = None,
     cache: bool = True, memory_gib: float = 1.0, backend: str = "auto", box_margin: float = REFERENCE_BOX_MARGIN,
+    resume: bool = False, ray=None,
 ) -> list[dict]:
-    """Make ``pseudo`` labels with LiteMedSAM (``checkpoint=None``), SAM or MedSAM; returns one summary per case."""
+    """Make ``pseudo`` labels with LiteMedSAM (``checkpoint=None``), SAM or MedSAM; returns one summary per case.
+
+    ``resume``: skip the cases whose stored pseudo-label this very request made (same model, mode,
+    axis, prompts and settings: an interrupted run goes on where it stopped). ``ray``: a
+    :class:`..cluster.RaySpec` to run the cases on Ray workers (the driver still writes every file;
+    the embedding cache is neither read nor written there)."""
     modes = [m for m, on in (("prompts", prompts is not None), ("auto", auto), ("prior", from_labels is not None),
                              ("reference", prompts_from_reference is not None)) if on]
     if len(modes) != 1:
@@ -196,8 +207,9 @@ def pseudolabel_with_sam(
         settings = {n: (settings[n] if n in settings else pr.LabelSettings(post=PostProcess(keep_components=0)))
                     for n in names}
 
-    # nothing is written before every input is checked (the checkpoint hash is cached only afterwards)
-    loaded = load_checkpoint(checkpoint, model_type, device, compute_hash=False)
+    # nothing is written before every input is checked (the checkpoint hash is cached only afterwards);
+    # on Ray the driver loads the model only to check it (and export the ONNX graph): the workers run it
+    loaded = load_checkpoint(checkpoint, model_type, "cpu" if ray is not None else device, compute_hash=False)
     if mode == "auto" and not loaded.profile.points:
         raise InputError("--auto", f"grid prompts are points; the {loaded.profile.name} profile takes box prompts only")
 
@@ -248,18 +260,124 @@ def pseudolabel_with_sam(
         loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
     # on a CPU one slice per encoder call was fastest here (bench_litemedsam.py: torch 1.67 s per slice alone,
     # 2.63 s in batches of 4; ONNX Runtime 0.82 s alone, about 1.0 s in batches of 4 in a probe); a GPU takes 8
-    batch = batch or (1 if loaded.device.type == "cpu" else 8)
+    on_gpu = (ray is not None and device_name(device).startswith("cuda")) or loaded.device.type != "cpu"
+    batch = batch or (8 if on_gpu else 1)
     note = use_onnx_encoder(loaded, cache_root(project) / "onnx", batch, backend)
     if note:
         progress.emit("note", message=note)
     simulated = ({"from": "reference", "boxes_per_structure": prompts_from_reference, "box_margin_px": box_margin,
                   "input_size": loaded.architecture.image_size} if mode == "reference" else None)
-    timer = _Estimate(project, loaded, work, axis_name, override, settings)
+    for w in work:
+        w.request = _request_digest(w, mode, settings, axis_name, override, simulated, loaded)
+    skipped = []
+    if resume:
+        skipped = [w for w in work if _made_by_request(project, w)]
+        work = [w for w in work if w not in skipped]
+        if skipped:
+            progress.announce("resume", f"resume: {len(skipped)} case(s) already have the pseudo-label this request "
+                              f"makes; {len(work)} left", skipped=len(skipped), left=len(work))
+    kept = [{"case": w.case, "status": "kept: made by this very request before (--resume)"} for w in skipped]
+    if ray is not None:
+        return _pseudolabel_on_ray(project, loaded, checkpoint, device, work, mode, settings, axis_name, override,
+                                   batch, memory_gib, simulated, ray) + kept
+    timer = _Estimate(project, loaded, work, axis_name, override, settings) if work else None
     out = []
     for w in progress.track(work, desc="pseudo-labels"):
         out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib, simulated))
         timer.case_done(w, out[-1])
-    return out
+    return out + kept
+
+
+def _request_digest(w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings], axis_name: str,
+                    override: Window | None, simulated: dict | None, loaded: LoadedSam) -> str:
+    """Everything a case's pseudo-label depends on, hashed (recorded in its provenance; ``--resume``
+    compares it): the model's bytes, the mode, axis, window, prompts, settings and prior file."""
+    prior = sha256_file(w.prior_file) if w.prior_file else None
+    prompts = {n: [p.to_json() for p in ps] for n, ps in sorted(w.slice_prompts.items())}
+    spec = repr((loaded.sha256, loaded.profile.key(), mode, axis_name, override, sorted(settings.items()), prompts,
+                 simulated, prior))
+    return hashlib.sha256(spec.encode()).hexdigest()[:20]
+
+
+def _made_by_request(project: Project, w: CaseWork) -> bool:
+    if project.label_path(w.case, "pseudo") is None:
+        return False
+    prov = project.provenance(w.case, "pseudo")
+    return prov.get("request") == w.request and prov.get("matches_file", True)
+
+
+class SamWorker(Worker):
+    """A Ray actor: loads LiteMedSAM, SAM or MedSAM once (the built-in LiteMedSAM from the package
+    installed on its node; a checkpoint file from the same path there), runs the encoder through the
+    driver's ONNX graph where the driver uses one (shipped through the object store into the node's
+    temporary folder, not the project), and computes the cases it is handed; it may not change the
+    project folder."""
+
+    def __init__(self, checkpoint: str | None, model_type: str | None, device: str, sha256: str, onnx: dict | None,
+                 job: dict, guard: str | None = None, threads: int = 1):
+        super().__init__(guard, threads)
+        from ..cluster import worker_device
+
+        self.loaded = load_checkpoint(checkpoint, model_type, worker_device(device), compute_hash=False)
+        self.loaded.sha256 = sha256
+        if onnx and self.loaded.device.type == "cpu":
+            folder = Path(tempfile.gettempdir()) / f"alseg-onnx-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+            for name, data in onnx["files"].items():
+                path = folder / name
+                if not path.is_file() or path.stat().st_size != len(data):
+                    atomic.write_bytes(path, data)
+            self.loaded.encoder = litemedsam.OnnxEncoder(checkpoint, sha256, folder, onnx["batch"], threads)
+            self.loaded.backend = "onnxruntime"
+        self.job = job
+
+    def run(self, w: CaseWork, image: sitk.Image) -> dict:
+        from ..cluster import worker_name
+
+        result = compute_case(self.loaded, image, w, **self.job)
+        result["produced_by"] = {**self.loaded.describe(), "worker": worker_name()}
+        return result
+
+
+def _pseudolabel_on_ray(project: Project, loaded: LoadedSam, checkpoint, device: str, work: list[CaseWork], mode: str,
+                        settings: dict[str, pr.LabelSettings], axis_name: str, override: Window | None, batch: int,
+                        memory_gib: float, simulated: dict | None, spec) -> list[dict]:
+    """The cases on Ray workers (:mod:`..cluster`): the driver reads each image, hands it over by
+    reference and stores what comes back (:func:`store_case`); cases that failed after the retries
+    are named in an error once the others are stored."""
+    from ..cluster import fan_out
+
+    onnx = None
+    if isinstance(loaded.encoder, litemedsam.OnnxEncoder):
+        onnx = {"files": loaded.encoder.files(), "batch": loaded.encoder.batch}
+    job = {"mode": mode, "settings": settings, "axis_name": axis_name, "override": override, "batch": batch,
+           "memory_gib": memory_gib, "mapping": dict(project.labels.mapping), "modality": project.modality}
+    init = {"checkpoint": None if loaded.builtin else str(Path(checkpoint).resolve()), "model_type": loaded.model_type
+            if not loaded.builtin else None, "device": device, "sha256": loaded.sha256, "onnx": onnx, "job": job}
+    progress.emit("stage", stage="pseudolabels", cases=len(work), ray=spec.to_json())
+    images: dict[str, sitk.Image] = {}
+    by_case = {w.case: w for w in work}
+    out: dict[str, dict] = {}
+
+    def inputs():
+        for w in work:
+            def make(w=w):
+                images[w.case] = project.read_image(w.case)
+                return w, images[w.case]
+            yield w.case, make
+
+    def store(case: str, result: dict) -> None:
+        w = by_case[case]
+        out[case] = store_case(project, w, mode, images.pop(case), result, settings, axis_name, simulated,
+                               result["produced_by"], request=w.request)
+
+    failures = fan_out(spec, SamWorker, init, inputs(), store, gpus=device_name(device) != "cpu",
+                       desc="pseudo-labels", guard=project.root, total=len(work))
+    if failures:
+        named = "; ".join(f"{f.key}: {f.error}" for f in failures[:10])
+        raise InputError("pseudolabel --ray", f"{len(failures)} of {len(work)} case(s) failed on Ray workers after the "
+                                              f"retries ({named}); the other cases are stored, run again with --resume "
+                                              "to do only these")
+    return [out[w.case] for w in work]
 
 
 def _slices_expected(mode: str, vs, prompts: dict[str, list[pr.SlicePrompt]], extent: dict | None,
@@ -349,13 +467,29 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
               simulated: dict | None = None) -> dict:
     t0 = time.perf_counter()
     image = project.read_image(w.case)
-    image_digest = sha256_file(project.image_path(w.case)) if cache else None
+    digest = sha256_file(project.image_path(w.case)) if cache else None
+    cache_dir = ((lambda axis, window: case_cache_dir(project, loaded, axis, window, w.case, digest)) if cache else None)
+    result = compute_case(loaded, image, w, mode, settings, axis_name, override, batch, memory_gib,
+                          project.labels.mapping, project.modality, cache_dir)
+    result["seconds"] = time.perf_counter() - t0
+    return store_case(project, w, mode, image, result, settings, axis_name, simulated, loaded.describe(),
+                      request=w.request)
+
+
+def compute_case(loaded: LoadedSam, image: sitk.Image, w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings],
+                 axis_name: str, override: Window | None, batch: int, memory_gib: float, mapping: dict[str, int],
+                 modality: str, cache_dir=None) -> dict:
+    """One case's pseudo-label computed, nothing stored: the label stack (slice axis first), the
+    per-label summary, the confidence, the encoder's counts, the windows used and the pooled
+    embedding (for selection). ``cache_dir(axis, window)``: the embedding cache's folder (None: no
+    cache; a Ray worker has none, as it may not write the project)."""
+    t0 = time.perf_counter()
     vs = volume_slices(image, axis_name)
-    names = [n for n in project.labels.mapping if (n in settings if mode == "auto" else n in w.slice_prompts)]
+    names = [n for n in mapping if (n in settings if mode == "auto" else n in w.slice_prompts)]
     by_window: dict[Window, list[str]] = {}
     for n in names:
         s = settings.get(n, pr.LabelSettings())
-        by_window.setdefault(override or s.window or default_window(project.modality), []).append(n)
+        by_window.setdefault(override or s.window or default_window(modality), []).append(n)
 
     results: dict[str, dict[int, pr.SliceResult]] = {}
     tracks: dict[str, list[dict]] = {}
@@ -363,8 +497,8 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
                "cache_hits": 0, "decoder_calls": 0}
     pooled_from = None
     for window, labels in by_window.items():
-        cache_dir = case_cache_dir(project, loaded, vs.axis, window, w.case, image_digest) if cache else None
-        emb = SliceEmbeddings(loaded, vs.uint8(window), vs.pixel_spacing, cache_dir=cache_dir, batch=batch,
+        emb = SliceEmbeddings(loaded, vs.uint8(window), vs.pixel_spacing,
+                              cache_dir=cache_dir(vs.axis, window) if cache_dir else None, batch=batch,
                               memory_bytes=int(memory_gib * 2**30))
         dec = MaskDecoder(loaded, emb.frame)
         for name in labels:
@@ -388,45 +522,61 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
         if pooled_from is None or len(labels) > len(by_window[pooled_from[0]]):
             pooled_from = (window, emb)
 
-    label_stack, per_label, confidence = _assemble(project, vs, results, settings)
-    seconds = time.perf_counter() - t0
+    label_stack, per_label, confidence = _assemble(mapping, vs, results, settings)
+    for name, t in tracks.items():
+        per_label.setdefault(name, {})["tracks"] = t
+    pooled = None
+    if pooled_from is not None and label_stack.any():
+        vec = pooled_from[1].pooled()
+        pooled = (pooled_from[0], vec) if vec is not None else None
+    return {"stack": label_stack, "labels": per_label, "confidence": confidence, "encoder": encoded,
+            "windows": {n: win for win, ls in by_window.items() for n in ls}, "pooled": pooled,
+            "seconds": time.perf_counter() - t0}
+
+
+def store_case(project: Project, w: CaseWork, mode: str, image: sitk.Image, result: dict,
+               settings: dict[str, pr.LabelSettings], axis_name: str, simulated: dict | None,
+               produced_by: dict, request: str | None = None) -> dict:
+    """What the driver writes for one computed case (the single-machine path and Ray's alike): the
+    ``pseudo`` label with its provenance and the pooled embedding; returns the case's summary."""
+    encoded, per_label = dict(result["encoder"]), result["labels"]
+    seconds = result["seconds"]
     encoded["seconds_per_slice"] = round(seconds / encoded["slices_encoded"], 3) if encoded["slices_encoded"] else None
     summary = {"case": w.case, "mode": mode, "axis": axis_name, "labels": per_label, "encoder": encoded,
-               "confidence": confidence, "seconds": round(seconds, 3)}
-    if tracks:
-        for name, t in tracks.items():
-            per_label.setdefault(name, {})["tracks"] = t
-    if not label_stack.any():
+               "confidence": result["confidence"], "seconds": round(seconds, 3)}
+    if "worker" in produced_by:
+        summary["worker"] = produced_by["worker"]
+    if not result["stack"].any():
         earlier = project.label_path(w.case, "pseudo")
         summary["status"] = "empty: no structure found; nothing written" + (
             " (the case's earlier pseudo-label is left as it was)" if earlier else "")
         return summary
-    img = label_image(vs.to_array(label_stack), image)
+    vs = volume_slices(image, axis_name)
+    img = label_image(vs.to_array(result["stack"]), image)
     prompts_used = ({n: [p.to_json() for p in ps] for n, ps in w.slice_prompts.items()}
                     if mode in ("prompts", "reference") else None)
-    relations = {n: {"minus": list(s.minus), "inside": s.inside} for n, s in settings.items() if s.related() and n in results}
+    relations = {n: {"minus": list(s.minus), "inside": s.inside} for n, s in settings.items()
+                 if s.related() and n in per_label}
     project.write_label(
-        w.case, "pseudo", img, source="sam", produced_by=loaded.describe(), mode=mode, axis=axis_name,
-        windows={n: win.to_json() for win, ls in by_window.items() for n in ls}, prompts=prompts_used,
+        w.case, "pseudo", img, source="sam", produced_by=produced_by, mode=mode, axis=axis_name,
+        windows={n: win.to_json() for n, win in result["windows"].items()}, prompts=prompts_used,
         prompts_simulated=simulated, relations=relations or None,
-        prior_file=str(w.prior_file.resolve()) if w.prior_file else None, confidence=confidence, labels=per_label,
-        encoder=encoded,
+        prior_file=str(w.prior_file.resolve()) if w.prior_file else None, confidence=result["confidence"],
+        labels=per_label, encoder=encoded, request=request,
     )
-    if pooled_from is not None:
-        vec = pooled_from[1].pooled()
-        if vec is not None:
-            _write_features(project, w.case, vec, loaded, axis_name, pooled_from[0])
+    if result["pooled"] is not None:
+        window, vec = result["pooled"]
+        _write_features(project, w.case, vec, produced_by, axis_name, window)
     summary["status"] = "written"
     return summary
 
 
-def _assemble(project: Project, vs, results: dict[str, dict[int, pr.SliceResult]],
+def _assemble(values: dict[str, int], vs, results: dict[str, dict[int, pr.SliceResult]],
               settings: dict[str, pr.LabelSettings]) -> tuple[np.ndarray, dict, float | None]:
     """One label stack (slice axis first): label relations, overlaps to the higher predicted IoU, post-processing."""
     n, (rows, cols) = vs.n, vs.size
-    stack = np.zeros((n, rows, cols), np.uint8 if max(project.labels.values) <= 255 else np.uint16)
+    stack = np.zeros((n, rows, cols), np.uint8 if max(values.values(), default=0) <= 255 else np.uint16)
     score = np.full((n, rows, cols), -np.inf, np.float32)
-    values = project.labels.mapping
     results = apply_relations(results, settings)
     for name, per_slice in results.items():
         for k, r in per_slice.items():
@@ -481,10 +631,10 @@ def apply_relations(results: dict[str, dict[int, pr.SliceResult]],
     return out
 
 
-def _write_features(project: Project, case: str, vec: np.ndarray, loaded: LoadedSam, axis: str, window: Window) -> None:
+def _write_features(project: Project, case: str, vec: np.ndarray, produced_by: dict, axis: str, window: Window) -> None:
     path = sam_features_path(project, case)
     write_vector(path, vec)  # the same writer as the model's features: selection reads both alike
     atomic.write_json(path.with_suffix(".json"), {
-        "case": case, "kind": "sam-pooled-embedding", "dims": int(vec.shape[0]), "checkpoint_sha256": loaded.sha256,
-        "model_type": loaded.model_type, "axis": axis, "window": window.to_json(),
+        "case": case, "kind": "sam-pooled-embedding", "dims": int(vec.shape[0]), "checkpoint_sha256": produced_by["sha256"],
+        "model_type": produced_by["model_type"], "axis": axis, "window": window.to_json(),
     })

@@ -160,3 +160,123 @@ def test_a_round_with_ray_predicts_on_the_workers_and_stores_in_the_driver(tmp_p
         made = project.provenance(case, "predicted")["produced_by"]
         assert made["model"] == "pretrain" and int(made["worker"].split(":")[1]) != os.getpid()
     assert "ray" not in record["settings"]  # how it ran is not a setting: the record reads as without Ray
+
+
+def _lite_project(root: Path, n: int = 3) -> Project:
+    """Three MR-like cases of two slices each, a bright ellipse per case (a handful of LiteMedSAM slices)."""
+    root.mkdir(parents=True)
+    y, x = np.mgrid[:64, :64]
+    paths, refs = [], []
+    for i in range(n):
+        blob = ((y - 28 - 2 * i) / 11.0) ** 2 + ((x - 32 - 2 * i) / 8.0) ** 2 < 1
+        rng = np.random.default_rng(i)
+        img = np.stack([np.where(blob, 190.0, 70.0) + rng.normal(0, 6, blob.shape) for _ in range(2)]).astype(np.float32)
+        image, label = sitk.GetImageFromArray(img), sitk.GetImageFromArray(np.stack([blob] * 2).astype(np.uint8))
+        for im in (image, label):
+            im.SetSpacing((1.0, 1.0, 3.0))
+        sitk.WriteImage(image, str(root / f"b{i}.nrrd"))
+        sitk.WriteImage(label, str(root / f"b{i}_label.nrrd"))
+        paths.append(root / f"b{i}.nrrd")
+        refs.append(root / f"b{i}_label.nrrd")
+    project = Project.create(root / "project", {"blob": 1}, "MRI")
+    project.add_cases(paths, references=refs, case_ids=[f"b{i}" for i in range(n)])
+    return project
+
+
+def _pseudo_provenance(project, case):
+    prov = dict(project.provenance(case, "pseudo"))
+    made = dict(prov.pop("produced_by"))
+    worker = made.pop("worker", None)
+    for key in ("time", "created", "stored_at", "encoder"):  # the encoder's record holds the case's seconds
+        prov.pop(key, None)
+    return prov, made, worker
+
+
+def test_litemedsam_pseudo_labels_on_ray_are_the_single_machine_path_s(tmp_path, run_cli):
+    """The built-in LiteMedSAM's real weights on two workers: the same label bytes, provenance (the
+    worker aside) and pooled embeddings as the single-machine path; --resume then skips them all."""
+    import shutil
+
+    from ALSegLib.store.features import sam_features_path
+
+    local = _lite_project(tmp_path / "a")
+    code, out, err = run_cli("pseudolabel", local.root, "--source", "sam", "--prompts-from-reference", "1", "--json")
+    assert code == 0, err
+    fanned = _lite_project(tmp_path / "b")
+    onnx = local.layout.sam_cache / "onnx"  # the exported encoder graph, so the driver does not export it again
+    if onnx.is_dir():
+        shutil.copytree(onnx, fanned.layout.sam_cache / "onnx")
+    code, out, err = run_cli("pseudolabel", fanned.root, "--source", "sam", "--prompts-from-reference", "1",
+                             "--ray", "--ray-workers", "2", "--json")
+    assert code == 0, err
+    summaries = json.loads(out)["cases"]
+    assert [s["case"] for s in summaries] == local.cases() and all(s["status"] == "written" for s in summaries)
+    workers = set()
+    for case in local.cases():
+        assert local.label_path(case, "pseudo").read_bytes() == fanned.label_path(case, "pseudo").read_bytes(), case
+        pa, ma, wa = _pseudo_provenance(local, case)
+        pb, mb, wb = _pseudo_provenance(fanned, case)
+        assert pa == pb and ma == mb and wa is None, case
+        assert wb and int(wb.split(":")[1]) != os.getpid()
+        workers.add(wb)
+        assert sam_features_path(local, case).read_bytes() == sam_features_path(fanned, case).read_bytes()
+    assert len(workers) == 2
+    # the embedding cache is the single-machine path's alone: workers may not write the project
+    cached = fanned.layout.sam_cache
+    assert not [p for p in cached.rglob("*") if p.is_file() and "onnx" not in p.parts]
+    before = {p: p.stat().st_mtime_ns for p in (fanned.root / "labels").rglob("*") if p.is_file()}
+    code, out, err = run_cli("pseudolabel", fanned.root, "--source", "sam", "--prompts-from-reference", "1",
+                             "--ray", "--ray-workers", "2", "--resume", "--json")
+    assert code == 0, err
+    assert all(s["status"].startswith("kept") for s in json.loads(out)["cases"])
+    assert before == {p: p.stat().st_mtime_ns for p in (fanned.root / "labels").rglob("*") if p.is_file()}
+    # another request (two boxes per structure) is not the one that made them: it runs again
+    code, out, err = run_cli("pseudolabel", local.root, "--source", "sam", "--prompts-from-reference", "2",
+                             "--case", "b0", "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(out)["cases"][0]["status"] == "written"
+
+
+def test_simulate_on_ray_gives_the_sequential_run_s_arms_and_figures(tmp_path, run_cli):
+    """The experiment's seeds' bases, arms and baselines as Ray tasks side by side: the same arms
+    and figures as one after another here (both with one torch thread per training)."""
+    import torch
+
+    from ALSegLib.settings import RoundSettings
+    from ALSegLib.simulate import ExperimentSettings, simulate
+
+    images, labels = phantoms.write_dataset(tmp_path / "src", n=6, modality="CT", size=32)
+    source = Project.create(tmp_path / "source", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    source.add_cases([images], reference_dir=labels)
+    arms = ["random+finetune", "pseudo-only", "supervised-only"]
+    tiny = dict(device="cpu", configuration="3d_fullres", batch_size=2, pretrain_epochs=1, pretrain_iterations=2,
+                epochs=1, iterations=2, val_iterations=1)
+    settings = ExperimentSettings(rounds=1, seeds=[0, 1], test_fraction=0.34, arms=arms, round=RoundSettings(
+        budget="1", pseudo={"source": "degraded-reference", "target_dice": 0.75}, **tiny))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = simulate(source, tmp_path / "here", settings)
+    finally:
+        torch.set_num_threads(threads)
+    code, out, err = run_cli("simulate", source.root, "--out", tmp_path / "ray", "--arms", *arms, "--rounds", "1",
+                             "--budget", "1", "--seeds", "0", "1", "--test-fraction", "0.34", "--pseudo-source",
+                             "degraded-reference", "--target-dice", "0.75",
+                             "--device", "cpu", "--configuration", "3d_fullres", "--batch-size", "2",
+                             "--pretrain-epochs", "1", "--pretrain-iters", "2", "--epochs", "1", "--iters", "2",
+                             "--val-iters", "1", "--ray", "--ray-workers", "2", "--json")
+    assert code == 0, err
+    fanned = json.loads(out)
+    assert fanned["setup"]["test_cases"] == here["setup"]["test_cases"]
+    assert set(fanned["arms"]) == set(here["arms"]) == set(arms)
+    for arm in arms:
+        a, b = here["arms"][arm], fanned["arms"][arm]
+        assert [p["annotated"] for p in a["points"]] == [p["annotated"] for p in b["points"]], arm
+        assert a["final"]["per_seed"] == pytest.approx(b["final"]["per_seed"], abs=1e-6), arm
+        assert a["final"]["per_class"] == pytest.approx(b["final"]["per_class"], abs=1e-6), arm
+    assert fanned["pseudo_label_dice"] == pytest.approx(here["pseudo_label_dice"], abs=1e-9)
+    assert fanned["dice"] == pytest.approx(here["dice"], abs=1e-6)
+    for seed in (0, 1):  # each job on its own copy, as without Ray
+        for folder in ("base", "random-finetune", "supervised-only"):
+            assert (tmp_path / "ray" / f"seed{seed}" / folder / "alseg.json").is_file()
+    assert sorted(p.name for p in (source.root / "labels").iterdir()) == ["reference"]  # the source untouched
