@@ -286,7 +286,7 @@ def cmd_train(args) -> int:
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
                    filtermatch=filtermatch, exclude_cases=args.exclude, pseudo_share=args.pseudo_share,
-                   minutes=args.minutes)
+                   minutes=args.minutes, num_gpus=args.num_gpus)
     if args.json:
         _print_json(record)
     else:
@@ -348,6 +348,11 @@ def _ray_spec(args):
     from .cluster import spec_from_options
 
     return spec_from_options(args.ray, args.ray_workers, args.ray_threads, args.ray_retries)
+
+
+def num_gpus_option(p) -> None:
+    p.add_argument("--num-gpus", type=int, default=1, help="train on this many GPUs of this node with nnU-Net's own "
+                   "multi-GPU training (one process per GPU, the batch split among them; --device cuda; default 1)")
 
 
 def ray_options(p) -> None:
@@ -622,7 +627,7 @@ def cmd_round(args) -> int:
         if args.budget is None:
             raise InputError("round", "a new round needs --budget (cases to review: a count or a percentage)")
         settings = _round_settings(args)
-    record = run_round(project, settings, ray=_ray_spec(args))
+    record = run_round(project, settings, ray=_ray_spec(args), num_gpus=args.num_gpus)
     if args.json:
         _print_json(record)
         return EXIT_OK
@@ -827,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the time (e.g. 0.5; default 0: human labels only)")
     filtermatch_options(p, "filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
+    num_gpus_option(p)
     p.add_argument("--json", action="store_true")
 
     def model_options(p) -> None:
@@ -977,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")
     p.add_argument("project")
     ray_options(p)
+    num_gpus_option(p)
     p.add_argument("--budget", help="cases to review this round: a count or a percentage (needed to start a round)")
     p.add_argument("--settings", metavar="FILE", help="the round's settings as a JSON object (e.g. the Slicer panel's "
                    "rounds/next-settings.json); options also given override the file's (an option given with its "

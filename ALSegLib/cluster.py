@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .progress import announce, emit
+from .progress import Counter, announce, emit
 
 ENGINE_DIR = Path(__file__).resolve().parent  # the ALSegLib package the driver runs
 
@@ -221,7 +221,7 @@ class _Fleet:
             num_cpus=spec.threads, num_gpus=1 if self.use_gpu else 0, max_restarts=spec.retries,
             max_task_retries=spec.retries)
         self.alive: list[object] = []  # every actor started, killed at the end
-        self.done = 0
+        self.counter = Counter(desc, total)
         self.failures: list[Failure] = []
 
     def _actor(self):
@@ -243,8 +243,7 @@ class _Fleet:
 
     def _finished(self, key: str, result: dict, on_result) -> None:
         on_result(key, result)
-        self.done += 1
-        emit("progress", stage=self.desc, done=self.done, total=self.total, case=key, worker=result.get("worker"))
+        self.counter.step(case=key, worker=result.get("worker"))
 
     def _failed(self, key: str, exc: BaseException) -> None:
         self.failures.append(Failure(key, _error_text(exc)))
@@ -302,6 +301,7 @@ class _Fleet:
                     self._failed(key, exc)
             return self.failures
         finally:  # on a cluster that outlives this run, its workers (and their models) go now, however it ended
+            self.counter.close()
             for actor in self.alive:
                 with contextlib.suppress(Exception):
                     ray.kill(actor, no_restart=True)
@@ -348,6 +348,7 @@ def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: st
         failed: dict[str, str] = {}
         waiting = list(jobs)
         pending: dict[object, Job] = {}
+        counter = Counter(desc, len(jobs))
         try:
             while waiting or pending:
                 for job in list(waiting):
@@ -368,8 +369,9 @@ def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: st
                     failed[job.key] = _error_text(exc)
                     emit("ray_failed", stage=desc, case=job.key, error=failed[job.key])
                 else:
-                    emit("progress", stage=desc, done=len(results), total=len(jobs), case=job.key, worker=worker)
+                    counter.step(case=job.key, worker=worker)
         finally:
+            counter.close()
             for ref in pending:  # an error or Ctrl-C in the driver: nothing keeps running for it
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)

@@ -139,9 +139,10 @@ class Round:
     """Runs the stages of one round over a project."""
 
     def __init__(self, project: Project, record: dict, settings: RoundSettings, annotator: Annotator | None,
-                 ray=None):
+                 ray=None, num_gpus: int = 1):
         self.project, self.record, self.settings, self.annotator = project, record, settings, annotator
         self.ray = ray  # a cluster.RaySpec: the round's predictions on Ray workers (not a setting: same results)
+        self.num_gpus = num_gpus  # the round's trainings on this many GPUs of this node (nnU-Net's multi-GPU training)
         self.number = record["round"]
 
     # bookkeeping --------------------------------------------------------------------------
@@ -263,7 +264,7 @@ class Round:
         s = self.settings
         rec = train(self.project, "pretrain", name=PRETRAIN, epochs=s.pretrain_epochs, iterations=s.pretrain_iterations,
                     val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude, seed=s.seed,
-                    minutes=s.minutes)
+                    minutes=s.minutes, num_gpus=self.num_gpus)
         out = {"model": PRETRAIN, "seconds_training": rec["seconds"], "epochs": rec["epochs_done"]}
         metrics = self._score(PRETRAIN)  # the pseudo-only model: the curve's starting point
         if metrics:
@@ -346,7 +347,7 @@ class Round:
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
                     pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0, minutes=s.minutes,
-                    sparse_fill=s.sparse_fill)
+                    sparse_fill=s.sparse_fill, num_gpus=self.num_gpus)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
         return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],
@@ -404,7 +405,7 @@ def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource
 
 
 def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None,
-              ray=None, **options) -> dict:
+              ray=None, num_gpus: int = 1, **options) -> dict:
     """Run (or continue) the project's current round; returns its record.
 
     An unfinished round continues with its stored settings (``settings``, if
@@ -415,6 +416,7 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
     oracle experiment); without it the round stops at review: the record then has
     ``waiting``. ``ray``: a :class:`.cluster.RaySpec` to run the round's predictions (the pool's,
     the held-out cases') on Ray workers; the results and the record are those of a run without it.
+    ``num_gpus``: the round's trainings on this many GPUs of this node (nnU-Net's multi-GPU training).
     """
     if settings is not None and options:
         raise TypeError("give either a RoundSettings or its fields as keywords, not both")
@@ -422,6 +424,11 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
         settings = RoundSettings(**options)
     if settings is not None and current_round(project) is None:
         _check(project, settings)  # refused before anything is written, the lock file included
+    if settings is not None and num_gpus != 1:
+        from .devices import resolve_device
+        from .nnunet.train import check_num_gpus
+
+        check_num_gpus(num_gpus, resolve_device(settings.device), settings.minutes, settings.batch_size)
     with exclusive_run(project.layout.round_lock, "a round of this project is running already"):
         record = current_round(project)
         if record is not None and "settings" in record:
@@ -441,7 +448,7 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
                 record["settings"] = settings.to_json()
                 rounds.write_round(project, record)
                 project.log_event("round_started", round=record["round"], strategy=settings.strategy, mode=settings.mode)
-        return Round(project, record, settings, annotator, ray).run()
+        return Round(project, record, settings, annotator, ray, num_gpus).run()
 
 
 def _check(project: Project, settings: RoundSettings) -> None:

@@ -58,3 +58,27 @@ def track(items: Sequence[T] | Iterable[T], desc: str, total: int | None = None)
 
     disable = mode() == "off" or not sys.stderr.isatty()
     yield from tqdm(items, desc=desc, total=total, disable=disable, leave=False)
+
+
+class Counter:
+    """Progress the caller counts (work that ends in any order, on Ray workers): the same
+    ``progress`` events as :func:`track` in jsonl mode (with the caller's fields: ``case``,
+    ``worker``), the same tqdm bar on a terminal."""
+
+    def __init__(self, desc: str, total: int | None):
+        self.desc, self.total, self.done = desc, total, 0
+        self.bar = None
+        if mode() not in ("jsonl", "off") and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=desc, total=total, leave=False)
+
+    def step(self, **fields) -> None:
+        self.done += 1
+        emit("progress", stage=self.desc, done=self.done, total=self.total, **fields)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -109,6 +109,7 @@ def train(
     seed: int | None = None,
     minutes: float | None = None,
     sparse_fill: str = "ignore",
+    num_gpus: int = 1,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -127,6 +128,9 @@ def train(
     ``epochs`` and ``iterations`` both given win. Every training's estimate is in its record.
     ``sparse_fill``: what a sparse human version's unannotated voxels train as: nnU-Net's ``ignore``
     label (no loss from them), or ``pseudo``: the case's pseudo-label there.
+    ``num_gpus``: train one model on this many GPUs of this node with nnU-Net's own data-parallel
+    training (one process per GPU, the batch split among them, rank 0 writing the checkpoints);
+    ``device`` must be CUDA; not with ``minutes`` (every rank must run the same epochs).
     """
     started = time.perf_counter()
     m = training_mode(mode)
@@ -138,6 +142,7 @@ def train(
     est.check_memory_limit()
     name = check_case_id(name or mode)
     dev = resolve_device(device)
+    check_num_gpus(num_gpus, dev, minutes, batch_size)
     folder = model_dir(project, name)
     previous = read_model(project, name) if (folder / "model.json").is_file() else None
     exclude = _resolve_exclusions(project, name, m, previous, exclude_cases)
@@ -186,6 +191,8 @@ def train(
         if record.get("estimate") and previous is not None:  # a resumed run: each run's estimate and actual time kept
             record["earlier_estimates"] = [*record.get("earlier_estimates", []), record["estimate"]]
         record.update({"status": "training", "device": str(dev), "budget": budget, "estimate": estimate})
+        if num_gpus > 1:
+            record["num_gpus"] = num_gpus
         _write_record(project, record, "training_started")
         emit("stage", stage="train", model=name, mode=mode, dataset=dataset.name, epochs=budget["epochs"],
              iterations=budget["iterations"])
@@ -205,7 +212,12 @@ def train(
             trained_now = not final.is_file()
             if trained_now:
                 try:
-                    trainer.run_training()
+                    if num_gpus > 1:  # nnU-Net's data-parallel training, one process per GPU; then its final weights here
+                        _train_on_gpus(project, mode, dataset, configuration, batch_size, budget, pseudo_share,
+                                       filtermatch, record, init, name, seed, num_gpus, folder / "nnunet.log")
+                        trainer.load_checkpoint(str(final))
+                    else:
+                        trainer.run_training()
                 except BaseException:
                     record["status"] = "failed (resumable)"
                     _write_record(project, record, "training_failed")
@@ -228,6 +240,68 @@ def train(
         _write_record(project, record, "training_finished")
         emit("stage", stage="train-done", model=name, seconds=record["seconds"])
         return record
+
+
+def check_num_gpus(num_gpus, dev: torch.device, minutes: float | None, batch_size: int | None) -> None:
+    """``num_gpus`` usable here, or a clear error before anything is written."""
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        raise InputError("--num-gpus", f"must be a whole number of at least 1, not {num_gpus!r}")
+    if num_gpus == 1:
+        return
+    if dev.type != "cuda":
+        raise InputError("--num-gpus", f"trains on several GPUs: the device must be CUDA, not {dev}")
+    if torch.cuda.device_count() < num_gpus:
+        raise InputError("--num-gpus", f"{num_gpus} GPUs asked for; this node has {torch.cuda.device_count()}")
+    if minutes is not None:
+        raise InputError("--num-gpus", "not with --minutes: every GPU's process must run the same epochs")
+    if batch_size is not None and batch_size < num_gpus:
+        raise InputError("--num-gpus", f"the batch ({batch_size}) is split among the GPUs: it must be at least "
+                                       f"{num_gpus}")
+
+
+def _train_on_gpus(project: Project, mode: str, dataset: Dataset, configuration: str, batch_size: int | None,
+                   budget: dict, pseudo_share: float, filtermatch, record: dict, init: dict | None, name: str,
+                   seed: int | None, num_gpus: int, log: Path) -> None:
+    """nnU-Net's own multi-GPU training of one model: ``num_gpus`` processes (``torch.multiprocessing``),
+    one per GPU of this node, joined in a NCCL process group on a free local port; nnU-Net's trainer
+    then wraps the network in DistributedDataParallel, splits the batch among the ranks and writes
+    the checkpoints from rank 0 only (as ``nnUNetv2_train -num_gpus N`` does)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    job = {"root": str(project.root), "mode": mode, "dataset": dataset, "configuration": configuration,
+           "batch_size": batch_size, "budget": budget, "pseudo_share": pseudo_share, "filtermatch": filtermatch,
+           "record": dict(record), "init": init, "name": name, "seed": seed, "log": str(log), "port": port}
+    emit("stage", stage="train-gpus", model=name, gpus=num_gpus)
+    mp.spawn(_gpu_rank, args=(num_gpus, job), nprocs=num_gpus, join=True)
+
+
+def _gpu_rank(rank: int, world: int, job: dict) -> None:
+    """One GPU's process of :func:`_train_on_gpus`."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(job["port"]))
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    try:
+        project = Project.open(job["root"])
+        with nnunet_environment(project.root, training_on_cpu=False, log=Path(job["log"])):
+            trainer, output = _make_trainer(project, training_mode(job["mode"]), job["dataset"], job["configuration"],
+                                            job["batch_size"], job["budget"], torch.device("cuda", rank),
+                                            job["pseudo_share"], job["filtermatch"])
+            # each rank draws its own batches (the same seed on every rank would draw the same ones)
+            trainer.seed = None if job["seed"] is None else job["seed"] + rank
+            _resume_or_start(project, trainer, output, dict(job["record"], resumed_at_epochs=[]), job["init"],
+                             job["name"])
+            trainer.run_training()
+    finally:
+        dist.destroy_process_group()
 
 
 def checked_checkpoint(project: Project, record: dict) -> dict:

@@ -148,7 +148,8 @@ class ALSegTrainer(nnUNetTrainer):
                 del self.logger.plot_progress_png  # the logger's own method again
         event["seconds"] = float(value("epoch_end_timestamps", -1) - value("epoch_start_timestamps", -1))
         event["seconds_left"] = round(self.seconds_left(), 1)
-        emit("epoch", **event)
+        if self.local_rank == 0:  # one event per epoch, however many GPUs train the model
+            emit("epoch", **event)
 
     def run_training(self) -> None:
         """nnU-Net's epoch loop, reading the number of epochs after every epoch: with a ``deadline``

@@ -72,6 +72,22 @@ def test_a_task_that_always_fails_is_named_and_the_others_complete(tmp_path):
     assert [f.key for f in failures] == ["c1"] and sorted(got) == ["c0", "c2", "c3"]
 
 
+def test_each_case_done_is_one_progress_event_with_its_worker(tmp_path, monkeypatch, capsys):
+    """The JSON-lines events the Slicer module's bar reads: per case done, the count, the total and the worker."""
+    monkeypatch.setenv("ALSEG_PROGRESS", "jsonl")
+    keys = [f"c{i}" for i in range(4)]
+    failures = fan_out(SPEC, Doubler, {"marker": str(tmp_path / "m"), "fail_on": "c2"}, _inputs(keys), lambda k, r: None,
+                       desc="doubling", total=len(keys))
+    assert [f.key for f in failures] == ["c2"]
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    done = [e for e in events if e["event"] == "progress" and e["stage"] == "doubling"]
+    assert [e["done"] for e in done] == [1, 2, 3] and {e["total"] for e in done} == {4}
+    assert sorted(e["case"] for e in done) == ["c0", "c1", "c3"] and all(isinstance(e["worker"], int) for e in done)
+    assert [e["case"] for e in events if e["event"] == "ray_failed"] == ["c2"]
+    started = [e for e in events if e["event"] == "ray" and "hosts" in e]
+    assert started and started[0]["workers"] == 2
+
+
 def test_a_worker_may_not_write_the_guarded_folder(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -280,3 +296,23 @@ def test_simulate_on_ray_gives_the_sequential_run_s_arms_and_figures(tmp_path, r
         for folder in ("base", "random-finetune", "supervised-only"):
             assert (tmp_path / "ray" / f"seed{seed}" / folder / "alseg.json").is_file()
     assert sorted(p.name for p in (source.root / "labels").iterdir()) == ["reference"]  # the source untouched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-gpus", "2", "--device", "cpu"], "the device must be CUDA"),
+    (["--num-gpus", "0", "--device", "cpu"], "at least 1"),
+])
+def test_multi_gpu_training_is_refused_where_it_cannot_run_before_anything_is_written(tmp_path, run_cli, args, message):
+    """nnU-Net's multi-GPU training of one model (--num-gpus) needs CUDA and that many GPUs; here (no GPU)
+    the refusal is what can be checked: exit code 2, the reason, nothing written."""
+    from reliability import tree_hash
+
+    images, labels = phantoms.write_dataset(tmp_path / "src", n=3, modality="CT", size=32)
+    project = Project.create(tmp_path / "p", LabelTable.from_mapping(phantoms.LABELS, phantoms.COLORS), "CT")
+    project.add_cases([images], reference_dir=labels)
+    before = tree_hash(project.root)
+    for command in (["train", project.root, "--mode", "pretrain"], ["round", project.root, "--budget", "1", "--pseudo-source",
+                                                                     "degraded-reference"]):
+        code, _, err = run_cli(*command, *args)
+        assert code == 2 and "--num-gpus" in err and message in err, err
+        assert tree_hash(project.root) == before
