@@ -268,9 +268,9 @@ class _Fleet:
                     key, make_args = item
                     pending[self._submit(slots[slot], make_args)] = (key, make_args, slot, slots[slot])
 
-            for slot in range(self.n):  # two tasks per worker in flight: the next input is there when one ends
-                feed(slot)
-                feed(slot)
+            for _ in range(2):  # two tasks per worker in flight (the next input is there when one ends), dealt
+                for slot in range(self.n):  # round the workers: a few cases still go to every worker
+                    feed(slot)
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 key, make_args, slot, actor = pending.pop(ready[0])
