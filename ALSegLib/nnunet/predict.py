@@ -223,7 +223,8 @@ def predict(
             raise InputError(f"case {case!r}", f"not in project {project.root}")
     if reuse and probabilities:
         kept = [c for c in cases if stored_with(project, model, c, record["final_weights_digest"], mirroring, tile_step)
-                and (not features or nnunet_features_path(project, model, c).is_file())]
+                and (not features or nnunet_features_path(project, model, c).is_file())
+                and _label_made_by(project, c, model, record["final_weights_digest"])]
         cases = [c for c in cases if c not in set(kept)]
         if not cases:
             return [{"case": c, "reused": True} for c in kept]
@@ -286,6 +287,16 @@ def predict(
         if pool is not None:
             pool.close()
     return out + [{"case": c, "reused": True} for c in kept]
+
+
+def _label_made_by(project: Project, case: str, model: str, digest: str) -> bool:
+    """Whether the case's stored prediction is these weights' (a kill between a case's probabilities and
+    its label leaves new probabilities beside an older label: that case is predicted again)."""
+    if project.label_path(case, "predicted") is None:
+        return False
+    prov = project.provenance(case, "predicted")
+    made = prov.get("produced_by") or {}
+    return made.get("model") == model and made.get("weights_digest") == digest and prov.get("matches_file", True)
 
 
 def _predict_on_ray(project: Project, record: dict, checkpoint: dict, cases: Sequence[str], spec, store, *, device: str,

@@ -79,6 +79,12 @@ PROSE = {
               "label, the same fine-tuning from the same pretrained weights per arm; test Dice is the mean of both "
               "classes on held-out cases, AUBC the area under Dice against the share of slices annotated divided by "
               "its span, and the goals are paired per-seed differences in Dice points.",
+    "distributed": "`--ray` against the single-machine path in one run on the shared Hippocampus: each path one "
+                   "`alseg` command in a fresh process, timed from start to exit (Ray's start, the workers' model "
+                   "loading and the driver's writes included); LiteMedSAM pseudo-labels (real weights, boxes from the "
+                   "expert labels, no embedding cache on any path) and nnU-Net prediction with probabilities. "
+                   "The speed-up compares two workers of one thread to one; the overhead compares `--ray` on all "
+                   "cores to the single-machine path on all cores; the stored labels are compared byte for byte.",
     "demo": "`alseg demo` (the README's main command) over several seeds: the held-out mean Dice per row (pseudo-labels "
             "only, each round, supervised-only on the last round's human labels), what the pseudo-labels buy, and the "
             "wall time per seed.",
@@ -469,6 +475,25 @@ def rows_review(d: dict) -> Rows:
     ]
 
 
+def rows_distributed(d: dict) -> Rows:
+    st = get(d, "settings", default={})
+    rows = [("setup", f"{fmt(get(d, 'cases'))} cases; LiteMedSAM {fmt(get(st, 'boxes'))} boxes per structure, axis "
+                      f"{fmt(get(st, 'axis'))}; nnU-Net {fmt(get(st, 'configuration'))}; device {fmt(get(st, 'device'))}; "
+                      f"Ray workers compared {fmt(get(st, 'workers'))} of {fmt(get(st, 'threads'))} thread(s)")]
+    seconds = get(d, "seconds", default={})
+    if not isinstance(seconds, dict) or not seconds:
+        return [*rows, ("seconds per path", NOT_MEASURED)]
+    for part, per_path in seconds.items():
+        paths = ", ".join(f"{k} {fmt(v, 's')}" for k, v in per_path.items()) if isinstance(per_path, dict) else fmt(per_path)
+        rows.append((f"{part}: wall time per path", paths))
+        rows.append((f"{part}: 2 workers vs 1 (goal ≥ 1.7)", fmt(get(d, "speedup_2_vs_1", part))))
+        rows.append((f"{part}: --ray on all cores vs the single-machine path (goal ≤ 1.1)",
+                     fmt(get(d, "overhead_vs_local", part))))
+        rows.append((f"{part}: stored labels identical on every path", fmt(get(d, "identical", part))))
+    rows.append(("wall time of the run", fmt(get(d, "wall_s"), "s")))
+    return rows
+
+
 def rows_generic(d: dict) -> Rows:
     """Unknown results file: its top-level scalar fields."""
     skip = {"benchmark", "commit", "time"}
@@ -489,6 +514,7 @@ EXTRACTORS: dict[str, Callable[[dict], Rows]] = {
     "time_budget": rows_time_budget,
     "review": rows_review,
     "sparse": rows_sparse,
+    "distributed": rows_distributed,
 }
 
 

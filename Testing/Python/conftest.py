@@ -110,7 +110,8 @@ SLOW_TESTS = {
                         "test_a_round_with_ray_predicts_on_the_workers_and_stores_in_the_driver",
                         "test_a_worker_killed_mid_run_is_restarted_and_its_task_retried",
                         "test_litemedsam_pseudo_labels_on_ray_are_the_single_machine_path_s",
-                        "test_simulate_on_ray_gives_the_sequential_run_s_arms_and_figures"},
+                        "test_simulate_on_ray_gives_the_sequential_run_s_arms_and_figures",
+                        "test_a_prediction_reused_only_where_its_label_too_is_these_weights"},
     "test_nnunet.py": {"test_training_resumes_after_sigkill", "test_checkpoint_of_another_architecture_is_a_clear_error"},
 }
 

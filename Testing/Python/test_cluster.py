@@ -157,6 +157,24 @@ def test_prediction_on_ray_stores_what_the_single_machine_path_stores(trained, t
     assert len(workers) == 2  # both workers took cases
 
 
+def test_a_prediction_reused_only_where_its_label_too_is_these_weights(trained, tmp_path):
+    """A driver killed between a case's probabilities and its label leaves new probabilities beside an
+    older label: predicting again with reuse (a round goes on) predicts that case again."""
+    from ALSegLib.nnunet.predict import predict
+
+    project = trained.copy_to(tmp_path / "p")
+    cases = project.cases()[:3]
+    predict(project, "pretrain", cases, device="cpu")
+    made = {c: project.label_path(c, "predicted").read_bytes() for c in cases}
+    stale = cases[1]  # as a kill leaves it: these weights' probabilities, another model's label
+    project.write_label(stale, "predicted", project.read_label(stale, "reference"), source="nnunet",
+                        produced_by={"model": "older", "weights_digest": "0" * 64})
+    out = predict(project, "pretrain", cases, device="cpu", reuse=True)
+    assert {o["case"] for o in out if o.get("reused")} == {cases[0], cases[2]}
+    assert [o["case"] for o in out if not o.get("reused")] == [stale]
+    assert {c: project.label_path(c, "predicted").read_bytes() for c in cases} == made
+
+
 def test_a_round_with_ray_predicts_on_the_workers_and_stores_in_the_driver(tmp_path, run_cli):
     from ALSegLib import rounds
 
