@@ -17,9 +17,15 @@ Paths: ``local`` (no Ray: torch on all cores), ``ray_1x1`` (``--ray --ray-worker
 ``overhead_vs_local`` = ray_2x1 (``--ray`` with all cores of this machine) / local <= 1.1. The stored
 labels of every path are compared byte for byte (``identical``).
 
+- ``contention`` (added to the file with ``--merge``): LiteMedSAM's encoder (ONNX Runtime, one thread) in one
+  process alone, then in two processes at once, no Ray: what two busy cores cost each other on this machine,
+  the ceiling of any two-worker fan-out (``ceiling_2_vs_1``: the median of ``--contention-repeats`` turns,
+  with their range: this machine's speed drifts by more than the goals' margins from minute to minute).
+
 Run alone on the machine (benchmarks sharing the 2 cores with tests doubled their times here); the
-recorded run (about an hour on 2 cores):
+recorded run (about 40 minutes on 2 cores), then the contention part added to it:
   .venv/bin/python Testing/Benchmarks/bench_distributed.py
+  .venv/bin/python Testing/Benchmarks/bench_distributed.py --parts contention --merge
 Where a GPU machine is lent (workers per GPU, the experiment's trainings across GPUs):
   python Testing/Benchmarks/bench_distributed.py --device cuda --parts pseudolabels predict simulate \
       --workers 1 2 4 --name distributed_gpu
@@ -152,12 +158,58 @@ def part_simulate(args, source) -> dict:
     return {"seconds": seconds, "speedup": round(seconds["local"] / seconds["ray"], 3)}
 
 
+ENCODE = """
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+from ALSegLib.pseudolabels import litemedsam
+from ALSegLib.pseudolabels.sam import load_checkpoint
+loaded = load_checkpoint(None)
+enc = litemedsam.OnnxEncoder(None, loaded.sha256, sys.argv[1], 1, 1)
+x = torch.rand(1, 3, 256, 256)
+enc(x)
+t = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    enc(x)
+print((time.perf_counter() - t) / int(sys.argv[2]))
+"""
+
+
+def part_contention(args, source) -> dict:
+    """What two busy cores cost each other here, without Ray: LiteMedSAM's encoder (ONNX Runtime, one
+    thread) on one process alone, then on two processes at once; the ceiling of any 2-vs-1 fan-out."""
+    from ALSegLib.pseudolabels.sam import load_checkpoint, use_onnx_encoder
+
+    onnx = WORK / "onnx"
+    use_onnx_encoder(load_checkpoint(None), onnx, 1, "auto")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", ENCODE, str(onnx), str(args.contention_slices)]
+
+    def run(n: int) -> list[float]:
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                  cwd=HERE.parents[1]) for _ in range(n)]
+        return [round(float(p.communicate()[0].strip().splitlines()[-1]), 4) for p in procs]
+
+    runs = []
+    for _ in range(args.contention_repeats):  # alone and two at once, in turn: this machine's speed drifts
+        alone, together = run(1)[0], run(2)
+        runs.append({"alone_s_per_slice": alone, "two_at_once_s_per_slice": together,
+                     "ceiling_2_vs_1": round(2 * alone / (sum(together) / 2), 3)})
+    ceilings = sorted(r["ceiling_2_vs_1"] for r in runs)
+    return {"runs": runs, "ceiling_2_vs_1": ceilings[len(ceilings) // 2], "ceiling_range": [ceilings[0], ceilings[-1]],
+            "slices": args.contention_slices}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--parts", nargs="+", default=["pseudolabels", "predict"],
-                    choices=["pseudolabels", "predict", "simulate"])
+                    choices=["pseudolabels", "predict", "simulate", "contention"])
+    ap.add_argument("--contention-slices", type=int, default=30, help="contention: slices encoded per process")
+    ap.add_argument("--contention-repeats", type=int, default=5, help="contention: alone / two at once, this many times")
+    ap.add_argument("--merge", action="store_true", help="add the parts run now to the results file already there "
+                    "(their fields replaced, the others kept)")
     ap.add_argument("--boxes", type=int, default=3, help="boxes per structure drawn from the reference (default 3)")
     ap.add_argument("--axis", default="sagittal")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--ray-workers values compared (default 1 2)")
@@ -177,8 +229,11 @@ def main() -> None:
     source = source_project(args)
     parts = {}
     for part in args.parts:
-        parts[part] = {"pseudolabels": part_pseudolabels, "predict": part_predict, "simulate": part_simulate}[part](
-            args, source)
+        parts[part] = {"pseudolabels": part_pseudolabels, "predict": part_predict, "simulate": part_simulate,
+                       "contention": part_contention}[part](args, source)
+    if args.merge:
+        merge(args, parts, time.perf_counter() - started)
+        return
     two, one = f"ray_2x{args.threads}", f"ray_1x{args.threads}"
     figures = {
         "cases": args.cases,
@@ -198,6 +253,20 @@ def main() -> None:
     }
     figures["wall_s"] = round(time.perf_counter() - started)
     write_results(args.name, figures)
+
+
+def merge(args, parts: dict, seconds: float) -> None:
+    """The parts run now added to the results file there (each with the commit it ran at)."""
+    from common import commit
+
+    path = HERE / "results" / f"{args.name}.json"
+    record = json.loads(path.read_text())
+    for part, figures in parts.items():
+        record.setdefault("parts", {})[part] = {**figures, "commit": commit(), "wall_s": round(seconds)}
+    if "contention" in parts:
+        record["ceiling_2_vs_1"] = parts["contention"]["ceiling_2_vs_1"]
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({p: record["parts"][p] for p in parts}, indent=2))
 
 
 if __name__ == "__main__":
