@@ -200,15 +200,27 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
         return _Fleet(ray, spec, worker_cls, init, method, gpus, desc, guard, total).run(inputs, on_result)
 
 
+def _capacity(ray, spec: RaySpec, gpus: bool) -> tuple[bool, int]:
+    """Whether the workers take a GPU each, and how many the cluster can place at once: its GPUs
+    (where used) and its CPUs per ``spec.threads``, node by node (a worker lives on one node)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] or [ray.cluster_resources()]
+    use_gpu = gpus and sum(r.get("GPU", 0) for r in nodes) >= 1
+    per_node = [int(r.get("CPU", 0)) // spec.threads for r in nodes]
+    if use_gpu:
+        per_node = [min(c, int(r.get("GPU", 0))) for c, r in zip(per_node, nodes)]
+    return use_gpu, max(1, sum(per_node))
+
+
+READY_TIMEOUT_S = 900  # a worker that has not loaded its model by then (placed nowhere, stuck) fails the run
+
+
 class _Fleet:
     """The actors of one :func:`fan_out` run and its bookkeeping."""
 
     def __init__(self, ray, spec: RaySpec, worker_cls: type, init: dict, method: str, gpus: bool, desc: str,
                  guard, total: int | None):
         self.ray, self.spec, self.method, self.desc, self.total = ray, spec, method, desc, total
-        resources = ray.cluster_resources()
-        self.use_gpu = gpus and resources.get("GPU", 0) >= 1
-        capacity = int(resources.get("GPU", 0)) if self.use_gpu else max(1, int(resources.get("CPU", 1)) // spec.threads)
+        self.use_gpu, capacity = _capacity(ray, spec, gpus)
         n = spec.workers or capacity
         if n > capacity:  # actors hold their CPUs or GPUs for life: the ones that cannot be placed would never run
             announce("ray", f"ray: {n} workers asked for, the cluster holds {capacity} of {spec.threads} thread(s): "
@@ -232,10 +244,15 @@ class _Fleet:
     def _ready(self, actors: list) -> None:
         """Every actor built, or a clear error: a worker that cannot load its model fails the run at once."""
         try:
-            names = self.ray.get([a.ready.remote() for a in actors])
+            names = self.ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
         except self.ray.exceptions.RayActorError as exc:
             raise InputError(f"--ray {self.spec.address or LOCAL}",
                              f"a worker could not start: {_error_text(exc)}") from exc
+        except self.ray.exceptions.GetTimeoutError as exc:
+            raise InputError(f"--ray {self.spec.address or LOCAL}",
+                             f"the workers were not all started after {READY_TIMEOUT_S} s (the cluster could not place "
+                             f"{len(actors)} of {self.spec.threads} CPU(s){' and a GPU' if self.use_gpu else ''} each?)"
+                             ) from exc
         hosts = sorted({n.split(":")[0] for n in names})
         announce("ray", f"ray: {len(actors)} worker(s) of {self.spec.threads} thread(s)"
                  f"{' and 1 GPU each' if self.use_gpu else ''} on {self.spec.address or 'a local instance'} "
@@ -292,13 +309,15 @@ class _Fleet:
             for key, make_args in suspects:  # alone now: a task that still kills its worker is the culprit
                 solo = solo or self._actor()
                 try:
-                    self._finished(key, ray.get(self._submit(solo, make_args)), on_result)
+                    result = ray.get(self._submit(solo, make_args))
                 except ray.exceptions.RayActorError as exc:
                     self._failed(key, exc)
                     ray.kill(solo, no_restart=True)
                     solo = None
                 except Exception as exc:
                     self._failed(key, exc)
+                else:  # the driver's own errors (storing it) stop the run, as in the main loop
+                    self._finished(key, result, on_result)
             return self.failures
         finally:  # on a cluster that outlives this run, its workers (and their models) go now, however it ended
             self.counter.close()
@@ -335,9 +354,7 @@ def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: st
     (``spec.retries``). Returns every job's result by key, or an error naming the jobs that
     failed (and those that could not start without them) once the others have finished."""
     with connected(spec) as ray:
-        resources = ray.cluster_resources()
-        use_gpu = gpus and resources.get("GPU", 0) >= 1
-        capacity = int(resources.get("GPU", 0)) if use_gpu else max(1, int(resources.get("CPU", 1)) // spec.threads)
+        use_gpu, capacity = _capacity(ray, spec, gpus)
         n = min(spec.workers or capacity, capacity)
         task = ray.remote(_run_job).options(num_cpus=spec.threads, num_gpus=1 if use_gpu else 0,
                                             max_retries=spec.retries)
@@ -359,7 +376,9 @@ def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: st
                     elif len(pending) < n and all(d in results for d in job.after):
                         waiting.remove(job)
                         pending[task.remote(job.fn, job.args(results), spec.threads)] = job
-                if not pending:
+                if not pending:  # left waiting for jobs that are not in the list
+                    failed.update({j.key: f"not run: it needs {', '.join(d for d in j.after if d not in results)}, "
+                                          "which no job made" for j in waiting})
                     break
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 job = pending.pop(ready[0])

@@ -404,6 +404,16 @@ def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource
     return pseudolabel_with_sam(project, options.pop("checkpoint", None), cases=cases, **options)
 
 
+def _check_gpus(settings: RoundSettings, num_gpus: int) -> None:
+    """The round's trainings on ``num_gpus`` GPUs: possible here, or a clear error before they start."""
+    if num_gpus == 1:
+        return
+    from .devices import resolve_device
+    from .nnunet.train import check_num_gpus
+
+    check_num_gpus(num_gpus, resolve_device(settings.device), settings.minutes, settings.batch_size, settings.mode)
+
+
 def run_round(project: Project, settings: RoundSettings | None = None, *, annotator: Annotator | None = None,
               ray=None, num_gpus: int = 1, **options) -> dict:
     """Run (or continue) the project's current round; returns its record.
@@ -424,11 +434,8 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
         settings = RoundSettings(**options)
     if settings is not None and current_round(project) is None:
         _check(project, settings)  # refused before anything is written, the lock file included
-    if settings is not None and num_gpus != 1:
-        from .devices import resolve_device
-        from .nnunet.train import check_num_gpus
-
-        check_num_gpus(num_gpus, resolve_device(settings.device), settings.minutes, settings.batch_size)
+    if settings is not None:
+        _check_gpus(settings, num_gpus)
     with exclusive_run(project.layout.round_lock, "a round of this project is running already"):
         record = current_round(project)
         if record is not None and "settings" in record:
@@ -438,9 +445,11 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
                 raise InputError(f"round {record['round']}", f"is unfinished and was started with other settings "
                                  f"({', '.join(changed)}); run it again without new settings to finish it")
             settings = stored
+            _check_gpus(settings, num_gpus)  # a continued round: its stored settings
         else:
             settings = settings or RoundSettings()
             _check(project, settings)
+            _check_gpus(settings, num_gpus)
             with project.lock("start round"):
                 if record is None:  # a round left by 'alseg select' alone is taken over
                     numbers = rounds.list_rounds(project)

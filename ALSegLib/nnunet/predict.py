@@ -224,7 +224,7 @@ def predict(
     if reuse and probabilities:
         kept = [c for c in cases if stored_with(project, model, c, record["final_weights_digest"], mirroring, tile_step)
                 and (not features or nnunet_features_path(project, model, c).is_file())
-                and _label_made_by(project, c, model, record["final_weights_digest"])]
+                and _label_made_by(project, c, model, record["final_weights_digest"], mirroring)]
         cases = [c for c in cases if c not in set(kept)]
         if not cases:
             return [{"case": c, "reused": True} for c in kept]
@@ -269,6 +269,8 @@ def predict(
         out.append({"case": case, "labels_present": [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)) if v],
                     **extra, **({"worker": result["worker"]} if "worker" in result else {})})
 
+    if not cases:  # nothing to predict (none asked for): no model built, no Ray started
+        return [{"case": c, "reused": True} for c in kept]
     with nnunet_environment(project.root, log=log):
         if ray is not None:
             _predict_on_ray(project, record, checkpoint, cases, ray, store, device=device, mirroring=mirroring,
@@ -289,14 +291,15 @@ def predict(
     return out + [{"case": c, "reused": True} for c in kept]
 
 
-def _label_made_by(project: Project, case: str, model: str, digest: str) -> bool:
+def _label_made_by(project: Project, case: str, model: str, digest: str, mirroring: bool) -> bool:
     """Whether the case's stored prediction is these weights' (a kill between a case's probabilities and
     its label leaves new probabilities beside an older label: that case is predicted again)."""
     if project.label_path(case, "predicted") is None:
         return False
     prov = project.provenance(case, "predicted")
     made = prov.get("produced_by") or {}
-    return made.get("model") == model and made.get("weights_digest") == digest and prov.get("matches_file", True)
+    return (made.get("model") == model and made.get("weights_digest") == digest
+            and bool(made.get("mirroring", False)) == bool(mirroring) and prov.get("matches_file", True))
 
 
 def _predict_on_ray(project: Project, record: dict, checkpoint: dict, cases: Sequence[str], spec, store, *, device: str,

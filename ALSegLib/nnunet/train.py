@@ -142,7 +142,7 @@ def train(
     est.check_memory_limit()
     name = check_case_id(name or mode)
     dev = resolve_device(device)
-    check_num_gpus(num_gpus, dev, minutes, batch_size)
+    check_num_gpus(num_gpus, dev, minutes, batch_size, mode)
     folder = model_dir(project, name)
     previous = read_model(project, name) if (folder / "model.json").is_file() else None
     exclude = _resolve_exclusions(project, name, m, previous, exclude_cases)
@@ -163,6 +163,7 @@ def train(
     sample_bytes = None
     if project_plans(project) is not None:  # the memory a step needs, before any of the model's files is written
         chosen = configuration or (previous or {}).get("configuration") or project_plans(project)["configurations"][0]
+        _check_gpu_batch(project, chosen, batch_size, num_gpus)
         sample_bytes = _check_memory(project, chosen, batch_size, dev, name, factor)
     with _model_lock(folder):
         if project_plans(project) is None:
@@ -172,6 +173,7 @@ def train(
         configuration = configuration or (previous or {}).get("configuration") or plans_record["configurations"][0]
         cls = m.trainer_class()
         if sample_bytes is None:  # planned just now: checked before the model's dataset is written
+            _check_gpu_batch(project, configuration, batch_size, num_gpus)
             sample_bytes = _check_memory(project, configuration, batch_size, dev, name, factor)
         dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill)
         preprocess(project, dataset, configuration, hold_out=hold_out)
@@ -242,12 +244,16 @@ def train(
         return record
 
 
-def check_num_gpus(num_gpus, dev: torch.device, minutes: float | None, batch_size: int | None) -> None:
+def check_num_gpus(num_gpus, dev: torch.device, minutes: float | None, batch_size: int | None,
+                   mode: str | None = None) -> None:
     """``num_gpus`` usable here, or a clear error before anything is written."""
     if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
         raise InputError("--num-gpus", f"must be a whole number of at least 1, not {num_gpus!r}")
     if num_gpus == 1:
         return
+    if mode == "filtermatch":
+        raise InputError("--num-gpus", "FilterMatch's teacher is not built for nnU-Net's multi-GPU training: "
+                                       "train it on one GPU")
     if dev.type != "cuda":
         raise InputError("--num-gpus", f"trains on several GPUs: the device must be CUDA, not {dev}")
     if torch.cuda.device_count() < num_gpus:
@@ -257,6 +263,18 @@ def check_num_gpus(num_gpus, dev: torch.device, minutes: float | None, batch_siz
     if batch_size is not None and batch_size < num_gpus:
         raise InputError("--num-gpus", f"the batch ({batch_size}) is split among the GPUs: it must be at least "
                                        f"{num_gpus}")
+
+
+def _check_gpu_batch(project: Project, configuration: str, batch_size: int | None, num_gpus: int) -> None:
+    """nnU-Net splits the batch among the GPUs: the batch (given, else the plans') must be at least ``num_gpus``."""
+    if num_gpus == 1:
+        return
+    record = project_plans(project)
+    plans = json.loads((folders(project.root).preprocessed / record["dataset"] / f"{PLANS}.json").read_text())
+    batch = batch_size or plans["configurations"].get(configuration, {}).get("batch_size", 0)
+    if batch < num_gpus:
+        raise InputError("--num-gpus", f"the batch ({batch}) is split among the GPUs: it must be at least {num_gpus} "
+                                       "(give --batch-size)")
 
 
 def _train_on_gpus(project: Project, mode: str, dataset: Dataset, configuration: str, batch_size: int | None,

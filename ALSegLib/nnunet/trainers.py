@@ -212,7 +212,7 @@ class ALSegTrainer(nnUNetTrainer):
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, (str, Path)):
             checkpoint = load_checkpoint_safely(checkpoint, map_location=self.device)
-        network = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        network = self.bare_network()
         weights = {k[7:] if k.startswith("module.") and k not in network.state_dict() else k: v
                    for k, v in checkpoint["network_weights"].items()}
         load_weights_checked(network, weights, filename_or_checkpoint if isinstance(filename_or_checkpoint, (str, Path))
@@ -232,7 +232,14 @@ class ALSegTrainer(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         weights = load_checkpoint_safely(checkpoint_file)["network_weights"]
-        own = self.network.state_dict()
+        network = self.bare_network()
+        own = network.state_dict()
         # the pretrained model may carry extra heads (e.g. deep supervision): only ours are needed
-        load_weights_checked(self.network, {k: v for k, v in weights.items() if k in own}, checkpoint_file)
-        return weights_digest(self.network.state_dict())
+        load_weights_checked(network, {k: v for k, v in weights.items() if k in own}, checkpoint_file)
+        return weights_digest(network.state_dict())
+
+    def bare_network(self) -> torch.nn.Module:
+        """The network itself: not the DistributedDataParallel wrapper of a multi-GPU training (whose
+        keys carry ``module.``), nor torch.compile's (``_orig_mod``); checkpoints hold its keys."""
+        network = self.network.module if self.is_ddp else self.network
+        return network._orig_mod if hasattr(network, "_orig_mod") else network

@@ -258,13 +258,6 @@ def pseudolabel_with_sam(
 
     if not loaded.builtin:
         loaded.sha256 = file_sha256(Path(checkpoint), cache_root(project) / "checkpoints.json")
-    # on a CPU one slice per encoder call was fastest here (bench_litemedsam.py: torch 1.67 s per slice alone,
-    # 2.63 s in batches of 4; ONNX Runtime 0.82 s alone, about 1.0 s in batches of 4 in a probe); a GPU takes 8
-    on_gpu = (ray is not None and device_name(device).startswith("cuda")) or loaded.device.type != "cpu"
-    batch = batch or (8 if on_gpu else 1)
-    note = use_onnx_encoder(loaded, cache_root(project) / "onnx", batch, backend)
-    if note:
-        progress.emit("note", message=note)
     simulated = ({"from": "reference", "boxes_per_structure": prompts_from_reference, "box_margin_px": box_margin,
                   "input_size": loaded.architecture.image_size} if mode == "reference" else None)
     for w in work:
@@ -277,9 +270,23 @@ def pseudolabel_with_sam(
             progress.announce("resume", f"resume: {len(skipped)} case(s) already have the pseudo-label this request "
                               f"makes; {len(work)} left", skipped=len(skipped), left=len(work))
     kept = [{"case": w.case, "status": "kept: made by this very request before (--resume)"} for w in skipped]
-    if ray is not None:
+    if not work:  # nothing left to do: no encoder export, no Ray
+        return kept
+    # on a CPU one slice per encoder call was fastest here (bench_litemedsam.py: torch 1.67 s per slice alone,
+    # 2.63 s in batches of 4; ONNX Runtime 0.82 s alone, about 1.0 s in batches of 4 in a probe); a GPU takes 8
+    given_batch = batch
+    batch = batch or (1 if loaded.device.type == "cpu" else 8)
+    workers_on_gpu = ray is not None and device_name(device).startswith("cuda")
+    if workers_on_gpu and backend == "onnx":
+        raise InputError("--backend onnx", "ONNX Runtime runs the LiteMedSAM encoder on a CPU only; the Ray workers "
+                                           f"run on {device}")
+    # the driver exports the ONNX graph its CPU workers run (workers on GPUs run torch: nothing to export)
+    note = use_onnx_encoder(loaded, cache_root(project) / "onnx", batch, "torch" if workers_on_gpu else backend)
+    if note:
+        progress.emit("note", message=note)
+    if ray is not None:  # each worker takes the batch for its own device unless one was given
         return _pseudolabel_on_ray(project, loaded, checkpoint, device, work, mode, settings, axis_name, override,
-                                   batch, memory_gib, simulated, ray) + kept
+                                   given_batch, memory_gib, simulated, ray) + kept
     timer = _Estimate(project, loaded, work, axis_name, override, settings) if work else None
     out = []
     for w in progress.track(work, desc="pseudo-labels"):
@@ -328,7 +335,7 @@ class SamWorker(Worker):
                     atomic.write_bytes(path, data)
             self.loaded.encoder = litemedsam.OnnxEncoder(checkpoint, sha256, folder, onnx["batch"], threads)
             self.loaded.backend = "onnxruntime"
-        self.job = job
+        self.job = {**job, "batch": job["batch"] or (1 if self.loaded.device.type == "cpu" else 8)}
 
     def run(self, w: CaseWork, image: sitk.Image) -> dict:
         from ..cluster import worker_name
@@ -339,8 +346,8 @@ class SamWorker(Worker):
 
 
 def _pseudolabel_on_ray(project: Project, loaded: LoadedSam, checkpoint, device: str, work: list[CaseWork], mode: str,
-                        settings: dict[str, pr.LabelSettings], axis_name: str, override: Window | None, batch: int,
-                        memory_gib: float, simulated: dict | None, spec) -> list[dict]:
+                        settings: dict[str, pr.LabelSettings], axis_name: str, override: Window | None,
+                        batch: int | None, memory_gib: float, simulated: dict | None, spec) -> list[dict]:
     """The cases on Ray workers (:mod:`..cluster`): the driver reads each image, hands it over by
     reference and stores what comes back (:func:`store_case`); cases that failed after the retries
     are named in an error once the others are stored."""

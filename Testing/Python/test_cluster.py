@@ -334,3 +334,5 @@ def test_multi_gpu_training_is_refused_where_it_cannot_run_before_anything_is_wr
         code, _, err = run_cli(*command, *args)
         assert code == 2 and "--num-gpus" in err and message in err, err
         assert tree_hash(project.root) == before
+    code, _, err = run_cli("train", project.root, "--mode", "filtermatch", "--num-gpus", "2", "--device", "cpu")
+    assert code == 2 and "FilterMatch" in err and tree_hash(project.root) == before
