@@ -200,15 +200,31 @@ def fan_out(spec: RaySpec, worker_cls: type, init: dict, inputs: Iterable[tuple[
         return _Fleet(ray, spec, worker_cls, init, method, gpus, desc, guard, total).run(inputs, on_result)
 
 
-def _capacity(ray, spec: RaySpec, gpus: bool) -> tuple[bool, int]:
-    """Whether the workers take a GPU each, and how many the cluster can place at once: its GPUs
-    (where used) and its CPUs per ``spec.threads``, node by node (a worker lives on one node)."""
+def _workers(ray, spec: RaySpec, gpus: bool) -> tuple[bool, int]:
+    """Whether the workers take a GPU each, and how many run at once: ``spec.workers`` (default: all
+    the cluster can place), never more than it can place, its GPUs (where used) and its CPUs per
+    ``spec.threads`` node by node (a worker lives on one node; actors hold theirs for life, so one
+    that cannot be placed would never run)."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] or [ray.cluster_resources()]
     use_gpu = gpus and sum(r.get("GPU", 0) for r in nodes) >= 1
     per_node = [int(r.get("CPU", 0)) // spec.threads for r in nodes]
     if use_gpu:
         per_node = [min(c, int(r.get("GPU", 0))) for c, r in zip(per_node, nodes)]
-    return use_gpu, max(1, sum(per_node))
+    capacity = max(1, sum(per_node))
+    n = spec.workers or capacity
+    if n > capacity:
+        announce("ray", f"ray: {n} workers asked for, the cluster holds {capacity} of {spec.threads} thread(s): "
+                 f"{capacity} used", workers_asked=n, workers=capacity)
+    return use_gpu, min(n, capacity)
+
+
+def raise_failures(failures: list[Failure], where: str, total: int, again: str) -> None:
+    """The cases that failed on the workers after the retries, named in one error (exit code 2) once
+    the others are stored; ``again``: how to retry them."""
+    if failures:
+        named = "; ".join(f"{f.key}: {f.error}" for f in failures[:10])
+        raise InputError(where, f"{len(failures)} of {total} case(s) failed on Ray workers after the retries ({named}); "
+                                f"the other cases are stored, {again}")
 
 
 READY_TIMEOUT_S = 900  # a worker that has not loaded its model by then (placed nowhere, stuck) fails the run
@@ -219,14 +235,8 @@ class _Fleet:
 
     def __init__(self, ray, spec: RaySpec, worker_cls: type, init: dict, method: str, gpus: bool, desc: str,
                  guard, total: int | None):
-        self.ray, self.spec, self.method, self.desc, self.total = ray, spec, method, desc, total
-        self.use_gpu, capacity = _capacity(ray, spec, gpus)
-        n = spec.workers or capacity
-        if n > capacity:  # actors hold their CPUs or GPUs for life: the ones that cannot be placed would never run
-            announce("ray", f"ray: {n} workers asked for, the cluster holds {capacity} of {spec.threads} thread(s): "
-                     f"{capacity} used", workers_asked=n, workers=capacity)
-            n = capacity
-        self.n = n
+        self.ray, self.spec, self.method, self.desc = ray, spec, method, desc
+        self.use_gpu, self.n = _workers(ray, spec, gpus)
         self.shared = {k: ray.put(v) for k, v in init.items()}
         self.guard = str(guard) if guard else None
         self.remote = ray.remote(worker_cls).options(
@@ -354,8 +364,7 @@ def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: st
     (``spec.retries``). Returns every job's result by key, or an error naming the jobs that
     failed (and those that could not start without them) once the others have finished."""
     with connected(spec) as ray:
-        use_gpu, capacity = _capacity(ray, spec, gpus)
-        n = min(spec.workers or capacity, capacity)
+        use_gpu, n = _workers(ray, spec, gpus)
         task = ray.remote(_run_job).options(num_cpus=spec.threads, num_gpus=1 if use_gpu else 0,
                                             max_retries=spec.retries)
         announce("ray", f"ray: {len(jobs)} {desc}, {n} at a time, {spec.threads} thread(s)"

@@ -310,7 +310,7 @@ def _predict_on_ray(project: Project, record: dict, checkpoint: dict, cases: Seq
     named in an error once the others are stored."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from ..cluster import fan_out  # noqa: I001 (Ray itself is imported only there, only with --ray)
+    from ..cluster import fan_out, raise_failures  # noqa: I001 (Ray itself is imported only there, only with --ray)
 
     pre = folders(project.root).preprocessed / record["dataset"]
     init = {"plans": json.loads((pre / f"{PLANS}.json").read_text()),
@@ -327,7 +327,4 @@ def _predict_on_ray(project: Project, record: dict, checkpoint: dict, cases: Seq
 
     failures = fan_out(spec, PredictWorker, init, inputs(), store, gpus=device_name(device) != "cpu",
                        desc=f"predicting with {model}", guard=project.root, total=len(cases))
-    if failures:
-        named = "; ".join(f"{f.key}: {f.error}" for f in failures[:10])
-        raise InputError(f"model {model!r}", f"{len(failures)} of {len(cases)} case(s) failed on Ray workers after the "
-                                             f"retries ({named}); the other cases are stored, run again to retry these")
+    raise_failures(failures, f"model {model!r}", len(cases), "run again to retry these")

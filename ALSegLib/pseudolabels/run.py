@@ -351,7 +351,7 @@ def _pseudolabel_on_ray(project: Project, loaded: LoadedSam, checkpoint, device:
     """The cases on Ray workers (:mod:`..cluster`): the driver reads each image, hands it over by
     reference and stores what comes back (:func:`store_case`); cases that failed after the retries
     are named in an error once the others are stored."""
-    from ..cluster import fan_out
+    from ..cluster import fan_out, raise_failures
 
     onnx = None
     if isinstance(loaded.encoder, litemedsam.OnnxEncoder):
@@ -379,11 +379,7 @@ def _pseudolabel_on_ray(project: Project, loaded: LoadedSam, checkpoint, device:
 
     failures = fan_out(spec, SamWorker, init, inputs(), store, gpus=device_name(device) != "cpu",
                        desc="pseudo-labels", guard=project.root, total=len(work))
-    if failures:
-        named = "; ".join(f"{f.key}: {f.error}" for f in failures[:10])
-        raise InputError("pseudolabel --ray", f"{len(failures)} of {len(work)} case(s) failed on Ray workers after the "
-                                              f"retries ({named}); the other cases are stored, run again with --resume "
-                                              "to do only these")
+    raise_failures(failures, "pseudolabel --ray", len(work), "run again with --resume to do only these")
     return [out[w.case] for w in work]
 
 
