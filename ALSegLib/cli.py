@@ -33,8 +33,10 @@ from .settings import (
     SLICE_STRATEGIES,
     SPARSE_FILLS,
     STRATEGIES,
+    TRUST_DICE,
     UNITS,
     RoundSettings,
+    check_trust_dice,
 )
 from .settings import MODES as ROUND_MODES
 from .store.files import read_json_object
@@ -152,6 +154,10 @@ def cmd_status(args) -> int:
     status = project.status()
     if args.cases:
         status["case_table"] = project.case_table()
+    if status["label_counts"]["pseudo"]:
+        from .trust import trust_table
+
+        status["trust"] = trust_table(project, TRUST_DICE if args.trust_dice is None else args.trust_dice)
     if args.json:
         _print_json(status)
         return EXIT_OK
@@ -165,6 +171,10 @@ def cmd_status(args) -> int:
     print(f"Rounds    {len(status['rounds'])}")
     if status["last_event"]:
         print(f"Last      {status['last_event']['event']} at {status['last_event']['time']}")
+    if status.get("trust"):
+        from .trust import table_text
+
+        print("\n".join(["", *table_text(status["trust"])]))
     if args.cases:
         print()
         print(f"{'case':<32} " + " ".join(f"{k:>9}" for k in LABEL_KINDS))
@@ -286,7 +296,7 @@ def cmd_train(args) -> int:
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
                    filtermatch=filtermatch, exclude_cases=args.exclude, pseudo_share=args.pseudo_share,
-                   minutes=args.minutes, num_gpus=args.num_gpus)
+                   minutes=args.minutes, num_gpus=args.num_gpus, trust_dice=args.trust_dice)
     if args.json:
         _print_json(record)
     else:
@@ -310,6 +320,24 @@ def _training_cases(record: dict, held_out: int = 0) -> str:
         return (f"{human} human + {record['labeled_cases'] - human} pseudo-labeled cases "
                 f"(pseudo-labels drawn {100 * record['pseudo_share']:.0f} % of the time)")
     return f"{record['labeled_cases']} labeled cases"
+
+
+def _trust_dice(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a Dice between 0 and 1, or off, not {text!r}") from None
+    check_trust_dice(value)
+    return value
+
+
+def trust_option(p) -> None:
+    p.add_argument("--trust-dice", type=_trust_dice, default=TRUST_DICE, metavar="DICE|off",
+                   help="learn a class from pseudo-labels only while they agree with the human labels at this mean "
+                   f"Dice (default {TRUST_DICE}; the others merge with background on pseudo-labeled cases: learned from "
+                   "the human labels alone; see alseg status); off: every pseudo-label whole")
 
 
 def filtermatch_options(p, title: str = "filtermatch") -> None:
@@ -563,7 +591,7 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
                          val_iterations=args.val_iters, pseudo=pseudo, filtermatch=fm, pseudo_share=args.pseudo_share,
-                         minutes=args.minutes, **own)
+                         minutes=args.minutes, trust_dice=args.trust_dice, **own)
 
 
 # `alseg round`'s options and the RoundSettings field each sets (pseudo-label and FilterMatch options: below)
@@ -572,7 +600,8 @@ ROUND_OPTION_FIELDS = {"budget": "budget", "strategy": "strategy", "mode": "mode
                        "features": "features", "device": "device", "configuration": "configuration",
                        "batch_size": "batch_size", "pretrain_epochs": "pretrain_epochs",
                        "pretrain_iters": "pretrain_iterations", "epochs": "epochs", "iters": "iterations",
-                       "val_iters": "val_iterations", "pseudo_share": "pseudo_share", "minutes": "minutes"}
+                       "val_iters": "val_iterations", "pseudo_share": "pseudo_share", "minutes": "minutes",
+                       "trust_dice": "trust_dice"}
 PSEUDO_OPTIONS = ("pseudo_source", "checkpoint", "model_type", "prompts", "from_labels", "prompts_from_reference", "axis",
                   "from_dir", "map", "target_dice")
 
@@ -694,7 +723,8 @@ def cmd_demo(args) -> int:
                                      DEMO_ROUND.pretrain_epochs, args.minutes), minutes=args.minutes,
                                      epochs=_demo_epochs(args.epochs, DEMO_ROUND.epochs, args.minutes),
                                      pretrain_iterations=args.iters, iterations=args.iters,
-                                     strategy=args.strategy, mode=args.mode, pseudo_share=args.pseudo_share)
+                                     strategy=args.strategy, mode=args.mode, pseudo_share=args.pseudo_share,
+                                     trust_dice=args.trust_dice)
     settings = DemoSettings(rounds=args.rounds, target_dice=args.target_dice, pseudo_source=args.pseudo_source,
                             round=rounds)
     folder = Path(args.dir)
@@ -773,9 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(logged with the replaced file's checksum)")
     p.add_argument("--json", action="store_true")
 
-    p = add("status", cmd_status, "Summarise a project: cases, labels of each kind, rounds.")
+    p = add("status", cmd_status, "Summarise a project: cases, labels of each kind, rounds, and how far each class's "
+            "pseudo-labels are trusted (measured against the human labels).")
     p.add_argument("project")
     p.add_argument("--cases", action="store_true", help="also list every case with its labels")
+    trust_option(p)
     p.add_argument("--json", action="store_true")
 
     p = add("labels", cmd_labels, "Show the label table; rename a class or change its color (its value never changes).")
@@ -830,6 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-share", type=float, default=0.0,
                    help="finetune: also train on the pseudo-labels of cases without a human label, drawn this share "
                    "of the time (e.g. 0.5; default 0: human labels only)")
+    trust_option(p)
     filtermatch_options(p, "filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
     p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
     num_gpus_option(p)
@@ -961,6 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pseudo-share", type=float, default=RoundSettings.pseudo_share,
                        help="finetune: share of training draws from cases that have only a pseudo-label (default "
                        f"{RoundSettings.pseudo_share:g}; 0: fine-tune on the human labels alone)")
+        trust_option(p)
 
     def pseudo_source(p):
         g = p.add_argument_group("pseudo-labels for cases that have none")
@@ -1054,6 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-share", type=float, default=DEMO_ROUND.pseudo_share,
                    help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DEMO_ROUND.pseudo_share}; "
                    "not used by filtermatch)")
+    trust_option(p)
     p.add_argument("--pretrain-epochs", type=int, help=f"default {DEMO_ROUND.pretrain_epochs} (with --minutes: fitted)")
     p.add_argument("--epochs", type=int, help=f"each round's epochs: default {DEMO_ROUND.epochs} (with --minutes: fitted)")
     p.add_argument("--minutes", type=float, help="fit each training into N minutes on this machine (epochs chosen "

@@ -113,7 +113,7 @@ def data_project(folder: Path, data: Path, modality: str, labels: str | None, ca
     else:  # every value found in the labels, named by value
         values = set()
         for _, _, label in pairs:
-            values |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label)))) if v}
+            values |= {int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label)))) if v}
         if not values:
             raise InputError(labels_dir, "the label files hold no foreground value")
         table = LabelTable.from_mapping({f"label{v}": v for v in sorted(values)})

@@ -47,7 +47,7 @@ from .store.models import finished
 
 PRETRAIN = "pretrain"
 
-Annotator = Callable[[Project, str], None]
+Annotator = Callable[[Project, str, dict], None]  # (project, case, queue item with its round)
 
 
 def model_name(number: int, mode: str) -> str:
@@ -264,7 +264,7 @@ class Round:
         s = self.settings
         rec = train(self.project, "pretrain", name=PRETRAIN, epochs=s.pretrain_epochs, iterations=s.pretrain_iterations,
                     val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude, seed=s.seed,
-                    minutes=s.minutes, num_gpus=self.num_gpus)
+                    minutes=s.minutes, num_gpus=self.num_gpus, trust_dice=s.trust_dice)
         out = {"model": PRETRAIN, "seconds_training": rec["seconds"], "epochs": rec["epochs_done"]}
         metrics = self._score(PRETRAIN)  # the pseudo-only model: the curve's starting point
         if metrics:
@@ -322,11 +322,8 @@ class Round:
 
         items = pending()
         if items and self.annotator is not None:
-            for item in items:  # a slice unit's annotator is told which slices (an annotator of cases is not)
-                if item.get("slices") is not None:
-                    self.annotator(self.project, item["case"], item)
-                else:
-                    self.annotator(self.project, item["case"])
+            for item in items:  # the queue item: which slices (a slice unit), what the panel opens it with, the round
+                self.annotator(self.project, item["case"], {**item, "round": self.number})
             items = pending()
         waiting = list(dict.fromkeys(q["case"] for q in items))
         if waiting:
@@ -347,11 +344,14 @@ class Round:
                     val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
                     filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
                     pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0, minutes=s.minutes,
-                    sparse_fill=s.sparse_fill, num_gpus=self.num_gpus)
+                    sparse_fill=s.sparse_fill, num_gpus=self.num_gpus, trust_dice=s.trust_dice)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
+        partial = rec.get("partial_labels") or {}
         return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],
-                "pseudo_share": rec.get("pseudo_share", 0.0), "seconds_training": rec["seconds"]}
+                "pseudo_share": rec.get("pseudo_share", 0.0), "seconds_training": rec["seconds"],
+                **({"trust": partial["trust"], "partial_cases": len(partial.get("unknown", {}))}
+                   if partial.get("trust") else {})}
 
     def predict(self) -> dict:
         from .nnunet.predict import predict
@@ -422,7 +422,7 @@ def run_round(project: Project, settings: RoundSettings | None = None, *, annota
     given, must equal them); otherwise a new round starts with ``settings``
     (default :class:`RoundSettings`), given as one or as its fields in keywords
     (``budget="5%", strategy="hybrid", mode="finetune", exclude=[...]``).
-    ``annotator(project, case)`` stores a human label for a selected case (the
+    ``annotator(project, case, item)`` stores a human label for a queued case (the
     oracle experiment); without it the round stops at review: the record then has
     ``waiting``. ``ray``: a :class:`.cluster.RaySpec` to run the round's predictions (the pool's,
     the held-out cases') on Ray workers; the results and the record are those of a run without it.

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import atomic, volumes
+from . import atomic, metrics, volumes
 from ._version import __version__
 from .errors import InputError
 from .progress import track
@@ -490,7 +490,8 @@ class Project:
 
     def add_human_label(
         self, case: str, label: sitk.Image | str | Path, *, author: str | None = None,
-        source: str = "human", produced_by: Mapping | None = None, annotated=None, **extra,
+        source: str = "human", produced_by: Mapping | None = None, annotated=None,
+        pseudo: np.ndarray | None = None, **extra,
     ) -> int:
         """Store a human label as the next version (``v0001``, ``v0002``, …); never overwrites.
 
@@ -500,6 +501,11 @@ class Project:
         :class:`~.store.sparse.SliceSet`) or this mask (an image on the label's grid);
         the label is kept inside it only, the mask is stored beside the version and the
         slices in its provenance (:mod:`.store.sparse`). Returns the new version number.
+
+        When the case has a pseudo-label, its Dice per class against this label (within the
+        annotated voxels) is stored in the provenance as ``pseudo_agreement``: what the project's
+        trust in its pseudo-labels is measured from (:mod:`.trust`). ``pseudo``: the stored
+        pseudo-label's voxels when the caller holds them already (the reviewer opened them).
         """
         if source not in HUMAN_SOURCES:
             raise InputError("source", f"human labels come from {', '.join(HUMAN_SOURCES)}, not {source!r}")
@@ -511,6 +517,9 @@ class Project:
                 sitk.GetArrayViewFromImage(label).dtype))
             kept.CopyInformation(label)
             label = kept
+        agreement = self.pseudo_agreement(case, sitk.GetArrayViewFromImage(label), mask, pseudo)
+        if agreement is not None:
+            extra = {**extra, "pseudo_agreement": agreement}
         with self.lock("accept human label"):
             versions = self.human_versions(case)
             version = (versions[-1] if versions else 0) + 1
@@ -540,6 +549,22 @@ class Project:
                     path.unlink(missing_ok=True)
                 raise atomic.storage_error(OSError(exc.errno, ""), exc.where, "the label was not stored") from None
         return version
+
+    def pseudo_agreement(self, case: str, human: np.ndarray, mask: np.ndarray | None = None,
+                         pseudo: np.ndarray | None = None) -> dict | None:
+        """The case's stored pseudo-label against ``human`` (a label's voxels on the case's grid;
+        within ``mask`` when given): Dice per label value (``None`` where neither holds it), and which
+        pseudo-label that was (its file checksum, from its sidecar, and source). None without one."""
+        path = self.label_path(case, "pseudo")
+        if path is None:
+            return None
+        sidecar = path.with_suffix(".json")
+        prov = read_json_object(sidecar) if sidecar.is_file() else {}
+        if pseudo is None or np.shape(pseudo) != np.shape(human):
+            pseudo = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        dice = metrics.class_dice(pseudo, human, self.labels.values, mask)
+        return {"pseudo_sha256": prov.get("file_sha256"), "pseudo_source": prov.get("source"),
+                "dice": {str(v): None if d is None else round(d, 4) for v, d in dice.items()}}
 
     def add_human_slices(self, case: str, label: sitk.Image | str | Path, slices: sparse.SliceSet, **options) -> int:
         """Store ``label`` on ``slices`` only, merged with what the case's latest human version holds:

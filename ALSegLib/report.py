@@ -213,11 +213,22 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
         sections.append(("Pseudo-labels", text, [], []))
     effort = rounds.review_effort(project, record["round"])
     if effort["accepted"]:
-        sections.append(("Annotation effort (labels accepted in Slicer for this round's queue)",
-                         rounds.effort_text(effort), ["case", "version", "seconds", "Dice to the proposal",
-                                                      "voxels changed", "unchanged"],
-                         [[e["case"], e["version"], e.get("seconds"), e.get("dice_to_proposal"), e.get("voxels_changed"),
-                           "yes" if e.get("unchanged") else "no"] for e in effort["labels"]]))
+        sections.append(("Annotation effort (labels accepted for this round's queue, in Slicer or by the simulated "
+                         "annotator)", rounds.effort_text(effort),
+                         ["case", "version", "opened with", "seconds", "Dice to the proposal", "voxels changed",
+                          "voxels from scratch", "unchanged"],
+                         [[e["case"], e["version"], e.get("started_from"), e.get("seconds"), e.get("dice_to_proposal"),
+                           e.get("voxels_changed"), e.get("voxels_from_scratch"), "yes" if e.get("unchanged") else "no"]
+                          for e in effort["labels"]]))
+    trust = view.stage("train").get("trust")
+    if trust:
+        sections.append(("Pseudo-label trust (what this round's training learned from pseudo-labels)",
+                         f"mean Dice of the pseudo-labels against {trust['cases']} human label(s); a class is trusted at "
+                         f">= {trust['threshold']}; the others are merged with background on pseudo-labeled cases "
+                         "(learned from the human labels alone)",
+                         ["class", "state", "cases", "mean Dice", "spread (sd)", "min", "prompted", "returned empty"],
+                         [[r["name"], r["state"], r["cases"], r["mean"], r["std"], r["min"], r["prompted"], r["empty"]]
+                          for r in trust["classes"]]))
     metrics = record.get("metrics")
     if metrics:
         heading = (f"Held-out evaluation ({len(metrics['cases'])} cases, model {metrics['model']}, "
@@ -236,7 +247,8 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     atomic.write_bytes(folder / "report.html", page.encode())
     atomic.write_json(folder / "report.json", {"round": record["round"], "settings": settings, "stages": record["stages"],
                                                "queue": queue, "metrics": metrics, "learning_curve": curve, "aubc": area,
-                                               "effort": {k: v for k, v in effort.items() if k != "labels"}})
+                                               "effort": {k: v for k, v in effort.items() if k != "labels"},
+                                               "trust": trust})
     return {k: str(p.relative_to(project.root)) for k, p in
             (("markdown", folder / "report.md"), ("html", folder / "report.html"), ("json", folder / "report.json"),
              ("learning_curve", png))}

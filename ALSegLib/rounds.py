@@ -203,10 +203,12 @@ def pending_cases(project: Project) -> set[str]:
 
 
 def review_effort(project: Project, round_number: int | None = None) -> dict:
-    """The reviewers' effort, from the provenance of the human labels accepted in Slicer (each
-    records seconds from open to accept, the Dice between the label it opened with and the
-    accepted one, and the voxels changed): accepted n, accepted unchanged, mean proposal-to-accepted
-    Dice, median seconds per case. Labels that edited an earlier human version again are left out
+    """The reviewers' effort, from the provenance of the human labels accepted in Slicer or revealed
+    by the oracle's simulated annotator (each records the Dice between the label it opened with and
+    the accepted one, the voxels changed and those a label drawn from scratch takes; Slicer's also
+    the seconds from open to accept): accepted n, accepted unchanged, mean proposal-to-accepted
+    Dice, median seconds per case, voxels corrected / voxels drawn from scratch. Labels that edited
+    an earlier human version again are left out
     (they measure no machine proposal). ``round_number``: only labels accepted for that round's queue."""
     import statistics
 
@@ -226,10 +228,15 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
     seconds = [e["seconds"] for e in entries if isinstance(e.get("seconds"), (int, float))]
     dices = [e["dice_to_proposal"] for e in entries if isinstance(e.get("dice_to_proposal"), (int, float))
              and not e.get("started_empty")]
+    counted = [e for e in entries if isinstance(e.get("voxels_from_scratch"), int)]
+    scratch = sum(e["voxels_from_scratch"] for e in counted)
     return {"accepted": len(entries), "unchanged": sum(1 for e in entries if e.get("unchanged")),
             "mean_dice_to_proposal": round(statistics.fmean(dices), 4) if dices else None,
             "median_seconds": round(statistics.median(seconds), 1) if seconds else None,
             "voxels_changed": sum(int(e.get("voxels_changed", 0)) for e in entries),
+            # voxels corrected / voxels drawn from scratch, over the labels that record both
+            "voxels_from_scratch": scratch,
+            "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4) if scratch else None,
             "round": round_number, "labels": entries}
 
 
@@ -242,4 +249,6 @@ def effort_text(effort: dict) -> str:
         parts.append(f"mean Dice proposal -> accepted {effort['mean_dice_to_proposal']:.3f}")
     if effort["median_seconds"] is not None:
         parts.append(f"median {effort['median_seconds']:.0f} s per case")
+    if effort.get("corrected_fraction") is not None:
+        parts.append(f"voxels corrected / drawn from scratch {effort['corrected_fraction']:.3f}")
     return ", ".join(parts)

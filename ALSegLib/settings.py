@@ -28,6 +28,17 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what the Slicer panel offers; the CLI takes cuda:N too
 
 
+TRUST_DICE = 0.5  # trust.TRUST_DICE (checked by a test): kept here so that the settings stay light
+
+
+def check_trust_dice(value) -> None:
+    """``--trust-dice``: a Dice in [0, 1], or None (off)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise InputError("--trust-dice", f"must be a Dice between 0 and 1, or off, not {value!r}")
+
+
 @dataclass(frozen=True)
 class PseudoSource:
     """Where a round's (or the experiment's) pseudo-labels come from, with that source's options.
@@ -138,6 +149,9 @@ class RoundSettings:
     filtermatch: FilterMatchConfig | None = None  # mode filtermatch (a mapping of its fields is read as one)
     # finetune: share of training draws from cases with only a pseudo-label (0: the human labels alone)
     pseudo_share: float = 0.5
+    # pseudo-labels are learned only for the classes the human labels show them trustworthy (mean Dice at least
+    # this: ALSegLib.trust; the others merged with background on pseudo-labeled cases); None: every pseudo-label whole
+    trust_dice: float | None = TRUST_DICE
     # what is queried: whole cases, or (``slice``) slabs of ``slab`` slices, the budget then counted in slices;
     # a sparse case's unannotated voxels train as nnU-Net's ignore label, or (sparse_fill "pseudo") as its pseudo-label
     unit: str = "case"
@@ -160,6 +174,7 @@ class RoundSettings:
                      pretrain_epochs=self.pretrain_epochs, pretrain_iterations=self.pretrain_iterations,
                      batch_size=self.batch_size)
         check_minutes(self.minutes)
+        check_trust_dice(self.trust_dice)
         if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
             raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
         self.exclude = sorted(set(self.exclude))

@@ -38,10 +38,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from . import rounds
 from .errors import InputError
 from .loop import prepare, run_round, score_held_out
+from .metrics import edit_effort
 from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project
@@ -119,7 +121,11 @@ class ExperimentSettings:
 
 
 class SimulatedAnnotator:
-    """Reveals a case's reference as its human label (``simulated``); never a test case."""
+    """Reveals a case's reference as its human label (``simulated``); never a test case. Like a
+    reviewer's accept in Slicer, the stored version records the effort: the voxels changed to turn
+    the proposal the panel would open (the queue item's ``open_with``, else the pseudo-label, else
+    the prediction; an earlier human version first) into the reference, against drawing it from
+    scratch (:func:`..metrics.edit_effort`; no seconds: nobody spent any)."""
 
     def __init__(self, test: Sequence[str]):
         self.test = set(test)
@@ -131,15 +137,37 @@ class SimulatedAnnotator:
         if case in self.test:
             raise RuntimeError(f"the simulated annotator was asked to reveal held-out test case {case!r}")
         reference = project.read_label(case, "reference")
-        produced_by = {"simulated": True, "from": "reference"}
-        if item is not None and item.get("slices") is not None:
+        item = item or {}
+        started_from, proposal = proposal_shown(project, case, item.get("open_with"))
+        produced_by = {"simulated": True, "from": "reference", "started_from": started_from,
+                       **({"round": item["round"]} if item.get("round") is not None else {})}
+        accepted = sitk.GetArrayViewFromImage(reference)
+        if item.get("slices") is not None:
             from .store.sparse import SliceSet
 
+            index = [slice(None)] * 3
+            index[int(item.get("axis", 0))] = list(item["slices"])
+            effort = edit_effort(None if proposal is None else proposal[tuple(index)], accepted[tuple(index)],
+                                 project.labels.values)
             project.add_human_slices(case, reference, SliceSet.of(int(item.get("axis", 0)), item["slices"]),
-                                     source="simulated", produced_by={**produced_by, "slices": list(item["slices"])})
+                                     source="simulated", produced_by={**produced_by, "slices": list(item["slices"])},
+                                     effort=effort)
         else:
-            project.add_human_label(case, reference, source="simulated", produced_by=produced_by)
+            project.add_human_label(case, reference, source="simulated", produced_by=produced_by,
+                                    effort=edit_effort(proposal, accepted, project.labels.values))
         self.revealed.append(case)
+
+
+def proposal_shown(project: Project, case: str, open_with: str | None = None) -> tuple[str | None, np.ndarray | None]:
+    """The label the Slicer panel opens a queued case with (``ALSegSlicer.review``'s order): the latest
+    human version, else ``open_with``, else the pseudo-label, else the prediction; (None, None) if none."""
+    versions = project.human_versions(case)
+    if versions:
+        return f"human v{versions[-1]:04d}", sitk.GetArrayFromImage(project.read_label(case, "human"))
+    for kind in dict.fromkeys(k for k in (open_with, "pseudo", "predicted") if k and k != "human"):
+        if project.label_path(case, kind) is not None:
+            return kind, sitk.GetArrayFromImage(project.read_label(case, kind))
+    return None, None
 
 
 def split_test(project: Project, settings: ExperimentSettings) -> list[str]:

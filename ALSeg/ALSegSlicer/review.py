@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from ALSegLib import rounds
 from ALSegLib.errors import InputError
+from ALSegLib.metrics import edit_effort
 from ALSegLib.project import Project
 from ALSegLib.store.sparse import SliceSet
 
@@ -244,13 +245,14 @@ class ReviewSession:
             proposal = None if proposal is None else proposal[tuple(index)]
         effort = edit_effort(proposal, accepted, self.project.labels.values, time.monotonic() - c.opened_at)
         produced_by = {"tool": "3D Slicer Segment Editor (ALSeg)", "started_from": c.started_from, "round": c.round}
+        pseudo = c.proposal if c.started_from == "pseudo" else None  # read at open: the trust record needs no second read
         if c.slices is not None:
             version = self.project.add_human_slices(c.case, label, SliceSet.of(c.axis, c.slices), author=self.author,
                                                     source="human", produced_by={**produced_by, "slices": c.slices},
-                                                    effort=effort)
+                                                    effort=effort, pseudo=pseudo)
         else:
             version = self.project.add_human_label(c.case, label, author=self.author, source="human",
-                                                   produced_by=produced_by, effort=effort)
+                                                   produced_by=produced_by, effort=effort, pseudo=pseudo)
         if c.case in self.skipped:
             self.skipped.remove(c.case)
         return version
@@ -327,25 +329,3 @@ class ReviewSession:
 
 
 UNCERTAINTY_COLORS = "vtkMRMLColorTableNodeFileInferno.txt"  # one of Slicer's default color tables
-
-
-def edit_effort(proposal: np.ndarray | None, accepted: np.ndarray, values, seconds: float) -> dict:
-    """What the reviewer changed: seconds from open to accept, voxels whose value changed, and
-    the Dice between the proposal and the accepted label (mean over the label values present in
-    either; 1.0 when both are empty, as in :mod:`ALSegLib.metrics`)."""
-    accepted = np.asarray(accepted)
-    before = np.zeros(accepted.shape, accepted.dtype) if proposal is None else np.asarray(proposal)
-    changed = int(np.count_nonzero(before != accepted))
-    n = int(max(values)) + 1
-    # the counts, within the box around every labelled voxel of either (a CT's organs fill a small part of it)
-    foreground = (before != 0) | (accepted != 0)
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) if i.size else slice(0, 0)
-                for i in (np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)))
-    before, accepted = before[box], accepted[box]
-    count_before = np.bincount(before.ravel(), minlength=n)[:n]
-    count_after = np.bincount(accepted.ravel(), minlength=n)[:n]
-    same = np.bincount(accepted[before == accepted].ravel(), minlength=n)[:n]
-    dices = [2.0 * same[v] / (count_before[v] + count_after[v]) for v in values if count_before[v] + count_after[v]]
-    return {"seconds": round(float(seconds), 1), "voxels_changed": changed, "unchanged": changed == 0,
-            "dice_to_proposal": round(float(np.mean(dices)), 4) if dices else 1.0,
-            "started_empty": proposal is None}

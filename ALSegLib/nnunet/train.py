@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from .. import atomic
+from .. import atomic, trust
 from ..errors import InputError
 from ..progress import announce, emit
 from ..project import Project
@@ -30,6 +30,8 @@ from .env import folders, nnunet_environment, resolve_device, scratch_environmen
 from .modes import MODES, TrainingMode, check_budget, check_minutes, default_budget
 from .plan import PLANS, plan, preprocess, project_plans
 from .trainers import ALSegTrainer, load_checkpoint_safely, weights_digest
+
+TRUST_DICE = trust.TRUST_DICE
 
 TRAINER = ALSegTrainer  # the class whose network predict.py builds (all ALSeg trainers share it)
 
@@ -110,6 +112,7 @@ def train(
     minutes: float | None = None,
     sparse_fill: str = "ignore",
     num_gpus: int = 1,
+    trust_dice: float | None = TRUST_DICE,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -131,6 +134,11 @@ def train(
     ``num_gpus``: train one model on this many GPUs of this node with nnU-Net's own data-parallel
     training (one process per GPU, the batch split among them, rank 0 writing the checkpoints);
     ``device`` must be CUDA; not with ``minutes`` (every rank must run the same epochs).
+    ``trust_dice``: the pseudo-labeled cases are trained with a partial-label loss: the classes the
+    project's trust table (:mod:`ALSegLib.trust`, classes trusted at this mean Dice against the human
+    labels) does not teach, and those a case's pseudo-label says nothing about, are merged with
+    background there instead of learned as background; ``None``: every pseudo-label taken whole.
+    The record keeps the table and the cases' unknown classes (a resumed model keeps its own).
     """
     started = time.perf_counter()
     m = training_mode(mode)
@@ -176,6 +184,7 @@ def train(
             _check_gpu_batch(project, configuration, batch_size, num_gpus)
             sample_bytes = _check_memory(project, configuration, batch_size, dev, name, factor)
         dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill)
+        partial = _partial_labels(project, dataset, previous, trust_dice)
         preprocess(project, dataset, configuration, hold_out=hold_out)
         probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
         shape = _job_shape(project, m, dataset, configuration, validate, filtermatch, probe)
@@ -189,6 +198,7 @@ def train(
             "excluded_cases": sorted(dataset.excluded), "plans_digest": plans_record.get("plans_digest"),
             "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed, "sparse_fill": sparse_fill,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
+            "partial_labels": partial,
         }
         if record.get("estimate") and previous is not None:  # a resumed run: each run's estimate and actual time kept
             record["earlier_estimates"] = [*record.get("earlier_estimates", []), record["estimate"]]
@@ -203,7 +213,7 @@ def train(
         start = time.perf_counter()
         with nnunet_environment(project.root, training_on_cpu=dev.type == "cpu", log=folder / "nnunet.log"):
             trainer, output = _make_trainer(project, m, dataset, configuration, batch_size, budget, dev, pseudo_share,
-                                            filtermatch)
+                                            filtermatch, unknown=partial["unknown"])
             trainer.seed = seed
             trainer.final_phase_s = est.final_seconds(probe, shape)
             if previous is None and estimate.get("time_budget", {}).get("fitted"):
@@ -293,7 +303,8 @@ def _train_on_gpus(project: Project, mode: str, dataset: Dataset, configuration:
         port = sock.getsockname()[1]
     job = {"root": str(project.root), "mode": mode, "dataset": dataset, "configuration": configuration,
            "batch_size": batch_size, "budget": budget, "pseudo_share": pseudo_share, "filtermatch": filtermatch,
-           "record": dict(record), "init": init, "name": name, "seed": seed, "log": str(log), "port": port}
+           "record": dict(record), "init": init, "name": name, "seed": seed, "log": str(log), "port": port,
+           "unknown": (record.get("partial_labels") or {}).get("unknown", {})}
     emit("stage", stage="train-gpus", model=name, gpus=num_gpus)
     mp.spawn(_gpu_rank, args=(num_gpus, job), nprocs=num_gpus, join=True)
 
@@ -312,7 +323,7 @@ def _gpu_rank(rank: int, world: int, job: dict) -> None:
         with nnunet_environment(project.root, training_on_cpu=False, log=Path(job["log"])):
             trainer, output = _make_trainer(project, training_mode(job["mode"]), job["dataset"], job["configuration"],
                                             job["batch_size"], job["budget"], torch.device("cuda", rank),
-                                            job["pseudo_share"], job["filtermatch"])
+                                            job["pseudo_share"], job["filtermatch"], unknown=job["unknown"])
             # each rank draws its own batches (the same seed on every rank would draw the same ones)
             trainer.seed = None if job["seed"] is None else job["seed"] + rank
             _resume_or_start(project, trainer, output, dict(job["record"], resumed_at_epochs=[]), job["init"],
@@ -576,11 +587,25 @@ def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: di
     return dataset
 
 
+def _partial_labels(project: Project, dataset: Dataset, previous: dict | None, trust_dice: float | None) -> dict:
+    """What the model learns from each pseudo-label (see ``trust_dice`` in :func:`train`): the trust
+    table it was decided from and, per pseudo-labeled case, the label values merged with background."""
+    if previous is not None:  # a resumed model keeps its own (an older record: every pseudo-label whole)
+        return previous.get("partial_labels") or {"trust": None, "unknown": {}}
+    pseudo = [c for c, source in dataset.sources.items() if source == "pseudo"]
+    if trust_dice is None or not pseudo:
+        return {"trust": None, "unknown": {}, **({"off": True} if trust_dice is None else {})}
+    table = trust.trust_table(project, trust_dice)
+    return {"trust": table, "unknown": {c: [int(v) for v in vs] for c, vs in
+                                        trust.unknown_classes(project, pseudo, table).items()}}
+
+
 def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, batch_size: int | None,
                   budget: dict, dev: torch.device, pseudo_share: float, options,
-                  fresh: bool = False) -> tuple[ALSegTrainer, Path]:
+                  fresh: bool = False, unknown: Mapping[str, Sequence[int]] | None = None) -> tuple[ALSegTrainer, Path]:
     """The mode's nnU-Net trainer on the preprocessed dataset, with its budget and sampling; and its output folder.
-    ``fresh``: never continuing a training (a probe's trainer)."""
+    ``fresh``: never continuing a training (a probe's trainer). ``unknown``: case -> project label values
+    its label says nothing about (merged with background in its loss)."""
     f = folders(project.root)
     pre = f.preprocessed / dataset.name
     cls = mode.trainer_class()
@@ -594,6 +619,8 @@ def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, config
     trainer = cls(plans, configuration, 0, dataset_json, dev)
     trainer.set_budget(budget["epochs"], budget["iterations"], budget["val_iterations"])
     trainer.case_repeats = sample_repeats(dataset.sources, pseudo_share)
+    trainer.unknown_classes = {case: [dataset.values.index(v) + 1 for v in values]
+                               for case, values in (unknown or {}).items()}
     mode.configure(trainer, dataset, options)
     return trainer, output
 

@@ -73,6 +73,53 @@ def weights_digest(state_dict: dict) -> str:
     return h.hexdigest()
 
 
+FOLDED = -1e4  # the logit a class folded into background gets (exp() of it is 0 in float16 and float32 alike)
+
+
+def fold_logits(logits: torch.Tensor, folded: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax is the network's, with the classes ``folded`` (B, C bool; never class 0)
+    of each sample merged into background: background's logit becomes the log-sum-exp over itself
+    and those classes (so its probability is their sum), theirs a constant far below every other."""
+    shape = (*folded.shape, *([1] * (logits.ndim - 2)))
+    into_background = folded.clone()
+    into_background[:, 0] = True
+    background = torch.logsumexp(logits.masked_fill(~into_background.view(shape), float("-inf")), dim=1, keepdim=True)
+    rest = logits[:, 1:].masked_fill(folded[:, 1:].view(shape[0], -1, *shape[2:]), FOLDED)
+    return torch.cat([background.to(logits.dtype), rest], dim=1)
+
+
+def fold_target(target: torch.Tensor, folded: torch.Tensor) -> torch.Tensor:
+    """The target (B, 1, ...) with each sample's ``folded`` classes written as background."""
+    out = target.clone()
+    for b in torch.nonzero(folded.any(dim=1)).flatten().tolist():
+        classes = torch.nonzero(folded[b]).flatten().to(out.device, out.dtype)
+        out[b][torch.isin(out[b], classes)] = 0
+    return out
+
+
+class PartialLabelLoss(torch.nn.Module):
+    """nnU-Net's loss (deep supervision, batch Dice and the ignore label as they are) on partially
+    labeled samples: a sample's unknown classes are merged with background (the marginal loss of
+    Shi et al., MedIA 2021), so its label neither teaches them as background nor as themselves,
+    and moving probability between background and them changes nothing; the other classes and
+    other samples are learned as before. ``folded``: (B, C) bool for the batch about to be scored,
+    set by the trainer from the batch's case keys; None (or all False): the wrapped loss itself."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+        self.folded: torch.Tensor | None = None
+
+    def forward(self, output, target):
+        folded = self.folded
+        if folded is None or not bool(folded.any()):
+            return self.loss(output, target)
+        if isinstance(output, (list, tuple)):  # deep supervision: every scale alike
+            return self.loss([fold_logits(o, folded.to(o.device)) for o in output],
+                             [fold_target(t, folded) for t in target])
+        return self.loss(fold_logits(output, folded.to(output.device)), fold_target(target, folded))
+
+
 class ALSegTrainer(nnUNetTrainer):
     """nnU-Net's default trainer with ALSeg's budget, per-epoch checkpoints and progress events."""
 
@@ -86,6 +133,9 @@ class ALSegTrainer(nnUNetTrainer):
         self.deadline: float | None = None  # --minutes: the wall-clock time (time.time()) the training should end by
         self.max_epochs = 1000  # what a deadline may grow the epochs to
         self.refits: list[dict] = []  # the epochs a deadline chose after each epoch
+        # case -> nnU-Net class indices its label says nothing about (pseudo-labels of untrusted classes):
+        # merged with background in its loss (PartialLabelLoss)
+        self.unknown_classes: dict[str, list[int]] = {}
         for attr, var in (("num_epochs", "ALSEG_EPOCHS"), ("num_iterations_per_epoch", "ALSEG_ITERS"),
                           ("num_val_iterations_per_epoch", "ALSEG_VAL_ITERS")):
             if os.environ.get(var):
@@ -119,6 +169,28 @@ class ALSegTrainer(nnUNetTrainer):
             train = self.dataset_class(self.preprocessed_dataset_folder, listed,
                                        folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
         return train, val
+
+    def _build_loss(self):
+        """nnU-Net's loss inside :class:`PartialLabelLoss` (transparent for a fully labeled batch)."""
+        return PartialLabelLoss(super()._build_loss())
+
+    def folded_classes(self, keys) -> torch.Tensor | None:
+        """(B, C) bool: the classes of each of the batch's cases (``keys``) merged with background; None if none."""
+        if not self.unknown_classes:
+            return None
+        folded = torch.zeros((len(keys), self.label_manager.num_segmentation_heads), dtype=torch.bool)
+        for b, key in enumerate(keys):
+            for c in self.unknown_classes.get(str(key), ()):
+                folded[b, c] = True
+        return folded if bool(folded.any()) else None
+
+    def train_step(self, batch: dict) -> dict:
+        self.loss.folded = self.folded_classes(batch.get("keys", ()))
+        return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        self.loss.folded = self.folded_classes(batch.get("keys", ()))
+        return super().validation_step(batch)
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically: a kill mid-write never leaves a torn file."""
