@@ -28,6 +28,7 @@ from .settings import (
     CONFIGURATIONS,
     DEFAULT_STRATEGY,
     FEATURE_SOURCES,
+    FINETUNE_STARTS,
     PSEUDO_SOURCES,
     ROUND_STRATEGIES,
     SLICE_STRATEGIES,
@@ -591,7 +592,8 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
                          val_iterations=args.val_iters, pseudo=pseudo, filtermatch=fm, pseudo_share=args.pseudo_share,
-                         minutes=args.minutes, trust_dice=args.trust_dice, **own)
+                         minutes=args.minutes, trust_dice=args.trust_dice, finetune_from=args.finetune_from,
+                         learning_rate=args.lr, **own)
 
 
 # `alseg round`'s options and the RoundSettings field each sets (pseudo-label and FilterMatch options: below)
@@ -601,7 +603,7 @@ ROUND_OPTION_FIELDS = {"budget": "budget", "strategy": "strategy", "mode": "mode
                        "batch_size": "batch_size", "pretrain_epochs": "pretrain_epochs",
                        "pretrain_iters": "pretrain_iterations", "epochs": "epochs", "iters": "iterations",
                        "val_iters": "val_iterations", "pseudo_share": "pseudo_share", "minutes": "minutes",
-                       "trust_dice": "trust_dice"}
+                       "trust_dice": "trust_dice", "finetune_from": "finetune_from", "lr": "learning_rate"}
 PSEUDO_OPTIONS = ("pseudo_source", "checkpoint", "model_type", "prompts", "from_labels", "prompts_from_reference", "axis",
                   "from_dir", "map", "target_dice")
 
@@ -995,6 +997,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finetune: share of training draws from cases that have only a pseudo-label (default "
                        f"{RoundSettings.pseudo_share:g}; 0: fine-tune on the human labels alone)")
         trust_option(p)
+        p.add_argument("--finetune-from", choices=FINETUNE_STARTS, default=RoundSettings.finetune_from,
+                       help="each round's fine-tuning starts from the pretrained weights, or from the previous round's "
+                       f"model (default {RoundSettings.finetune_from})")
+        p.add_argument("--lr", type=float, help="initial learning rate of each round's training (default: nnU-Net's "
+                       "1e-2 with its poly decay)")
 
     def pseudo_source(p):
         g = p.add_argument_group("pseudo-labels for cases that have none")

@@ -340,15 +340,16 @@ class Round:
         s = self.settings
         name = model_name(self.number, s.mode)
         config = s.filtermatch if s.mode == "filtermatch" else None
-        rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations,
-                    val_iterations=s.val_iterations, device=s.device, init_from=PRETRAIN, validate=False,
+        start = PRETRAIN if s.finetune_from == "pretrain" else _previous_model(self.project, self.number)
+        rec = train(self.project, s.mode, name=name, epochs=s.epochs, iterations=s.iterations, learning_rate=s.learning_rate,
+                    val_iterations=s.val_iterations, device=s.device, init_from=start, validate=False,
                     filtermatch=config, exclude_cases=s.exclude, seed=s.seed + self.number,
                     pseudo_share=s.pseudo_share if TRAINING_MODES[s.mode].mixes_pseudo else 0.0, minutes=s.minutes,
                     sparse_fill=s.sparse_fill, num_gpus=self.num_gpus, trust_dice=s.trust_dice)
         self.record["model"] = name
         human = rec.get("human_cases", rec["labeled_cases"])
         partial = rec.get("partial_labels") or {}
-        return {"model": name, "mode": s.mode, "labeled_cases": human, "training_cases": rec["labeled_cases"],
+        return {"model": name, "mode": s.mode, "init_from": start, "labeled_cases": human, "training_cases": rec["labeled_cases"],
                 "pseudo_share": rec.get("pseudo_share", 0.0), "seconds_training": rec["seconds"],
                 **({"trust": partial["trust"], "partial_cases": len(partial.get("unknown", {}))}
                    if partial.get("trust") else {})}

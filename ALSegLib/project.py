@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import atomic, metrics, volumes
+from . import agreement, atomic, volumes
 from ._version import __version__
 from .errors import InputError
 from .progress import track
@@ -562,7 +562,7 @@ class Project:
         prov = read_json_object(sidecar) if sidecar.is_file() else {}
         if pseudo is None or np.shape(pseudo) != np.shape(human):
             pseudo = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        dice = metrics.class_dice(pseudo, human, self.labels.values, mask)
+        dice = agreement.class_dice(pseudo, human, self.labels.values, mask)
         return {"pseudo_sha256": prov.get("file_sha256"), "pseudo_source": prov.get("source"),
                 "dice": {str(v): None if d is None else round(d, 4) for v, d in dice.items()}}
 

@@ -31,6 +31,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # what the Slicer panel offers; the CL
 TRUST_DICE = 0.5  # trust.TRUST_DICE (checked by a test): kept here so that the settings stay light
 
 
+FINETUNE_STARTS = ("pretrain", "previous")
+
+
+def check_learning_rate(value) -> None:
+    """``--lr``: a positive number below 1, or None (nnU-Net's)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise InputError("--lr", f"must be a learning rate in (0, 1), not {value!r}")
+
+
 def check_trust_dice(value) -> None:
     """``--trust-dice``: a Dice in [0, 1], or None (off)."""
     if value is None:
@@ -152,6 +163,9 @@ class RoundSettings:
     # pseudo-labels are learned only for the classes the human labels show them trustworthy (mean Dice at least
     # this: ALSegLib.trust; the others merged with background on pseudo-labeled cases); None: every pseudo-label whole
     trust_dice: float | None = TRUST_DICE
+    # each round's fine-tuning starts from the pretrained weights, or ("previous") from the last round's model
+    finetune_from: str = "pretrain"
+    learning_rate: float | None = None  # each round's training: None: nnU-Net's (1e-2, poly decay)
     # what is queried: whole cases, or (``slice``) slabs of ``slab`` slices, the budget then counted in slices;
     # a sparse case's unannotated voxels train as nnU-Net's ignore label, or (sparse_fill "pseudo") as its pseudo-label
     unit: str = "case"
@@ -175,6 +189,9 @@ class RoundSettings:
                      batch_size=self.batch_size)
         check_minutes(self.minutes)
         check_trust_dice(self.trust_dice)
+        if self.finetune_from not in FINETUNE_STARTS:
+            raise InputError("--finetune-from", f"one of {', '.join(FINETUNE_STARTS)}, not {self.finetune_from!r}")
+        check_learning_rate(self.learning_rate)
         if not isinstance(self.pseudo_share, (int, float)) or not 0.0 <= self.pseudo_share < 1.0:
             raise InputError("--pseudo-share", f"must be a number in [0, 1), not {self.pseudo_share!r}")
         self.exclude = sorted(set(self.exclude))

@@ -41,9 +41,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import rounds
+from .agreement import edit_effort
 from .errors import InputError
 from .loop import prepare, run_round, score_held_out
-from .metrics import edit_effort
 from .nnunet.modes import MODES as TRAINING_MODES
 from .progress import emit
 from .project import Project

@@ -21,8 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ALSegLib import rounds
+from ALSegLib.agreement import edit_effort
 from ALSegLib.errors import InputError
-from ALSegLib.metrics import edit_effort
 from ALSegLib.project import Project
 from ALSegLib.store.sparse import SliceSet
 

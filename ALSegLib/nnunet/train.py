@@ -113,6 +113,7 @@ def train(
     sparse_fill: str = "ignore",
     num_gpus: int = 1,
     trust_dice: float | None = TRUST_DICE,
+    learning_rate: float | None = None,
 ) -> dict:
     """Train (or resume, or return the finished) model ``name``; returns its record.
 
@@ -139,6 +140,7 @@ def train(
     labels) does not teach, and those a case's pseudo-label says nothing about, are merged with
     background there instead of learned as background; ``None``: every pseudo-label taken whole.
     The record keeps the table and the cases' unknown classes (a resumed model keeps its own).
+    ``learning_rate``: the initial rate of nnU-Net's poly schedule (None: nnU-Net's 1e-2; a resumed model keeps its own).
     """
     started = time.perf_counter()
     m = training_mode(mode)
@@ -159,6 +161,7 @@ def train(
     if previous is not None:
         pseudo_share = previous.get("pseudo_share", 0.0)  # a resumed model keeps its own
         seed = previous.get("seed")
+        learning_rate = previous.get("learning_rate")
     if not 0.0 <= pseudo_share < 1.0:
         raise InputError("--pseudo-share", f"must be in [0, 1), not {pseudo_share}")
     if pseudo_share and not m.mixes_pseudo:
@@ -198,7 +201,7 @@ def train(
             "excluded_cases": sorted(dataset.excluded), "plans_digest": plans_record.get("plans_digest"),
             "validation_split": hold_out, "pseudo_share": pseudo_share, "seed": seed, "sparse_fill": sparse_fill,
             "human_cases": sum(1 for v in dataset.sources.values() if v.startswith("human")),
-            "partial_labels": partial,
+            "partial_labels": partial, "learning_rate": learning_rate,
         }
         if record.get("estimate") and previous is not None:  # a resumed run: each run's estimate and actual time kept
             record["earlier_estimates"] = [*record.get("earlier_estimates", []), record["estimate"]]
@@ -213,7 +216,7 @@ def train(
         start = time.perf_counter()
         with nnunet_environment(project.root, training_on_cpu=dev.type == "cpu", log=folder / "nnunet.log"):
             trainer, output = _make_trainer(project, m, dataset, configuration, batch_size, budget, dev, pseudo_share,
-                                            filtermatch, unknown=partial["unknown"])
+                                            filtermatch, unknown=partial["unknown"], learning_rate=learning_rate)
             trainer.seed = seed
             trainer.final_phase_s = est.final_seconds(probe, shape)
             if previous is None and estimate.get("time_budget", {}).get("fitted"):
@@ -304,7 +307,7 @@ def _train_on_gpus(project: Project, mode: str, dataset: Dataset, configuration:
     job = {"root": str(project.root), "mode": mode, "dataset": dataset, "configuration": configuration,
            "batch_size": batch_size, "budget": budget, "pseudo_share": pseudo_share, "filtermatch": filtermatch,
            "record": dict(record), "init": init, "name": name, "seed": seed, "log": str(log), "port": port,
-           "unknown": (record.get("partial_labels") or {}).get("unknown", {})}
+           "unknown": (record.get("partial_labels") or {}).get("unknown", {}), "learning_rate": record.get("learning_rate")}
     emit("stage", stage="train-gpus", model=name, gpus=num_gpus)
     mp.spawn(_gpu_rank, args=(num_gpus, job), nprocs=num_gpus, join=True)
 
@@ -323,7 +326,8 @@ def _gpu_rank(rank: int, world: int, job: dict) -> None:
         with nnunet_environment(project.root, training_on_cpu=False, log=Path(job["log"])):
             trainer, output = _make_trainer(project, training_mode(job["mode"]), job["dataset"], job["configuration"],
                                             job["batch_size"], job["budget"], torch.device("cuda", rank),
-                                            job["pseudo_share"], job["filtermatch"], unknown=job["unknown"])
+                                            job["pseudo_share"], job["filtermatch"], unknown=job["unknown"],
+                                            learning_rate=job["learning_rate"])
             # each rank draws its own batches (the same seed on every rank would draw the same ones)
             trainer.seed = None if job["seed"] is None else job["seed"] + rank
             _resume_or_start(project, trainer, output, dict(job["record"], resumed_at_epochs=[]), job["init"],
@@ -602,7 +606,8 @@ def _partial_labels(project: Project, dataset: Dataset, previous: dict | None, t
 
 def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, batch_size: int | None,
                   budget: dict, dev: torch.device, pseudo_share: float, options,
-                  fresh: bool = False, unknown: Mapping[str, Sequence[int]] | None = None) -> tuple[ALSegTrainer, Path]:
+                  fresh: bool = False, unknown: Mapping[str, Sequence[int]] | None = None,
+                  learning_rate: float | None = None) -> tuple[ALSegTrainer, Path]:
     """The mode's nnU-Net trainer on the preprocessed dataset, with its budget and sampling; and its output folder.
     ``fresh``: never continuing a training (a probe's trainer). ``unknown``: case -> project label values
     its label says nothing about (merged with background in its loss)."""
@@ -618,6 +623,8 @@ def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, config
     dataset_json = json.loads((pre / "dataset.json").read_text())
     trainer = cls(plans, configuration, 0, dataset_json, dev)
     trainer.set_budget(budget["epochs"], budget["iterations"], budget["val_iterations"])
+    if learning_rate is not None:  # read by configure_optimizers when the trainer initialises
+        trainer.initial_lr = float(learning_rate)
     trainer.case_repeats = sample_repeats(dataset.sources, pseudo_share)
     trainer.unknown_classes = {case: [dataset.values.index(v) + 1 for v in values]
                                for case, values in (unknown or {}).items()}

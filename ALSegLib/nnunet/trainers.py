@@ -170,9 +170,16 @@ class ALSegTrainer(nnUNetTrainer):
                                        folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
         return train, val
 
-    def _build_loss(self):
-        """nnU-Net's loss inside :class:`PartialLabelLoss` (transparent for a fully labeled batch)."""
-        return PartialLabelLoss(super()._build_loss())
+    def initialize(self) -> None:
+        """nnU-Net's set-up, its loss then wrapped in :class:`PartialLabelLoss` (transparent for a fully
+        labeled batch)."""
+        super().initialize()
+        if self.loss is not None and not isinstance(self.loss, PartialLabelLoss):
+            self.loss = PartialLabelLoss(self.loss)
+
+    def _set_folded(self, batch: dict) -> None:
+        if isinstance(self.loss, PartialLabelLoss):
+            self.loss.folded = self.folded_classes(batch.get("keys", ()))
 
     def folded_classes(self, keys) -> torch.Tensor | None:
         """(B, C) bool: the classes of each of the batch's cases (``keys``) merged with background; None if none."""
@@ -185,11 +192,11 @@ class ALSegTrainer(nnUNetTrainer):
         return folded if bool(folded.any()) else None
 
     def train_step(self, batch: dict) -> dict:
-        self.loss.folded = self.folded_classes(batch.get("keys", ()))
+        self._set_folded(batch)
         return super().train_step(batch)
 
     def validation_step(self, batch: dict) -> dict:
-        self.loss.folded = self.folded_classes(batch.get("keys", ()))
+        self._set_folded(batch)
         return super().validation_step(batch)
 
     def save_checkpoint(self, filename: str) -> None:

@@ -227,6 +227,40 @@ def test_finetune_with_pseudo_share_mixes_labels_and_weights_the_human_ones(tiny
         train(project, "finetune", name="bad-share", pseudo_share=1.0, **BUDGET)
 
 
+def test_an_untrusted_class_is_merged_with_background_on_pseudo_labeled_cases_never_taught_as_background(tiny):
+    """With the organ's pseudo-labels below the trust threshold (degraded organ; vessel and lesion
+    exact), fine-tuning with pseudo-labels records the trust table it used and merges the organ with
+    background on every pseudo-labeled case (and only there); the real nnU-Net training runs through
+    the partial-label loss, whose folded classes follow the batch's cases."""
+    from ALSegLib.nnunet.train import _make_trainer, training_mode
+    from ALSegLib.nnunet.trainers import PartialLabelLoss
+
+    project = tiny["project"]
+    ensure_human_labels(project)
+    human = set(project.labeled_cases("human"))
+    rec = train(project, "finetune", name="partial", validate=False, pseudo_share=0.5, trust_dice=1.0, **BUDGET)
+    rows = {r["name"]: r for r in rec["partial_labels"]["trust"]["classes"]}
+    assert rows["organ"]["state"] == "untrusted" and rows["organ"]["mean"] < 1.0
+    assert rows["vessel"]["state"] == rows["lesion"]["state"] == "trusted"
+    pseudo = sorted(set(project.cases()) - human)
+    assert rec["partial_labels"]["unknown"] == {c: [1] for c in pseudo}
+    assert rec["status"] == "done" and np.isfinite(rec["final_train_loss"])
+
+    meta = ds.Dataset.load(folders(project.root).raw / rec["dataset"])
+    with nnunet_environment(project.root, training_on_cpu=True):
+        trainer, _ = _make_trainer(project, training_mode("finetune"), meta, "3d_fullres", None,
+                                   {"epochs": 1, "iterations": 1, "val_iterations": 1}, torch.device("cpu"), 0.5, None,
+                                   fresh=True, unknown=rec["partial_labels"]["unknown"])
+        trainer.initialize()
+    assert isinstance(trainer.loss, PartialLabelLoss)
+    folded = trainer.folded_classes([pseudo[0], sorted(human)[0]])
+    assert folded.tolist() == [[False, True, False, False], [False, False, False, False]]
+    assert trainer.folded_classes(sorted(human)) is None
+
+    off = train(project, "finetune", name="whole", validate=False, pseudo_share=0.5, trust_dice=None, **BUDGET)
+    assert off["partial_labels"] == {"trust": None, "unknown": {}, "off": True}
+
+
 def test_training_resumes_after_sigkill(tiny):
     project = tiny["project"]
     ensure_human_labels(project)

@@ -12,7 +12,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from scipy import ndimage
 
 from ALSegLib import rounds, trust
-from ALSegLib.metrics import class_dice, edit_effort
+from ALSegLib.agreement import class_dice, edit_effort
 from ALSegLib.nnunet.trainers import PartialLabelLoss, fold_logits, fold_target
 from ALSegLib.simulate import SimulatedAnnotator
 
