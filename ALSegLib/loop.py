@@ -266,6 +266,9 @@ class Round:
                     val_iterations=s.val_iterations, device=s.device, validate=False, exclude_cases=s.exclude, seed=s.seed,
                     minutes=s.minutes, num_gpus=self.num_gpus, trust_dice=s.trust_dice)
         out = {"model": PRETRAIN, "seconds_training": rec["seconds"], "epochs": rec["epochs_done"]}
+        partial = rec.get("partial_labels") or {}
+        if partial.get("trust"):  # what pretraining took from the pseudo-labels (before any human label: the priors)
+            out.update(trust=partial["trust"], partial_cases=len(partial.get("unknown", {})))
         metrics = self._score(PRETRAIN)  # the pseudo-only model: the curve's starting point
         if metrics:
             out["metrics"] = metrics

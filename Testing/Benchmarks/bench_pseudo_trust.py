@@ -1,0 +1,205 @@
+"""Pseudo-labels that never hurt (issue 35): the demo on the built-in LiteMedSAM's pseudo-labels, and
+an ablation of the round's recipe on the same pseudo-labels, each change alone and together.
+
+Parts (``--parts``; each writes its own section of ``results/pseudo_trust.json``, merged with what
+the file already holds, so parts run in separate sessions add up):
+
+- ``ablation``: per seed, one phantom project as ``alseg demo`` makes it (24 phantoms of 48³, 6
+  held out) with LiteMedSAM pseudo-labels from one box per structure per case (made once, then
+  copied: every arm sees the very same pseudo-labels); the demo's two rounds of 2 hybrid-selected
+  cases under each arm's recipe, each arm's pretraining shared with the arms of the same trust
+  setting (the pretraining is where the prior decides); per arm pseudo-only, round 1, round 2 and
+  a from-scratch model on round 2's human labels (``supervised-only``, 40 x 25 steps, what the
+  demo gives it), per class, and the effort (voxels corrected / drawn from scratch).
+- ``demo``: ``alseg demo --pseudo-source sam --seed S --json`` end to end per seed, wall seconds.
+
+Run alone on the machine (sharing the 2 cores doubles the times); the budget of one ablation
+seed is about 50 min here (pretraining 2 x 750 steps, up to 2 x 1000 fine-tuning steps per arm,
+one supervised-only model per distinct set of human labels), plus 15 min of LiteMedSAM:
+  .venv/bin/python Testing/Benchmarks/bench_pseudo_trust.py --parts ablation --seeds 0
+  .venv/bin/python Testing/Benchmarks/bench_pseudo_trust.py --parts demo --seeds 0 1 2
+The same at nnU-Net's budget on a GPU (the arms' steps scale with --scale):
+  python Testing/Benchmarks/bench_pseudo_trust.py --parts ablation --seeds 0 1 2 --device cuda --scale 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import REPO, write_results  # noqa: E402
+
+RESULTS = HERE / "results" / "pseudo_trust.json"
+
+# arm -> the round settings it changes from the demo's (trust_dice None: every pseudo-label taken whole)
+ARMS = {
+    "trust + steps": {"trust_dice": 0.5, "epochs": 40},
+    "before (trust off, 10x25)": {"trust_dice": None, "epochs": 10},
+    "steps (40x25)": {"trust_dice": None, "epochs": 40},
+    "trust": {"trust_dice": 0.5, "epochs": 10},
+    "trust + steps + from previous round": {"trust_dice": 0.5, "epochs": 40, "finetune_from": "previous"},
+    "trust + steps, human labels only": {"trust_dice": 0.5, "epochs": 40, "pseudo_share": 0.0},
+    "trust + steps + lr 1e-3": {"trust_dice": 0.5, "epochs": 40, "learning_rate": 1e-3},
+}
+SUPERVISED_STEPS = 1000  # 40 x 25: what the demo's supervised-only row trains
+
+
+def source_project(folder: Path, seed: int):
+    """The demo's phantom project for ``seed`` with LiteMedSAM pseudo-labels on its training cases (made once)."""
+    from ALSegLib.demo import DemoSettings, demo_pseudo_source, phantom_project
+    from ALSegLib.loop import make_pseudolabels
+    from ALSegLib.project import Project
+
+    done = folder / "source.done"
+    if done.is_file():
+        return Project.open(folder / "project"), json.loads(done.read_text())
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    project = phantom_project(folder, 24, "CT", seed)
+    cases = project.cases()
+    test = sorted(random.Random(seed).sample(cases, max(1, round(0.25 * len(cases)))))
+    t = time.perf_counter()
+    spec = demo_pseudo_source(DemoSettings(pseudo_source="sam"))
+    make_pseudolabels(project, [c for c in cases if c not in test], {**spec, "exclude": test})
+    info = {"test": test, "litemedsam_s": round(time.perf_counter() - t, 1)}
+    done.write_text(json.dumps(info))
+    return project, info
+
+
+def metrics_row(metrics: dict) -> dict:
+    from ALSegLib.report import curve_point
+
+    point = curve_point(metrics, 0)
+    return {"mean_dice": round(point["mean_dice"], 4), "dice": {k: round(v, 4) for k, v in point["per_class"].items()},
+            "hd95": metrics["summary"]["mean"]["hd95"]["mean"]}
+
+
+def ablation(seed: int, work: Path, arms: list[str], scale: int, device: str) -> dict:
+    from ALSegLib.demo import demo_round
+    from ALSegLib.evaluation import evaluate
+    from ALSegLib.loop import prepare, run_round, score_held_out
+    from ALSegLib.nnunet.train import train
+    from ALSegLib.rounds import RoundRecord, review_effort
+    from ALSegLib.simulate import SimulatedAnnotator
+
+    source, info = source_project(work / "source", seed)
+    test = info["test"]
+    train_cases = [c for c in source.cases() if c not in test]
+    pseudo_dice = evaluate(source, "pseudo", train_cases)["summary"]
+    out = {"seed": seed, "litemedsam_s": info["litemedsam_s"], "test_cases": test,
+           "pseudo_label_dice": {k: round(v["dice"]["mean"], 4) for k, v in pseudo_dice.items()}, "arms": {}}
+    base_round = demo_round().with_changes(exclude=test, seed=seed, device=device,
+                                           pretrain_epochs=demo_round().pretrain_epochs * scale)
+    bases, supervised = {}, {}
+    for arm in arms:
+        changes = dict(ARMS[arm])
+        changes["epochs"] = changes["epochs"] * scale
+        settings = base_round.with_changes(**changes)
+        key = settings.trust_dice
+        if key not in bases:
+            t = time.perf_counter()
+            base = source.copy_to(work / f"base-trust-{key}")
+            details = prepare(base, settings)
+            bases[key] = (base, details["pretrain"]["metrics"], round(time.perf_counter() - t, 1),
+                          details["pretrain"].get("trust"))
+        base, pretrained, base_s, _ = bases[key]
+        t = time.perf_counter()
+        project = base.copy_to(work / f"arm-{len(out['arms'])}")
+        annotator = SimulatedAnnotator(test)
+        records = [RoundRecord(run_round(project, settings, annotator=annotator)) for _ in range(2)]
+        arm_s = round(time.perf_counter() - t, 1)
+        human = tuple(sorted(project.labeled_cases("human")))
+        if human not in supervised:
+            copy = project.copy_to(work / f"supervised-{len(supervised)}")
+            iterations = settings.iterations
+            train(copy, "supervised", name="supervised-only", epochs=SUPERVISED_STEPS * scale // iterations,
+                  iterations=iterations, val_iterations=settings.val_iterations, device=device, validate=False,
+                  exclude_cases=test, seed=seed)
+            supervised[human] = metrics_row(score_held_out(copy, "supervised-only", test, test, device))
+        effort = review_effort(project)
+        trust = records[-1].data["stages"]["train"].get("trust")
+        out["arms"][arm] = {
+            "settings": changes, "pretrain_shared_s": base_s, "rounds_s": arm_s,
+            "pseudo_only": metrics_row(pretrained), "round1": metrics_row(records[0].metrics),
+            "round2": metrics_row(records[1].metrics), "supervised_only": supervised[human],
+            "human_cases": list(human),
+            "effort": {k: effort[k] for k in ("accepted", "voxels_changed", "voxels_from_scratch", "corrected_fraction")},
+            "trust_at_round2": None if trust is None else {r["name"]: {k: r[k] for k in ("state", "mean", "cases")}
+                                                           for r in trust["classes"]},
+        }
+        a = out["arms"][arm]
+        print(f"[seed {seed}] {arm}: pseudo-only {a['pseudo_only']['mean_dice']:.3f} -> r1 {a['round1']['mean_dice']:.3f}"
+              f" -> r2 {a['round2']['mean_dice']:.3f} {a['round2']['dice']}; supervised-only "
+              f"{a['supervised_only']['mean_dice']:.3f}; {arm_s:.0f} s", flush=True)
+        merge({"ablation": {str(seed): out}})
+    return out
+
+
+def run_demo(seed: int, folder: Path, device: str) -> dict:
+    env = dict(os.environ, nnUNet_def_n_proc=os.environ.get("nnUNet_def_n_proc", "1"),
+               nnUNet_compile=os.environ.get("nnUNet_compile", "f"))
+    cmd = [str(REPO / ".venv" / "bin" / "alseg"), "--progress", "off", "demo", "--dir", str(folder), "--seed", str(seed),
+           "--pseudo-source", "sam", "--device", device, "--json"]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = round(time.perf_counter() - t, 1)
+    if done.returncode != 0:
+        raise SystemExit(f"seed {seed}: alseg demo exited {done.returncode}\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    rows = {("supervised_only" if r["model"].startswith("supervised") else
+             ("pseudo_only" if r["round"] == 0 else f"round{r['round']}")): r for r in result["rows"]}
+    return {"seed": seed, "pseudo_only": rows["pseudo_only"]["mean_dice"], "round1": rows["round1"]["mean_dice"],
+            "round2": rows["round2"]["mean_dice"], "supervised_only": rows["supervised_only"]["mean_dice"],
+            "round2_per_class": rows["round2"]["dice"], "supervised_only_per_class": rows["supervised_only"]["dice"],
+            "pseudo_label_dice": result["pseudo_label_dice"], "wall_s": wall}
+
+
+def merge(section: dict) -> None:
+    """Add ``section`` to the results file (other parts' sections kept)."""
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    figures = {k: v for k, v in old.items() if k not in ("benchmark", "commit", "machine", "time")}
+    for key, value in section.items():
+        if isinstance(value, dict) and isinstance(figures.get(key), dict):
+            figures[key] = {**figures[key], **value}
+        else:
+            figures[key] = value
+    write_results("pseudo_trust", figures)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["ablation"], choices=("ablation", "demo"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--scale", type=int, default=1, help="multiply every training's steps (GPU: 10)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dir", default="/tmp/alseg-bench-trust")
+    args = ap.parse_args()
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+    os.environ.setdefault("nnUNet_compile", "f")
+    os.environ.setdefault("ALSEG_PROGRESS", "off")
+    for seed in args.seeds:
+        if "ablation" in args.parts:
+            ablation(seed, Path(args.dir) / f"ablation-seed{seed}", args.arms, args.scale, args.device)
+        if "demo" in args.parts:
+            row = run_demo(seed, Path(args.dir) / f"demo-seed{seed}", args.device)
+            print(json.dumps(row), flush=True)
+            old = json.loads(RESULTS.read_text()).get("demo", {}) if RESULTS.is_file() else {}
+            per_seed = [r for r in old.get("per_seed", []) if r["seed"] != seed] + [row]
+            merge({"demo": {"pseudo_source": "sam (built-in LiteMedSAM, 1 box per structure per case from the references)",
+                            "per_seed": sorted(per_seed, key=lambda r: r["seed"])}})
+
+
+if __name__ == "__main__":
+    main()
