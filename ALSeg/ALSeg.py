@@ -591,6 +591,8 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.effortLabel.text = self.logic.effort_text()
         header, rows = self.logic.result_rows()
         fillTable(self.ui.resultsTable, header, rows)
+        header, rows = self.logic.trust_rows()
+        fillTable(self.ui.trustTable, header, rows)
         png = self.logic.learning_curve_png()
         pixmap = qt.QPixmap(str(png)) if png else qt.QPixmap()
         width = max(200, self.ui.resultsCollapsibleButton.width - 30)
@@ -733,6 +735,9 @@ class ALSegTest(ScriptedLoadableModuleTest):
         self.assertGreater(effort["voxels_changed"], 0)
         self.assertLess(effort["dice_to_proposal"], 1.0)
         self.assertIn("0/1 accepted unchanged", logic.effort_text())
+        # the accept measured the case's pseudo-label against it: the panel's trust table has a row per class
+        self.assertIn("pseudo_agreement", project.provenance(opened.case, "human", 1))
+        self.assertEqual([r[0] for r in logic.trust_rows()[1]], logic.label_names())
 
         self.delayDisplay("Finishing the round")
         self.runJob(logic, parameters, [])

