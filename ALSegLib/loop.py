@@ -96,15 +96,19 @@ def annotated_slices(project: Project, exclude: Sequence[str]) -> dict:
 
 def held_out_metrics(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str]) -> dict:
     """Metrics of the stored ``predicted`` labels of ``cases`` (made by ``model``) and how much was
-    annotated then (cases, and slices and voxels: :func:`annotated_slices`): what a round, the
-    experiment and the reports record."""
+    annotated then (cases, and slices and voxels: :func:`annotated_slices`; the voxels the annotators
+    corrected, against drawing those labels from scratch: :func:`.rounds.review_effort`): what a
+    round, the experiment and the reports record."""
     from .evaluation import evaluate
 
     result = evaluate(project, "predicted", cases)
     done, total = annotated_fraction(project, exclude)
+    effort = rounds.review_effort(project)  # every label so far: the curve's x as voxels corrected, too
     return {"model": model, "cases": list(cases), "summary": result["summary"],
             "foreground_dice": result["foreground_dice"], "annotated": done, "of": total,
-            "fraction": round(done / total, 4) if total else 0.0, **annotated_slices(project, exclude)}
+            "fraction": round(done / total, 4) if total else 0.0, **annotated_slices(project, exclude),
+            "voxels_corrected": effort["voxels_changed"], "voxels_from_scratch": effort["voxels_from_scratch"],
+            "corrected_fraction": effort["corrected_fraction"]}
 
 
 def score_held_out(project: Project, model: str, cases: Sequence[str], exclude: Sequence[str], device: str,

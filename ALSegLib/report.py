@@ -119,7 +119,9 @@ def curve_point(metrics: Mapping, round_number: int | None) -> dict:
             # records from before slices were counted have none of these
             "foreground_dice": metrics.get("foreground_dice"), "slices": metrics.get("slices"),
             "slices_of": metrics.get("slices_of"), "voxels": metrics.get("voxels"),
-            "slice_fraction": metrics.get("slice_fraction")}
+            "slice_fraction": metrics.get("slice_fraction"), "voxels_corrected": metrics.get("voxels_corrected"),
+            "voxels_from_scratch": metrics.get("voxels_from_scratch"),
+            "corrected_fraction": metrics.get("corrected_fraction")}
 
 
 def _finite(value) -> bool:
@@ -238,9 +240,11 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
         text = (f"area under the budget curve (mean Dice against {xlabel}): {format_number(area)}"
                 if area is not None else "")
         sections.append(("Learning curve", text, ["round", "cases annotated", "% cases", "slices annotated", "% slices",
-                                                  "mean Dice", "foreground Dice"] + classes,
+                                                  "voxels corrected", "corrected / from scratch", "mean Dice",
+                                                  "foreground Dice"] + classes,
                          [[p["round"], p["annotated"], 100 * p["fraction"], p.get("slices"),
-                           None if p.get("slice_fraction") is None else 100 * p["slice_fraction"], p["mean_dice"],
+                           None if p.get("slice_fraction") is None else 100 * p["slice_fraction"],
+                           p.get("voxels_corrected"), p.get("corrected_fraction"), p["mean_dice"],
                            p.get("foreground_dice")] + [p["per_class"].get(c) for c in classes] for p in curve]))
     md, page = _page(f"{project.name} — round {record['round']}", sections, "../../reports/learning_curve.png")
     atomic.write_bytes(folder / "report.md", md.encode())
@@ -268,7 +272,8 @@ def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
     for arm, data in arms.items():
         for p in data["points"]:
             rows.append([arm, p.get("round"), 100 * p["fraction"], p.get("slices"),
-                         None if p.get("slice_fraction") is None else 100 * p["slice_fraction"], p["mean_dice"],
+                         None if p.get("slice_fraction") is None else 100 * p["slice_fraction"],
+                         p.get("voxels_corrected"), p.get("corrected_fraction"), p["mean_dice"],
                          p.get("foreground_dice"), *(p["per_class"].get(c) for c in results["classes"]),
                          p.get("ratio_to_full")])
     setup = results["setup"]
@@ -278,8 +283,10 @@ def write_experiment_report(results: Mapping, folder: Path) -> dict[str, str]:
             f"pseudo-labels: {setup['pseudo_source']} (mean Dice {format_number(results.get('pseudo_label_dice'))}); "
             f"compute: {setup['compute']}. Values are means over seeds.")
     sections = [("Setup", text, [], []),
-                ("Mean Dice vs annotation", "", ["arm", "round", "% cases", "slices", "% slices", "mean Dice",
-                                                 "foreground Dice", *results["classes"], "ratio to full"], rows)]
+                ("Mean Dice vs annotation", "voxels corrected: what the simulated annotator changed in the proposals "
+                 "it was shown; corrected / from scratch: that against drawing the same labels from scratch",
+                 ["arm", "round", "% cases", "slices", "% slices", "voxels corrected", "corrected / from scratch",
+                  "mean Dice", "foreground Dice", *results["classes"], "ratio to full"], rows)]
     areas = [[arm, data["aubc"], *data["aubc_per_seed"]] for arm, data in arms.items() if data.get("aubc") is not None]
     if areas:
         spans = ", ".join(format_number(100 * v if v is not None else None, 2) for v in setup.get("aubc_span", []))

@@ -505,7 +505,8 @@ def _mean_over_seeds(runs: list[list[dict]], classes: Sequence[str]) -> dict:
             "per_class": {c: _nanmean([p["per_class"].get(c, math.nan) for p in group]) for c in classes},
             "per_seed": [p["mean_dice"] for p in group],
             **{k: _finite_mean([p.get(k) for p in group])
-               for k in ("foreground_dice", "slices", "slices_of", "slice_fraction", "voxels")},
+               for k in ("foreground_dice", "slices", "slices_of", "slice_fraction", "voxels", "voxels_corrected",
+                         "voxels_from_scratch", "corrected_fraction")},
         })
     return {"points": points, "final": dict(points[-1])}
 
