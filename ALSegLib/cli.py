@@ -1088,9 +1088,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=DEMO_ROUND.mode, choices=ROUND_MODES)
     p.add_argument("--target-dice", type=float, default=DemoSettings.target_dice,
                    help=f"simulated pseudo-label quality (default {DemoSettings.target_dice})")
-    p.add_argument("--pseudo-source", default=DemoSettings.pseudo_source, choices=("degraded-reference", "sam"),
-                   help="degraded-reference (default: references corrupted to --target-dice) or sam (the built-in "
-                   "LiteMedSAM, one box per structure per case from the references)")
+    p.add_argument("--pseudo-source", default=DemoSettings.pseudo_source, choices=("sam", "degraded-reference"),
+                   help="sam (default: the built-in LiteMedSAM, one box per structure per case from the references) or "
+                   "degraded-reference (references corrupted to --target-dice: simulated, no model runs; for experiments)")
     p.add_argument("--configuration", default=DEMO_ROUND.configuration, choices=("2d", "3d_fullres"))
     p.add_argument("--pseudo-share", type=float, default=DEMO_ROUND.pseudo_share,
                    help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DEMO_ROUND.pseudo_share}; "

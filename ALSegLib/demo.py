@@ -1,20 +1,20 @@
 """``alseg demo``: the whole loop on built-in data, two simulated rounds on a CPU budget.
 
-A project of synthetic phantoms (or an ``imagesTr``/``labelsTr`` folder given
-with ``--data``) with reference labels; a quarter of the cases are held out as
-the test set. Pseudo-labels are ``degraded-reference`` (references corrupted to
-a target Dice: simulated, and named so), so no model weights are needed; or,
-with ``pseudo_source="sam"``, the built-in LiteMedSAM's from one box per
-structure per case drawn from the references (simulated prompts, real model). Then
-:func:`..loop.run_round` twice with the simulated annotator revealing the
-selected cases' references; the table shows Dice on the held-out cases for the
-pseudo-label-only model, after each round, and for a model trained from scratch
-on the last round's human labels alone (what the pseudo-labels buy).
+A project of synthetic phantoms (or an ``imagesTr``/``labelsTr`` folder given with ``--data``)
+with reference labels; a quarter of the cases are held out as the test set. Pseudo-labels come
+from the built-in LiteMedSAM, one box per structure per case drawn from the references (simulated
+prompts, real model); or, with ``pseudo_source="degraded-reference"``, from the references
+corrupted to a target Dice (simulated, and named so; no model runs). Then :func:`..loop.run_round`
+twice with the simulated annotator revealing the selected cases' references; the table shows
+Dice on the held-out cases for the pseudo-label-only model, after each round, and for a model
+trained from scratch on the last round's human labels alone (what the pseudo-labels buy).
 
-The default budget (2d, batch 6, 750 pretraining steps, 250 per round) comes
-from measurements (Testing/Benchmarks/README.md): with 250 pretraining steps at
-batch 12 the pretrained model had learned neither the vessel nor the lesion;
-``bench_demo.py`` runs it over seeds.
+The default budget (2d, batch 6, 750 pretraining steps, 1000 per round) comes from measurements
+(Testing/Benchmarks/README.md): with 250 pretraining steps at batch 12 the pretrained model had
+learned neither the vessel nor the lesion; with 250 fine-tuning steps a round could not move the
+pretrained model off the vessel and the lesion it had learned as background from LiteMedSAM's
+pseudo-labels (both stayed at Dice 0.00), with 1000 both reached 0.84-0.85 (pseudo_trust.json,
+ablation); ``bench_demo.py`` and ``bench_pseudo_trust.py`` run it over seeds.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .loop import RoundSettings, run_round, score_held_out
 from .project import Project
 from .report import curve_point
 from .rounds import RoundRecord
-from .simulate import SimulatedAnnotator, baseline_minutes, check_no_test_revealed
+from .simulate import SimulatedAnnotator, check_no_test_revealed
 from .store.ids import derive_case_id, expand_sources
 from .store.labels import LabelTable
 
@@ -40,13 +40,13 @@ MARKER = ".alseg-demo"
 
 def demo_round() -> RoundSettings:
     """The demo's rounds: 2 cases each, hybrid selection, fine-tuning; nnU-Net 2d at batch 6 (a step
-    costs its samples here: batch 12 0.36 s, 6 0.19 s on 2 cores alone; 0.21-0.22 s in the demo's
-    pretraining, bench_demo 2026-12-01); 750 pretraining steps (at 250 the
-    pretrained model had learned neither vessel nor lesion), 250 per round (700 / 200 fit 10 minutes
-    but left the lesion at 0.00: see demo.json); one validation step per epoch (the rounds score the
-    held-out cases themselves)."""
+    costs its samples here: batch 12 0.36 s, 6 0.19 s on 2 cores alone); 750 pretraining steps (at 250
+    the pretrained model had learned neither vessel nor lesion), 1000 fine-tuning steps a round (as
+    many as the supervised-only row trains from scratch; at 250 the rounds left the vessel and the
+    lesion at 0.00 on LiteMedSAM's pseudo-labels: pseudo_trust.json); one validation step per epoch
+    (the rounds score the held-out cases themselves)."""
     return RoundSettings(budget="2", strategy="hybrid", mode="finetune", configuration="2d", batch_size=6,
-                         pretrain_epochs=30, pretrain_iterations=25, epochs=10, iterations=25, val_iterations=1,
+                         pretrain_epochs=30, pretrain_iterations=25, epochs=40, iterations=25, val_iterations=1,
                          pseudo_share=0.5)
 
 
@@ -61,7 +61,7 @@ class DemoSettings:
 
     rounds: int = 2
     test_fraction: float = 0.25
-    pseudo_source: str = "degraded-reference"  # or "sam": the built-in LiteMedSAM, boxes from the references
+    pseudo_source: str = "sam"  # the built-in LiteMedSAM, boxes from the references; or "degraded-reference"
     target_dice: float = 0.75
     reference_boxes: int = 1
     supervised_only: bool = True  # the from-scratch row on the same human labels
@@ -153,19 +153,15 @@ def run_demo(project: Project, settings: DemoSettings) -> dict:
 
 def supervised_only(project: Project, settings: DemoSettings, test: list[str]) -> dict:
     """The baseline that shows what the pseudo-labels buy: a model trained from scratch on the
-    human labels alone (the cases the rounds had labeled), with as many optimizer steps as the
-    last round's model had in all (pretraining + its fine-tuning), scored on the same held-out
+    human labels alone (the cases the rounds had labeled), with as many optimizer steps as a round's
+    training (1000 by default: enough for 4 cases to converge here), scored on the same held-out
     cases. It trains in a copy of the project next to it, so the project's own predictions and
     models stay those of the rounds."""
     from .nnunet.train import train
     copy = project.copy_to(project.root.parent / "supervised-only")
     r = settings.round
-    minutes = baseline_minutes(r)
-    if minutes is None:
-        steps = r.pretrain_epochs * r.pretrain_iterations + r.epochs * r.iterations
-        epochs = -(-steps // r.iterations)
-    else:  # under --minutes: the time the rounds' model had, its epochs fitted to it
-        epochs = None
+    minutes = r.minutes if r.epochs is None else None  # under --minutes: a round's time, the epochs fitted to it
+    epochs = r.epochs
     train(copy, "supervised", name="supervised-only", epochs=epochs, iterations=r.iterations, minutes=minutes,
           val_iterations=r.val_iterations, device=r.device, validate=False, exclude_cases=test, seed=r.seed)
     return score_held_out(copy, "supervised-only", test, test, r.device)

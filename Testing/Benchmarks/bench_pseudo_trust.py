@@ -12,6 +12,8 @@ the file already holds, so parts run in separate sessions add up):
   a from-scratch model on round 2's human labels (``supervised-only``, 40 x 25 steps, what the
   demo gives it), per class, and the effort (voxels corrected / drawn from scratch).
 - ``demo``: ``alseg demo --pseudo-source sam --seed S --json`` end to end per seed, wall seconds.
+- ``cardiac``: LiteMedSAM on the shared ACDC cine-MRI volumes from one box per structure, the first
+  patients' references stored as human labels, and the trust table: does it mark the myocardium?
 
 Run alone on the machine (sharing the 2 cores doubles the times); the budget of one ablation
 seed is about 50 min here (pretraining 2 x 750 steps, up to 2 x 1000 fine-tuning steps per arm,
@@ -24,6 +26,7 @@ The same at nnU-Net's budget on a GPU (the arms' steps scale with --scale):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -48,6 +51,11 @@ ARMS = {
     "trust + steps + from previous round": {"trust_dice": 0.5, "epochs": 40, "finetune_from": "previous"},
     "trust + steps, human labels only": {"trust_dice": 0.5, "epochs": 40, "pseudo_share": 0.0},
     "trust + steps + lr 1e-3": {"trust_dice": 0.5, "epochs": 40, "learning_rate": 1e-3},
+    "trust 0.2 + steps": {"trust_dice": 0.2, "epochs": 40},
+    "steps + from previous round": {"trust_dice": None, "epochs": 40, "finetune_from": "previous"},
+    "steps + lr 1e-3": {"trust_dice": None, "epochs": 40, "learning_rate": 1e-3},
+    "steps, human labels only": {"trust_dice": None, "epochs": 40, "pseudo_share": 0.0},
+    "trust + steps, pseudo share 0.25": {"trust_dice": 0.5, "epochs": 40, "pseudo_share": 0.25},
 }
 SUPERVISED_STEPS = 1000  # 40 x 25: what the demo's supervised-only row trains
 
@@ -90,6 +98,7 @@ def ablation(seed: int, work: Path, arms: list[str], scale: int, device: str) ->
     from ALSegLib.evaluation import evaluate
     from ALSegLib.loop import prepare, run_round, score_held_out
     from ALSegLib.nnunet.train import train
+    from ALSegLib.project import Project
     from ALSegLib.rounds import RoundRecord, review_effort
     from ALSegLib.simulate import SimulatedAnnotator
 
@@ -97,31 +106,41 @@ def ablation(seed: int, work: Path, arms: list[str], scale: int, device: str) ->
     test = info["test"]
     train_cases = [c for c in source.cases() if c not in test]
     pseudo_dice = evaluate(source, "pseudo", train_cases)["summary"]
+    earlier = json.loads(RESULTS.read_text()).get("ablation", {}).get(str(seed), {}) if RESULTS.is_file() else {}
     out = {"seed": seed, "litemedsam_s": info["litemedsam_s"], "test_cases": test,
-           "pseudo_label_dice": {k: round(v["dice"]["mean"], 4) for k, v in pseudo_dice.items()}, "arms": {}}
+           "pseudo_label_dice": {k: round(v["dice"]["mean"], 4) for k, v in pseudo_dice.items()},
+           "arms": dict(earlier.get("arms", {}))}  # arms run before (same pseudo-labels) are kept
     base_round = demo_round().with_changes(exclude=test, seed=seed, device=device,
                                            pretrain_epochs=demo_round().pretrain_epochs * scale)
-    bases, supervised = {}, {}
+    bases = {}
+    supervised = {tuple(a["human_cases"]): a["supervised_only"] for a in out["arms"].values()}
     for arm in arms:
         changes = dict(ARMS[arm])
         changes["epochs"] = changes["epochs"] * scale
         settings = base_round.with_changes(**changes)
-        key = settings.trust_dice
+        # one pretrained base with trust, one without (before any human label the threshold plays no part),
+        # each kept for a later run of more arms
+        key = "on" if settings.trust_dice is not None else "off"
         if key not in bases:
-            t = time.perf_counter()
-            base = source.copy_to(work / f"base-trust-{key}")
-            details = prepare(base, settings)
-            bases[key] = (base, details["pretrain"]["metrics"], round(time.perf_counter() - t, 1),
-                          details["pretrain"].get("trust"))
-        base, pretrained, base_s, _ = bases[key]
+            folder, marker = work / f"base-trust-{key}", work / f"base-trust-{key}.json"
+            if marker.is_file():
+                kept = json.loads(marker.read_text())
+                bases[key] = (Project.open(folder), kept["metrics"], kept["seconds"])
+            else:
+                t = time.perf_counter()
+                base = source.copy_to(folder)
+                metrics = prepare(base, settings)["pretrain"]["metrics"]
+                bases[key] = (base, metrics, round(time.perf_counter() - t, 1))
+                marker.write_text(json.dumps({"metrics": metrics, "seconds": bases[key][2]}))
+        base, pretrained, base_s = bases[key]
         t = time.perf_counter()
-        project = base.copy_to(work / f"arm-{len(out['arms'])}")
+        project = base.copy_to(work / f"arm-{list(ARMS).index(arm)}")
         annotator = SimulatedAnnotator(test)
         records = [RoundRecord(run_round(project, settings, annotator=annotator)) for _ in range(2)]
         arm_s = round(time.perf_counter() - t, 1)
         human = tuple(sorted(project.labeled_cases("human")))
         if human not in supervised:
-            copy = project.copy_to(work / f"supervised-{len(supervised)}")
+            copy = project.copy_to(work / f"supervised-{hashlib.sha1(' '.join(human).encode()).hexdigest()[:8]}")
             iterations = settings.iterations
             train(copy, "supervised", name="supervised-only", epochs=SUPERVISED_STEPS * scale // iterations,
                   iterations=iterations, val_iterations=settings.val_iterations, device=device, validate=False,
@@ -143,6 +162,50 @@ def ablation(seed: int, work: Path, arms: list[str], scale: int, device: str) ->
               f" -> r2 {a['round2']['mean_dice']:.3f} {a['round2']['dice']}; supervised-only "
               f"{a['supervised_only']['mean_dice']:.3f}; {arm_s:.0f} s", flush=True)
         merge({"ablation": {str(seed): out}})
+    return out
+
+
+def cardiac(work: Path, humans: int) -> dict:
+    """LiteMedSAM on the shared cardiac cine-MRI set (ACDC: Bernard et al., IEEE TMI 2018), one box per
+    structure per slice-stack from the references along the short axis; then the references of the
+    first ``humans`` patients (both frames) stored as human labels, as the oracle's annotator does, and
+    the trust table the project reads from them. What is measured: whether trust marks the class the
+    model fails on (the myocardium ring) and keeps the others."""
+    import shutil
+
+    from common import shared_data
+
+    from ALSegLib.evaluation import evaluate
+    from ALSegLib.loop import make_pseudolabels
+    from ALSegLib.project import LabelTable, Project
+    from ALSegLib.simulate import SimulatedAnnotator
+    from ALSegLib.trust import TRUST_DICE, trust_table
+
+    data = shared_data()
+    if data is None or not (data / "acdc" / "imagesTr").is_dir():
+        return {"skipped": "../shared/data/acdc is not present"}
+    if work.exists():
+        shutil.rmtree(work)
+    table = LabelTable.from_mapping({"right_ventricle": 1, "myocardium": 2, "left_ventricle": 3})
+    project = Project.create(work / "project", table, "MRI", name="acdc")
+    project.add_cases([data / "acdc" / "imagesTr"], reference_dir=data / "acdc" / "labelsTr")
+    cases = project.cases()
+    t = time.perf_counter()
+    make_pseudolabels(project, cases, {"source": "sam", "prompts_from_reference": 1})
+    seconds = round(time.perf_counter() - t, 1)
+    per_class = evaluate(project, "pseudo", cases)["summary"]
+    patients = sorted({c.split("_")[0] for c in cases})[:humans]
+    annotator = SimulatedAnnotator([])
+    for case in cases:
+        if case.split("_")[0] in patients:
+            annotator(project, case, {"case": case, "open_with": "pseudo"})
+    out = {"cases": len(cases), "litemedsam_s": seconds, "human_patients": patients,
+           "pseudo_label_dice": {k: round(v["dice"]["mean"], 4) for k, v in per_class.items()}}
+    for threshold in sorted({TRUST_DICE, 0.2, 0.5}):
+        trust = trust_table(project, threshold)
+        out[f"trust_at_{threshold}"] = {r["name"]: {k: r[k] for k in ("state", "mean", "std", "min", "cases")}
+                                        for r in trust["classes"]}
+    print(json.dumps(out, indent=1), flush=True)
     return out
 
 
@@ -179,7 +242,8 @@ def merge(section: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["ablation"], choices=("ablation", "demo"))
+    ap.add_argument("--parts", nargs="+", default=["ablation"], choices=("ablation", "demo", "cardiac"))
+    ap.add_argument("--cardiac-humans", type=int, default=2, help="patients whose references become human labels")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--scale", type=int, default=1, help="multiply every training's steps (GPU: 10)")
@@ -189,6 +253,8 @@ def main() -> None:
     os.environ.setdefault("nnUNet_def_n_proc", "1")
     os.environ.setdefault("nnUNet_compile", "f")
     os.environ.setdefault("ALSEG_PROGRESS", "off")
+    if "cardiac" in args.parts:
+        merge({"cardiac": cardiac(Path(args.dir) / "cardiac", args.cardiac_humans)})
     for seed in args.seeds:
         if "ablation" in args.parts:
             ablation(seed, Path(args.dir) / f"ablation-seed{seed}", args.arms, args.scale, args.device)

@@ -494,6 +494,37 @@ def rows_distributed(d: dict) -> Rows:
     return rows
 
 
+def rows_pseudo_trust(d: dict) -> Rows:
+    rows: Rows = []
+    ablation = mapping(d, "ablation", "ablation of the round's recipe on LiteMedSAM's pseudo-labels", rows)
+    for seed, data in ablation.items():
+        rows.append((f"ablation seed {seed}: LiteMedSAM pseudo-label Dice per class (training cases)",
+                     fmt(get(data, "pseudo_label_dice"))))
+        for arm, a in get(data, "arms", default={}).items():
+            chain = " → ".join(fmt(get(a, k, "mean_dice")) for k in ("pseudo_only", "round1", "round2"))
+            rows.append((f"seed {seed}, {arm}: mean Dice pseudo-only → round 1 → round 2; supervised-only",
+                         f"{chain}; {fmt(get(a, 'supervised_only', 'mean_dice'))}"))
+            rows.append((f"seed {seed}, {arm}: round 2 per class; supervised-only per class",
+                         f"{fmt(get(a, 'round2', 'dice'))}; {fmt(get(a, 'supervised_only', 'dice'))}"))
+            rows.append((f"seed {seed}, {arm}: voxels corrected / drawn from scratch", fmt(get(a, "effort",
+                                                                                              "corrected_fraction"))))
+    demo = get(d, "demo", default={})
+    per_seed = get(demo, "per_seed", default=[]) if isinstance(demo, dict) else []
+    if not per_seed:
+        rows.append(("demo (alseg demo on LiteMedSAM), per seed", NOT_MEASURED))
+    for row in per_seed:
+        rows.append((f"demo seed {fmt(get(row, 'seed'))}: pseudo-only → round 1 → round 2; supervised-only; wall",
+                     f"{fmt(get(row, 'pseudo_only'))} → {fmt(get(row, 'round1'))} → {fmt(get(row, 'round2'))}; "
+                     f"{fmt(get(row, 'supervised_only'))}; {fmt(get(row, 'wall_s'), 's')}"))
+        rows.append((f"demo seed {fmt(get(row, 'seed'))}: round 2 per class", fmt(get(row, "round2_per_class"))))
+    for key, what in (("oracle", "Hippocampus oracle on LiteMedSAM pseudo-labels (2.5 % and 5 %)"),
+                      ("cardiac", "a class the source fails on: the shared cardiac set"),
+                      ("effort", "effort per arm at 5 % (Hippocampus oracle)")):
+        if absent(get(d, key, default=None)):
+            rows.append((what, NOT_MEASURED))
+    return rows
+
+
 def rows_generic(d: dict) -> Rows:
     """Unknown results file: its top-level scalar fields."""
     skip = {"benchmark", "commit", "time"}
@@ -515,6 +546,7 @@ EXTRACTORS: dict[str, Callable[[dict], Rows]] = {
     "review": rows_review,
     "sparse": rows_sparse,
     "distributed": rows_distributed,
+    "pseudo_trust": rows_pseudo_trust,
 }
 
 

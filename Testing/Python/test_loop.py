@@ -226,7 +226,8 @@ def test_oracle_experiment_runs_every_kind_of_arm_and_never_reveals_test_cases(t
 
 def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
     code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--cases", "8", "--size", "32", "--budget", "1",
-                             "--pretrain-epochs", "1", "--epochs", "1", "--iters", "2", "--device", "cpu")
+                             "--pretrain-epochs", "1", "--epochs", "1", "--iters", "2", "--device", "cpu",
+                             "--pseudo-source", "degraded-reference")
     assert code == 0, err
     assert "pseudo-labels only" in out and "round 1" in out and "round 2" in out and "Report:" in out
     report = out.split("Report: ")[1].split()[0]
@@ -234,11 +235,11 @@ def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
     project = Project(tmp_path / "demo" / "project")
     assert len(project.labeled_cases("human")) == 2 and len(rounds.list_rounds(project)) == 2
     # the supervised-only row: from scratch on the same human labels, in a copy beside the project,
-    # with the steps the last round's model had in all (pretraining 1 x 2 + fine-tuning 1 x 2)
+    # with the steps of a round's training (1 x 2)
     assert "supervised only (round 2's human labels, from scratch)" in out
     sup = Project(tmp_path / "demo" / "supervised-only")
     budget = read_model(sup, "supervised-only")["budget"]
-    assert budget["epochs"] * budget["iterations"] == 4 and read_model(sup, "supervised-only")["mode"] == "supervised"
+    assert budget["epochs"] * budget["iterations"] == 2 and read_model(sup, "supervised-only")["mode"] == "supervised"
     assert sorted(sup.labeled_cases("human")) == sorted(project.labeled_cases("human"))
     assert not (project.root / "models" / "supervised-only").exists()
     code, out, err = run_cli("demo", "--dir", tmp_path / "demo", "--rounds", "0")
@@ -249,6 +250,24 @@ def test_demo_runs_two_simulated_rounds_and_prints_the_table(tmp_path, run_cli):
     (tmp_path / "other" / "keep.txt").write_text("x")
     code, out, err = run_cli("demo", "--dir", tmp_path / "other")
     assert code == 2 and "not made by 'alseg demo'" in err and (tmp_path / "other" / "keep.txt").read_text() == "x"
+
+
+def test_the_demo_defaults_to_litemedsam_and_rounds_that_train_as_long_as_a_model_from_scratch():
+    """``alseg demo``'s defaults (issue 35): the built-in LiteMedSAM's pseudo-labels (one box per structure
+    per case from the references), each round's fine-tuning as many steps as the supervised-only row's
+    model from scratch (and more than pretraining: 250 could not move the pretrained model), pseudo-labels
+    learned only where the human labels trust them."""
+    from ALSegLib.cli import build_parser
+    from ALSegLib.demo import DemoSettings, demo_pseudo_source, demo_round
+    from ALSegLib.trust import TRUST_DICE
+
+    args = build_parser().parse_args(["demo"])
+    assert args.pseudo_source == DemoSettings().pseudo_source == "sam"
+    assert demo_pseudo_source(DemoSettings()) == {"source": "sam", "prompts_from_reference": 1}
+    r = demo_round()
+    assert r.epochs * r.iterations == 1000 > r.pretrain_epochs * r.pretrain_iterations
+    assert args.trust_dice == r.trust_dice == TRUST_DICE and r.finetune_from == "pretrain"
+    assert build_parser().parse_args(["demo", "--pseudo-source", "degraded-reference"]).pseudo_source == "degraded-reference"
 
 
 def test_simulate_sweep_reports_final_dice_against_pseudo_label_dice(tmp_path, run_cli):
