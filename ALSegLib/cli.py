@@ -156,9 +156,12 @@ def cmd_status(args) -> int:
     if args.cases:
         status["case_table"] = project.case_table()
     if status["label_counts"]["pseudo"]:
+        from .rounds import trust_dice_in_use
         from .trust import trust_table
 
-        status["trust"] = trust_table(project, TRUST_DICE if args.trust_dice is None else args.trust_dice)
+        threshold = trust_dice_in_use(project, TRUST_DICE) if args.trust_dice is None else args.trust_dice
+        check_trust_dice(threshold)
+        status["trust"] = trust_table(project, threshold)
     if args.json:
         _print_json(status)
         return EXIT_OK
@@ -809,7 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
             "pseudo-labels are trusted (measured against the human labels).")
     p.add_argument("project")
     p.add_argument("--cases", action="store_true", help="also list every case with its labels")
-    trust_option(p)
+    p.add_argument("--trust-dice", type=float, metavar="DICE", help="the trust table at this threshold (default: the "
+                   f"last round's, else {TRUST_DICE})")
     p.add_argument("--json", action="store_true")
 
     p = add("labels", cmd_labels, "Show the label table; rename a class or change its color (its value never changes).")

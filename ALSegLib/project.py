@@ -517,7 +517,10 @@ class Project:
                 sitk.GetArrayViewFromImage(label).dtype))
             kept.CopyInformation(label)
             label = kept
-        agreement = self.pseudo_agreement(case, sitk.GetArrayViewFromImage(label), mask, pseudo)
+        try:  # the trust record is best-effort: an unreadable pseudo-label never stops a human label being stored
+            agreement = self.pseudo_agreement(case, sitk.GetArrayViewFromImage(label), mask, pseudo)
+        except (OSError, RuntimeError, ValueError, InputError) as exc:
+            agreement = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         if agreement is not None:
             extra = {**extra, "pseudo_agreement": agreement}
         with self.lock("accept human label"):

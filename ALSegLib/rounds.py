@@ -33,6 +33,14 @@ def list_rounds(project: Project) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / ROUND_FILE).is_file())
 
 
+def trust_dice_in_use(project: Project, default: float) -> float:
+    """The trust threshold the project's last round was started with (``default`` without a round, or
+    when that round took every pseudo-label whole): what ``alseg status`` and the panel show the table at."""
+    numbers = list_rounds(project)
+    value = read_round(project, numbers[-1]).get("settings", {}).get("trust_dice", default) if numbers else default
+    return default if value is None else float(value)
+
+
 def read_round(project: Project, number: int) -> dict:
     path = round_dir(project, number) / ROUND_FILE
     if not path.is_file():

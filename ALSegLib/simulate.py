@@ -138,11 +138,13 @@ class SimulatedAnnotator:
             raise RuntimeError(f"the simulated annotator was asked to reveal held-out test case {case!r}")
         reference = project.read_label(case, "reference")
         item = item or {}
-        started_from, proposal = proposal_shown(project, case, item.get("open_with"))
+        sliced = item.get("slices") is not None  # new slices: their proposal is the machine label, not an earlier
+        started_from, proposal = proposal_shown(project, case, item.get("open_with"), machine_only=sliced)  # sparse version
+        pseudo = proposal if started_from == "pseudo" else None  # read once, for the trust record too
         produced_by = {"simulated": True, "from": "reference", "started_from": started_from,
                        **({"round": item["round"]} if item.get("round") is not None else {})}
         accepted = sitk.GetArrayViewFromImage(reference)
-        if item.get("slices") is not None:
+        if sliced:
             from .store.sparse import SliceSet
 
             index = [slice(None)] * 3
@@ -151,18 +153,20 @@ class SimulatedAnnotator:
                                  project.labels.values)
             project.add_human_slices(case, reference, SliceSet.of(int(item.get("axis", 0)), item["slices"]),
                                      source="simulated", produced_by={**produced_by, "slices": list(item["slices"])},
-                                     effort=effort)
+                                     effort=effort, pseudo=pseudo)
         else:
             project.add_human_label(case, reference, source="simulated", produced_by=produced_by,
-                                    effort=edit_effort(proposal, accepted, project.labels.values))
+                                    effort=edit_effort(proposal, accepted, project.labels.values), pseudo=pseudo)
         self.revealed.append(case)
 
 
-def proposal_shown(project: Project, case: str, open_with: str | None = None) -> tuple[str | None, np.ndarray | None]:
+def proposal_shown(project: Project, case: str, open_with: str | None = None,
+                   machine_only: bool = False) -> tuple[str | None, np.ndarray | None]:
     """The label the Slicer panel opens a queued case with (``ALSegSlicer.review``'s order): the latest
-    human version, else ``open_with``, else the pseudo-label, else the prediction; (None, None) if none."""
+    human version (unless ``machine_only``), else ``open_with``, else the pseudo-label, else the
+    prediction; (None, None) if none."""
     versions = project.human_versions(case)
-    if versions:
+    if versions and not machine_only:
         return f"human v{versions[-1]:04d}", sitk.GetArrayFromImage(project.read_label(case, "human"))
     for kind in dict.fromkeys(k for k in (open_with, "pseudo", "predicted") if k and k != "human"):
         if project.label_path(case, kind) is not None:

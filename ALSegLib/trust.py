@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import SimpleITK as sitk
 
+from .errors import InputError
 from .project import Project
 from .store.files import read_json_object
 
@@ -79,8 +80,11 @@ def measurements(project: Project) -> dict[str, dict[int, float]]:
             continue
         record = project.provenance(case, "human", check_file=False).get("pseudo_agreement")
         if not isinstance(record, dict) or record.get("pseudo_sha256") != pseudo_sidecar(project, case).get("file_sha256"):
-            human = sitk.GetArrayFromImage(project.read_label(case, "human"))
-            record = project.pseudo_agreement(case, human, project.annotation_mask(case))
+            try:
+                human = sitk.GetArrayFromImage(project.read_label(case, "human"))
+                record = project.pseudo_agreement(case, human, project.annotation_mask(case))
+            except (OSError, RuntimeError, ValueError, InputError):  # an unreadable label measures nothing
+                continue
         out[case] = {int(v): float(d) for v, d in (record or {}).get("dice", {}).items() if d is not None}
     return out
 

@@ -317,7 +317,7 @@ class Session:
     def trust_rows(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the trust table (:mod:`ALSegLib.trust`): per class whether its pseudo-labels
         are learned, from their Dice against the human labels; no rows without pseudo-labels."""
-        from ALSegLib.trust import trust_table
+        from ALSegLib.trust import TRUST_DICE, trust_table
 
         project = self.require()
         header = ["class", "state", "human labels", "mean Dice", "min", "prompted / empty"]
@@ -325,7 +325,7 @@ class Session:
             return header, []
         rows = [[r["name"], r["state"] + ("" if r["taught"] else " (not learned from pseudo-labels)"), str(r["cases"]),
                  _fmt(r["mean"]), _fmt(r["min"]), f"{r['prompted']} / {r['empty']}" if r["prompted"] else "-"]
-                for r in trust_table(project)["classes"]]
+                for r in trust_table(project, rounds.trust_dice_in_use(project, TRUST_DICE))["classes"]]
         return header, rows
 
     def learning_curve_png(self) -> Path | None:

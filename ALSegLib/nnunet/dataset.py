@@ -16,7 +16,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +86,8 @@ SPARSE_FILLS = ("ignore", "pseudo")
 
 
 def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: bool = False,
-                   exclude: Sequence[str] = (), sparse_fill: str = "ignore") -> Dataset:
+                   exclude: Sequence[str] = (), sparse_fill: str = "ignore",
+                   fill_unknown: Mapping[str, Sequence[int]] | None = None) -> Dataset:
     """Write ``nnunet/raw/Dataset###_<tag>`` for ``policy``; returns it.
 
     With ``pool_as_ignore`` (semi-supervised training) the unlabeled cases are
@@ -97,7 +98,8 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
     labeled nor unlabeled (held-out test cases). A sparse human version (only some slices
     annotated, :mod:`..store.sparse`) is exported with nnU-Net's ``ignore`` label on its
     unannotated voxels (no loss comes from them; prediction stays dense), or, with
-    ``sparse_fill="pseudo"``, with the case's pseudo-label there (ignore where it has none).
+    ``sparse_fill="pseudo"``, with the case's pseudo-label there (ignore where it has none; with
+    ``fill_unknown[case]``, the classes its pseudo-label must not teach, only its other classes' voxels).
     """
     if sparse_fill not in SPARSE_FILLS:
         raise InputError("sparse fill", f"must be one of {', '.join(SPARSE_FILLS)}, not {sparse_fill!r}")
@@ -158,8 +160,11 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
             label_file = project.label_path(case, kind, version)
             mask = project.annotation_mask(case, version) if kind == "human" else None
             if mask is not None:
+                unknown = (fill_unknown or {}).get(case, ())
                 sparse_cases[case] = _write_sparse(project, case, label_file, mask, lut, ignore, sparse_fill,
-                                                   tmp / "labelsTr" / f"{case}{STORE_EXT}")
+                                                   tmp / "labelsTr" / f"{case}{STORE_EXT}", unknown)
+                if unknown and sparse_fill == "pseudo":
+                    sparse_cases[case]["pseudo_unknown"] = [int(v) for v in unknown]
             elif consecutive:
                 _link_or_copy(label_file, tmp / "labelsTr" / f"{case}{STORE_EXT}")
             else:
@@ -200,9 +205,11 @@ def export_dataset(project: Project, policy: str, tag: str, *, pool_as_ignore: b
 
 
 def _write_sparse(project: Project, case: str, label_file, mask: np.ndarray, lut: np.ndarray, ignore: int,
-                  fill: str, out) -> dict:
+                  fill: str, out, unknown: Sequence[int] = ()) -> dict:
     """A sparse human version as nnU-Net's label map: the annotated voxels in nnU-Net's indices, the
-    rest ``ignore`` (or the pseudo-label's indices with ``fill="pseudo"`` where the case has one)."""
+    rest ``ignore`` (or the pseudo-label's indices with ``fill="pseudo"`` where the case has one).
+    ``unknown``: project values the pseudo-label must not teach (:mod:`..trust`); with any, only its
+    voxels of the other foreground classes fill in (its background may hide an unknown class)."""
     label = sitk.ReadImage(str(label_file))
     values = sitk.GetArrayFromImage(label)
     dtype = np.uint8 if ignore < 256 else np.uint16
@@ -211,8 +218,9 @@ def _write_sparse(project: Project, case: str, label_file, mask: np.ndarray, lut
     filled = 0
     if fill == "pseudo" and project.label_path(case, "pseudo") is not None:
         pseudo = sitk.GetArrayFromImage(project.read_label(case, "pseudo"))
-        out_arr[~mask] = lut[pseudo[~mask]]
-        filled = int((~mask).sum())
+        take = ~mask & ~np.isin(pseudo, [0, *unknown]) if unknown else ~mask
+        out_arr[take] = lut[pseudo[take]]
+        filled = int(take.sum())
     image = sitk.GetImageFromArray(out_arr)
     image.CopyInformation(label)
     sitk.WriteImage(image, str(out), True)

@@ -66,7 +66,7 @@ def sample_repeats(sources: dict[str, str], pseudo_share: float) -> dict[str, in
 
 
 def _dataset_for(project: Project, mode: TrainingMode, name: str, exclude: Sequence[str], policy: str,
-                 sparse_fill: str = "ignore") -> Dataset:
+                 sparse_fill: str = "ignore", fill_unknown: Mapping[str, Sequence[int]] | None = None) -> Dataset:
     """The model's dataset: its own snapshot; a model on pseudo-labels alone (pretraining) may
     take over the pseudo-labeled planning dataset (already preprocessed) if no other model uses
     it and no case is to be left out."""
@@ -89,7 +89,7 @@ def _dataset_for(project: Project, mode: TrainingMode, name: str, exclude: Seque
                     atomic.write_bytes(claim, name.encode())
                 return Dataset.load(folder)
     return export_dataset(project, policy, name, pool_as_ignore=mode.pool_as_ignore, exclude=exclude,
-                          sparse_fill=sparse_fill)
+                          sparse_fill=sparse_fill, fill_unknown=fill_unknown)
 
 
 def train(
@@ -186,7 +186,7 @@ def train(
         if sample_bytes is None:  # planned just now: checked before the model's dataset is written
             _check_gpu_batch(project, configuration, batch_size, num_gpus)
             sample_bytes = _check_memory(project, configuration, batch_size, dev, name, factor)
-        dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill)
+        dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill, trust_dice)
         partial = _partial_labels(project, dataset, previous, trust_dice)
         preprocess(project, dataset, configuration, hold_out=hold_out)
         probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
@@ -581,10 +581,14 @@ def _resolve_init(project: Project, mode: TrainingMode, init_from: str | None) -
 
 
 def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: dict | None, exclude: list[str],
-                   policy: str, sparse_fill: str = "ignore") -> Dataset:
+                   policy: str, sparse_fill: str = "ignore", trust_dice: float | None = None) -> Dataset:
     if previous is not None:
         return Dataset.load(folders(project.root).raw / previous["dataset"])
-    dataset = _dataset_for(project, mode, name, exclude, policy, sparse_fill)
+    fill_unknown = None
+    if sparse_fill == "pseudo" and trust_dice is not None:  # a sparse case's pseudo fill obeys the trust too
+        table = trust.trust_table(project, trust_dice)
+        fill_unknown = trust.unknown_classes(project, project.labeled_cases("pseudo"), table)
+    dataset = _dataset_for(project, mode, name, exclude, policy, sparse_fill, fill_unknown)
     if sorted(dataset.excluded) != exclude:
         raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
                                             "choose another --name")

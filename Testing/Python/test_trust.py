@@ -194,3 +194,31 @@ def test_the_settings_default_is_the_trust_modules():
     from ALSegLib.settings import TRUST_DICE, RoundSettings
 
     assert TRUST_DICE == trust.TRUST_DICE == RoundSettings().trust_dice
+
+
+def test_a_sparse_human_labels_pseudo_fill_obeys_the_trust(project):
+    """``--sparse-fill pseudo`` fills a sparse human label's unannotated voxels from the pseudo-label:
+    with the lesion untrusted, only the trusted classes' voxels fill in there, never its background
+    (which may hide the lesion): the rest stays nnU-Net's ignore label."""
+    from ALSegLib.nnunet.dataset import export_dataset
+    from ALSegLib.store.layout import STORE_EXT
+    from ALSegLib.store.sparse import SliceSet
+
+    cases = project.cases()
+    for case in cases:
+        write(project, case, "pseudo", worse(reference(project, case)))
+    write(project, cases[1], "human", reference(project, cases[1]))  # measures the lesion: 0.0, untrusted
+    sparse = cases[0]
+    project.add_human_slices(sparse, project.read_label(sparse, "reference"), SliceSet.of(0, [10, 11]), source="simulated")
+    table = trust.trust_table(project, 0.2)
+    assert 3 in trust.untaught(table)
+    unknown = trust.unknown_classes(project, project.labeled_cases("pseudo"), table)
+    ds = export_dataset(project, "human+pseudo", "fill", sparse_fill="pseudo", fill_unknown=unknown)
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(ds.folder / "labelsTr" / f"{sparse}{STORE_EXT}")))
+    pseudo = sitk.GetArrayFromImage(project.read_label(sparse, "pseudo"))
+    outside = np.ones(exported.shape, bool)
+    outside[10:12] = False
+    ignore = 4
+    assert set(np.unique(exported[outside])) <= {1, 2, ignore}  # no background, no lesion from the pseudo-label
+    assert np.array_equal(exported[outside] == 1, pseudo[outside] == 1)
+    assert np.array_equal(exported[10:12], reference(project, sparse)[10:12])  # the human slices as drawn
