@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,14 @@ class ALSegTrainer(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         self._set_folded(batch)
         return super().validation_step(batch)
+
+    def on_validation_epoch_end(self, val_outputs) -> None:
+        """nnU-Net's, without its divide-by-zero warning for a class no validation patch held (its
+        Dice is NaN then and left out of the mean, as nnU-Net intends)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+            super().on_validation_epoch_end(val_outputs)
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically: a kill mid-write never leaves a torn file."""
