@@ -268,6 +268,7 @@ class ALSegFilterMatchTrainer(ALSegTrainer):
             if self.teacher is not None:  # the teacher follows the student from the first step, warm-up included
                 self._update_teacher()
             return out
+        self._set_folded({})  # its own step scores two batches: no partial labels (its dataset has no pseudo-labels)
         x_l = batch["data"].to(self.device, non_blocking=True)
         y_l = batch["target"]
         y_l = [t.to(self.device, non_blocking=True) for t in y_l] if isinstance(y_l, list) else y_l.to(self.device)
