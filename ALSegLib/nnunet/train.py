@@ -8,9 +8,10 @@ short writes, so labels can be accepted while a model trains.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -186,8 +187,9 @@ def train(
         if sample_bytes is None:  # planned just now: checked before the model's dataset is written
             _check_gpu_batch(project, configuration, batch_size, num_gpus)
             sample_bytes = _check_memory(project, configuration, batch_size, dev, name, factor)
-        dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill, trust_dice)
-        partial = _partial_labels(project, dataset, previous, trust_dice)
+        table = functools.cache(lambda: trust.trust_table(project, trust_dice))  # read once, by both, if needed
+        dataset = _model_dataset(project, m, name, previous, exclude, policy, sparse_fill, trust_dice, table)
+        partial = _partial_labels(project, dataset, previous, trust_dice, table)
         preprocess(project, dataset, configuration, hold_out=hold_out)
         probe = _probe(project, m, dataset, configuration, batch_size, dev, pseudo_share, filtermatch, sample_bytes)
         shape = _job_shape(project, m, dataset, configuration, validate, filtermatch, probe)
@@ -581,13 +583,14 @@ def _resolve_init(project: Project, mode: TrainingMode, init_from: str | None) -
 
 
 def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: dict | None, exclude: list[str],
-                   policy: str, sparse_fill: str = "ignore", trust_dice: float | None = None) -> Dataset:
+                   policy: str, sparse_fill: str = "ignore", trust_dice: float | None = None,
+                   table: Callable[[], dict] | None = None) -> Dataset:
     if previous is not None:
         return Dataset.load(folders(project.root).raw / previous["dataset"])
     fill_unknown = None
     if sparse_fill == "pseudo" and trust_dice is not None:  # a sparse case's pseudo fill obeys the trust too
-        table = trust.trust_table(project, trust_dice)
-        fill_unknown = trust.unknown_classes(project, project.labeled_cases("pseudo"), table)
+        fill_unknown = trust.unknown_classes(project, project.labeled_cases("pseudo"),
+                                             table() if table else trust.trust_table(project, trust_dice))
     dataset = _dataset_for(project, mode, name, exclude, policy, sparse_fill, fill_unknown)
     if sorted(dataset.excluded) != exclude:
         raise InputError(f"model {name!r}", f"its dataset {dataset.name} exists with other excluded cases; "
@@ -595,7 +598,8 @@ def _model_dataset(project: Project, mode: TrainingMode, name: str, previous: di
     return dataset
 
 
-def _partial_labels(project: Project, dataset: Dataset, previous: dict | None, trust_dice: float | None) -> dict:
+def _partial_labels(project: Project, dataset: Dataset, previous: dict | None, trust_dice: float | None,
+                    table: Callable[[], dict] | None = None) -> dict:
     """What the model learns from each pseudo-label (see ``trust_dice`` in :func:`train`): the trust
     table it was decided from and, per pseudo-labeled case, the label values merged with background."""
     if previous is not None:  # a resumed model keeps its own (an older record: every pseudo-label whole)
@@ -603,9 +607,9 @@ def _partial_labels(project: Project, dataset: Dataset, previous: dict | None, t
     pseudo = [c for c, source in dataset.sources.items() if source == "pseudo"]
     if trust_dice is None or not pseudo:
         return {"trust": None, "unknown": {}, **({"off": True} if trust_dice is None else {})}
-    table = trust.trust_table(project, trust_dice)
-    return {"trust": table, "unknown": {c: [int(v) for v in vs] for c, vs in
-                                        trust.unknown_classes(project, pseudo, table).items()}}
+    measured = table() if table else trust.trust_table(project, trust_dice)
+    return {"trust": measured, "unknown": {c: [int(v) for v in vs] for c, vs in
+                                           trust.unknown_classes(project, pseudo, measured).items()}}
 
 
 def _make_trainer(project: Project, mode: TrainingMode, dataset: Dataset, configuration: str, batch_size: int | None,
