@@ -125,10 +125,14 @@ class SimulatedAnnotator:
     reviewer's accept in Slicer, the stored version records the effort: the voxels changed to turn
     the proposal the panel would open (the queue item's ``open_with``, else the pseudo-label, else
     the prediction; an earlier human version first) into the reference, against drawing it from
-    scratch (:func:`..metrics.edit_effort`; no seconds: nobody spent any)."""
+    scratch (:func:`..metrics.edit_effort`; no seconds: nobody spent any). ``from_scratch``: the
+    from-scratch baselines' annotator (supervised-only, full supervision), whose human is shown no
+    proposal: every labeled voxel drawn (corrected fraction 1); the pseudo-label's agreement is
+    still recorded for the trust table."""
 
-    def __init__(self, test: Sequence[str]):
+    def __init__(self, test: Sequence[str], from_scratch: bool = False):
         self.test = set(test)
+        self.from_scratch = from_scratch
         self.revealed: list[str] = []
 
     def __call__(self, project: Project, case: str, item: dict | None = None) -> None:
@@ -141,6 +145,8 @@ class SimulatedAnnotator:
         sliced = item.get("slices") is not None  # new slices: their proposal is the machine label, not an earlier
         started_from, proposal = proposal_shown(project, case, item.get("open_with"), machine_only=sliced)  # sparse version
         pseudo = proposal if started_from == "pseudo" else None  # read once, for the trust record too
+        if self.from_scratch:
+            started_from, proposal = None, None
         produced_by = {"simulated": True, "from": "reference", "started_from": started_from,
                        **({"round": item["round"]} if item.get("round") is not None else {})}
         accepted = sitk.GetArrayViewFromImage(reference)
@@ -299,7 +305,7 @@ def job_supervised(base: dict, folder: str, settings: ExperimentSettings, test: 
     sup = Project.open(base["base"]).copy_to(Path(folder))
     points = []
     for r, labeled in enumerate(labeled_rounds, 1):
-        annotator = SimulatedAnnotator(test)
+        annotator = SimulatedAnnotator(test, from_scratch=True)
         for case in labeled:
             if not sup.human_versions(case):
                 annotator(sup, case)
@@ -311,7 +317,7 @@ def job_full(base: dict, folder: str, settings: ExperimentSettings, test: list[s
              seed: int | None = None) -> dict:
     """full supervision: every pool case's reference, a model from scratch (the upper bound)."""
     full = Project.open(base["base"]).copy_to(Path(folder))
-    annotator = SimulatedAnnotator(test)
+    annotator = SimulatedAnnotator(test, from_scratch=True)
     for case in pool:
         annotator(full, case)
     return curve_point(_train_supervised(full, "full", _here(settings), test, seed), None)

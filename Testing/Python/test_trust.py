@@ -175,6 +175,14 @@ def test_the_oracle_annotator_records_the_voxels_it_corrects_against_drawing_fro
     other = project.cases()[1]  # nothing to open with: drawn from scratch
     SimulatedAnnotator([])(project, other, {"case": other, "round": 1})
     assert project.provenance(other, "human")["effort"]["corrected_fraction"] == 1.0
+    # the from-scratch baselines' annotator is shown nothing, though a pseudo-label exists; the
+    # pseudo-label's agreement still goes to the trust record
+    third = project.cases()[2]
+    write(project, third, "pseudo", worse(reference(project, third)))
+    SimulatedAnnotator([], from_scratch=True)(project, third, {"case": third, "round": 1})
+    prov = project.provenance(third, "human")
+    assert prov["effort"]["corrected_fraction"] == 1.0 and prov["effort"]["started_empty"]
+    assert prov["produced_by"]["started_from"] is None and prov["pseudo_agreement"]["dice"]
 
 
 def test_edit_effort_counts_per_value_dice_within_the_foreground_box():
