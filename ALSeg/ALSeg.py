@@ -17,6 +17,7 @@ from typing import Annotated
 
 import qt
 import slicer
+import vtk
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -50,9 +51,12 @@ if str(engine_path()) not in sys.path:
 
 from ALSegSlicer import jobs  # noqa: E402
 from ALSegSlicer.charts import TrainingCurves  # noqa: E402
+from ALSegSlicer.dialogs import errors_shown  # noqa: E402
 from ALSegSlicer.facade import RoundOptions, Session, discard_apply_files  # noqa: E402 (Slicer's own packages only)
 
-SHORTCUTS = {"accept": "Ctrl+Shift+A", "skip": "Ctrl+Shift+K", "positive": "Ctrl+Shift+P", "negative": "Ctrl+Shift+N",
+# keys no Slicer core toolbar or module binds (Slicer's own Ctrl+Shift keys: A, T and Space in the Markups
+# toolbar, qMRMLMarkupsToolBar.cxx; Down/Left/Right in the Sequences player; Z as Redo): see docs/slicer.md
+SHORTCUTS = {"accept": "Ctrl+Shift+D", "skip": "Ctrl+Shift+K", "positive": "Ctrl+Shift+P", "negative": "Ctrl+Shift+N",
              "box": "Ctrl+Shift+B"}
 STRATEGIES = ["hybrid", "hybrid-weighted", "uncertainty", "coreset", "random", "random-fg"]  # random-fg: slices only
 UNITS = ["case", "slice"]
@@ -83,14 +87,22 @@ class ALSeg(ScriptedLoadableModule):
             "Methods 2021) and Segment Anything (Kirillov et al., ICCV 2023). ALSeg's code is its own.")
 
 
+# the path fields' parameters and their ctkPathLineEdit widgets, bound by hand (ALSegWidget.onPathEdited,
+# updatePathFields): Slicer's Path connector (parameterNodeWrapper/guiConnectors.py,
+# ctkPathLineEditToPathConnector) writes the value back on every keystroke, normalised by pathlib
+# (the cursor jumps to the end; an empty field becomes "."); Slicer fixed that only for plain line edits (PR #8621)
+PATH_FIELDS = {"projectFolder": "projectPathLineEdit", "checkpoint": "checkpointPathLineEdit",
+               "importFolder": "importFolderPathLineEdit"}
+
+
 @parameterNodeWrapper
 class ALSegParameterNode:
-    projectFolder: pathlib.Path
+    projectFolder: str = ""
     labels: str = "liver=1"
     modality: Annotated[str, Choice(["CT", "MRI"])] = "CT"
     pseudoSource: Annotated[str, Choice(PSEUDO_SOURCES)] = "existing"
-    checkpoint: pathlib.Path
-    importFolder: pathlib.Path
+    checkpoint: str = ""
+    importFolder: str = ""
     budget: str = "5"
     strategy: Annotated[str, Choice(STRATEGIES)] = "hybrid"
     trainingMode: Annotated[str, Choice(MODES)] = "finetune"
@@ -113,7 +125,10 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.curves = TrainingCurves()
         self.plotWidget = None
         self.placeWidgets = {}
+        self.promptSelectors = {}
         self.shortcuts = []
+        self.effectFactory = None
+        self._pathObservedNode = None
         self._busy = False  # an accept, skip or open in progress: a repeated click or key waits for it
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -146,6 +161,12 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.skipButton.connect("clicked(bool)", self.onSkip)
         self.ui.revertButton.connect("clicked(bool)", self.onRevert)
         self.ui.queueTable.connect("cellDoubleClicked(int,int)", self.onQueueDoubleClicked)
+        # activated: the user's choice only (a refresh refilling the list emits currentIndexChanged, not this)
+        self.ui.promptCaseComboBox.connect("activated(int)", self.onPromptCaseChosen)
+        self.ui.promptLabelComboBox.connect("activated(int)", lambda index: self.showPromptMarkups())
+        for name, widgetName in PATH_FIELDS.items():
+            getattr(self.ui, widgetName).connect("currentPathChanged(QString)",
+                                                 lambda path, name=name: self.onPathEdited(name, path))
         self.ui.uncertaintyCheckBox.connect("toggled(bool)", self.onUncertainty)
         self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         self.ui.cancelButton.enabled = False
@@ -158,8 +179,13 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def addShortcut(self, keys, slot):
         """A shortcut of the module (enabled while the module is shown: see enter/exit), never
-        auto-repeated: a held key must not accept the next case unreviewed."""
-        shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+        auto-repeated: a held key must not accept the next case unreviewed. None without a main
+        window (``--no-main-window``, as ctest runs Slicer): a QShortcut needs a widget parent (Qt's
+        qshortcut.cpp asserts it; a release build warns and never registers the key)."""
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is None:
+            return None
+        shortcut = qt.QShortcut(qt.QKeySequence(keys), mainWindow)
         shortcut.setAutoRepeat(False)
         shortcut.setEnabled(False)
         shortcut.connect("activated()", slot)
@@ -176,17 +202,23 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editorNode = slicer.mrmlScene.AddNode(editorNode)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        if self.effectFactory is None:  # effects registered after the widget was built appear too (SegmentEditor.py)
+            self.effectFactory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+            self.effectFactory.connect("effectRegistered(QString)", self.onEffectRegistered)
+            self.ui.segmentEditorWidget.updateEffectList()
+
+    def onEffectRegistered(self, name):
+        self.ui.segmentEditorWidget.updateEffectList()
 
     def setupPromptPlacement(self):
-        """A button each for placing positive points, negative points and the box in the views; a
-        markups node is made for the prompt case and label when its selector is empty (the place
-        widget's own button is disabled without a node, so the buttons are ours and the place
-        widget, hidden, only switches Slicer's place mode)."""
+        """A button each for placing positive points, negative points and the box in the views,
+        into the markups node of the prompt case, label and kind (made on the first placement: see
+        onPlace; the place widget's own button is disabled without a node, so the buttons are ours
+        and the place widget, hidden, only switches Slicer's place mode)."""
         frame = self.ui.promptPlaceFrame.layout()
-        for key, selector, cls, text in (
-                ("positive", self.ui.promptPointsSelector, "vtkMRMLMarkupsFiducialNode", "+ points"),
-                ("negative", self.ui.promptNegativeSelector, "vtkMRMLMarkupsFiducialNode", "- points"),
-                ("box", self.ui.promptRoiSelector, "vtkMRMLMarkupsROINode", "box")):
+        for key, selector, text in (("positive", self.ui.promptPointsSelector, "+ points"),
+                                    ("negative", self.ui.promptNegativeSelector, "- points"),
+                                    ("box", self.ui.promptRoiSelector, "box")):
             place = slicer.qSlicerMarkupsPlaceWidget()
             place.setMRMLScene(slicer.mrmlScene)
             place.buttonsVisible = False
@@ -199,8 +231,9 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             frame.addWidget(place)
             self.placeWidgets[key] = place
             selector.connect("currentNodeChanged(vtkMRMLNode*)", place.setCurrentNode)
-            button.connect("clicked(bool)", lambda checked, k=key, s=selector, c=cls: self.onPlace(k, s, c))
-            self.addShortcut(SHORTCUTS[key], lambda k=key, s=selector, c=cls: self.onPlace(k, s, c))
+            self.promptSelectors[key] = selector
+            button.connect("clicked(bool)", lambda checked, k=key: self.onPlace(k))
+            self.addShortcut(SHORTCUTS[key], lambda k=key: self.onPlace(k))
 
     def setupChart(self):
         self.plotWidget = slicer.qMRMLPlotWidget()
@@ -209,6 +242,9 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        if self.effectFactory is not None:
+            self.effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
+            self.effectFactory = None
         for shortcut in self.shortcuts:
             shortcut.setParent(None)
         self.shortcuts = []
@@ -218,6 +254,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        self.ui.segmentEditorWidget.setupViewObservations()  # qMRMLSegmentEditorWidget.h: from enter()
         for shortcut in self.shortcuts:  # the module's keys act only while its panel is shown
             shortcut.setEnabled(True)
 
@@ -226,12 +263,16 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.setEnabled(False)
         self.ui.segmentEditorWidget.setActiveEffect(None)
         self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
+        # qMRMLSegmentEditorWidget.h: "should be called from the exit function of the embedding module
+        # widget" (SegmentEditor.py does so): else the editor keeps observing every view's mouse and keys
+        self.ui.segmentEditorWidget.removeViewObservations()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
         self.clearEditor()  # before the nodes it shows are removed
+        self.ui.segmentEditorWidget.removeViewObservations()  # as SegmentEditor.py's onSceneStartClose
         self.logic.scene_closed()
         self.setParameterNode(None)
 
@@ -246,29 +287,51 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        if self._pathObservedNode is not None:
+            self.removeObserver(self._pathObservedNode, vtk.vtkCommand.ModifiedEvent, self.updatePathFields)
+            self._pathObservedNode = None
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._pathObservedNode = self._parameterNode.parameterNode
+            self.addObserver(self._pathObservedNode, vtk.vtkCommand.ModifiedEvent, self.updatePathFields)
+            self.updatePathFields()
+
+    def onPathEdited(self, name, path):
+        """A path field typed in or browsed: into the parameter node as text, never written back to the
+        field it came from (see PATH_FIELDS)."""
+        if self._parameterNode is not None and getattr(self._parameterNode, name) != path:
+            setattr(self._parameterNode, name, path)
+
+    def updatePathFields(self, caller=None, event=None):
+        """The parameter node's paths into their fields, only where they differ (a field being typed in
+        already holds its value: its cursor stays)."""
+        if self._parameterNode is None:
+            return
+        for name, widgetName in PATH_FIELDS.items():
+            widget, value = getattr(self.ui, widgetName), getattr(self._parameterNode, name)
+            if widget.currentPath != value:
+                widget.currentPath = value
 
     def dependenciesReady(self) -> bool:
         """The engine's packages, installed after asking if missing (no wait cursor over the dialogs)."""
-        with slicer.util.tryWithErrorDisplay("Could not install ALSeg's Python packages."):
+        with errors_shown("Could not install ALSeg's Python packages."):
             return self.logic.ensureDependencies()
-        return False
+        return False  # the error was shown (errors_shown ends it there)
 
     # project -----------------------------------------------------------------------------
 
     def onCreateProject(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not create the project.", waitCursor=True):
+        with errors_shown("Could not create the project.", wait_cursor=True):
             self.clearEditor()  # the open case's nodes go with the old project
-            self.logic.create(str(p.projectFolder), p.labels, p.modality)
+            self.logic.create(ALSegLogic.pathOrEmpty(p.projectFolder), p.labels, p.modality)
             self.refresh()
 
     def onOpenProject(self):
-        with slicer.util.tryWithErrorDisplay("Could not open the project.", waitCursor=True):
+        with errors_shown("Could not open the project.", wait_cursor=True):
             self.clearEditor()
-            self.logic.open(str(self._parameterNode.projectFolder))
+            self.logic.open(ALSegLogic.pathOrEmpty(self._parameterNode.projectFolder))
             self.refresh()
 
     def onAddFiles(self):
@@ -283,45 +346,79 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def runAdd(self, paths):
         """Reading and checking images (a DICOM series: seconds to minutes) runs as a background job."""
-        with slicer.util.tryWithErrorDisplay("Could not add the images."):
+        with errors_shown("Could not add the images."):
             self.startJob(["add", str(self.logic.require().root), *paths], "adding images")
 
     def onAddSceneVolume(self):
         node = self.ui.sceneVolumeSelector.currentNode()
         if node is not None:
-            with slicer.util.tryWithErrorDisplay("Could not add the volume.", waitCursor=True):
+            with errors_shown("Could not add the volume.", wait_cursor=True):
                 cases = self.logic.add_volumes([node])
                 slicer.util.showStatusMessage(f"Added case {', '.join(cases)}", 3000)
                 self.refresh()
 
     # prompts -----------------------------------------------------------------------------
 
-    def onPlace(self, key, selector, cls):
-        """Start (or stop) placing markups for the prompt case and label: the selector's node, or a
-        new one named for them."""
-        with slicer.util.tryWithErrorDisplay("Could not start placing the prompt."):
-            place = self.placeWidgets[key]
-            node = selector.currentNode()
-            if node is None:
-                case, label = self.ui.promptCaseComboBox.currentText, self.ui.promptLabelComboBox.currentText
-                node = slicer.mrmlScene.AddNewNodeByClass(cls, f"{case} {label} {key}")
+    def promptCaseAndLabel(self):
+        return self.ui.promptCaseComboBox.currentText, self.ui.promptLabelComboBox.currentText
+
+    def onPlace(self, key):
+        """Start (or stop) placing ``key`` markups (positive, negative, box) for the prompt case and
+        label, into their own node (made on the first placement; a node of another case or label,
+        or one stored already, is never reused)."""
+        with errors_shown("Could not start placing the prompt."):
+            case, label = self.promptCaseAndLabel()
+            if not case or not label:
+                raise ValueError("choose the prompt case and label first")
+            place, selector = self.placeWidgets[key], self.promptSelectors[key]
+            node = self.logic.prompt_markups(case, label, key)
+            if selector.currentNode() is not node:
                 selector.setCurrentNode(node)
             place.setCurrentNode(node)
             place.setPlaceModeEnabled(not place.placeModeEnabled)
 
+    def showPromptMarkups(self):
+        """The selectors on the prompt case and label's unstored markups (empty where there are none yet);
+        placing stops."""
+        case, label = self.promptCaseAndLabel()
+        for key, selector in self.promptSelectors.items():
+            place = self.placeWidgets[key]
+            if place.placeModeEnabled:
+                place.setPlaceModeEnabled(False)
+            node = self.logic.prompt_markups(case, label, key, create=False) if case and label else None
+            selector.setCurrentNode(node)
+
+    def onPromptCaseChosen(self, index):
+        """A prompt case chosen: shown in the views with its pseudo-label if it has one (nothing of the
+        open case is stored unless accepted: asks first), and the selectors on its own markups."""
+        case = self.ui.promptCaseComboBox.itemText(index)
+        if not case:
+            return
+        with errors_shown("Could not show the prompt case."):
+            current = self.logic.current_case()
+            if current is None or current.case != case:
+                if current is not None and not slicer.util.confirmOkCancelDisplay(
+                        f"Show {case} to place its prompts? The edits of {current.case} are not stored unless you "
+                        "accept them first."):
+                    return
+                self.clearEditor()
+                self.showCase(self.logic.open_case(case, start_with="pseudo"))
+            self.showPromptMarkups()
+
     def onAddPrompt(self):
-        with slicer.util.tryWithErrorDisplay("Could not store the prompt.", waitCursor=True):
+        with errors_shown("Could not store the prompt.", wait_cursor=True):
             case = self.ui.promptCaseComboBox.currentText
             label = self.ui.promptLabelComboBox.currentText
             path = self.logic.add_prompt(case, label, points=self.ui.promptPointsSelector.currentNode(),
                                          negative=self.ui.promptNegativeSelector.currentNode(),
                                          roi=self.ui.promptRoiSelector.currentNode())
             slicer.util.showStatusMessage(f"Prompt stored in {path}", 3000)
+            self.showPromptMarkups()  # stored (locked): the next placement starts new nodes
 
     def onPseudolabelCase(self):
         if not self.dependenciesReady():
             return
-        with slicer.util.tryWithErrorDisplay("Could not start the pseudo-labels."):
+        with errors_shown("Could not start the pseudo-labels."):
             case = self.ui.promptCaseComboBox.currentText
             p = self._parameterNode
             args = self.logic.pseudolabel_case_args(case, checkpoint=ALSegLogic.pathOrEmpty(p.checkpoint), device=p.device)
@@ -358,7 +455,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStart(self):
         if not self.dependenciesReady():
             return
-        with slicer.util.tryWithErrorDisplay("Could not start the round."):
+        with errors_shown("Could not start the round."):
             self.startJob(self.logic.round_args(self.logic.roundOptions(self._parameterNode)), "round")
 
     def onCancel(self):
@@ -397,7 +494,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(100)
             self.ui.progressLabel.text = f"{what}: done"
             if onSuccess is not None:
-                with slicer.util.tryWithErrorDisplay(f"Could not load the result of {what}."):
+                with errors_shown(f"Could not load the result of {what}."):
                     onSuccess()
         self.refresh()
 
@@ -407,7 +504,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self.ui.applyVolumeSelector.currentNode()
         if not self.dependenciesReady():
             return
-        with slicer.util.tryWithErrorDisplay("Could not start the prediction."):
+        with errors_shown("Could not start the prediction."):
             model = self.logic.latest_model()
             args, out = self.logic.apply_model_args(volume, model, device=self._parameterNode.device)
             try:
@@ -422,7 +519,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, "Export the model to an empty folder (SlicerNNUNet, nnU-Net)")
         if not folder:
             return
-        with slicer.util.tryWithErrorDisplay("Could not export the model."):
+        with errors_shown("Could not export the model."):
             self.startJob(self.logic.export_model_args(folder), "model export",
                           onSuccess=lambda: slicer.util.infoDisplay(
                               f"The model is in {folder}: choose this folder as the model path of the NNUNet extension."))
@@ -436,14 +533,14 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(None)
         editor.setSourceVolumeNode(None)
 
-    def reviewStep(self, message, step, waitCursor=True):
+    def reviewStep(self, message, step, wait_cursor=True):
         """One review action at a time: a second click or key while one runs is ignored (it would act
         on the case the first one opened)."""
         if self._busy:
             return
         self._busy = True
         try:
-            with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+            with errors_shown(message, wait_cursor=wait_cursor):
                 step()
         finally:
             self._busy = False
@@ -517,7 +614,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUncertainty(self, checked):
         """The uncertainty map is computed off the GUI thread, then shown as the foreground layer."""
-        with slicer.util.tryWithErrorDisplay("Could not show the uncertainty."):
+        with errors_shown("Could not show the uncertainty."):
             opened = self.logic.current_case()
             if not checked or opened is None:
                 slicer.util.setSliceViewerLayers(foreground=None, foregroundOpacity=0.0)
@@ -538,7 +635,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if thread.is_alive():
                     qt.QTimer.singleShot(100, poll)
                     return
-                with slicer.util.tryWithErrorDisplay("Could not show the uncertainty."):
+                with errors_shown("Could not show the uncertainty."):
                     if "error" in result:
                         raise result["error"]
                     current = self.logic.current_case()
@@ -574,7 +671,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # results -----------------------------------------------------------------------------
 
     def onOpenReport(self):
-        with slicer.util.tryWithErrorDisplay("Could not open the report."):
+        with errors_shown("Could not open the report."):
             path = self.logic.latest_report()
             if path is None:
                 slicer.util.showStatusMessage("No round report yet.", 3000)
@@ -668,6 +765,10 @@ class ALSegTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_round_review_accept()
+        self.setUp()
+        self.test_jobs_end_on_both_launchers()
+        self.setUp()
+        self.test_prompt_cases_and_leaving_the_module()
 
     def requireEngine(self):
         """Skip (ctest, testing mode: nothing is installed) when the engine's packages are missing; ctest
@@ -762,6 +863,78 @@ class ALSegTest(ScriptedLoadableModuleTest):
         logic.scene_closed()
         self.assertIsNone(logic.current_case())
         self.delayDisplay("ALSeg test passed")
+
+    def test_jobs_end_on_both_launchers(self):
+        """A background job ends, with its output read, on Slicer's launcher (5.12 and newer) and on the
+        qt.QProcess path (the only one on 5.10-5.11, where PythonQt hands a QByteArray per read)."""
+        import json
+
+        self.requireEngine()
+        logic = ALSegLogic()
+        folder = pathlib.Path(slicer.util.tempDirectory("ALSegJobs")) / "project"
+        logic.create(folder, "organ=1", "CT")
+        for qprocess in (False, True):
+            lines = []
+            job = self.wait(jobs.start_in_slicer("status", str(folder), "--json", on_line=lines.append, qprocess=qprocess))
+            status = json.loads("\n".join(ln for ln in lines if not ln.startswith('{"event"')))
+            self.assertEqual(status["cases"], 0, f"qprocess={qprocess}")
+            self.assertFalse(job.running)
+
+    def test_prompt_cases_and_leaving_the_module(self):
+        """Choosing a prompt case shows it; two prompt cases get two markups nodes; leaving the module
+        removes the embedded Segment Editor's view observations."""
+        self.requireEngine()
+        from ALSegLib import phantoms
+        from ALSegSlicer import scene as glue
+
+        widget = slicer.modules.alseg.widgetRepresentation().self()
+        logic = widget.logic
+        folder = pathlib.Path(slicer.util.tempDirectory("ALSegPrompts")) / "project"
+        project = logic.create(folder, "organ=1,vessel=2,lesion=3", "CT")
+        nodes = []
+        for i in range(2):
+            image, label = phantoms.make_phantom(i, "CT", size=32)
+            nodes.append(glue.volume_node_from_image(slicer.mrmlScene, image, f"case{i}"))
+        a, b = logic.add_volumes(nodes)
+        project.write_label(a, "pseudo", phantoms.make_phantom(0, "CT", size=32)[1], source="import")
+        widget.refresh()
+        combo = widget.ui.promptCaseComboBox
+        widget.onPromptCaseChosen(combo.findText(a))
+        opened = logic.current_case()
+        self.assertEqual((opened.case, opened.started_from), (a, "pseudo"))
+        layout = slicer.app.layoutManager()
+        if layout is not None:
+            composite = layout.sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+            self.assertEqual(composite.GetBackgroundVolumeID(), opened.volume.GetID())
+        widget.ui.promptLabelComboBox.setCurrentText("organ")
+        widget.onPlace("positive")
+        first = widget.ui.promptPointsSelector.currentNode()
+        widget.placeWidgets["positive"].setPlaceModeEnabled(False)
+        first.AddControlPointWorld(vtk.vtkVector3d(*opened.volume.GetOrigin()))
+        widget.onAddPrompt()
+        self.assertEqual(first.GetAttribute("ALSeg.PromptStored"), "1")
+        self.assertIsNone(widget.ui.promptPointsSelector.currentNode())
+        widget.clearEditor()
+        logic.review.close()  # no open case: choosing b asks nothing
+        widget.onPromptCaseChosen(combo.findText(b))
+        self.assertEqual(logic.current_case().case, b)
+        self.assertIsNone(logic.current_case().started_from)  # no pseudo-label yet: empty segments
+        widget.onPlace("positive")
+        second = widget.ui.promptPointsSelector.currentNode()
+        widget.placeWidgets["positive"].setPlaceModeEnabled(False)
+        self.assertIsNotNone(second)
+        self.assertIsNot(second, first)
+        self.assertEqual(second.GetAttribute("ALSeg.PromptCase"), b)
+        self.assertEqual(second.GetNumberOfControlPoints(), 0)
+        if layout is not None:  # the editor observes each slice pose while the module is shown, not after
+            slicer.util.selectModule("ALSeg")
+            pose = layout.sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
+            self.assertTrue(pose.HasObserver(vtk.vtkCommand.ModifiedEvent))
+            slicer.util.selectModule("Data")
+            self.assertFalse(pose.HasObserver(vtk.vtkCommand.ModifiedEvent))
+            slicer.util.selectModule("ALSeg")
+        widget.clearEditor()
+        logic.review.close()
 
     def runJob(self, logic, parameters, extra):
         return self.wait(logic.startRound(parameters, extraArgs=extra))

@@ -90,8 +90,16 @@ class TrainingCurves:
 
 
 def _named(scene, cls: str, name: str):
+    """The scene's node of class ``cls`` named ``name``, made if there is none. The collection
+    ``GetNodesByClassByName`` returns is the caller's to delete (vtkMRMLScene.h: "You are
+    responsible for deleting the collection"; Python's wrapper holds one more reference, so it
+    is released as Slicer's util.getNodesByClass does: ``UnRegister``); kept, it would hold
+    the nodes alive after the scene closes."""
     nodes = scene.GetNodesByClassByName(cls, name)
-    node = nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
+    try:
+        node = nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
+    finally:
+        nodes.UnRegister(None)
     return node if node is not None else scene.AddNewNodeByClass(cls, name)
 
 

@@ -26,6 +26,11 @@ from . import scene as glue
 from .review import OpenCase, ReviewSession
 
 PROMPTS_FILE = "prompts/slicer.json"  # Layout.slicer_prompts, relative to the project
+# the markups node class of each prompt kind the panel places, and the attributes that tie a node to its case
+PROMPT_KINDS = {"positive": "vtkMRMLMarkupsFiducialNode", "negative": "vtkMRMLMarkupsFiducialNode",
+                "box": "vtkMRMLMarkupsROINode"}
+PROMPT_ATTRIBUTES = ("ALSeg.PromptCase", "ALSeg.PromptLabel", "ALSeg.PromptKind")
+PROMPT_STORED = "ALSeg.PromptStored"
 
 
 @dataclass
@@ -69,13 +74,14 @@ class Session:
 
     def create(self, folder: str | Path, labels: str, modality: str, name: str | None = None) -> Project:
         """A new project (``labels``: ``NAME=VALUE[:#RRGGBB],...``)."""
-        project = Project.create(folder, LabelTable.parse(labels), modality, name=name)
+        project = Project.create(_chosen_folder(folder, "create the project in"), LabelTable.parse(labels), modality,
+                                 name=name)
         self._end_review()
         self.project = project
         return self.project
 
     def open(self, folder: str | Path) -> Project:
-        project = Project.open(folder)
+        project = Project.open(_chosen_folder(folder, "open"))
         self._end_review()
         self.project = project
         return self.project
@@ -110,6 +116,25 @@ class Session:
 
     # prompts -------------------------------------------------------------------------------
 
+    def prompt_markups(self, case: str, label: str, kind: str, create: bool = True):
+        """The markups node that collects ``kind`` (``positive``/``negative`` points, ``box``)
+        prompts of ``case``/``label`` and is not stored yet: found by its attributes, else made
+        (named ``CASE LABEL KIND``) when ``create``, else None. One node per case, label and kind:
+        points placed for one case never land in another's node."""
+        cls = PROMPT_KINDS.get(kind)
+        if cls is None:
+            raise InputError(f"prompt kind {kind!r}", f"not one of {', '.join(PROMPT_KINDS)}")
+        for i in range(self.scene.GetNumberOfNodesByClass(cls)):  # no collection to release
+            node = self.scene.GetNthNodeByClass(i, cls)
+            if prompt_owner(node) == (case, label, kind) and node.GetAttribute(PROMPT_STORED) != "1":
+                return node
+        if not create:
+            return None
+        node = self.scene.AddNewNodeByClass(cls, f"{case} {label} {kind}")
+        for key, value in zip(PROMPT_ATTRIBUTES, (case, label, kind), strict=True):
+            node.SetAttribute(key, value)
+        return node
+
     def add_prompt(self, case: str, label: str, *, points=None, negative=None, roi=None) -> Path:
         """Store one SAM prompt placed in the scene for ``case``/``label`` in the project's
         Slicer prompt file (RAS): positive points and negative points from markups point-list
@@ -121,6 +146,13 @@ class Session:
             raise InputError(f"case {case!r}", f"not in project {project.root}")
         if label not in project.labels.mapping:
             raise InputError(f"label {label!r}", f"not in the label table ({', '.join(project.labels.mapping)})")
+        for node, kind in ((points, "positive"), (negative, "negative"), (roi, "box")):
+            owner = None if node is None else prompt_owner(node)
+            if owner is not None and owner != (case, label, kind):
+                raise InputError(f"markups {node.GetName()!r}", f"were placed as {owner[2]} for {owner[0]}/{owner[1]}, "
+                                 f"not as {kind} for {case}/{label}: choose that case and label, or place new ones")
+            if owner is not None and node.GetAttribute(PROMPT_STORED) == "1":
+                raise InputError(f"markups {node.GetName()!r}", "are stored already as a prompt: place new ones")
         entry: dict = {}
         if roi is not None:
             center, size = [0.0] * 3, [0.0] * 3
@@ -143,6 +175,10 @@ class Session:
             data["cases"].setdefault(case, {}).setdefault(label, []).append(entry)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_json(path, data)
+        for node in (points, negative, roi):  # ALSeg's own, stored: locked, and the next placement makes a new node
+            if node is not None and prompt_owner(node) is not None:
+                node.SetAttribute(PROMPT_STORED, "1")
+                node.SetLocked(1)
         return path
 
     # background work -----------------------------------------------------------------------
@@ -351,6 +387,22 @@ class Session:
         return (f"{status['name']} ({status['modality']}): {status['cases']} cases"
                 + (f"; labels: {labeled}" if labeled else "; no labels yet")
                 + (f"; round(s) {', '.join(map(str, waiting))} wait for review" if waiting else ""))
+
+
+def prompt_owner(node) -> tuple[str, str, str] | None:
+    """(case, label, kind) a prompt markups node was made for (:meth:`Session.prompt_markups`);
+    None for a node ALSeg did not make."""
+    values = tuple(node.GetAttribute(key) for key in PROMPT_ATTRIBUTES)
+    return values if all(values) else None
+
+
+def _chosen_folder(folder: str | Path, what: str) -> Path:
+    """The panel's folder field, refused when empty: an unset path field reads "" (or ".", an unset
+    ``pathlib.Path`` written as text), which would be Slicer's working directory."""
+    text = str(folder).strip()
+    if text in ("", "."):
+        raise InputError("project folder", f"none chosen: choose the folder to {what} first")
+    return Path(text)
 
 
 def discard_apply_files(label_file: str | Path) -> None:

@@ -314,6 +314,27 @@ def _exited(pid: int) -> bool:
     return not state or state.startswith("Z")
 
 
+def output_bytes(data) -> bytes:
+    """The bytes of one process read: ``qt.QProcess.readAllStandardOutput()`` returns PythonQt's
+    wrapped ``QByteArray``, which has no buffer protocol, ``__bytes__`` or sequence slots
+    (PythonQt's PythonQtInstanceWrapper.cpp: ``tp_as_buffer`` is null; PythonQtConversion.cpp
+    no longer converts QByteArray to ``bytes``): ``bytes(data)`` raises; its ``data()`` (added by
+    PythonQt's typesystem_core.xml) gives the bytes, as Slicer's own code reads it
+    (DICOMLib/DICOMExportScene.py: ``dumpByteArray.data()``). Plain ``bytes``/``bytearray``/
+    ``memoryview`` (a subprocess pipe, a test) pass through."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    read = getattr(data, "data", None)
+    if callable(read):
+        value = read()
+        if isinstance(value, str):  # PythonQt builds for Python 2 gave str
+            return value.encode("utf-8", "surrogateescape")
+        return bytes(value)
+    if data is None:
+        return b""
+    raise TypeError(f"not a process read (bytes or a QByteArray): {type(data).__name__}")
+
+
 class LineBuffer:
     """Bytes as they arrive from a process (a read can end in the middle of a line, or of a
     UTF-8 character) -> whole lines; :meth:`flush` gives the last unterminated line at the end."""
@@ -321,8 +342,9 @@ class LineBuffer:
     def __init__(self):
         self._pending = b""
 
-    def feed(self, data: bytes) -> list[str]:
-        self._pending += bytes(data)
+    def feed(self, data) -> list[str]:
+        """``data``: bytes, or a PythonQt ``QByteArray`` (:func:`output_bytes`)."""
+        self._pending += output_bytes(data)
         *lines, self._pending = self._pending.split(b"\n")
         return [ln.rstrip(b"\r").decode("utf-8", "replace") for ln in lines]
 
@@ -426,13 +448,16 @@ class SubprocessJob(Job):
 class SlicerJob(Job):
     """An engine job in Slicer: Slicer's process launcher, callbacks on the main thread."""
 
-    def __init__(self, args: Sequence[str], *, on_event=None, on_line=None, on_done=None, env: dict | None = None):
+    def __init__(self, args: Sequence[str], *, on_event=None, on_line=None, on_done=None, env: dict | None = None,
+                 qprocess: bool = False):
+        """``qprocess``: the ``qt.QProcess`` path even where Slicer's launcher could run it (the
+        self-test covers both on Slicer >= 5.12)."""
         import slicer
 
         super().__init__(args, on_event, on_line, on_done)
         environment = engine_environment(env)
         launcher = slicer.util.launchConsoleProcess
-        if "blocking" in inspect.signature(launcher).parameters:  # Slicer >= 5.12
+        if not qprocess and "blocking" in inspect.signature(launcher).parameters:  # Slicer >= 5.12
             self.process = launcher(self.args, useStartupEnvironment=False, updateEnvironment=environment,
                                     blocking=False, logCallback=self._line, completedCallback=self._finish)
             self.pid = self.process.pid
@@ -461,15 +486,17 @@ class SlicerJob(Job):
         return process
 
     def _on_output(self, data) -> None:
-        for line in self._buffer.feed(bytes(data)):
+        for line in self._buffer.feed(data):
             self._line(line)
 
     def _on_finished(self, code: int, normal_exit: bool) -> None:
-        if self.process is not None:  # what is still unread, then the last unterminated line
-            self._on_output(self.process.readAllStandardOutput())
-        for line in self._buffer.flush():
-            self._line(line)
-        self._finish(int(code) if normal_exit else -int(signal.SIGKILL))
+        try:
+            if self.process is not None:  # what is still unread, then the last unterminated line
+                self._on_output(self.process.readAllStandardOutput())
+            for line in self._buffer.flush():
+                self._line(line)
+        finally:  # the job ends even when its last output cannot be read: never "running" forever
+            self._finish(int(code) if normal_exit else -int(signal.SIGKILL))
 
     def _on_error(self, failed_to_start: bool, text: str) -> None:
         """A process that could not start never sends ``finished``: end the job here, from the event
@@ -484,9 +511,11 @@ class SlicerJob(Job):
                 self._finish(127, message)
 
 
-def start_in_slicer(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None) -> SlicerJob:
-    """Run ``alseg ALSEG_ARGS`` in the background from Slicer."""
-    return SlicerJob(engine_command(*alseg_args), on_event=on_event, on_line=on_line, on_done=on_done, env=env)
+def start_in_slicer(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None,
+                    qprocess: bool = False) -> SlicerJob:
+    """Run ``alseg ALSEG_ARGS`` in the background from Slicer (``qprocess``: see :class:`SlicerJob`)."""
+    return SlicerJob(engine_command(*alseg_args), on_event=on_event, on_line=on_line, on_done=on_done, env=env,
+                     qprocess=qprocess)
 
 
 def start(*alseg_args: str, on_event=None, on_line=None, on_done=None, env: dict | None = None,

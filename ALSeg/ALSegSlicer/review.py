@@ -119,6 +119,7 @@ class ReviewSession:
         files = self._take_prefetched(case, item, start_with) or self._read(case, item, start_with)
         volume = glue.volume_node_from_array(self.scene, files.voxels, files.ijk_to_ras, case,
                                              window_level=files.window_level)
+        volume.SetAttribute(glue.CASE_ATTRIBUTE, case)  # a project case shown for review, not a new volume to add
         try:
             segmentation = glue.segmentation_node_from_numbers(self.scene, files.numbered, volume, self.project.labels,
                                                                f"{case} segmentation")
@@ -319,6 +320,8 @@ class ReviewSession:
         if image is None:
             return None  # computed off the GUI thread by uncertainty_map, or none stored: never here
         node = glue.volume_node_from_image(self.scene, image, name)
+        node.SetAttribute(glue.CASE_ATTRIBUTE, self.current.case)
+        node.SetHideFromEditors(True)  # an overlay: not offered by the panel's (or any) volume selectors
         display = node.GetDisplayNode()
         if display is not None:
             display.SetAndObserveColorNodeID(UNCERTAINTY_COLORS)

@@ -25,6 +25,7 @@ from ALSegLib.errors import InputError
 from ALSegLib.project import LabelTable, Project
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+CASE_ATTRIBUTE = "ALSeg.Case"  # on the volumes the review opens (and their overlays): the case they show
 _VTK_TYPES = {np.dtype(np.uint8): vtk.VTK_UNSIGNED_CHAR, np.dtype(np.int8): vtk.VTK_SIGNED_CHAR,
               np.dtype(np.uint16): vtk.VTK_UNSIGNED_SHORT, np.dtype(np.int16): vtk.VTK_SHORT,
               np.dtype(np.uint32): vtk.VTK_UNSIGNED_INT, np.dtype(np.int32): vtk.VTK_INT,
@@ -320,6 +321,10 @@ def add_volume_nodes(project: Project, nodes: Sequence, case_ids: Sequence[str] 
     names unless given); returns the case ids."""
     import tempfile
 
+    for node in nodes:
+        if node.GetAttribute(CASE_ATTRIBUTE):
+            raise InputError(f"volume {node.GetName()!r}", f"is case {node.GetAttribute(CASE_ATTRIBUTE)!r} of the "
+                             "project, opened for review: it is a case already")
     case_ids = list(case_ids) if case_ids is not None else case_ids_for_nodes(nodes)
     if len(case_ids) != len(nodes):
         raise InputError("case ids", f"{len(case_ids)} ids for {len(nodes)} volumes")

@@ -240,9 +240,103 @@ def merge(section: dict) -> None:
     write_results("pseudo_trust", figures)
 
 
+ORACLE_ARMS = ["hybrid+finetune", "random+finetune", "hybrid+filtermatch", "pseudo-only", "supervised-only",
+               "full supervision"]
+
+
+def oracle(args) -> dict:
+    """The Hippocampus oracle on LiteMedSAM's pseudo-labels with the round recipe of the defaults (trust
+    0.2, fine-tuning from the pretrained weights at nnU-Net's learning rate): ``--oracle-cases`` cases
+    drawn with split seed 0, 40 held out, the rest the pool; 2 rounds of ``--oracle-budget`` cases (with
+    an 80-case pool, 2 x 2: 2.5 % then 5 %); one experiment folder per seed under --dir (a stopped run
+    resumes: every job is stored whole). Per fraction and arm the Dice of each seed, full supervision per
+    seed, and the effort (cumulative voxels corrected / drawn from scratch) per arm at the last fraction."""
+    import random as _random
+
+    from common import commit, shared_data
+
+    from ALSegLib.project import Project
+    from ALSegLib.settings import PseudoSource, RoundSettings
+    from ALSegLib.simulate import ExperimentSettings, simulate
+
+    data = shared_data()
+    if data is None or not (data / "hippocampus" / "imagesTr").is_dir():
+        print("shared Hippocampus data not found: the oracle part measured nothing")
+        return {}
+    hippo = data / "hippocampus"
+    work = Path(args.dir) / "oracle"
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in (hippo / "imagesTr").glob("*.nii.gz"))
+    chosen = sorted(_random.Random(0).sample(cases, args.oracle_cases))
+    test = sorted(_random.Random(1).sample(chosen, 40))
+    root = work / "source"
+    if (root / "alseg.json").is_file():
+        source = Project.open(root)
+    else:
+        source = Project.create(root, {"anterior": 1, "posterior": 2}, "MRI")
+        source.add_cases([hippo / "imagesTr" / f"{c}.nii.gz" for c in chosen],
+                         references=[hippo / "labelsTr" / f"{c}.nii.gz" for c in chosen], case_ids=chosen)
+    rounds = RoundSettings(
+        budget=str(args.oracle_budget), configuration="2d", batch_size=12,
+        pseudo=PseudoSource("sam", prompts_from_reference=args.oracle_boxes, axis="sagittal"),
+        pretrain_epochs=args.oracle_pretrain_epochs, pretrain_iterations=100, epochs=args.oracle_epochs, iterations=100,
+        val_iterations=10, device=args.device,
+        # FilterMatch's schedule scaled to a 10-epoch round as nnFilterMatch's 20/100/100 is to 1000 epochs
+        filtermatch={"warmup_epochs": 1, "filter_start": 3, "filter_every": 3})
+    old = json.loads(RESULTS.read_text()).get("oracle", {}) if RESULTS.is_file() else {}
+    per_seed = dict(old.get("per_seed", {}))  # seeds run in earlier sessions are kept
+    for seed in args.seeds:
+        t = time.perf_counter()
+        results = simulate(source, work / f"seed{seed}", ExperimentSettings(
+            rounds=2, seeds=[seed], test=test, arms=args.oracle_arms, round=rounds))
+        row: dict = {"seconds": round(time.perf_counter() - t, 1), "pseudo_label_dice": results.get("pseudo_label_dice"),
+                     "fractions": {}, "per_class": {}, "effort": {}, "commit": commit()}
+        for arm, data_ in results["arms"].items():
+            for point in data_["points"]:
+                dice = round(point["mean_dice"], 4)
+                if arm == "full supervision":
+                    row["full"] = dice
+                    continue
+                fraction = f"{point['fraction']:.3g}"
+                row["fractions"].setdefault(fraction, {})[arm] = dice
+                row["per_class"].setdefault(fraction, {})[arm] = {c: round(v, 4) for c, v in point["per_class"].items()}
+            last = data_["points"][-1]
+            if arm not in ("pseudo-only", "full supervision") and last.get("corrected_fraction") is not None:
+                row["effort"][arm] = round(last["corrected_fraction"], 4)
+        per_seed[str(seed)] = row
+        print(json.dumps({"seed": seed, "dice": results["dice"]}), flush=True)
+    seeds = sorted(per_seed, key=int)
+    fractions: dict = {}
+    for seed in seeds:
+        for fraction, arms in per_seed[seed]["fractions"].items():
+            for arm, dice in arms.items():
+                fractions.setdefault(fraction, {}).setdefault(arm, []).append(dice)
+    efforts: dict = {}
+    for seed in seeds:
+        for arm, value in per_seed[seed]["effort"].items():
+            efforts.setdefault(arm, []).append(value)
+    out = {"per_seed": per_seed, "seeds_run": [int(x) for x in seeds], "fractions": fractions,
+           "full": [per_seed[x].get("full") for x in seeds],
+           "effort": {arm: round(float(sum(v) / len(v)), 4) for arm, v in efforts.items()}}
+    out.update(pool=len(chosen) - len(test), test=len(test), arms=args.oracle_arms,
+               pseudo_source=f"LiteMedSAM (built in), {args.oracle_boxes} boxes per structure per case from the "
+                             "reference (simulated prompts), sagittal slices",
+               compute=f"2d, batch 12, {args.device}; pretraining {args.oracle_pretrain_epochs} x 100 steps; each round "
+                       f"{args.oracle_epochs} x 100 from the pretrained weights (trust 0.2, lr 1e-2); each from-scratch "
+                       "baseline pretraining + one round's steps; FilterMatch warm-up 1, filter from epoch 3 every 3",
+               rerun_on_gpu="python Testing/Benchmarks/bench_pseudo_trust.py --parts oracle --seeds 0 1 2 --device cuda "
+                            "--oracle-pretrain-epochs 1000 --oracle-epochs 250")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["ablation"], choices=("ablation", "demo", "cardiac"))
+    ap.add_argument("--parts", nargs="+", default=["ablation"], choices=("ablation", "demo", "cardiac", "oracle"))
+    ap.add_argument("--oracle-cases", type=int, default=120, help="Hippocampus cases drawn (40 held out, the rest the pool)")
+    ap.add_argument("--oracle-budget", type=int, default=2, help="cases per round (2 x 2 = 2.5 %% then 5 %% of 80)")
+    ap.add_argument("--oracle-boxes", type=int, default=3, help="boxes per structure per case (simulated prompts)")
+    ap.add_argument("--oracle-pretrain-epochs", type=int, default=20, help="x 100 steps")
+    ap.add_argument("--oracle-epochs", type=int, default=10, help="each round's fine-tuning, x 100 steps")
+    ap.add_argument("--oracle-arms", nargs="+", default=ORACLE_ARMS, choices=ORACLE_ARMS)
     ap.add_argument("--cardiac-humans", type=int, default=2, help="patients whose references become human labels")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -255,6 +349,10 @@ def main() -> None:
     os.environ.setdefault("ALSEG_PROGRESS", "off")
     if "cardiac" in args.parts:
         merge({"cardiac": cardiac(Path(args.dir) / "cardiac", args.cardiac_humans)})
+    if "oracle" in args.parts:
+        figures = oracle(args)
+        if figures:
+            merge({"oracle": {k: v for k, v in figures.items() if k != "effort"}, "effort": figures["effort"]})
     for seed in args.seeds:
         if "ablation" in args.parts:
             ablation(seed, Path(args.dir) / f"ablation-seed{seed}", args.arms, args.scale, args.device)

@@ -117,6 +117,40 @@ class _Signal:
             slot(*args)
 
 
+class StandInQByteArray:
+    """What PythonQt hands Python for a ``QByteArray`` a slot returns: a wrapped instance, not
+    ``bytes``. PythonQtConversion.cpp (ConvertQtValueToPythonInternal) has the QByteArray -> bytes
+    case commented out ("implicit conversion from QByteArray to str has been removed"), the
+    wrapper has no buffer protocol (PythonQtInstanceWrapper.cpp: ``tp_as_buffer`` null), no
+    ``__bytes__``, no ``__len__``/``__getitem__`` (operator[] is removed), and ``str()`` gives
+    ``b'...'``'s repr; ``data()`` (typesystem_core.xml) returns the bytes."""
+
+    def __init__(self, raw: bytes):
+        self._raw = bytes(raw)
+
+    def data(self) -> bytes:
+        return self._raw
+
+    def __str__(self):
+        return repr(self._raw)
+
+    def __iter__(self):  # no sequence protocol: bytes(qba) fails as it does in PythonQt
+        raise TypeError("'QByteArray' object is not iterable")
+
+
+def test_a_process_read_is_bytes_from_a_pythonqt_qbytearray_or_from_plain_bytes():
+    raw = "epoch 3 · Dice 0.91\n".encode()
+    with pytest.raises(TypeError):
+        bytes(StandInQByteArray(raw))  # what jobs.py did before: every read raised inside Slicer 5.10
+    assert jobs.output_bytes(StandInQByteArray(raw)) == raw
+    assert jobs.output_bytes(raw) == raw and jobs.output_bytes(bytearray(raw)) == raw
+    assert jobs.output_bytes(memoryview(raw)) == raw and jobs.output_bytes(StandInQByteArray(b"")) == b""
+    with pytest.raises(TypeError, match="QByteArray"):
+        jobs.output_bytes(12)
+    buffer = jobs.LineBuffer()
+    assert buffer.feed(StandInQByteArray(raw[:5])) == [] and buffer.feed(StandInQByteArray(raw[5:])) == [raw.decode().strip()]
+
+
 class StandInQProcess:
     """The part of PythonQt's ``qt.QProcess`` the job uses, run by a real subprocess: output arrives in
     chunks cut anywhere, and a connection is made only by a full signal signature (as PythonQt needs for
@@ -157,7 +191,7 @@ class StandInQProcess:
 
     def readAllStandardOutput(self):
         out, self.pending = self.pending, b""
-        return out
+        return StandInQByteArray(out)  # a wrapped QByteArray, as PythonQt returns it
 
     def run_event_loop(self, chunk=7):
         """Deliver the output in chunks of ``chunk`` bytes, then the end."""
@@ -222,3 +256,19 @@ def test_the_real_engine_runs_as_a_job(tmp_path, project):
     env = jobs.engine_environment({})
     assert env["ALSEG_PROGRESS"] == "jsonl" and env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
     assert jobs.engine_command("round", "p", python="py")[:5] == ["py", "-m", "ALSegLib", "--progress", "jsonl"]
+
+
+def test_a_job_whose_last_read_fails_still_ends():
+    """Before, a read that raised in ``finished`` left the job "starting..." forever and every later
+    job refused; the job now ends whatever its last read does (the error still surfaces)."""
+    class Broken:
+        def readAllStandardOutput(self):
+            raise RuntimeError("the process's channel is gone")
+
+    done = []
+    job = jobs.SlicerJob.__new__(jobs.SlicerJob)
+    jobs.Job.__init__(job, ["x"], on_done=lambda code, err: done.append(code))
+    job.process, job._buffer = Broken(), jobs.LineBuffer()
+    with pytest.raises(RuntimeError, match="channel is gone"):
+        job._on_finished(0, True)
+    assert done == [0] and not job.running

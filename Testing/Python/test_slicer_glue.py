@@ -178,6 +178,11 @@ def test_case_ids_come_from_node_names_as_from_file_names(tmp_path):
     with pytest.raises(InputError, match="'a:b'.*as volume 'a b' does"):
         glue.add_volume_nodes(project, twins)
     assert project.cases() == ["3__CT_chest", "CT_abdomen__2_"]
+    # the volume the review opened for a case is that case, not a new one
+    opened = ReviewSession(project, scene).open("3__CT_chest")
+    with pytest.raises(InputError, match="is case '3__CT_chest' of the project, opened for review"):
+        glue.add_volume_nodes(project, [opened.volume])
+    assert project.cases() == ["3__CT_chest", "CT_abdomen__2_"]
 
 
 def _pseudo_without_lesion(project):
@@ -381,6 +386,58 @@ def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phant
         session.add_prompt(case, "spleen", points=points)
 
 
+def test_each_prompt_case_label_and_kind_gets_its_own_markups_node(tmp_path, phantom_dir):
+    """Points placed for case B never land in the node of case A's stored prompt, and a node placed
+    for one case cannot be stored as another's."""
+    from ALSegLib.pseudolabels.prompts import read_prompt_file
+    from ALSegSlicer.facade import Session
+
+    scene = slicer.vtkMRMLScene()
+    session = Session(scene)
+    project = session.create(tmp_path / "p", "organ=1,vessel=2,lesion=3", "CT")
+    a, b = session.add_files([phantom_dir / "images"])[:2]
+    assert session.prompt_markups(a, "organ", "positive", create=False) is None
+    points_a = session.prompt_markups(a, "organ", "positive")
+    assert points_a.GetName() == f"{a} organ positive" and points_a.IsA("vtkMRMLMarkupsFiducialNode")
+    assert session.prompt_markups(a, "organ", "positive") is points_a  # found again, not made twice
+    box_a = session.prompt_markups(a, "organ", "box")
+    assert box_a.IsA("vtkMRMLMarkupsROINode") and box_a is not points_a
+    points_a.AddControlPointWorld(vtk_point(glue.node_ijk_to_ras(
+        glue.volume_node_from_image(scene, project.read_image(a), a))[:3, 3]))
+    points_b = session.prompt_markups(b, "organ", "positive")
+    assert points_b is not points_a and points_b.GetNumberOfControlPoints() == 0
+    assert session.prompt_markups(a, "vessel", "positive") not in (points_a, points_b)  # per label too
+    with pytest.raises(InputError, match=f"placed as positive for {a}/organ, not as positive for {b}/organ"):
+        session.add_prompt(b, "organ", points=points_a)
+    with pytest.raises(InputError, match="not as negative"):
+        session.add_prompt(a, "organ", negative=points_a)  # a positive node given as negative
+    path = session.add_prompt(a, "organ", points=points_a)
+    pf = read_prompt_file(path, list(project.labels.mapping), project.cases())
+    assert list(pf.cases) == [a]
+    assert points_a.GetLocked() and points_a.GetAttribute("ALSeg.PromptStored") == "1"
+    with pytest.raises(InputError, match="stored already"):
+        session.add_prompt(a, "organ", points=points_a)
+    fresh = session.prompt_markups(a, "organ", "positive")  # the next prompt of a starts a new node
+    assert fresh is not points_a and fresh.GetNumberOfControlPoints() == 0
+    with pytest.raises(InputError, match="kind"):
+        session.prompt_markups(a, "organ", "circle")
+
+
+def test_an_unset_folder_field_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
+    """An untouched path field reads "" ("." from an unset pathlib.Path parameter): Create and Open
+    say to choose a folder, and nothing is made in Slicer's working directory."""
+    from ALSegSlicer.facade import Session
+
+    monkeypatch.chdir(tmp_path)
+    session = Session(slicer.vtkMRMLScene())
+    for folder in ("", ".", "  "):
+        with pytest.raises(InputError, match="none chosen: choose the folder to create the project in"):
+            session.create(folder, "organ=1", "CT")
+        with pytest.raises(InputError, match="none chosen: choose the folder to open"):
+            session.open(folder)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pseudo_label_this_case_now_runs_litemedsam_on_the_stored_prompt(tmp_path, phantom_dir):
     """The panel's "Pseudo-label this case now": a box placed as a markups ROI, stored, then the real
     `alseg pseudolabel` (built-in LiteMedSAM weights) as a background job on that case alone; the result
@@ -569,10 +626,13 @@ def test_the_logic_class_builds_as_slicer_builds_it(project):
     with no arguments (Base/Python/slicer/ScriptedLoadableModule.py), which reaches Session first."""
     from ALSegSlicer.facade import Session
 
-    class ScriptedLoadableModuleLogic:  # its __init__ as in Slicer's source
+    class ScriptedLoadableModuleLogic:  # its __init__ as in Slicer's source (ScriptedLoadableModule.py, main, l.296-308)
         def __init__(self, parent=None):
             super().__init__()
             self.moduleName = self.__class__.__name__
+            if self.moduleName.endswith("Logic"):
+                self.moduleName = self.moduleName[:-5]
+            self.isSingletonParameterNode = True
 
     class ALSegLogic(ScriptedLoadableModuleLogic, Session):  # as in ALSeg.py
         def __init__(self, scene=None):
@@ -581,7 +641,7 @@ def test_the_logic_class_builds_as_slicer_builds_it(project):
 
     scene = slicer.vtkMRMLScene()
     logic = ALSegLogic(scene)
-    assert logic.scene is scene and logic.moduleName == "ALSegLogic" and not logic.has_project
+    assert logic.scene is scene and logic.moduleName == "ALSeg" and not logic.has_project
     logic.open(project.root)
     assert logic.has_project
     source = (REPO / "ALSeg" / "ALSeg.py").read_text()
@@ -619,3 +679,63 @@ def test_apply_files_are_removed_and_pid_zero_is_never_signalled(tmp_path):
     assert keep.is_dir()
     with pytest.raises(ValueError):
         jobs.terminate_tree(0)
+
+
+def test_the_training_chart_releases_the_collections_the_scene_hands_it():
+    """``GetNodesByClassByName`` returns a collection the caller must delete (vtkMRMLScene.h); the
+    chart's lookups leave only Python's own reference on each, so it goes with the last use."""
+    from ALSegSlicer.charts import TrainingCurves
+
+    scene = slicer.vtkMRMLScene()
+    handed = []
+
+    class Recording:  # the real scene; only the collections it returns are noted
+        def __getattr__(self, name):
+            return getattr(scene, name)
+
+        def GetNodesByClassByName(self, cls, name):
+            collection = scene.GetNodesByClassByName(cls, name)
+            handed.append(collection)
+            return collection
+
+    curves = TrainingCurves()
+    curves.feed({"event": "stage", "stage": "training", "model": "m"})
+    curves.feed({"event": "epoch", "epoch": 1, "epochs": 2, "train_loss": 0.5, "model": "m"})
+    curves.update_nodes(Recording())
+    curves.update_nodes(Recording())  # found again by name: still one table, chart and view
+    assert len(handed) == 6 and all(c.GetReferenceCount() == 1 for c in handed)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+
+
+def test_an_error_of_a_panel_action_is_shown_once_and_ends_there(monkeypatch):
+    """Slicer's ``tryWithErrorDisplay`` (slicer-core's real util.py) shows the dialog and re-raises;
+    ``errors_shown`` ends the exception after the dialog, so the code after the block runs (a
+    ``return False``, the refresh after a job)."""
+    import types
+
+    from ALSegSlicer.dialogs import errors_shown
+
+    shown = []
+    # slicer.app: only what tryWithErrorDisplay reads (testingEnabled(), a method on qSlicerApplication);
+    # errorDisplay: records what the modal dialog would show, and returns None as the dialog does
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: False), raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append((text, kw.get("detailedText"))))
+    with pytest.raises(InputError):  # the real helper re-raises after the dialog
+        with slicer.util.tryWithErrorDisplay("Could not store the prompt."):
+            raise InputError("case 'x'", "not in project /p")
+    assert len(shown) == 1
+
+    def ready():
+        with errors_shown("Could not install ALSeg's Python packages."):
+            raise RuntimeError("pip failed: no network")
+        return False
+
+    assert ready() is False
+    assert shown[-1][0].startswith("Could not install ALSeg's Python packages.") and "pip failed" in shown[-1][0]
+    assert "Traceback" in shown[-1][1] and len(shown) == 2
+    with errors_shown("fine") as outcome:
+        value = 3
+    assert not outcome.failed and value == 3 and len(shown) == 2
+    with errors_shown("bad") as outcome:
+        raise ValueError("x")
+    assert outcome.failed and isinstance(outcome.error, ValueError)

@@ -84,6 +84,8 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
     for node in module_tree().body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
             constants[node.targets[0].id] = [e.value for e in node.value.elts]
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            constants[node.targets[0].id] = {k.value: v.value for k, v in zip(node.value.keys, node.value.values)}
         if isinstance(node, ast.ClassDef) and node.name == "ALSegParameterNode":
             assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
             fields = {s.target.id: s.annotation for s in node.body if isinstance(s, ast.AnnAssign)}
@@ -93,8 +95,15 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
         for prop in w.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = w
-    assert set(bound) == set(fields)
+    # the path fields are bound by hand (their widget exists, is a ctkPathLineEdit, holds text), the others by name
+    paths = constants["PATH_FIELDS"]
+    widgets = ui_widgets()
+    assert all(widgets[w].get("class") == "ctkPathLineEdit" for w in paths.values())
+    assert all(ast.unparse(fields[name]) == "str" for name in paths)
+    assert set(bound) | set(paths) == set(fields) and not set(bound) & set(paths)
     for name, annotation in fields.items():
+        if name in paths:
+            continue
         widget = bound[name]
         if widget.get("class") == "QComboBox":  # items must be exactly the Choice values
             choice = next(n for n in ast.walk(annotation) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Choice")
@@ -230,6 +239,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 sys.path[:0] = [{str(MODULE_DIR)!r}, {str(REPO)!r}]
 import ALSegSlicer.facade, ALSegSlicer.review, ALSegSlicer.scene, ALSegSlicer.charts, ALSegSlicer.jobs, ALSegSlicer.install
+import ALSegSlicer.dialogs
 print('ok')
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -286,3 +296,29 @@ def test_in_testing_mode_nothing_is_installed(monkeypatch):
     assert install.ensure(ask=False) is True
     source = (MODULE_DIR / "ALSeg.py").read_text()
     assert "self.skipTest(" in source and "ask=not slicer.app.testingEnabled()" in source
+
+
+# Slicer core's own Ctrl+Shift shortcuts (Slicer main 583e9b37d5, the same at v5.10.0): the Markups
+# toolbar's create node, toggle persistence and place point (Modules/Loadable/Markups/Widgets/
+# qMRMLMarkupsToolBar.cxx lines 84-86), the Sequences player (qMRMLSequenceBrowserPlayWidget.cxx
+# lines 41-43), and Redo (QKeySequence::Redo, Ctrl+Shift+Z on Linux and macOS; qMRMLSegmentEditorWidget.cxx)
+SLICER_CORE_CTRL_SHIFT = {"Ctrl+Shift+A", "Ctrl+Shift+T", "Ctrl+Shift+Space", "Ctrl+Shift+Down", "Ctrl+Shift+Left",
+                          "Ctrl+Shift+Right", "Ctrl+Shift+Z"}
+
+
+def test_the_modules_shortcuts_are_free_in_slicer_distinct_and_documented():
+    shortcuts = next(ast.literal_eval(n.value) for n in module_tree().body
+                     if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SHORTCUTS")
+    assert set(shortcuts) == {"accept", "skip", "positive", "negative", "box"}
+    keys = list(shortcuts.values())
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & SLICER_CORE_CTRL_SHIFT, set(keys) & SLICER_CORE_CTRL_SHIFT
+    doc = (REPO / "docs" / "slicer.md").read_text()
+    rows = dict(re.findall(r"^\| (Ctrl\+Shift\+\w+) \| ([^|]+) \|$", doc, re.M))
+    assert set(rows) == set(keys)
+    ui = UI.read_text()
+    assert f"({shortcuts['accept']})" in ui and f"({shortcuts['skip']})" in ui
+    assert all(key in ui for key in (shortcuts["positive"], shortcuts["negative"], shortcuts["box"]))
+    for text in (doc, ui, (REPO / "README.md").read_text()):  # Slicer's own keys are never offered as ALSeg's
+        offered = set(re.findall(r"Ctrl\+Shift\+\w+", text)) - set(keys)
+        assert offered <= SLICER_CORE_CTRL_SHIFT and "Ctrl+Shift+A)" not in text
