@@ -463,7 +463,7 @@ def cmd_pseudolabel(args) -> int:
         project, args.checkpoint, model_type=args.model_type, prompts=args.prompts, auto=auto_on,
         auto_settings=args.auto or None, from_labels=args.from_labels, prompts_from_reference=args.prompts_from_reference,
         settings_file=args.settings, cases=cases, exclude=args.exclude or (), axis=args.axis,
-        window=args.window, device=args.device or "cpu", batch=args.batch, cache=not args.no_cache,
+        window=args.window, device=args.device or "auto", batch=args.batch, cache=not args.no_cache,
         memory_gib=args.memory_gib or 1.0, backend=args.backend or "auto",
         box_margin=args.box_margin if args.box_margin is not None else REFERENCE_BOX_MARGIN, resume=args.resume,
         ray=_ray_spec(args))
@@ -943,7 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slicing axis (default: the prompt file's, else axial)")
     g.add_argument("--window", help="intensity window for every label: a preset (soft_tissue, bone, lung, liver, brain, "
                    "abdomen), WIDTH,LEVEL, or percentile (default: soft_tissue for CT, 0.5-99.5 percentiles for MRI)")
-    g.add_argument("--device", type=_device, help=f"{DEVICE_HELP} (default cpu)")
+    g.add_argument("--device", type=_device, help=f"{DEVICE_HELP} (default auto: the GPU when there is one)")
     g.add_argument("--batch", type=int, help="slices per encoder call (default 1 on CPU, 8 on CUDA; halved on out-of-memory)")
     g.add_argument("--memory-gib", type=float, help="embeddings kept in memory per case (default 1 GiB)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk embedding cache")

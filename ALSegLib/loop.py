@@ -234,7 +234,7 @@ class Round:
         missing = [c for c in self.trainable() if c not in have]
         made = 0
         if missing and self.settings.pseudo is not None:
-            made = len(make_pseudolabels(self.project, missing, self.settings.pseudo))
+            made = len(make_pseudolabels(self.project, missing, self.settings.pseudo, device=self.settings.device))
         elif missing and not have:
             raise InputError(self.project.root, "no case has a pseudo-label to pretrain on; give the round a "
                              "pseudo-label source (SAM checkpoint and prompts, or another model's labels), "
@@ -394,10 +394,15 @@ def prepare(project: Project, settings: RoundSettings) -> dict:
     return {stage: fn() for stage, fn in start.steps() if stage in BEFORE_SELECTION}
 
 
-def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource | Mapping) -> list[dict]:
-    """Pseudo-labels for ``cases`` from the source ``spec`` names (a mapping is read as a :class:`PseudoSource`)."""
+def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource | Mapping,
+                      device: str | None = None) -> list[dict]:
+    """Pseudo-labels for ``cases`` from the source ``spec`` names (a mapping is read as a :class:`PseudoSource`).
+    ``device``: the round's, for a foundation model whose source names none (one device rule for
+    every stage: ``auto`` is the GPU when there is one, for LiteMedSAM as for nnU-Net)."""
     spec = PseudoSource.from_json(spec)
     options = spec.options()
+    if spec.source == "sam" and spec.device is None and device is not None:
+        options["device"] = device
     if spec.source == "degraded-reference":
         from .pseudolabels.degraded import pseudolabel_degraded
 

@@ -118,7 +118,7 @@ def pseudolabel_with_sam(
     prompts: str | Path | None = None, auto: bool = False, auto_settings: str | Path | None = None,
     from_labels: str | Path | None = None, prompts_from_reference: int | None = None,
     settings_file: str | Path | None = None, cases: Sequence[str] | None = None, exclude: Sequence[str] = (),
-    axis: str | None = None, window: str | None = None, device: str = "cpu", batch: int | None = None,
+    axis: str | None = None, window: str | None = None, device: str = "auto", batch: int | None = None,
     cache: bool = True, memory_gib: float = 1.0, backend: str = "auto", box_margin: float = REFERENCE_BOX_MARGIN,
     resume: bool = False, ray=None,
 ) -> list[dict]:
@@ -127,7 +127,13 @@ def pseudolabel_with_sam(
     ``resume``: skip the cases whose stored pseudo-label this very request made (same model, mode,
     axis, prompts and settings: an interrupted run goes on where it stopped). ``ray``: a
     :class:`..cluster.RaySpec` to run the cases on Ray workers (the driver still writes every file;
-    the embedding cache is neither read nor written there)."""
+    the embedding cache is neither read nor written there). ``device``: the one rule of
+    :mod:`..devices` (``auto``: the GPU when there is one), resolved here once, so that a Ray run asks
+    its workers for GPUs only where this machine's ``auto`` found one."""
+    if device_name(device) == "auto":
+        from ..devices import resolve_device
+
+        device = str(resolve_device("auto"))
     modes = [m for m, on in (("prompts", prompts is not None), ("auto", auto), ("prior", from_labels is not None),
                              ("reference", prompts_from_reference is not None)) if on]
     if len(modes) != 1:

@@ -591,3 +591,37 @@ def test_boxes_on_two_slices_re_anchor_and_can_be_interpolated(sam_project, trai
         pseudo = sitk.GetArrayFromImage(sam_project.read_label(case, "pseudo"))
         assert dice(pseudo == 1, ref) > 0.8, between
         assert set(np.flatnonzero((pseudo == 1).any(axis=(1, 2)))) <= set(range(ks[0], ks[-1] + 1))
+
+
+def test_auto_is_one_device_rule_for_the_pseudo_labels_as_for_nnunet(monkeypatch, project):
+    """``auto`` is the GPU when there is one, for LiteMedSAM as for nnU-Net: the round hands its
+    device to the pseudo-label stage (unless the source names one), ``alseg pseudolabel`` defaults
+    to auto (None -> "auto"), and auto is resolved once, by the rule nnU-Net's stages use."""
+    from ALSegLib import devices, loop
+    from ALSegLib.cli import build_parser
+    from ALSegLib.pseudolabels import run
+
+    # a stand-in CUDA check (this machine has no GPU): the answer torch.cuda gives on one with a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.resolve_device("auto") == torch.device("cuda")
+
+    class Loaded(Exception):
+        pass
+
+    def load_checkpoint(path, model_type=None, device="cpu", **kw):
+        raise Loaded(device)  # where the model would be moved to the device: stop here
+
+    monkeypatch.setattr(run, "load_checkpoint", load_checkpoint)
+    case = project.cases()[0]
+    for device, spec_device, expected in (("auto", None, "cuda"), ("cpu", None, "cpu"), ("auto", "cpu", "cpu")):
+        spec = {"source": "sam", "prompts_from_reference": 1, **({"device": spec_device} if spec_device else {})}
+        with pytest.raises(Loaded) as got:
+            loop.make_pseudolabels(project, [case], spec, device=device)
+        assert str(got.value) == expected, (device, spec_device)
+    with pytest.raises(Loaded) as got:  # the engine API's own default
+        run.pseudolabel_with_sam(project, cases=[case], prompts_from_reference=1)
+    assert str(got.value) == "cuda"
+    parser = build_parser()
+    assert parser.parse_args(["pseudolabel", "p", "--source", "sam", "--prompts-from-reference", "1"]).device is None
+    assert parser.parse_args(["round", "p"]).device == "auto"
