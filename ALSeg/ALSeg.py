@@ -103,6 +103,7 @@ class ALSegParameterNode:
     pseudoSource: Annotated[str, Choice(PSEUDO_SOURCES)] = "existing"
     checkpoint: str = ""
     importFolder: str = ""
+    keepComponents: int = 1  # 3D parts kept per structure after SAM (prompted parts always; 0: all)
     budget: str = "5"
     strategy: Annotated[str, Choice(STRATEGIES)] = "hybrid"
     trainingMode: Annotated[str, Choice(MODES)] = "finetune"
@@ -412,6 +413,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = self.logic.add_prompt(case, label, points=self.ui.promptPointsSelector.currentNode(),
                                          negative=self.ui.promptNegativeSelector.currentNode(),
                                          roi=self.ui.promptRoiSelector.currentNode())
+            self.logic.set_keep_components(self._parameterNode.keepComponents)
             slicer.util.showStatusMessage(f"Prompt stored in {path}", 3000)
             self.showPromptMarkups()  # stored (locked): the next placement starts new nodes
 
@@ -421,6 +423,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with errors_shown("Could not start the pseudo-labels."):
             case = self.ui.promptCaseComboBox.currentText
             p = self._parameterNode
+            self.logic.set_keep_components(p.keepComponents)
             args = self.logic.pseudolabel_case_args(case, checkpoint=ALSegLogic.pathOrEmpty(p.checkpoint), device=p.device)
             self.startJob(args, f"pseudo-labels of {case}", onSuccess=lambda: self.showPseudolabel(case))
 
@@ -456,6 +459,8 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.dependenciesReady():
             return
         with errors_shown("Could not start the round."):
+            if self._parameterNode.pseudoSource == "sam" and self.logic.has_project:
+                self.logic.set_keep_components(self._parameterNode.keepComponents)
             self.startJob(self.logic.round_args(self.logic.roundOptions(self._parameterNode)), "round")
 
     def onCancel(self):

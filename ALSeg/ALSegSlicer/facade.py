@@ -135,6 +135,26 @@ class Session:
             node.SetAttribute(key, value)
         return node
 
+    def set_keep_components(self, count: int) -> Path | None:
+        """The 3D parts kept per structure after SAM (``keep_components`` of every label in the
+        project's Slicer prompt file; parts a prompt covers are always kept: see
+        ``ALSegLib.pseudolabels.postprocess``); None while no prompt is stored (nothing to run on)."""
+        project = self.require()
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InputError("parts kept per structure", f"must be a whole number >= 0 (0 keeps all), not {count!r}")
+        path = project.layout.slicer_prompts
+        with project.lock("write prompts"):
+            if not path.is_file():
+                return None
+            data = json.loads(path.read_text())
+            labels = data.setdefault("labels", {})
+            if all(labels.get(name, {}).get("keep_components", 1) == count for name in project.labels.mapping):
+                return path
+            for name in project.labels.mapping:
+                labels.setdefault(name, {})["keep_components"] = count
+            atomic.write_json(path, data)
+        return path
+
     def add_prompt(self, case: str, label: str, *, points=None, negative=None, roi=None) -> Path:
         """Store one SAM prompt placed in the scene for ``case``/``label`` in the project's
         Slicer prompt file (RAS): positive points and negative points from markups point-list

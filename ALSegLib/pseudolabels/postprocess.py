@@ -1,4 +1,12 @@
-"""Clean a pseudo-label per label: small islands, largest 3D components, holes."""
+"""Clean a pseudo-label per label: small islands, largest 3D components, holes.
+
+The rule: a 3D component that a prompt covers (a box's pixels or a positive point on the prompt's
+own slice) is never dropped, whatever its size; ``keep_components`` N (default 1; 0 keeps all)
+counts the prompted components first and fills up with the largest others only while fewer than N
+are prompted, and ``min_island_mm3`` removes small unprompted ones. Two boxes on the two kidneys keep
+both kidneys, a box per focus keeps every focus of a multifocal tumour; a stray blob no prompt
+touches goes, even when it is larger than the prompted part.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,22 +40,30 @@ class PostProcess:
         return cls(keep, fill, float(island))
 
 
-def clean_mask(mask: np.ndarray, voxel_mm3: float, settings: PostProcess, slice_axis: int = 0) -> np.ndarray:
-    """One label's 3D mask after island removal, component selection and hole filling."""
+def clean_mask(mask: np.ndarray, voxel_mm3: float, settings: PostProcess, slice_axis: int = 0,
+               prompted: np.ndarray | None = None) -> np.ndarray:
+    """One label's 3D mask after island removal, component selection and hole filling. ``prompted``:
+    the voxels the label's prompts cover; a component touching one is always kept (see the module)."""
     mask = mask.astype(bool, copy=True)
     if not mask.any():
         return mask
     if settings.min_island_mm3 > 0 or settings.keep_components > 0:
         comps, n = ndimage.label(mask, structure=_FULL)
         sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+        covered = np.zeros(n, bool)
+        if prompted is not None:
+            touched = np.unique(comps[prompted & mask])
+            covered[touched[touched > 0] - 1] = True
         keep = np.ones(n, bool)
         if settings.min_island_mm3 > 0:
             keep &= sizes * voxel_mm3 >= settings.min_island_mm3
         if settings.keep_components > 0:
-            order = np.argsort(-sizes, kind="stable")
-            rank = np.empty(n, int)
-            rank[order] = np.arange(n)
-            keep &= rank < settings.keep_components
+            others = max(0, settings.keep_components - int(covered.sum()))  # slots left after the prompted parts
+            order = [i for i in np.argsort(-sizes, kind="stable") if not covered[i]]
+            allowed = np.zeros(n, bool)
+            allowed[order[:others]] = True
+            keep &= allowed
+        keep |= covered
         mask = np.concatenate([[False], keep])[comps]
     if settings.fill_holes and mask.any():
         moved = np.moveaxis(mask, slice_axis, 0)

@@ -531,7 +531,8 @@ def compute_case(loaded: LoadedSam, image: sitk.Image, w: CaseWork, mode: str, s
         if pooled_from is None or len(labels) > len(by_window[pooled_from[0]]):
             pooled_from = (window, emb)
 
-    label_stack, per_label, confidence = _assemble(mapping, vs, results, settings)
+    label_stack, per_label, confidence = _assemble(mapping, vs, results, settings,
+                                                   w.slice_prompts if mode in ("prompts", "reference", "prior") else None)
     for name, t in tracks.items():
         per_label.setdefault(name, {})["tracks"] = t
     pooled = None
@@ -581,8 +582,10 @@ def store_case(project: Project, w: CaseWork, mode: str, image: sitk.Image, resu
 
 
 def _assemble(values: dict[str, int], vs, results: dict[str, dict[int, pr.SliceResult]],
-              settings: dict[str, pr.LabelSettings]) -> tuple[np.ndarray, dict, float | None]:
-    """One label stack (slice axis first): label relations, overlaps to the higher predicted IoU, post-processing."""
+              settings: dict[str, pr.LabelSettings],
+              prompts: dict[str, list[pr.SlicePrompt]] | None = None) -> tuple[np.ndarray, dict, float | None]:
+    """One label stack (slice axis first): label relations, overlaps to the higher predicted IoU, post-processing
+    (which never drops a component a prompt of ``prompts`` covers)."""
     n, (rows, cols) = vs.n, vs.size
     stack = np.zeros((n, rows, cols), np.uint8 if max(values.values(), default=0) <= 255 else np.uint16)
     score = np.full((n, rows, cols), -np.inf, np.float32)
@@ -596,7 +599,8 @@ def _assemble(values: dict[str, int], vs, results: dict[str, dict[int, pr.SliceR
     cleaned = {}
     for name in results:
         m = stack == values[name]
-        cleaned[name] = clean_mask(m, voxel_mm3, settings.get(name, pr.LabelSettings()).post, slice_axis=0)
+        cleaned[name] = clean_mask(m, voxel_mm3, settings.get(name, pr.LabelSettings()).post, slice_axis=0,
+                                   prompted=prompted_voxels(prompts.get(name, ()), stack.shape) if prompts else None)
         stack[m & ~cleaned[name]] = 0
     for name in results:  # hole filling never takes voxels of another label
         stack[cleaned[name] & (stack == 0)] = values[name]
@@ -611,6 +615,26 @@ def _assemble(values: dict[str, int], vs, results: dict[str, dict[int, pr.SliceR
             "voxels": int((stack == values[name]).sum()),
         }
     return stack, per_label, (round(float(np.mean(ious)), 4) if ious else None)
+
+
+def prompted_voxels(prompts, shape: tuple[int, int, int]) -> np.ndarray:
+    """The voxels (slice axis first) that ``prompts`` cover on their own slices: a box's pixels, a
+    positive point's pixel."""
+    out = np.zeros(shape, bool)
+    n, rows, cols = shape
+    for p in prompts:
+        if not 0 <= p.slice < n:
+            continue
+        if p.box is not None:
+            x0, y0, x1, y1 = p.box
+            r0, r1 = max(0, int(np.floor(y0))), min(rows, int(np.ceil(y1)) + 1)
+            c0, c1 = max(0, int(np.floor(x0))), min(cols, int(np.ceil(x1)) + 1)
+            out[p.slice, r0:r1, c0:c1] = True
+        for (x, y), positive in zip(p.points, p.point_labels or [1] * len(p.points), strict=False):
+            r, c = int(round(y)), int(round(x))
+            if positive == 1 and 0 <= r < rows and 0 <= c < cols:
+                out[p.slice, r, c] = True
+    return out
 
 
 def apply_relations(results: dict[str, dict[int, pr.SliceResult]],

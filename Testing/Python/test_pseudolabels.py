@@ -625,3 +625,35 @@ def test_auto_is_one_device_rule_for_the_pseudo_labels_as_for_nnunet(monkeypatch
     parser = build_parser()
     assert parser.parse_args(["pseudolabel", "p", "--source", "sam", "--prompts-from-reference", "1"]).device is None
     assert parser.parse_args(["round", "p"]).device == "auto"
+
+
+def test_post_processing_never_drops_a_component_a_prompt_covers():
+    """A structure in two parts (two kidneys, two foci) with the default keep_components=1: each
+    prompted part is kept, a smaller prompted part over a larger unprompted one too; what no prompt
+    covers is still cut to the largest component."""
+    from ALSegLib.pseudolabels import prompts as pr
+    from ALSegLib.pseudolabels.run import _assemble, prompted_voxels
+    from ALSegLib.pseudolabels.slices import volume_slices
+
+    image = sitk.GetImageFromArray(np.zeros((12, 40, 40), np.float32))
+    vs = volume_slices(image, "axial")
+    big, small, stray = np.zeros((40, 40), bool), np.zeros((40, 40), bool), np.zeros((40, 40), bool)
+    big[5:20, 5:20] = True  # 225 px a slice
+    small[25:30, 25:30] = True  # 25 px
+    stray[32:36, 2:8] = True  # 24 px, never prompted
+    results = {"kidney": {k: pr.SliceResult(big | small | stray, 0.9) for k in range(3, 9)}}
+    settings = {"kidney": pr.LabelSettings()}  # keep_components=1, the default
+    on_big = pr.SlicePrompt(slice=5, box=(5, 5, 19, 19))
+    on_small = pr.SlicePrompt(slice=6, box=(25, 25, 29, 29))
+    for given, kept in (((), (big,)), ((on_big,), (big,)), ((on_small,), (small,)), ((on_big, on_small), (big, small))):
+        stack, _, _ = _assemble({"kidney": 1}, vs, results, settings, {"kidney": list(given)} if given else None)
+        expected = np.zeros((40, 40), bool)
+        for part in kept:
+            expected |= part
+        assert np.array_equal(stack[4] == 1, expected), [p.box for p in given]
+        assert not (stack[:3] | stack[9:]).any()
+    point = pr.SlicePrompt(slice=7, points=[(27.0, 27.0), (10.0, 10.0)], point_labels=[1, 0])
+    covered = prompted_voxels([point], (12, 40, 40))
+    assert covered.sum() == 1 and covered[7, 27, 27]  # a negative point covers nothing
+    stack, _, _ = _assemble({"kidney": 1}, vs, results, settings, {"kidney": [point]})
+    assert np.array_equal(stack[4] == 1, small)

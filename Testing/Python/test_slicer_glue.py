@@ -419,6 +419,13 @@ def test_each_prompt_case_label_and_kind_gets_its_own_markups_node(tmp_path, pha
         session.add_prompt(a, "organ", points=points_a)
     fresh = session.prompt_markups(a, "organ", "positive")  # the next prompt of a starts a new node
     assert fresh is not points_a and fresh.GetNumberOfControlPoints() == 0
+    # the panel's "parts kept per structure" goes to every label of the prompt file SAM reads
+    assert session.set_keep_components(2) == path
+    pf = read_prompt_file(path, list(project.labels.mapping), project.cases())
+    assert {n: s.post.keep_components for n, s in pf.labels.items()} == {"organ": 2, "vessel": 2, "lesion": 2}
+    assert list(pf.cases) == [a]  # the prompts stay
+    with pytest.raises(InputError, match="whole number"):
+        session.set_keep_components(-1)
     with pytest.raises(InputError, match="kind"):
         session.prompt_markups(a, "organ", "circle")
 
