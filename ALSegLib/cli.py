@@ -379,7 +379,8 @@ def cmd_predict(args) -> int:
 def _ray_spec(args):
     from .cluster import spec_from_options
 
-    return spec_from_options(args.ray, args.ray_workers, args.ray_threads, args.ray_retries)
+    address = args.ray_address or ("local" if args.ray else None)  # --ray-address implies --ray
+    return spec_from_options(address, args.ray_workers, args.ray_threads, args.ray_retries)
 
 
 def num_gpus_option(p) -> None:
@@ -389,10 +390,11 @@ def num_gpus_option(p) -> None:
 
 def ray_options(p) -> None:
     g = p.add_argument_group("Ray (past one machine; default: off, nothing changes)")
-    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="fan the per-case work out on Ray: without ADDRESS a local Ray instance sized to this machine, "
-                   "with one an existing cluster (auto, ray://HOST:10001, HOST:6379); workers compute, this process "
-                   "writes the project")
+    g.add_argument("--ray", action="store_true",
+                   help="fan the per-case work out on Ray: a local Ray instance sized to this machine, or the cluster "
+                   "of --ray-address; workers compute, this process writes the project")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="an existing Ray cluster (auto, ray://HOST:10001, HOST:6379); implies --ray")
     g.add_argument("--ray-workers", type=int, help="Ray workers (default: one per CPU, or per GPU on a GPU cluster)")
     g.add_argument("--ray-threads", type=int, default=1, help="torch threads per Ray worker (default 1)")
     g.add_argument("--ray-retries", type=int, default=2,
@@ -439,7 +441,8 @@ def cmd_pseudolabel(args) -> int:
                     "prompts_from_reference", "settings", "backend", "box_margin"):
             if getattr(args, opt) is not None:
                 raise InputError("pseudolabel --source import", f"--{opt.replace('_', '-')} belongs to --source sam")
-        for flag, on in (("--no-cache", args.no_cache), ("--resume", args.resume), ("--ray", args.ray is not None)):
+        ray_on = args.ray or args.ray_address is not None
+        for flag, on in (("--no-cache", args.no_cache), ("--resume", args.resume), ("--ray", ray_on)):
             if on:
                 raise InputError("pseudolabel --source import", f"{flag} belongs to --source sam")
         if args.auto is not None:
@@ -800,7 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("files", nargs="+", metavar="LABEL", help="label files or folders of them")
     p.add_argument("--kind", required=True, choices=LABEL_KINDS)
-    p.add_argument("--source", default="import", help="what made them (kept in provenance), e.g. totalsegmentator")
+    p.add_argument("--source", default="import",
+                   help="what made them (kept in provenance), e.g. totalsegmentator (default import)")
     p.add_argument("--author", help="for --kind human: who drew them")
     p.add_argument("--map", help="value mapping, e.g. 5=1,6=2 (another tool's values to the project's; unmapped values "
                    "become background, listed in the provenance)")
@@ -840,7 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("plan", cmd_plan, "nnU-Net self-configuration: fingerprint, plans and preprocessing (on pseudo-labels by default).")
     p.add_argument("project")
-    p.add_argument("--policy", default="pseudo", choices=("pseudo", "human", "human+pseudo"), help="labels to plan on")
+    p.add_argument("--policy", default="pseudo", choices=("pseudo", "human", "human+pseudo"),
+                   help="labels to plan on (default pseudo)")
     p.add_argument("--configuration", action="append", choices=CONFIGURATIONS,
                    help="configuration(s) to preprocess (repeatable; default 3d_fullres)")
     p.add_argument("--batch-size", type=int, help="override nnU-Net's batch size (e.g. 2 for 3d or 12 for 2d on a CPU)")
@@ -971,8 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model whose stored probabilities and features are used (default: the latest with "
                    "probabilities for every candidate)")
     p.add_argument("--features", default="auto", choices=FEATURE_SOURCES,
-                   help="diversity features (auto: the model's, else SAM embeddings, else intensity histograms)")
-    p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"))
+                   help="diversity features (default auto: the model's, else SAM embeddings, else intensity histograms)")
+    p.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"),
+                   help="distance between feature vectors (default cosine)")
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="cases never proposed (held-out test cases)")
     p.add_argument("--json", action="store_true")
 
@@ -1019,7 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--from-labels", help="SAM prompts from coarse prior labels in DIR")
         g.add_argument("--prompts-from-reference", type=int, metavar="N",
                        help="simulation: N boxes per structure per pool case from its reference (never test cases)")
-        g.add_argument("--axis", choices=("axial", "coronal", "sagittal"), help="sam: slicing axis (default axial)")
+        g.add_argument("--axis", choices=("axial", "coronal", "sagittal"),
+                       help="sam: slicing axis (default: the prompt file's, else axial)")
         g.add_argument("--from", dest="from_dir", help="folder of another model's label files")
         g.add_argument("--map", help="value mapping of imported labels, e.g. 5=1,6=2")
         g.add_argument("--target-dice", type=float, default=0.75, help="degraded-reference target Dice (default 0.75)")
@@ -1034,18 +1041,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "rounds/next-settings.json); options also given override the file's (an option given with its "
                    "default value does not)")
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=ROUND_STRATEGIES,
-                   help="--unit case: " + ", ".join(STRATEGIES) + "; --unit slice: " + ", ".join(SLICE_STRATEGIES))
+                   help="--unit case: " + ", ".join(STRATEGIES) + "; --unit slice: " + ", ".join(SLICE_STRATEGIES)
+                   + f" (default {DEFAULT_STRATEGY})")
     p.add_argument("--unit", default="case", choices=UNITS, help="what is queried: whole cases (default), or slabs of "
                    "--slab slices along each case's acquisition axis, the budget then counted in slices")
     p.add_argument("--slab", type=int, default=1, help="--unit slice: slices per queried unit (default 1)")
     p.add_argument("--sparse-fill", default="ignore", choices=SPARSE_FILLS,
                    help="a sparse human label's unannotated voxels train as nnU-Net's ignore label (default) or as "
                    "the case's pseudo-label")
-    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default=RoundSettings.mode, choices=ROUND_MODES,
+                   help=f"finetune (from the pretrained weights) or filtermatch (semi-supervised, one pass; "
+                   f"default {RoundSettings.mode})")
+    p.add_argument("--seed", type=int, default=0, help="seed for selection and training (default 0)")
     p.add_argument("--exclude", nargs="+", metavar="CASE", help="held-out cases: never selected or trained on; "
                    "scored each round when they have reference labels")
-    p.add_argument("--features", default="auto", choices=FEATURE_SOURCES)
+    p.add_argument("--features", default="auto", choices=FEATURE_SOURCES,
+                   help="diversity features for selection (default auto)")
     budgets(p)
     pseudo_source(p)
     filtermatch_options(p)
@@ -1056,11 +1067,12 @@ def build_parser() -> argparse.ArgumentParser:
             "each +finetune or +filtermatch) and the baselines pseudo-only, supervised-only and full supervision.")
     p.add_argument("project", help="a project whose every case has a reference label (left untouched)")
     p.add_argument("--out", required=True, help="folder for the experiment's projects and report")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--budget", default="2.5%", help="cases per round: a count or a percentage of the pool")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--rounds", type=int, default=2, help="simulated rounds per arm (default 2)")
+    p.add_argument("--budget", default="2.5%", help="cases per round: a count or a percentage of the pool (default 2.5%%)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every arm per seed (default 0)")
     p.add_argument("--test", nargs="+", metavar="CASE", help="held-out test cases (default: --test-fraction of the cases)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of the cases held out as test cases (default 0.2)")
     p.add_argument("--arms", nargs="+", help="arms to run (default: the case-level arms and the baselines): random+finetune, "
                    "random+filtermatch, hybrid+finetune, hybrid+filtermatch, pseudo-only, supervised-only, "
                    "'full supervision'; slice-level: slice-random+finetune, slice-random-fg+finetune, "
@@ -1086,16 +1098,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("CT", "MRI"), help="default: CT for phantoms, MRI for --data")
     p.add_argument("--cases", type=int, help="number of cases (phantoms: default 24; --data: default all)")
     p.add_argument("--size", type=int, default=48, help="phantom edge length in voxels (default 48)")
-    p.add_argument("--rounds", type=int, default=DemoSettings.rounds)
+    p.add_argument("--rounds", type=int, default=DemoSettings.rounds,
+                   help=f"simulated rounds (default {DemoSettings.rounds})")
     p.add_argument("--budget", default=DEMO_ROUND.budget, help=f"cases revealed per round (default {DEMO_ROUND.budget})")
-    p.add_argument("--strategy", default=DEMO_ROUND.strategy, choices=STRATEGIES)
-    p.add_argument("--mode", default=DEMO_ROUND.mode, choices=ROUND_MODES)
+    p.add_argument("--strategy", default=DEMO_ROUND.strategy, choices=STRATEGIES,
+                   help=f"selection strategy (default {DEMO_ROUND.strategy})")
+    p.add_argument("--mode", default=DEMO_ROUND.mode, choices=ROUND_MODES,
+                   help=f"training mode (default {DEMO_ROUND.mode})")
     p.add_argument("--target-dice", type=float, default=DemoSettings.target_dice,
                    help=f"simulated pseudo-label quality (default {DemoSettings.target_dice})")
     p.add_argument("--pseudo-source", default=DemoSettings.pseudo_source, choices=("sam", "degraded-reference"),
                    help="sam (default: the built-in LiteMedSAM, one box per structure per case from the references) or "
                    "degraded-reference (references corrupted to --target-dice: simulated, no model runs; for experiments)")
-    p.add_argument("--configuration", default=DEMO_ROUND.configuration, choices=("2d", "3d_fullres"))
+    p.add_argument("--configuration", default=DEMO_ROUND.configuration, choices=("2d", "3d_fullres"),
+                   help=f"nnU-Net configuration (default {DEMO_ROUND.configuration})")
     p.add_argument("--pseudo-share", type=float, default=DEMO_ROUND.pseudo_share,
                    help=f"--mode finetune: share of draws from pseudo-labeled cases (default {DEMO_ROUND.pseudo_share}; "
                    "not used by filtermatch)")
@@ -1104,9 +1120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=f"each round's epochs: default {DEMO_ROUND.epochs} (with --minutes: fitted)")
     p.add_argument("--minutes", type=float, help="fit each training into N minutes on this machine (epochs chosen "
                    "from a probe of a few real steps)")
-    p.add_argument("--iters", type=int, default=DEMO_ROUND.iterations, help="iterations per epoch (pretraining and rounds)")
+    p.add_argument("--iters", type=int, default=DEMO_ROUND.iterations, help="iterations per epoch (pretraining and rounds; "
+                   f"default {DEMO_ROUND.iterations})")
     p.add_argument("--device", default=DEMO_ROUND.device, type=_device, help=f"{DEVICE_HELP} (default auto)")
-    p.add_argument("--seed", type=int, default=DEMO_ROUND.seed)
+    p.add_argument("--seed", type=int, default=DEMO_ROUND.seed, help=f"seed (default {DEMO_ROUND.seed})")
     p.add_argument("--json", action="store_true")
     return parser
 

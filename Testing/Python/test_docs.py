@@ -32,3 +32,42 @@ def test_the_cli_reference_is_generated_from_the_current_parser():
     done = subprocess.run([sys.executable, str(REPO / "docs" / "make_cli_reference.py"), "--check"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def documented_command_lines() -> list[tuple[str, str]]:
+    """Every ``alseg ...`` line of the fenced code blocks in README.md and docs/ (docs/cli.md is the
+    parser's own help), line continuations joined, comments cut; an optional ``[...]`` group taken
+    as written inside, ``a|b`` as its first choice, ``…`` dropped: the fullest form a reader types."""
+    import re
+
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if path.name == "cli.md":
+            continue
+        for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s#\s.*$", "", line.strip())
+                match = re.search(r"(?:^|\s)(alseg\s.*)$", line)
+                if line.startswith("#") or not match:
+                    continue
+                command = match.group(1).replace("[", " ").replace("]", " ").replace("…", " ")
+                command = re.sub(r"(\S+?)\|\S+", r"\1", command)
+                found.append((path.name, command))
+    return found
+
+
+def test_every_command_line_in_the_readme_and_docs_parses():
+    """A line a reader copies must be accepted by the parser as written (a --help would not catch a
+    misspelt option, an option that takes the project as its value, or a wrong repeat form)."""
+    import shlex
+
+    from ALSegLib.cli import build_parser
+
+    lines = documented_command_lines()
+    assert len(lines) > 30 and {name for name, _ in lines} >= {"README.md", "distributed.md", "pseudolabels.md"}
+    for name, command in lines:
+        args = build_parser().parse_args(shlex.split(command)[1:])  # a _UsageError names the problem
+        assert args.command, (name, command)
+    # the Ray cluster's address has its own option: a project is never read as an address
+    args = build_parser().parse_args(["round", "proj", "--ray", "--budget", "5"])
+    assert args.project == "proj" and args.ray and args.ray_address is None

@@ -163,7 +163,7 @@ def test_rounds_through_the_console_api_with_reports_and_learning_curve(tmp_path
     assert html.startswith("<!doctype html>") and "learning_curve.png" in html
 
 
-def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
+def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path, capsys):
     project = phantom_project(tmp_path, n=8)
     test = project.cases()[-2:]
     settings = RoundSettings(budget="1", exclude=test, pseudo={"source": "degraded-reference", "target_dice": 0.8}, **TINY)
@@ -174,6 +174,10 @@ def test_round_waits_for_review_and_refuses_conflicting_settings(tmp_path):
     again = run_round(project)  # nothing labeled yet: still waiting, nothing redone
     assert again["waiting"]["cases"] == record["waiting"]["cases"]
     assert again["stages"]["select"] == record["stages"]["select"]
+    capsys.readouterr()
+    assert cli.main(["round", str(project.root), "--json"]) == 0  # a script reads "waiting" (docs/rounds.md)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["waiting"]["waiting"] is True and printed["waiting"]["cases"] == record["waiting"]["cases"]
     bare = Project.create(tmp_path / "bare", project.labels, "CT")
     with pytest.raises(InputError, match="no cases"):
         run_round(bare, budget="1")
