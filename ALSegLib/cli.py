@@ -300,7 +300,7 @@ def cmd_train(args) -> int:
                    val_iterations=args.val_iters, device=args.device, configuration=args.configuration,
                    init_from=args.init, validate=not args.no_validate, batch_size=args.batch_size,
                    filtermatch=filtermatch, exclude_cases=args.exclude, pseudo_share=args.pseudo_share,
-                   minutes=args.minutes, num_gpus=args.num_gpus, trust_dice=args.trust_dice)
+                   minutes=args.minutes, num_gpus=args.num_gpus, trust_dice=args.trust_dice, seed=args.seed)
     if args.json:
         _print_json(record)
     else:
@@ -855,7 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "Train an nnU-Net model: pretrain (pseudo-labels), finetune (human labels, from "
             "pretrained weights), supervised (human labels, from scratch) or filtermatch (human labels + unlabeled "
-            "cases, semi-supervised). Resumes after a kill.")
+            "cases, semi-supervised). Resumes after a kill. How it differs from a round's training (alseg round): "
+            "--pseudo-share defaults to 0 here (a round's fine-tuning: 0.5), and nnU-Net's validation split (fold 0, "
+            "a fifth of the labeled cases) is held out here where a round trains on every label (--no-validate: as "
+            "a round does); --seed and the trust threshold are the same.")
     p.add_argument("project")
     p.add_argument("--mode", required=True, choices=tuple(TRAINING_MODES))
     p.add_argument("--name", help="model name (default: the mode); a finished model is kept, not retrained: give a new name")
@@ -875,7 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the time (e.g. 0.5; default 0: human labels only)")
     trust_option(p)
     filtermatch_options(p, "filtermatch (semi-supervised: human-labeled + all unlabeled cases)")
-    p.add_argument("--no-validate", action="store_true", help="skip nnU-Net's final validation on the held-out split")
+    p.add_argument("--no-validate", action="store_true", help="train on every labeled case, as a round does: no "
+                   "validation split held out, no final validation")
+    p.add_argument("--seed", type=int, default=0, help="the same data, budget and seed give the same model on this "
+                   "machine (default 0; a round's training uses its seed + the round's number)")
     num_gpus_option(p)
     p.add_argument("--json", action="store_true")
 
