@@ -10,6 +10,7 @@ The engine (``ALSegLib``) runs in background ``alseg`` processes. Needs
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 import threading
 import time
@@ -109,6 +110,7 @@ class ALSegParameterNode:
     trainingMode: Annotated[str, Choice(MODES)] = "finetune"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     minutesPerTraining: int = 0  # 0: the default budget
+    testCases: str = ""  # held-out cases with references, scored each round (RoundOptions.exclude)
     unit: Annotated[str, Choice(UNITS)] = "case"
     slab: int = 1
 
@@ -695,6 +697,10 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fillTable(self.ui.resultsTable, header, rows)
         header, rows = self.logic.trust_rows()
         fillTable(self.ui.trustTable, header, rows)
+        header, rows, verdict = self.logic.review_curve_rows()
+        fillTable(self.ui.reviewCurveTable, header, rows)
+        self.ui.reviewCurveLabel.text = ("The reviewers' corrections by round (the model's quality without reference "
+                                         f"labels): {verdict}")
         png = self.logic.learning_curve_png()
         pixmap = qt.QPixmap(str(png)) if png else qt.QPixmap()
         width = max(200, self.ui.resultsCollapsibleButton.width - 30)
@@ -747,6 +753,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic, Session):
     def roundOptions(self, p) -> RoundOptions:
         """The parameter node's values as the facade's round options."""
         return RoundOptions(budget=p.budget, strategy=p.strategy, mode=p.trainingMode, device=p.device,
+                            exclude=tuple(c for c in re.split(r"[\s,;]+", p.testCases) if c),
                             minutes=p.minutesPerTraining, unit=p.unit, slab=p.slab,
                             pseudo_source="" if p.pseudoSource == "existing" else p.pseudoSource,
                             checkpoint=self.pathOrEmpty(p.checkpoint), import_folder=self.pathOrEmpty(p.importFolder))

@@ -222,6 +222,14 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
                          [[e["case"], e["version"], e.get("started_from"), e.get("seconds"), e.get("dice_to_proposal"),
                            e.get("voxels_changed"), e.get("voxels_from_scratch"), "yes" if e.get("unchanged") else "no"]
                           for e in effort["labels"]]))
+    review = rounds.review_curve(project)
+    if review["rounds"]:
+        sections.append(("The reviewers' corrections by round (the model's quality without reference labels)",
+                         f"{review['verdict']} ({review['rule']})",
+                         ["round", "labels accepted", "accepted unchanged", "proposals measured",
+                          "mean Dice proposal -> accepted", "corrected / from scratch"],
+                         [[r["round"], r["accepted"], r["unchanged"], r["proposals"], r["mean_dice_to_proposal"],
+                           r["corrected_fraction"]] for r in review["rounds"]]))
     trust = view.stage("train").get("trust")
     if trust:
         sections.append(("Pseudo-label trust (what this round's training learned from pseudo-labels)",
@@ -252,7 +260,7 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     atomic.write_json(folder / "report.json", {"round": record["round"], "settings": settings, "stages": record["stages"],
                                                "queue": queue, "metrics": metrics, "learning_curve": curve, "aubc": area,
                                                "effort": {k: v for k, v in effort.items() if k != "labels"},
-                                               "trust": trust})
+                                               "review_curve": review, "trust": trust})
     return {k: str(p.relative_to(project.root)) for k, p in
             (("markdown", folder / "report.md"), ("html", folder / "report.html"), ("json", folder / "report.json"),
              ("learning_curve", png))}

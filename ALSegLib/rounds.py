@@ -232,7 +232,8 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
                 continue
             if str(produced_by.get("started_from") or "").startswith("human"):
                 continue  # a human version edited again: not the machine's proposal's cost
-            entries.append({"case": case, "version": version, "started_from": produced_by.get("started_from"), **effort})
+            entries.append({"case": case, "version": version, "started_from": produced_by.get("started_from"),
+                            "round": produced_by.get("round"), **effort})
     seconds = [e["seconds"] for e in entries if isinstance(e.get("seconds"), (int, float))]
     dices = [e["dice_to_proposal"] for e in entries if isinstance(e.get("dice_to_proposal"), (int, float))
              and not e.get("started_empty")]
@@ -246,6 +247,53 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
             "voxels_from_scratch": scratch,
             "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4) if scratch else None,
             "round": round_number, "labels": entries}
+
+
+# "when am I done": the proposals a reviewer is shown are accepted almost as they are (mean Dice
+# proposal -> accepted at least DONE_DICE) in DONE_ROUNDS rounds running
+DONE_DICE, DONE_ROUNDS = 0.95, 2
+
+
+def review_curve(project: Project) -> dict:
+    """How good the model is without reference labels: per round, the reviewers' own corrections of
+    the proposals they were shown (the machine's label a case opened with: its pseudo-label or the
+    round's prediction) -- labels accepted, accepted unchanged, mean Dice proposal -> accepted,
+    voxels corrected / drawn from scratch -- from the effort records (:func:`review_effort`), and the
+    plain rule: ``done`` once the mean Dice is at least ``DONE_DICE`` in ``DONE_ROUNDS`` rounds
+    running (a label drawn on empty segments measures no proposal and is left out of the Dice)."""
+    import statistics
+
+    by_round: dict[int, list[dict]] = {}
+    for entry in review_effort(project)["labels"]:
+        if isinstance(entry.get("round"), int):
+            by_round.setdefault(entry["round"], []).append(entry)
+    rows = []
+    for number in sorted(by_round):
+        entries = by_round[number]
+        dices = [e["dice_to_proposal"] for e in entries
+                 if isinstance(e.get("dice_to_proposal"), (int, float)) and not e.get("started_empty")]
+        counted = [e for e in entries if isinstance(e.get("voxels_from_scratch"), int)]
+        scratch = sum(e["voxels_from_scratch"] for e in counted)
+        rows.append({"round": number, "accepted": len(entries), "unchanged": sum(1 for e in entries if e.get("unchanged")),
+                     "proposals": len(dices),
+                     "mean_dice_to_proposal": round(statistics.fmean(dices), 4) if dices else None,
+                     "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4)
+                     if scratch else None})
+    last = [r["mean_dice_to_proposal"] for r in rows[-DONE_ROUNDS:]]
+    done = len(last) == DONE_ROUNDS and all(d is not None and d >= DONE_DICE for d in last)
+    rule = (f"done when the proposals are accepted with a mean Dice of at least {DONE_DICE} to what the reviewer "
+            f"stored, {DONE_ROUNDS} rounds running")
+    if not rows:
+        verdict = "no reviewed proposal yet"
+    elif done:
+        verdict = (f"done by the rule: rounds {', '.join(str(r['round']) for r in rows[-DONE_ROUNDS:])} proposals accepted "
+                   f"with mean Dice {', '.join(f'{d:.3f}' for d in last)}; more labels are unlikely to change much")
+    else:
+        latest = rows[-1]["mean_dice_to_proposal"]
+        verdict = (f"not done: round {rows[-1]['round']}'s proposals needed corrections (mean Dice "
+                   f"{'n/a' if latest is None else f'{latest:.3f}'} to the accepted labels; {DONE_DICE} "
+                   f"{DONE_ROUNDS} rounds running is the rule)")
+    return {"rounds": rows, "done": done, "rule": rule, "verdict": verdict}
 
 
 def effort_text(effort: dict) -> str:

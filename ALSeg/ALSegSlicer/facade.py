@@ -48,7 +48,8 @@ class RoundOptions:
     epochs: int = 0  # 0: the engine's default for the device
     pretrain_epochs: int = 0
     minutes: float = 0  # each training fits this many minutes on this machine (0: the default budget)
-    exclude: tuple[str, ...] = ()  # held-out cases: never selected or trained on, scored each round
+    exclude: tuple[str, ...] = ()  # held-out cases: never selected or trained on, scored each round (the panel's
+    # "Test cases": they need reference labels, added with the images or by import-labels --kind reference)
     unit: str = "case"  # "slice": slabs of ``slab`` slices, the budget counted in slices
     slab: int = 1
 
@@ -369,6 +370,16 @@ class Session:
                          f"{p['annotated']}/{p['of']} ({100 * p['fraction']:.1f} %)", _fmt(p["mean_dice"]),
                          *(_fmt(p["per_class"].get(c)) for c in classes)])
         return header, rows
+
+    def review_curve_rows(self) -> tuple[list[str], list[list[str]], str]:
+        """The panel's learning curve without references (:func:`ALSegLib.rounds.review_curve`): per
+        round the reviewers' corrections of the proposals they were shown, and the "when am I done"
+        verdict with its rule."""
+        curve = rounds.review_curve(self.require())
+        header = ["round", "accepted", "unchanged", "mean Dice proposal -> accepted", "corrected / from scratch"]
+        rows = [[str(r["round"]), str(r["accepted"]), str(r["unchanged"]), _fmt(r["mean_dice_to_proposal"]),
+                 _fmt(r["corrected_fraction"])] for r in curve["rounds"]]
+        return header, rows, f"{curve['verdict']} ({curve['rule']})"
 
     def trust_rows(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the trust table (:mod:`ALSegLib.trust`): per class whether its pseudo-labels

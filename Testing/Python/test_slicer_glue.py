@@ -223,6 +223,18 @@ def test_accept_records_the_reviewers_effort_and_the_round_report_sums_it(projec
     assert "Annotation effort" in text and "1/2 accepted unchanged" in text and first.case in text
     stored = json.loads((project.root / paths["json"]).read_text())["effort"]
     assert (stored["accepted"], stored["unchanged"]) == (2, 1)
+    # the model's quality without references: the reviewers' corrections by round, in the report and the panel
+    assert "The reviewers' corrections by round" in text
+    review = json.loads((project.root / paths["json"]).read_text())["review_curve"]
+    assert [r["round"] for r in review["rounds"]] == [record["round"]] and not review["done"]
+    from ALSegSlicer.facade import Session
+
+    session = Session(scene)
+    session.open(project.root)
+    header, rows, verdict = session.review_curve_rows()
+    assert rows == [[str(record["round"]), "2", "1", f"{summary['mean_dice_to_proposal']:.3f}",
+                     f"{review['rounds'][0]['corrected_fraction']:.3f}"]]
+    assert verdict.startswith("not done") and "2 rounds running" in verdict
 
 
 def test_revert_throws_the_edits_away_and_keeps_every_stored_label(project):

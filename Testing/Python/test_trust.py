@@ -230,3 +230,37 @@ def test_a_sparse_human_labels_pseudo_fill_obeys_the_trust(project):
     assert set(np.unique(exported[outside])) <= {1, 2, ignore}  # no background, no lesion from the pseudo-label
     assert np.array_equal(exported[outside] == 1, pseudo[outside] == 1)
     assert np.array_equal(exported[10:12], reference(project, sparse)[10:12])  # the human slices as drawn
+
+
+def test_the_reviewers_corrections_by_round_say_when_the_model_is_done(project):
+    """Without reference labels the quality is the reviewers' corrections: per round the mean Dice
+    between the proposal a case opened with and the label accepted; done once it is at least 0.95
+    two rounds running. Exact Dice values from the stored effort records; in the round report too."""
+    cases = project.cases()
+    annotator = SimulatedAnnotator([])
+    values = project.labels.values
+    rows = rounds.review_curve(project)
+    assert rows["rounds"] == [] and not rows["done"] and rows["verdict"] == "no reviewed proposal yet"
+    plan = {1: [(cases[0], worse), (cases[1], lambda r: r)], 2: [(cases[2], lambda r: r)], 3: [(cases[3], lambda r: r)]}
+    expected = {}
+    for number, items in plan.items():
+        dices = []
+        for case, make in items:
+            ref = reference(project, case)
+            write(project, case, "pseudo", make(ref))
+            annotator(project, case, {"case": case, "open_with": "pseudo", "round": number})
+            per = [d for d in class_dice(make(ref), ref, values).values() if d is not None]
+            dices.append(float(np.mean(per)))
+        expected[number] = float(np.mean(dices))
+    curve = rounds.review_curve(project)
+    got = {r["round"]: r["mean_dice_to_proposal"] for r in curve["rounds"]}
+    assert got == {n: pytest.approx(d, abs=1e-4) for n, d in expected.items()}
+    assert expected[1] < 0.95 and curve["done"] and "rounds 2, 3" in curve["verdict"]
+    assert [r["accepted"] for r in curve["rounds"]] == [2, 1, 1] and curve["rounds"][0]["unchanged"] == 1
+    # a fourth round whose proposals needed corrections: not done again
+    later = project.cases()[4]
+    ref = reference(project, later)
+    write(project, later, "pseudo", worse(ref))
+    annotator(project, later, {"case": later, "open_with": "pseudo", "round": 4})
+    again = rounds.review_curve(project)
+    assert not again["done"] and again["verdict"].startswith("not done: round 4")
