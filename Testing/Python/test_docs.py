@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -71,3 +73,37 @@ def test_every_command_line_in_the_readme_and_docs_parses():
     # the Ray cluster's address has its own option: a project is never read as an address
     args = build_parser().parse_args(["round", "proj", "--ray", "--budget", "5"])
     assert args.project == "proj" and args.ray and args.ray_address is None
+
+
+def test_no_user_page_speaks_of_issues_or_design_sketches():
+    """The pages are for users: no "issue 22", "since this issue", "the design sketch said"."""
+    import re
+
+    for path in [REPO / "README.md", REPO / "ALSeg" / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        found = re.findall(r"(?i)\bissue \d+|\bthis issue\b|\bthe issue\b|design sketch", text)
+        assert not found, f"{path.name}: {found}"
+
+
+def test_the_prompt_file_schema_matches_the_parser_and_the_documented_example(tmp_path):
+    """docs/prompt-file.schema.json names exactly the keys the engine's parser takes, and the
+    example of docs/api.md is valid by the schema and read by the engine."""
+    import json
+    import re
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from ALSegLib.pseudolabels import prompts
+
+    schema = json.loads((REPO / "docs" / "prompt-file.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert set(schema["$defs"]["labelSettings"]["properties"]) == prompts._LABEL_KEYS
+    assert set(schema["$defs"]["prompt"]["properties"]) == {"box", "points", "negative"}
+    assert set(schema["properties"]["space"]["enum"]) == set(prompts.SPACES)
+    example = json.loads(re.search(r"```json\n(.*?)```", (REPO / "docs" / "api.md").read_text(), re.S).group(1))
+    jsonschema.validate(example, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"cases": {"c": {"organ": [{"negative": [[1, 2, 3]]}]}}}, schema)  # no box, no point
+    written = tmp_path / "prompts.json"
+    written.write_text(json.dumps(example))
+    pf = prompts.read_prompt_file(written, ["kidney", "tumor"], ["case_001"])
+    assert pf.labels["kidney"].post.keep_components == 2 and pf.labels["tumor"].inside == "kidney"
