@@ -373,6 +373,12 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             case, label = self.promptCaseAndLabel()
             if not case or not label:
                 raise ValueError("choose the prompt case and label first")
+            current = self.logic.current_case()
+            if current is None or current.case != case:  # prompts are placed on the prompt case's own image
+                self.onPromptCaseChosen(self.ui.promptCaseComboBox.currentIndex)
+                current = self.logic.current_case()
+                if current is None or current.case != case:
+                    return  # not shown (the reviewer kept the open case)
             place, selector = self.placeWidgets[key], self.promptSelectors[key]
             node = self.logic.prompt_markups(case, label, key)
             if selector.currentNode() is not node:
@@ -394,15 +400,21 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPromptCaseChosen(self, index):
         """A prompt case chosen: shown in the views with its pseudo-label if it has one (nothing of the
         open case is stored unless accepted: asks first), and the selectors on its own markups."""
-        case = self.ui.promptCaseComboBox.itemText(index)
+        combo = self.ui.promptCaseComboBox
+        case = combo.itemText(index)
         if not case:
             return
+        combo.setCurrentIndex(index)  # as the user's choice does (a script or the self-test calls this directly)
         with errors_shown("Could not show the prompt case."):
             current = self.logic.current_case()
             if current is None or current.case != case:
                 if current is not None and not slicer.util.confirmOkCancelDisplay(
                         f"Show {case} to place its prompts? The edits of {current.case} are not stored unless you "
                         "accept them first."):
+                    kept = combo.findText(current.case)  # the list names the case the views show
+                    if kept >= 0:
+                        combo.setCurrentIndex(kept)
+                    self.showPromptMarkups()
                     return
                 self.clearEditor()
                 self.showCase(self.logic.open_case(case, start_with="pseudo"))
@@ -415,11 +427,15 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = self.logic.add_prompt(case, label, points=self.ui.promptPointsSelector.currentNode(),
                                          negative=self.ui.promptNegativeSelector.currentNode(),
                                          roi=self.ui.promptRoiSelector.currentNode())
-            self.logic.set_keep_components(self._parameterNode.keepComponents)
+            if self._parameterNode is not None:
+                self.logic.set_keep_components(self._parameterNode.keepComponents)
             slicer.util.showStatusMessage(f"Prompt stored in {path}", 3000)
             self.showPromptMarkups()  # stored (locked): the next placement starts new nodes
 
     def onPseudolabelCase(self):
+        if self.job is not None:  # refused at once, before anything waits for the project's lock
+            slicer.util.showStatusMessage(f"Wait for the running job ({self.job.what}) or cancel it.", 5000)
+            return
         if not self.dependenciesReady():
             return
         with errors_shown("Could not start the pseudo-labels."):
@@ -458,6 +474,9 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.job
 
     def onStart(self):
+        if self.job is not None:
+            slicer.util.showStatusMessage(f"Wait for the running job ({self.job.what}) or cancel it.", 5000)
+            return
         if not self.dependenciesReady():
             return
         with errors_shown("Could not start the round."):
@@ -900,6 +919,7 @@ class ALSegTest(ScriptedLoadableModuleTest):
         from ALSegSlicer import scene as glue
 
         widget = slicer.modules.alseg.widgetRepresentation().self()
+        widget.initializeParameterNode()  # setUp's scene clear dropped it while the module is not shown
         logic = widget.logic
         folder = pathlib.Path(slicer.util.tempDirectory("ALSegPrompts")) / "project"
         project = logic.create(folder, "organ=1,vessel=2,lesion=3", "CT")
@@ -939,11 +959,13 @@ class ALSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(second.GetAttribute("ALSeg.PromptCase"), b)
         self.assertEqual(second.GetNumberOfControlPoints(), 0)
         if layout is not None:  # the editor observes each slice pose while the module is shown, not after
-            slicer.util.selectModule("ALSeg")
             pose = layout.sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
+            slicer.util.selectModule("Data")
+            before = pose.HasObserver(vtk.vtkCommand.ModifiedEvent)  # other modules' observers, if any
+            slicer.util.selectModule("ALSeg")
             self.assertTrue(pose.HasObserver(vtk.vtkCommand.ModifiedEvent))
             slicer.util.selectModule("Data")
-            self.assertFalse(pose.HasObserver(vtk.vtkCommand.ModifiedEvent))
+            self.assertEqual(pose.HasObserver(vtk.vtkCommand.ModifiedEvent), before)
             slicer.util.selectModule("ALSeg")
         widget.clearEditor()
         logic.review.close()

@@ -1,6 +1,6 @@
 """Past one machine: per-case work fanned out on Ray, the project written by the driver alone.
 
-``--ray`` (no address) starts a local Ray instance sized to this machine; ``--ray ADDRESS`` joins
+``--ray`` starts a local Ray instance sized to this machine; ``--ray-address ADDRESS`` joins
 an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``). Without ``--ray`` nothing here
 is imported or run.
 
@@ -61,10 +61,16 @@ LOCAL = "local"  # `--ray` given without an address
 
 def spec_from_options(address: str | None, workers: int | None = None, threads: int = 1,
                       retries: int = 2) -> RaySpec | None:
-    """The command line's ``--ray [ADDRESS]`` (None when not given; ``local``: a local instance)."""
+    """The command line's ``--ray`` / ``--ray-address ADDRESS`` (None when neither is given; ``local``: a
+    local instance)."""
     if address is None:
         return None
     return RaySpec(None if address == LOCAL else address, workers, threads, retries)
+
+
+def _where(spec: RaySpec) -> str:
+    """The option an error is about: ``--ray`` (a local instance) or ``--ray-address ADDRESS``."""
+    return f"--ray-address {spec.address}" if spec.address else "--ray"
 
 
 def worker_name() -> str:
@@ -94,7 +100,7 @@ def connected(spec: RaySpec) -> Iterator[object]:
             ray.init(address=spec.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      runtime_env=runtime_env, **({} if spec.address else {"num_cpus": os.cpu_count()}))
         except ConnectionError as exc:
-            raise InputError(f"--ray {spec.address}", f"no Ray cluster answers there ({exc})") from exc
+            raise InputError(f"--ray-address {spec.address}", f"no Ray cluster answers there ({exc})") from exc
     try:
         yield ray
     finally:
@@ -256,10 +262,10 @@ class _Fleet:
         try:
             names = self.ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
         except self.ray.exceptions.RayActorError as exc:
-            raise InputError(f"--ray {self.spec.address or LOCAL}",
+            raise InputError(_where(self.spec),
                              f"a worker could not start: {_error_text(exc)}") from exc
         except self.ray.exceptions.GetTimeoutError as exc:
-            raise InputError(f"--ray {self.spec.address or LOCAL}",
+            raise InputError(_where(self.spec),
                              f"the workers were not all started after {READY_TIMEOUT_S} s (the cluster could not place "
                              f"{len(actors)} of {self.spec.threads} CPU(s){' and a GPU' if self.use_gpu else ''} each?)"
                              ) from exc
@@ -405,7 +411,7 @@ def run_jobs(spec: RaySpec, jobs: Sequence[Job], *, gpus: bool = False, desc: st
                     ray.cancel(ref, force=True)
         if failed:
             named = "; ".join(f"{k}: {e}" for k, e in list(failed.items())[:10])
-            raise InputError(f"--ray {spec.address or LOCAL}", f"{len(failed)} of {len(jobs)} {desc} failed ({named}); "
+            raise InputError(_where(spec), f"{len(failed)} of {len(jobs)} {desc} failed ({named}); "
                              "the others finished, their folders are kept")
         return results
 

@@ -506,6 +506,9 @@ class Project:
         annotated voxels) is stored in the provenance as ``pseudo_agreement``: what the project's
         trust in its pseudo-labels is measured from (:mod:`.trust`). ``pseudo``: the stored
         pseudo-label's voxels when the caller holds them already (the reviewer opened them).
+        Likewise the case's latest stored prediction (the model that proposed the case) as
+        ``model_agreement``: how good the model was, measured without any reference label
+        (:func:`.rounds.review_curve`).
         """
         if source not in HUMAN_SOURCES:
             raise InputError("source", f"human labels come from {', '.join(HUMAN_SOURCES)}, not {source!r}")
@@ -523,6 +526,12 @@ class Project:
             agreement = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         if agreement is not None:
             extra = {**extra, "pseudo_agreement": agreement}
+        try:  # best-effort likewise
+            model = self.model_agreement(case, sitk.GetArrayViewFromImage(label), mask)
+        except (OSError, RuntimeError, ValueError, InputError) as exc:
+            model = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        if model is not None:
+            extra = {**extra, "model_agreement": model}
         with self.lock("accept human label"):
             versions = self.human_versions(case)
             version = (versions[-1] if versions else 0) + 1
@@ -567,6 +576,21 @@ class Project:
             pseudo = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         dice = agreement.class_dice(pseudo, human, self.labels.values, mask)
         return {"pseudo_sha256": prov.get("file_sha256"), "pseudo_source": prov.get("source"),
+                "dice": {str(v): None if d is None else round(d, 4) for v, d in dice.items()}}
+
+    def model_agreement(self, case: str, human: np.ndarray, mask: np.ndarray | None = None) -> dict | None:
+        """The case's latest stored prediction against ``human`` (within ``mask``): Dice per label
+        value, the model that made it and the prediction's checksum; None without a prediction."""
+        path = self.label_path(case, "predicted")
+        if path is None:
+            return None
+        sidecar = path.with_suffix(".json")
+        prov = read_json_object(sidecar) if sidecar.is_file() else {}
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        if predicted.shape != np.shape(human):
+            raise ValueError(f"the prediction of {case!r} is on another grid than the label")
+        dice = agreement.class_dice(predicted, human, self.labels.values, mask)
+        return {"model": (prov.get("produced_by") or {}).get("model"), "predicted_sha256": prov.get("file_sha256"),
                 "dice": {str(v): None if d is None else round(d, 4) for v, d in dice.items()}}
 
     def add_human_slices(self, case: str, label: sitk.Image | str | Path, slices: sparse.SliceSet, **options) -> int:

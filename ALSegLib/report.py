@@ -224,12 +224,12 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
                           for e in effort["labels"]]))
     review = rounds.review_curve(project)
     if review["rounds"]:
-        sections.append(("The reviewers' corrections by round (the model's quality without reference labels)",
-                         f"{review['verdict']} ({review['rule']})",
-                         ["round", "labels accepted", "accepted unchanged", "proposals measured",
-                          "mean Dice proposal -> accepted", "corrected / from scratch"],
-                         [[r["round"], r["accepted"], r["unchanged"], r["proposals"], r["mean_dice_to_proposal"],
-                           r["corrected_fraction"]] for r in review["rounds"]]))
+        sections.append(("The model against what the reviewers accepted, by round (its quality without reference "
+                         "labels)", f"{review['verdict']} ({review['rule']})",
+                         ["round", "labels accepted", "model", "mean Dice model -> accepted", "accepted unchanged",
+                          "mean Dice proposal shown -> accepted", "corrected / from scratch"],
+                         [[r["round"], r["accepted"], r["model"], r["mean_model_dice"], r["unchanged"],
+                           r["mean_dice_to_proposal"], r["corrected_fraction"]] for r in review["rounds"]]))
     trust = view.stage("train").get("trust")
     if trust:
         sections.append(("Pseudo-label trust (what this round's training learned from pseudo-labels)",

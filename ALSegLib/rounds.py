@@ -232,8 +232,12 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
                 continue
             if str(produced_by.get("started_from") or "").startswith("human"):
                 continue  # a human version edited again: not the machine's proposal's cost
+            model = prov.get("model_agreement") or {}
+            model_dices = [d for d in (model.get("dice") or {}).values() if isinstance(d, (int, float))]
             entries.append({"case": case, "version": version, "started_from": produced_by.get("started_from"),
-                            "round": produced_by.get("round"), **effort})
+                            "round": produced_by.get("round"), "model": model.get("model"),
+                            "model_dice": round(sum(model_dices) / len(model_dices), 4) if model_dices else None,
+                            **effort})
     seconds = [e["seconds"] for e in entries if isinstance(e.get("seconds"), (int, float))]
     dices = [e["dice_to_proposal"] for e in entries if isinstance(e.get("dice_to_proposal"), (int, float))
              and not e.get("started_empty")]
@@ -249,18 +253,19 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
             "round": round_number, "labels": entries}
 
 
-# "when am I done": the proposals a reviewer is shown are accepted almost as they are (mean Dice
-# proposal -> accepted at least DONE_DICE) in DONE_ROUNDS rounds running
+# "when am I done": the model's predictions of the cases the reviewers labeled agree with what they
+# accepted (mean Dice at least DONE_DICE) in DONE_ROUNDS consecutive rounds
 DONE_DICE, DONE_ROUNDS = 0.95, 2
 
 
 def review_curve(project: Project) -> dict:
-    """How good the model is without reference labels: per round, the reviewers' own corrections of
-    the proposals they were shown (the machine's label a case opened with: its pseudo-label or the
-    round's prediction) -- labels accepted, accepted unchanged, mean Dice proposal -> accepted,
-    voxels corrected / drawn from scratch -- from the effort records (:func:`review_effort`), and the
-    plain rule: ``done`` once the mean Dice is at least ``DONE_DICE`` in ``DONE_ROUNDS`` rounds
-    running (a label drawn on empty segments measures no proposal and is left out of the Dice)."""
+    """How good the model is without reference labels, from what the reviewers accepted: per round,
+    the Dice between the model's stored prediction of each case they labeled (the model that
+    proposed the round's cases: ``model_agreement`` in the human label's provenance) and the label
+    they accepted; beside it their corrections of the proposal they were shown (its pseudo-label or
+    the prediction: labels accepted, accepted unchanged, mean Dice proposal -> accepted, voxels
+    corrected / drawn from scratch; :func:`review_effort`). The plain rule: ``done`` once the model's
+    mean Dice is at least ``DONE_DICE`` in ``DONE_ROUNDS`` consecutive rounds."""
     import statistics
 
     by_round: dict[int, list[dict]] = {}
@@ -272,27 +277,31 @@ def review_curve(project: Project) -> dict:
         entries = by_round[number]
         dices = [e["dice_to_proposal"] for e in entries
                  if isinstance(e.get("dice_to_proposal"), (int, float)) and not e.get("started_empty")]
+        model_dices = [e["model_dice"] for e in entries if isinstance(e.get("model_dice"), (int, float))]
         counted = [e for e in entries if isinstance(e.get("voxels_from_scratch"), int)]
         scratch = sum(e["voxels_from_scratch"] for e in counted)
         rows.append({"round": number, "accepted": len(entries), "unchanged": sum(1 for e in entries if e.get("unchanged")),
-                     "proposals": len(dices),
+                     "model": next((e["model"] for e in entries if e.get("model")), None),
+                     "predictions": len(model_dices),
+                     "mean_model_dice": round(statistics.fmean(model_dices), 4) if model_dices else None,
                      "mean_dice_to_proposal": round(statistics.fmean(dices), 4) if dices else None,
                      "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4)
                      if scratch else None})
-    last = [r["mean_dice_to_proposal"] for r in rows[-DONE_ROUNDS:]]
-    done = len(last) == DONE_ROUNDS and all(d is not None and d >= DONE_DICE for d in last)
-    rule = (f"done when the proposals are accepted with a mean Dice of at least {DONE_DICE} to what the reviewer "
-            f"stored, {DONE_ROUNDS} rounds running")
+    last = rows[-DONE_ROUNDS:]
+    consecutive = len(last) == DONE_ROUNDS and all(b["round"] == a["round"] + 1 for a, b in zip(last, last[1:]))
+    done = consecutive and all(r["mean_model_dice"] is not None and r["mean_model_dice"] >= DONE_DICE for r in last)
+    rule = (f"done when the model's predictions of the cases reviewed agree with the accepted labels at a mean Dice of "
+            f"at least {DONE_DICE}, {DONE_ROUNDS} rounds running")
     if not rows:
-        verdict = "no reviewed proposal yet"
+        verdict = "no reviewed case yet"
     elif done:
-        verdict = (f"done by the rule: rounds {', '.join(str(r['round']) for r in rows[-DONE_ROUNDS:])} proposals accepted "
-                   f"with mean Dice {', '.join(f'{d:.3f}' for d in last)}; more labels are unlikely to change much")
+        figures = ", ".join(format(r["mean_model_dice"], ".3f") for r in last)
+        verdict = (f"done by the rule: rounds {', '.join(str(r['round']) for r in last)} model Dice {figures}; more labels "
+                   "are unlikely to change much")
     else:
-        latest = rows[-1]["mean_dice_to_proposal"]
-        verdict = (f"not done: round {rows[-1]['round']}'s proposals needed corrections (mean Dice "
-                   f"{'n/a' if latest is None else f'{latest:.3f}'} to the accepted labels; {DONE_DICE} "
-                   f"{DONE_ROUNDS} rounds running is the rule)")
+        latest = rows[-1]["mean_model_dice"]
+        verdict = (f"not done: in round {rows[-1]['round']} the model's predictions agreed with the accepted labels at "
+                   f"mean Dice {'n/a (no stored prediction)' if latest is None else f'{latest:.3f}'}")
     return {"rounds": rows, "done": done, "rule": rule, "verdict": verdict}
 
 

@@ -6,7 +6,8 @@
 it alone lets the exception escape into Qt, which prints a traceback after the dialog, and any
 code after the ``with`` block (a ``return False``, a refresh) never runs. :func:`errors_shown`
 is that context manager with the exception ended after the dialog: the caller reads
-``outcome.failed``. No Qt at module level (it imports on slicer-core and in tests).
+``outcome.failed``. Under ``--testing`` (no dialog) it re-raises, so a self-test fails where the
+error happened. No Qt at module level (it imports on slicer-core and in tests).
 """
 from __future__ import annotations
 
@@ -37,3 +38,10 @@ def errors_shown(message: str, wait_cursor: bool = False) -> Iterator[Outcome]:
     except Exception as exc:  # noqa: BLE001 - shown by tryWithErrorDisplay, which re-raises it
         outcome.failed, outcome.error = True, exc
         log.info("%s %s", message, exc)
+        if _testing(slicer):  # no dialog under --testing: the self-test sees the error where it happened
+            raise
+
+
+def _testing(slicer) -> bool:
+    app = getattr(slicer, "app", None)
+    return bool(app is not None and app.testingEnabled())

@@ -373,12 +373,13 @@ class Session:
 
     def review_curve_rows(self) -> tuple[list[str], list[list[str]], str]:
         """The panel's learning curve without references (:func:`ALSegLib.rounds.review_curve`): per
-        round the reviewers' corrections of the proposals they were shown, and the "when am I done"
-        verdict with its rule."""
+        round the model's predictions of the reviewed cases against what the reviewers accepted, their
+        corrections of the proposals shown, and the "when am I done" verdict with its rule."""
         curve = rounds.review_curve(self.require())
-        header = ["round", "accepted", "unchanged", "mean Dice proposal -> accepted", "corrected / from scratch"]
-        rows = [[str(r["round"]), str(r["accepted"]), str(r["unchanged"]), _fmt(r["mean_dice_to_proposal"]),
-                 _fmt(r["corrected_fraction"])] for r in curve["rounds"]]
+        header = ["round", "accepted", "model -> accepted (Dice)", "unchanged", "proposal -> accepted (Dice)",
+                  "corrected / from scratch"]
+        rows = [[str(r["round"]), str(r["accepted"]), _fmt(r["mean_model_dice"]), str(r["unchanged"]),
+                 _fmt(r["mean_dice_to_proposal"]), _fmt(r["corrected_fraction"])] for r in curve["rounds"]]
         return header, rows, f"{curve['verdict']} ({curve['rule']})"
 
     def trust_rows(self) -> tuple[list[str], list[list[str]]]:

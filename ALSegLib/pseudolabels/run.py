@@ -128,9 +128,9 @@ def pseudolabel_with_sam(
     axis, prompts and settings: an interrupted run goes on where it stopped). ``ray``: a
     :class:`..cluster.RaySpec` to run the cases on Ray workers (the driver still writes every file;
     the embedding cache is neither read nor written there). ``device``: the one rule of
-    :mod:`..devices` (``auto``: the GPU when there is one), resolved here once, so that a Ray run asks
-    its workers for GPUs only where this machine's ``auto`` found one."""
-    if device_name(device) == "auto":
+    :mod:`..devices` (``auto``: the GPU when there is one), resolved here once; on Ray each worker
+    resolves it (a worker takes a GPU where the cluster has them: :func:`..cluster.fan_out`)."""
+    if ray is None and device_name(device) == "auto":
         from ..devices import resolve_device
 
         device = str(resolve_device("auto"))
@@ -531,8 +531,9 @@ def compute_case(loaded: LoadedSam, image: sitk.Image, w: CaseWork, mode: str, s
         if pooled_from is None or len(labels) > len(by_window[pooled_from[0]]):
             pooled_from = (window, emb)
 
+    # a person's (or the simulated) prompts protect the parts they cover; a prior's boxes cover every blob it has
     label_stack, per_label, confidence = _assemble(mapping, vs, results, settings,
-                                                   w.slice_prompts if mode in ("prompts", "reference", "prior") else None)
+                                                   w.slice_prompts if mode in ("prompts", "reference") else None)
     for name, t in tracks.items():
         per_label.setdefault(name, {})["tracks"] = t
     pooled = None

@@ -622,6 +622,11 @@ def test_auto_is_one_device_rule_for_the_pseudo_labels_as_for_nnunet(monkeypatch
     with pytest.raises(Loaded) as got:  # the engine API's own default
         run.pseudolabel_with_sam(project, cases=[case], prompts_from_reference=1)
     assert str(got.value) == "cuda"
+    from ALSegLib.cluster import RaySpec
+
+    with pytest.raises(Loaded) as got:  # on Ray the driver only checks the model; each worker resolves auto itself
+        run.pseudolabel_with_sam(project, cases=[case], prompts_from_reference=1, ray=RaySpec())
+    assert str(got.value) == "cpu"
     parser = build_parser()
     assert parser.parse_args(["pseudolabel", "p", "--source", "sam", "--prompts-from-reference", "1"]).device is None
     assert parser.parse_args(["round", "p"]).device == "auto"

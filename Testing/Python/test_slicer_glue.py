@@ -224,7 +224,7 @@ def test_accept_records_the_reviewers_effort_and_the_round_report_sums_it(projec
     stored = json.loads((project.root / paths["json"]).read_text())["effort"]
     assert (stored["accepted"], stored["unchanged"]) == (2, 1)
     # the model's quality without references: the reviewers' corrections by round, in the report and the panel
-    assert "The reviewers' corrections by round" in text
+    assert "The model against what the reviewers accepted, by round" in text
     review = json.loads((project.root / paths["json"]).read_text())["review_curve"]
     assert [r["round"] for r in review["rounds"]] == [record["round"]] and not review["done"]
     from ALSegSlicer.facade import Session
@@ -232,8 +232,9 @@ def test_accept_records_the_reviewers_effort_and_the_round_report_sums_it(projec
     session = Session(scene)
     session.open(project.root)
     header, rows, verdict = session.review_curve_rows()
-    assert rows == [[str(record["round"]), "2", "1", f"{summary['mean_dice_to_proposal']:.3f}",
-                     f"{review['rounds'][0]['corrected_fraction']:.3f}"]]
+    model_dice = review["rounds"][0]["mean_model_dice"]
+    assert rows == [[str(record["round"]), "2", "" if model_dice is None else f"{model_dice:.3f}", "1",
+                     f"{summary['mean_dice_to_proposal']:.3f}", f"{review['rounds'][0]['corrected_fraction']:.3f}"]]
     assert verdict.startswith("not done") and "2 rounds running" in verdict
 
 
@@ -758,3 +759,8 @@ def test_an_error_of_a_panel_action_is_shown_once_and_ends_there(monkeypatch):
     with errors_shown("bad") as outcome:
         raise ValueError("x")
     assert outcome.failed and isinstance(outcome.error, ValueError)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: True), raising=False)
+    with pytest.raises(ValueError, match="under test"):  # --testing shows no dialog: the error reaches the test
+        with errors_shown("bad"):
+            raise ValueError("under test")
+    assert len(shown) == 3  # the "bad" block's dialog; none under --testing

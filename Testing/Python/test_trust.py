@@ -232,35 +232,45 @@ def test_a_sparse_human_labels_pseudo_fill_obeys_the_trust(project):
     assert np.array_equal(exported[10:12], reference(project, sparse)[10:12])  # the human slices as drawn
 
 
-def test_the_reviewers_corrections_by_round_say_when_the_model_is_done(project):
-    """Without reference labels the quality is the reviewers' corrections: per round the mean Dice
-    between the proposal a case opened with and the label accepted; done once it is at least 0.95
-    two rounds running. Exact Dice values from the stored effort records; in the round report too."""
+def test_the_model_against_what_reviewers_accepted_by_round_says_when_it_is_done(project):
+    """Without reference labels the quality is measured against the reviewers' labels: at each accept
+    the case's stored prediction (the model that proposed it) is scored against the accepted label;
+    per round its mean Dice, done once at least 0.95 two consecutive rounds. Exact Dice values from
+    the stored records; the proposal shown (here the pseudo-label) is measured beside it."""
     cases = project.cases()
     annotator = SimulatedAnnotator([])
     values = project.labels.values
-    rows = rounds.review_curve(project)
-    assert rows["rounds"] == [] and not rows["done"] and rows["verdict"] == "no reviewed proposal yet"
-    plan = {1: [(cases[0], worse), (cases[1], lambda r: r)], 2: [(cases[2], lambda r: r)], 3: [(cases[3], lambda r: r)]}
+    curve = rounds.review_curve(project)
+    assert curve["rounds"] == [] and not curve["done"] and curve["verdict"] == "no reviewed case yet"
+
+    def same(r):
+        return r
+
+    plan = {1: [(cases[0], worse), (cases[1], same)], 2: [(cases[2], same)], 3: [(cases[3], same)]}
     expected = {}
     for number, items in plan.items():
         dices = []
         for case, make in items:
             ref = reference(project, case)
-            write(project, case, "pseudo", make(ref))
+            write(project, case, "predicted", make(ref), source="nnunet", produced_by={"model": f"model-{number}"})
+            write(project, case, "pseudo", worse(ref))  # the proposal the panel opens: always the poor pseudo-label
             annotator(project, case, {"case": case, "open_with": "pseudo", "round": number})
             per = [d for d in class_dice(make(ref), ref, values).values() if d is not None]
             dices.append(float(np.mean(per)))
         expected[number] = float(np.mean(dices))
     curve = rounds.review_curve(project)
-    got = {r["round"]: r["mean_dice_to_proposal"] for r in curve["rounds"]}
+    got = {r["round"]: r["mean_model_dice"] for r in curve["rounds"]}
     assert got == {n: pytest.approx(d, abs=1e-4) for n, d in expected.items()}
+    assert [r["model"] for r in curve["rounds"]] == ["model-1", "model-2", "model-3"]
+    proposal = [r["mean_dice_to_proposal"] for r in curve["rounds"]]
+    assert all(p is not None and p < 0.95 for p in proposal)  # the pseudo-labels shown did not get better
     assert expected[1] < 0.95 and curve["done"] and "rounds 2, 3" in curve["verdict"]
-    assert [r["accepted"] for r in curve["rounds"]] == [2, 1, 1] and curve["rounds"][0]["unchanged"] == 1
-    # a fourth round whose proposals needed corrections: not done again
-    later = project.cases()[4]
+    assert [r["accepted"] for r in curve["rounds"]] == [2, 1, 1]
+    # a round that skipped review (no row) breaks "consecutive"; a poor round after it: not done
+    later = cases[4]
     ref = reference(project, later)
-    write(project, later, "pseudo", worse(ref))
-    annotator(project, later, {"case": later, "open_with": "pseudo", "round": 4})
-    again = rounds.review_curve(project)
-    assert not again["done"] and again["verdict"].startswith("not done: round 4")
+    write(project, later, "predicted", ref, source="nnunet", produced_by={"model": "model-5"})
+    annotator(project, later, {"case": later, "round": 5})
+    gap = rounds.review_curve(project)
+    assert [r["round"] for r in gap["rounds"]][-2:] == [3, 5] and not gap["done"]
+    assert gap["verdict"].startswith("not done: in round 5")
