@@ -517,6 +517,19 @@ def rows_pseudo_trust(d: dict) -> Rows:
                      f"{fmt(get(row, 'pseudo_only'))} → {fmt(get(row, 'round1'))} → {fmt(get(row, 'round2'))}; "
                      f"{fmt(get(row, 'supervised_only'))}; {fmt(get(row, 'wall_s'), 's')}"))
         rows.append((f"demo seed {fmt(get(row, 'seed'))}: round 2 per class", fmt(get(row, "round2_per_class"))))
+    oracle = get(d, "oracle", default=None)
+    if not absent(oracle):
+        seeds = get(oracle, "seeds_run", default=[])
+        rows.append(("Hippocampus oracle on LiteMedSAM pseudo-labels: seeds; pool / test",
+                     f"{fmt(seeds)}; {fmt(get(oracle, 'pool'))} / {fmt(get(oracle, 'test'))}"))
+        for fraction, arms in sorted((get(oracle, "fractions", default={}) or {}).items(), key=lambda kv: float(kv[0])):
+            rows.append((f"oracle at {100 * float(fraction):g} % annotated: mean Dice per arm (per seed)",
+                         "; ".join(f"{arm} {fmt(v)}" for arm, v in arms.items())))
+        rows.append(("oracle: full supervision (per seed)", fmt(get(oracle, "full"))))
+    effort = get(d, "effort", default=None)
+    if not absent(effort):
+        rows.append(("effort at the last fraction, voxels corrected / drawn from scratch (mean over seeds)",
+                     "; ".join(f"{arm} {fmt(v)}" for arm, v in effort.items())))
     for key, what in (("oracle", "Hippocampus oracle on LiteMedSAM pseudo-labels (2.5 % and 5 %)"),
                       ("cardiac", "a class the source fails on: the shared cardiac set"),
                       ("effort", "effort per arm at 5 % (Hippocampus oracle)")):
