@@ -734,6 +734,9 @@ def build(results: Path = RESULTS, out: Path = README) -> str:
         used.update(found)
     page = [INTRO]
     page += sections
+    history = HERE / "history.md"  # hand-written: runs no results file holds any more
+    if history.is_file():
+        page.append(history.read_text().rstrip("\n") + "\n")
     unused = [s for s in scripts if s not in used]
     if unused:
         page.append("## Scripts without a results file yet\n")
