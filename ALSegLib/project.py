@@ -491,7 +491,7 @@ class Project:
     def add_human_label(
         self, case: str, label: sitk.Image | str | Path, *, author: str | None = None,
         source: str = "human", produced_by: Mapping | None = None, annotated=None,
-        pseudo: np.ndarray | None = None, **extra,
+        pseudo: np.ndarray | None = None, predicted: np.ndarray | None = None, **extra,
     ) -> int:
         """Store a human label as the next version (``v0001``, ``v0002``, …); never overwrites.
 
@@ -508,7 +508,7 @@ class Project:
         pseudo-label's voxels when the caller holds them already (the reviewer opened them).
         Likewise the case's latest stored prediction (the model that proposed the case) as
         ``model_agreement``: how good the model was, measured without any reference label
-        (:func:`.rounds.review_curve`).
+        (:func:`.rounds.review_curve`); ``predicted``: its voxels when the caller holds them.
         """
         if source not in HUMAN_SOURCES:
             raise InputError("source", f"human labels come from {', '.join(HUMAN_SOURCES)}, not {source!r}")
@@ -520,18 +520,15 @@ class Project:
                 sitk.GetArrayViewFromImage(label).dtype))
             kept.CopyInformation(label)
             label = kept
-        try:  # the trust record is best-effort: an unreadable pseudo-label never stops a human label being stored
-            agreement = self.pseudo_agreement(case, sitk.GetArrayViewFromImage(label), mask, pseudo)
-        except (OSError, RuntimeError, ValueError, InputError) as exc:
-            agreement = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        if agreement is not None:
-            extra = {**extra, "pseudo_agreement": agreement}
-        try:  # best-effort likewise
-            model = self.model_agreement(case, sitk.GetArrayViewFromImage(label), mask)
-        except (OSError, RuntimeError, ValueError, InputError) as exc:
-            model = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        if model is not None:
-            extra = {**extra, "model_agreement": model}
+        human = sitk.GetArrayViewFromImage(label)
+        for key, measure, held in (("pseudo_agreement", self.pseudo_agreement, pseudo),
+                                   ("model_agreement", self.model_agreement, predicted)):
+            try:  # best-effort: an unreadable machine label never stops a human label being stored
+                record = measure(case, human, mask, held)
+            except (OSError, RuntimeError, ValueError, InputError) as exc:
+                record = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            if record is not None:
+                extra = {**extra, key: record}
         with self.lock("accept human label"):
             versions = self.human_versions(case)
             version = (versions[-1] if versions else 0) + 1
@@ -562,36 +559,43 @@ class Project:
                 raise atomic.storage_error(OSError(exc.errno, ""), exc.where, "the label was not stored") from None
         return version
 
+    def _agreement(self, case: str, kind: str, human: np.ndarray, mask: np.ndarray | None,
+                   held: np.ndarray | None) -> tuple[dict, dict] | None:
+        """The case's stored ``kind`` label (``held``: its voxels, when the caller read them already)
+        against ``human`` within ``mask``: (its provenance, Dice per label value); None without one."""
+        path = self.label_path(case, kind)
+        if path is None:
+            return None
+        sidecar = path.with_suffix(".json")
+        prov = read_json_object(sidecar) if sidecar.is_file() else {}
+        if held is None or np.shape(held) != np.shape(human):
+            held = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        if held.shape != np.shape(human):
+            raise ValueError(f"the {kind} label of {case!r} is on another grid than the human label")
+        dice = agreement.class_dice(held, human, self.labels.values, mask)
+        return prov, {str(v): None if d is None else round(d, 4) for v, d in dice.items()}
+
     def pseudo_agreement(self, case: str, human: np.ndarray, mask: np.ndarray | None = None,
                          pseudo: np.ndarray | None = None) -> dict | None:
         """The case's stored pseudo-label against ``human`` (a label's voxels on the case's grid;
         within ``mask`` when given): Dice per label value (``None`` where neither holds it), and which
         pseudo-label that was (its file checksum, from its sidecar, and source). None without one."""
-        path = self.label_path(case, "pseudo")
-        if path is None:
+        found = self._agreement(case, "pseudo", human, mask, pseudo)
+        if found is None:
             return None
-        sidecar = path.with_suffix(".json")
-        prov = read_json_object(sidecar) if sidecar.is_file() else {}
-        if pseudo is None or np.shape(pseudo) != np.shape(human):
-            pseudo = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        dice = agreement.class_dice(pseudo, human, self.labels.values, mask)
-        return {"pseudo_sha256": prov.get("file_sha256"), "pseudo_source": prov.get("source"),
-                "dice": {str(v): None if d is None else round(d, 4) for v, d in dice.items()}}
+        prov, dice = found
+        return {"pseudo_sha256": prov.get("file_sha256"), "pseudo_source": prov.get("source"), "dice": dice}
 
-    def model_agreement(self, case: str, human: np.ndarray, mask: np.ndarray | None = None) -> dict | None:
+    def model_agreement(self, case: str, human: np.ndarray, mask: np.ndarray | None = None,
+                        predicted: np.ndarray | None = None) -> dict | None:
         """The case's latest stored prediction against ``human`` (within ``mask``): Dice per label
         value, the model that made it and the prediction's checksum; None without a prediction."""
-        path = self.label_path(case, "predicted")
-        if path is None:
+        found = self._agreement(case, "predicted", human, mask, predicted)
+        if found is None:
             return None
-        sidecar = path.with_suffix(".json")
-        prov = read_json_object(sidecar) if sidecar.is_file() else {}
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        if predicted.shape != np.shape(human):
-            raise ValueError(f"the prediction of {case!r} is on another grid than the label")
-        dice = agreement.class_dice(predicted, human, self.labels.values, mask)
+        prov, dice = found
         return {"model": (prov.get("produced_by") or {}).get("model"), "predicted_sha256": prov.get("file_sha256"),
-                "dice": {str(v): None if d is None else round(d, 4) for v, d in dice.items()}}
+                "dice": dice}
 
     def add_human_slices(self, case: str, label: sitk.Image | str | Path, slices: sparse.SliceSet, **options) -> int:
         """Store ``label`` on ``slices`` only, merged with what the case's latest human version holds:

@@ -218,7 +218,6 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
     Dice, median seconds per case, voxels corrected / voxels drawn from scratch. Labels that edited
     an earlier human version again are left out
     (they measure no machine proposal). ``round_number``: only labels accepted for that round's queue."""
-    import statistics
 
     entries = []
     for case in project.labeled_cases("human"):
@@ -238,19 +237,29 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
                             "round": produced_by.get("round"), "model": model.get("model"),
                             "model_dice": round(sum(model_dices) / len(model_dices), 4) if model_dices else None,
                             **effort})
+    return {**_effort_summary(entries), "round": round_number, "labels": entries}
+
+
+def _effort_summary(entries: list[dict]) -> dict:
+    """The sums and means of effort entries (:func:`review_effort`'s, or one round's of them)."""
+    import statistics
+
+    def mean(values):
+        return round(statistics.fmean(values), 4) if values else None
+
     seconds = [e["seconds"] for e in entries if isinstance(e.get("seconds"), (int, float))]
     dices = [e["dice_to_proposal"] for e in entries if isinstance(e.get("dice_to_proposal"), (int, float))
              and not e.get("started_empty")]
     counted = [e for e in entries if isinstance(e.get("voxels_from_scratch"), int)]
     scratch = sum(e["voxels_from_scratch"] for e in counted)
     return {"accepted": len(entries), "unchanged": sum(1 for e in entries if e.get("unchanged")),
-            "mean_dice_to_proposal": round(statistics.fmean(dices), 4) if dices else None,
+            "mean_dice_to_proposal": mean(dices),
+            "mean_model_dice": mean([e["model_dice"] for e in entries if isinstance(e.get("model_dice"), (int, float))]),
             "median_seconds": round(statistics.median(seconds), 1) if seconds else None,
             "voxels_changed": sum(int(e.get("voxels_changed", 0)) for e in entries),
             # voxels corrected / voxels drawn from scratch, over the labels that record both
             "voxels_from_scratch": scratch,
-            "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4) if scratch else None,
-            "round": round_number, "labels": entries}
+            "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4) if scratch else None}
 
 
 # "when am I done": the model's predictions of the cases the reviewers labeled agree with what they
@@ -266,8 +275,6 @@ def review_curve(project: Project) -> dict:
     the prediction: labels accepted, accepted unchanged, mean Dice proposal -> accepted, voxels
     corrected / drawn from scratch; :func:`review_effort`). The plain rule: ``done`` once the model's
     mean Dice is at least ``DONE_DICE`` in ``DONE_ROUNDS`` consecutive rounds."""
-    import statistics
-
     by_round: dict[int, list[dict]] = {}
     for entry in review_effort(project)["labels"]:
         if isinstance(entry.get("round"), int):
@@ -275,18 +282,11 @@ def review_curve(project: Project) -> dict:
     rows = []
     for number in sorted(by_round):
         entries = by_round[number]
-        dices = [e["dice_to_proposal"] for e in entries
-                 if isinstance(e.get("dice_to_proposal"), (int, float)) and not e.get("started_empty")]
-        model_dices = [e["model_dice"] for e in entries if isinstance(e.get("model_dice"), (int, float))]
-        counted = [e for e in entries if isinstance(e.get("voxels_from_scratch"), int)]
-        scratch = sum(e["voxels_from_scratch"] for e in counted)
-        rows.append({"round": number, "accepted": len(entries), "unchanged": sum(1 for e in entries if e.get("unchanged")),
-                     "model": next((e["model"] for e in entries if e.get("model")), None),
-                     "predictions": len(model_dices),
-                     "mean_model_dice": round(statistics.fmean(model_dices), 4) if model_dices else None,
-                     "mean_dice_to_proposal": round(statistics.fmean(dices), 4) if dices else None,
-                     "corrected_fraction": round(sum(int(e["voxels_changed"]) for e in counted) / scratch, 4)
-                     if scratch else None})
+        summary = _effort_summary(entries)
+        rows.append({"round": number, "model": next((e["model"] for e in entries if e.get("model")), None),
+                     "predictions": sum(1 for e in entries if isinstance(e.get("model_dice"), (int, float))),
+                     **{k: summary[k] for k in ("accepted", "unchanged", "mean_model_dice", "mean_dice_to_proposal",
+                                                "corrected_fraction")}})
     last = rows[-DONE_ROUNDS:]
     consecutive = len(last) == DONE_ROUNDS and all(b["round"] == a["round"] + 1 for a, b in zip(last, last[1:]))
     done = consecutive and all(r["mean_model_dice"] is not None and r["mean_model_dice"] >= DONE_DICE for r in last)

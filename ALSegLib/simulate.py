@@ -144,7 +144,9 @@ class SimulatedAnnotator:
         item = item or {}
         sliced = item.get("slices") is not None  # new slices: their proposal is the machine label, not an earlier
         started_from, proposal = proposal_shown(project, case, item.get("open_with"), machine_only=sliced)  # sparse version
-        pseudo = proposal if started_from == "pseudo" else None  # read once, for the trust record too
+        # read once, for the trust and model-agreement records too
+        held = {"pseudo": proposal if started_from == "pseudo" else None,
+                "predicted": proposal if started_from == "predicted" else None}
         if self.from_scratch:
             started_from, proposal = None, None
         produced_by = {"simulated": True, "from": "reference", "started_from": started_from,
@@ -159,10 +161,10 @@ class SimulatedAnnotator:
                                  project.labels.values)
             project.add_human_slices(case, reference, SliceSet.of(int(item.get("axis", 0)), item["slices"]),
                                      source="simulated", produced_by={**produced_by, "slices": list(item["slices"])},
-                                     effort=effort, pseudo=pseudo)
+                                     effort=effort, **held)
         else:
             project.add_human_label(case, reference, source="simulated", produced_by=produced_by,
-                                    effort=edit_effort(proposal, accepted, project.labels.values), pseudo=pseudo)
+                                    effort=edit_effort(proposal, accepted, project.labels.values), **held)
         self.revealed.append(case)
 
 

@@ -246,14 +246,16 @@ class ReviewSession:
             proposal = None if proposal is None else proposal[tuple(index)]
         effort = edit_effort(proposal, accepted, self.project.labels.values, time.monotonic() - c.opened_at)
         produced_by = {"tool": "3D Slicer Segment Editor (ALSeg)", "started_from": c.started_from, "round": c.round}
-        pseudo = c.proposal if c.started_from == "pseudo" else None  # read at open: the trust record needs no second read
+        # read at open: the trust and model-agreement records need no second read
+        held = {"pseudo": c.proposal if c.started_from == "pseudo" else None,
+                "predicted": c.proposal if c.started_from == "predicted" else None}
         if c.slices is not None:
             version = self.project.add_human_slices(c.case, label, SliceSet.of(c.axis, c.slices), author=self.author,
                                                     source="human", produced_by={**produced_by, "slices": c.slices},
-                                                    effort=effort, pseudo=pseudo)
+                                                    effort=effort, **held)
         else:
             version = self.project.add_human_label(c.case, label, author=self.author, source="human",
-                                                   produced_by=produced_by, effort=effort, pseudo=pseudo)
+                                                   produced_by=produced_by, effort=effort, **held)
         if c.case in self.skipped:
             self.skipped.remove(c.case)
         return version

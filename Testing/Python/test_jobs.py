@@ -154,7 +154,11 @@ def test_a_process_read_is_bytes_from_a_pythonqt_qbytearray_or_from_plain_bytes(
 class StandInQProcess:
     """The part of PythonQt's ``qt.QProcess`` the job uses, run by a real subprocess: output arrives in
     chunks cut anywhere, and a connection is made only by a full signal signature (as PythonQt needs for
-    an overloaded signal such as ``finished``)."""
+    an overloaded signal such as ``finished``). Where the code reads return values, they are what
+    PythonQt gives: a QByteArray wrapper for a read (StandInQByteArray), a Python ``int`` for
+    ``processId()`` (qint64) and a ``str`` for ``errorString()`` (QString; PythonQtConversion.cpp
+    converts both), and a failed start reports ``errorOccurred(FailedToStart)`` possibly from inside
+    ``start()`` (Qt's QProcess docs), which the job handles either way."""
 
     MergedChannels, NormalExit, CrashExit, FailedToStart, Crashed = 1, 0, 1, 0, 1
     SIGNATURES = ("readyReadStandardOutput()", "finished(int,QProcess::ExitStatus)", "errorOccurred(QProcess::ProcessError)")
@@ -261,7 +265,8 @@ def test_the_real_engine_runs_as_a_job(tmp_path, project):
 def test_a_job_whose_last_read_fails_still_ends():
     """Before, a read that raised in ``finished`` left the job "starting..." forever and every later
     job refused; the job now ends whatever its last read does (the error still surfaces)."""
-    class Broken:
+    class Broken:  # a fault injected at the last read: the real QProcess read returns a QByteArray (see
+        # StandInQByteArray); whatever a read raises, the job must still end
         def readAllStandardOutput(self):
             raise RuntimeError("the process's channel is gone")
 

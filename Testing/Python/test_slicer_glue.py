@@ -736,8 +736,10 @@ def test_an_error_of_a_panel_action_is_shown_once_and_ends_there(monkeypatch):
     from ALSegSlicer.dialogs import errors_shown
 
     shown = []
-    # slicer.app: only what tryWithErrorDisplay reads (testingEnabled(), a method on qSlicerApplication);
-    # errorDisplay: records what the modal dialog would show, and returns None as the dialog does
+    # slicer.app: only what tryWithErrorDisplay reads -- `if show and not slicer.app.testingEnabled()`
+    # (Base/Python/slicer/util.py, v5.10.0 l.3395-3409, main l.3719-3733; testingEnabled() is a method of
+    # qSlicerCoreApplication); errorDisplay: records what the modal dialog would show and returns None, as
+    # util.errorDisplay does once the dialog closes. The re-raise itself is slicer-core's real code.
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: False), raising=False)
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append((text, kw.get("detailedText"))))
     with pytest.raises(InputError):  # the real helper re-raises after the dialog
