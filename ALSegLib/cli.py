@@ -25,7 +25,9 @@ from .project import LABEL_KINDS, Project
 from .pseudolabels import MODEL_TYPES, REFERENCE_BOX_MARGIN, SIMULATE_REFERENCE_BOXES
 from .report import format_number
 from .settings import (
+    BOOTSTRAPS,
     CONFIGURATIONS,
+    DEFAULT_BOOTSTRAP,
     DEFAULT_STRATEGY,
     FEATURE_SOURCES,
     FINETUNE_STARTS,
@@ -599,7 +601,7 @@ def _round_settings(args, *, experiment: bool = False) -> RoundSettings:
                          pretrain_iterations=args.pretrain_iters, epochs=args.epochs, iterations=args.iters,
                          val_iterations=args.val_iters, pseudo=pseudo, filtermatch=fm, pseudo_share=args.pseudo_share,
                          minutes=args.minutes, trust_dice=args.trust_dice, finetune_from=args.finetune_from,
-                         learning_rate=args.lr, **own)
+                         learning_rate=args.lr, bootstrap=args.bootstrap, **own)
 
 
 # `alseg round`'s options and the RoundSettings field each sets (pseudo-label and FilterMatch options: below)
@@ -609,7 +611,8 @@ ROUND_OPTION_FIELDS = {"budget": "budget", "strategy": "strategy", "mode": "mode
                        "batch_size": "batch_size", "pretrain_epochs": "pretrain_epochs",
                        "pretrain_iters": "pretrain_iterations", "epochs": "epochs", "iters": "iterations",
                        "val_iters": "val_iterations", "pseudo_share": "pseudo_share", "minutes": "minutes",
-                       "trust_dice": "trust_dice", "finetune_from": "finetune_from", "lr": "learning_rate"}
+                       "trust_dice": "trust_dice", "finetune_from": "finetune_from", "lr": "learning_rate",
+                       "bootstrap": "bootstrap"}
 PSEUDO_OPTIONS = ("pseudo_source", "checkpoint", "model_type", "prompts", "from_labels", "prompts_from_reference", "axis",
                   "from_dir", "map", "target_dice")
 
@@ -1036,6 +1039,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--from", dest="from_dir", help="folder of another model's label files")
         g.add_argument("--map", help="value mapping of imported labels, e.g. 5=1,6=2")
         g.add_argument("--target-dice", type=float, default=0.75, help="degraded-reference target Dice (default 0.75)")
+        g.add_argument("--bootstrap", choices=BOOTSTRAPS, default=DEFAULT_BOOTSTRAP,
+                       help="cases the source gives no pseudo-label (no prompts in the prompt file): predict (a first "
+                       "nnU-Net trained on the prompted cases' pseudo-labels labels them), sam (its outlines prompt "
+                       f"the foundation model), off (none until a human labels them); default {DEFAULT_BOOTSTRAP}")
 
     p = add("round", cmd_round, "Run or continue one active-learning round: pseudo-labels, plan, pretrain, predict the "
             "pool, select, wait for review, train, predict, evaluate, report. Re-run to continue a stopped round.")

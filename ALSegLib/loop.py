@@ -1,11 +1,15 @@
 """One round of the active-learning loop, as ordered stages that resume where they stopped.
 
-    pseudolabels → plan → pretrain → predict-pool → select → review → train → predict → evaluate → report
+    pseudolabels → plan → bootstrap → pretrain → predict-pool → select → review → train → predict → evaluate → report
 
 - **pseudolabels**: cases that may be trained on and have no pseudo-label get
   one from the round's pseudo-label source (SAM, imported labels, or for the
-  oracle experiment only, degraded references); nothing to do if all have one.
+  oracle experiment only, degraded references) where it can make one (a prompt
+  file's cases; every case for references); nothing to do if all have one.
 - **plan**: nnU-Net plan + preprocess on the pseudo-labels (first time only).
+- **bootstrap**: the cases nobody prompted get theirs from a first nnU-Net
+  trained on the prompted cases' pseudo-labels (:mod:`.bootstrap`; first round
+  only, before pretraining).
 - **pretrain**: the ``pretrain`` model on pseudo-labels (first round only; later
   rounds reuse it).
 - **predict-pool**: the current model (the last round's, else ``pretrain``)
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from . import rounds
 from .errors import InputError
@@ -192,15 +197,22 @@ class Round:
         """The round's compute before it starts: its trainings (fitted to --minutes, or from the time
         probe an earlier training of these plans measured) and its predictions (tiles x a measured
         tile); what nothing has measured yet is said to be so."""
+        from .bootstrap import MODEL as BOOTSTRAP
+        from .bootstrap import unlabeled
         from .nnunet.forecast import round_estimate
 
         trainings = [m for m in (PRETRAIN, model_name(self.number, self.settings.mode)) if not finished(self.project, m)]
         # the pool's prediction, and the held-out cases scored by each model the round trains
         cases = self.pool() + self.evaluation_cases() * max(1, len(trainings))
-        have = set(self.project.labeled_cases("pseudo"))
-        missing = sum(1 for c in self.trainable() if c not in have) if self.settings.pseudo is not None else 0
         try:
-            seconds, text = round_estimate(self.project, self.settings, trainings, cases, missing)
+            without = unlabeled(self.project, self.trainable())
+            covered = source_cases(self.project, self.settings.pseudo, without) if self.settings.pseudo else []
+            unprompted = [c for c in without if c not in set(covered)]
+            if unprompted and self.settings.bootstrap != "off" and not finished(self.project, PRETRAIN):
+                cases += unprompted  # the bootstrap model predicts them (its training counted as a pretraining)
+                if not finished(self.project, BOOTSTRAP):
+                    trainings.insert(0, BOOTSTRAP)
+            seconds, text = round_estimate(self.project, self.settings, trainings, cases, len(covered))
         except Exception as exc:  # noqa: BLE001 - a forecast must never stop the round it forecasts
             announce("warning", f"warning: round {self.number}: no estimate ({type(exc).__name__}: {exc})",
                      job="round", round=self.number)
@@ -233,21 +245,44 @@ class Round:
         have = set(self.project.labeled_cases("pseudo"))
         missing = [c for c in self.trainable() if c not in have]
         made = 0
-        if missing and self.settings.pseudo is not None:
-            made = len(make_pseudolabels(self.project, missing, self.settings.pseudo, device=self.settings.device))
+        covered = source_cases(self.project, self.settings.pseudo, missing) if self.settings.pseudo is not None else []
+        if covered:
+            made = len(make_pseudolabels(self.project, covered, self.settings.pseudo, device=self.settings.device))
         elif missing and not have:
             raise InputError(self.project.root, "no case has a pseudo-label to pretrain on; give the round a "
-                             "pseudo-label source (SAM checkpoint and prompts, or another model's labels), "
-                             "or make them first with 'alseg pseudolabel'")
+                             "pseudo-label source (SAM checkpoint and prompts for some cases, or another model's "
+                             "labels), or make them first with 'alseg pseudolabel'")
         out: dict = {"made": made, "without": len(missing) - made}
+        out.update(self._pseudo_dice())
+        return out
+
+    def _pseudo_dice(self) -> dict:
+        """The pseudo-labels' own quality, where references exist (the experiment)."""
         refs = set(self.project.labeled_cases("reference")) & set(self.project.labeled_cases("pseudo"))
         scored = [c for c in self.trainable() if c in refs]
-        if scored:  # the pseudo-labels' own quality, where references exist (the experiment)
-            from .evaluation import evaluate
+        if not scored:
+            return {}
+        from .evaluation import evaluate
 
-            summary = evaluate(self.project, "pseudo", scored)["summary"]
-            out["pseudo_label_dice"] = summary["mean"]["dice"]["mean"]
-            out["pseudo_label_cases"] = len(scored)
+        summary = evaluate(self.project, "pseudo", scored)["summary"]
+        return {"pseudo_label_dice": summary["mean"]["dice"]["mean"], "pseudo_label_cases": len(scored)}
+
+    def bootstrap(self) -> dict:
+        from .bootstrap import bootstrap, unlabeled
+
+        if finished(self.project, PRETRAIN):  # pretrained already: the pseudo-labels it learned are the round's
+            return {"skipped": "pretrained already"}
+        out = bootstrap(self.project, self.settings, self.trainable(), round_id=f"{self.number:04d}", ray=self.ray,
+                        num_gpus=self.num_gpus)
+        if out.get("bootstrapped"):
+            out.update(self._pseudo_dice())
+            boot = [c for c in self.trainable() if c in set(self.project.labeled_cases("reference"))
+                    and "bootstrapped_from" in self.project.provenance(c, "pseudo", check_file=False)]
+            if boot:
+                from .evaluation import evaluate
+
+                out["bootstrapped_dice"] = evaluate(self.project, "pseudo", boot)["summary"]["mean"]["dice"]["mean"]
+        out["without"] = len(unlabeled(self.project, self.trainable()))
         return out
 
     def plan(self) -> dict:
@@ -392,6 +427,31 @@ def prepare(project: Project, settings: RoundSettings) -> dict:
     base, which each arm's first round then finds done. Returns each stage's details."""
     start = Round(project, rounds.new_round(1), settings, None)
     return {stage: fn() for stage, fn in start.steps() if stage in BEFORE_SELECTION}
+
+
+def source_cases(project: Project, spec: PseudoSource | Mapping, cases: Sequence[str]) -> list[str]:
+    """Of ``cases``, those the source can make a pseudo-label for: a prompt file's cases, a label folder's
+    (``--from-labels``, import), every case with a reference (simulated prompts outside the source's
+    ``exclude``, degraded references), every case (``--auto``). The others are the round's to bootstrap."""
+    from .store.ids import label_index
+
+    spec = PseudoSource.from_json(spec)
+    held = set(spec.exclude)
+    if spec.source == "import":
+        index = label_index(Path(spec.from_dir)) if Path(spec.from_dir).is_dir() else {}
+        return [c for c in cases if c in index]
+    if spec.source == "degraded-reference" or spec.prompts_from_reference is not None:
+        refs = set(project.labeled_cases("reference"))
+        return [c for c in cases if c in refs and c not in held]
+    if spec.prompts is not None:
+        from .pseudolabels.prompts import read_prompt_file
+
+        pf = read_prompt_file(spec.prompts, list(project.labels.mapping), project.cases())
+        return [c for c in cases if pf.cases.get(c) and c not in held]
+    if spec.from_labels is not None:
+        index = label_index(Path(spec.from_labels)) if Path(spec.from_labels).is_dir() else {}
+        return [c for c in cases if c in index and c not in held]
+    return [c for c in cases if c not in held]  # automatic prompts: every case
 
 
 def make_pseudolabels(project: Project, cases: Sequence[str], spec: PseudoSource | Mapping,

@@ -19,7 +19,8 @@ from .store.ids import check_case_id
 
 ROUND_FILE = "round.json"
 # a round's stages, in the order they run (ALSegLib.loop runs them; the reports list them)
-STAGES = ("pseudolabels", "plan", "pretrain", "predict-pool", "select", "review", "train", "predict", "evaluate", "report")
+STAGES = ("pseudolabels", "plan", "bootstrap", "pretrain", "predict-pool", "select", "review", "train", "predict",
+          "evaluate", "report")
 
 
 def round_dir(project: Project, number: int) -> Path:
@@ -133,6 +134,11 @@ class RoundRecord:
 
     @property
     def pseudo_label_dice(self) -> float | None:
+        """The pseudo-labels' Dice against the references where there are some (the experiment): every
+        pseudo-label of the pool once the unprompted cases are bootstrapped, else the prompted ones'."""
+        boot = self.stage("bootstrap")
+        if boot.get("pseudo_label_dice") is not None:
+            return boot["pseudo_label_dice"]
         return self.stage("pseudolabels").get("pseudo_label_dice")
 
     @property

@@ -32,6 +32,11 @@ TRUST_DICE = 0.2  # trust.TRUST_DICE (checked by a test): kept here so that the 
 
 
 FINETUNE_STARTS = ("pretrain", "previous")
+# how the cases nobody prompted get a pseudo-label (ALSegLib.bootstrap): a first nnU-Net trained on the prompted
+# cases' pseudo-labels predicts them, and its prediction is the pseudo-label ("predict") or gives the per-slice boxes
+# the foundation model segments from ("sam"); "off": they get none (learned only once a human labels them)
+BOOTSTRAPS = ("predict", "sam", "off")
+DEFAULT_BOOTSTRAP = "predict"
 
 
 def check_learning_rate(value) -> None:
@@ -171,6 +176,7 @@ class RoundSettings:
     unit: str = "case"
     slab: int = 1
     sparse_fill: str = "ignore"
+    bootstrap: str = DEFAULT_BOOTSTRAP  # the unprompted cases' pseudo-labels (BOOTSTRAPS)
 
     def __post_init__(self):
         if self.unit not in UNITS:
@@ -182,6 +188,8 @@ class RoundSettings:
             raise InputError("--slab", f"must be a whole number of slices, at least 1, not {self.slab!r}")
         if self.sparse_fill not in SPARSE_FILLS:
             raise InputError("--sparse-fill", f"one of {', '.join(SPARSE_FILLS)}, not {self.sparse_fill!r}")
+        if self.bootstrap not in BOOTSTRAPS:
+            raise InputError("--bootstrap", f"one of {', '.join(BOOTSTRAPS)}, not {self.bootstrap!r}")
         if self.mode not in MODES:
             raise InputError("--mode", f"a round trains with one of {', '.join(MODES)}, not {self.mode!r}")
         check_budget(epochs=self.epochs, iterations=self.iterations, val_iterations=self.val_iterations,

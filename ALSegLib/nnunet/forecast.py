@@ -55,7 +55,7 @@ def round_estimate(project, settings, trainings: Sequence[str], cases: Sequence[
     d_epochs, d_iters = default_budget(dev)
     parts, unknown, total = [], [], 0.0
     for name in trainings:
-        first = name == "pretrain"
+        first = name in ("pretrain", "bootstrap")  # the bootstrap model trains on pretraining's budget
         epochs = settings.pretrain_epochs if first else settings.epochs
         iters = settings.pretrain_iterations if first else settings.iterations
         if settings.minutes is not None and not (epochs and iters):

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +120,8 @@ def pseudolabel_with_sam(
     settings_file: str | Path | None = None, cases: Sequence[str] | None = None, exclude: Sequence[str] = (),
     axis: str | None = None, window: str | None = None, device: str = "auto", batch: int | None = None,
     cache: bool = True, memory_gib: float = 1.0, backend: str = "auto", box_margin: float = REFERENCE_BOX_MARGIN,
-    resume: bool = False, ray=None,
+    resume: bool = False, ray=None, label_settings: Mapping[str, pr.LabelSettings] | None = None,
+    provenance: Mapping | None = None,
 ) -> list[dict]:
     """Make ``pseudo`` labels with LiteMedSAM (``checkpoint=None``), SAM or MedSAM; returns one summary per case.
 
@@ -129,7 +130,10 @@ def pseudolabel_with_sam(
     :class:`..cluster.RaySpec` to run the cases on Ray workers (the driver still writes every file;
     the embedding cache is neither read nor written there). ``device``: the one rule of
     :mod:`..devices` (``auto``: the GPU when there is one), resolved here once; on Ray each worker
-    resolves it (a worker takes a GPU where the cluster has them: :func:`..cluster.fan_out`)."""
+    resolves it (a worker takes a GPU where the cluster has them: :func:`..cluster.fan_out`).
+    ``label_settings`` (``--from-labels`` without ``--settings``): per-label settings instead of the
+    defaults (a round's bootstrap passes its prompt file's); ``provenance``: fields added to every
+    pseudo-label's provenance (a bootstrap's ``bootstrapped_from``)."""
     if ray is None and device_name(device) == "auto":
         from ..devices import resolve_device
 
@@ -210,6 +214,8 @@ def pseudolabel_with_sam(
     if mode == "prior":  # the prior tells how many pieces there are: keep them all unless told otherwise
         if settings_file is not None:
             settings, _ = _settings_file(Path(settings_file), names, "label settings")
+        elif label_settings:
+            settings = dict(label_settings)
         settings = {n: (settings[n] if n in settings else pr.LabelSettings(post=PostProcess(keep_components=0)))
                     for n in names}
 
@@ -292,11 +298,12 @@ def pseudolabel_with_sam(
         progress.emit("note", message=note)
     if ray is not None:  # each worker takes the batch for its own device unless one was given
         return _pseudolabel_on_ray(project, loaded, checkpoint, device, work, mode, settings, axis_name, override,
-                                   given_batch, memory_gib, simulated, ray) + kept
+                                   given_batch, memory_gib, simulated, ray, provenance) + kept
     timer = _Estimate(project, loaded, work, axis_name, override, settings) if work else None
     out = []
     for w in progress.track(work, desc="pseudo-labels"):
-        out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib, simulated))
+        out.append(_one_case(project, loaded, w, mode, settings, axis_name, override, batch, cache, memory_gib, simulated,
+                             provenance))
         timer.case_done(w, out[-1])
     return out + kept
 
@@ -353,7 +360,8 @@ class SamWorker(Worker):
 
 def _pseudolabel_on_ray(project: Project, loaded: LoadedSam, checkpoint, device: str, work: list[CaseWork], mode: str,
                         settings: dict[str, pr.LabelSettings], axis_name: str, override: Window | None,
-                        batch: int | None, memory_gib: float, simulated: dict | None, spec) -> list[dict]:
+                        batch: int | None, memory_gib: float, simulated: dict | None, spec,
+                        provenance: Mapping | None = None) -> list[dict]:
     """The cases on Ray workers (:mod:`..cluster`): the driver reads each image, hands it over by
     reference and stores what comes back (:func:`store_case`); cases that failed after the retries
     are named in an error once the others are stored."""
@@ -381,7 +389,7 @@ def _pseudolabel_on_ray(project: Project, loaded: LoadedSam, checkpoint, device:
     def store(case: str, result: dict) -> None:
         w = by_case[case]
         out[case] = store_case(project, w, mode, images.pop(case), result, settings, axis_name, simulated,
-                               result["produced_by"], request=w.request)
+                               result["produced_by"], request=w.request, extra=provenance)
 
     failures = fan_out(spec, SamWorker, init, inputs(), store, gpus=device_name(device) != "cpu",
                        desc="pseudo-labels", guard=project.root, total=len(work))
@@ -473,7 +481,7 @@ class _Estimate:
 
 def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings],
               axis_name: str, override: Window | None, batch: int, cache: bool, memory_gib: float,
-              simulated: dict | None = None) -> dict:
+              simulated: dict | None = None, provenance: Mapping | None = None) -> dict:
     t0 = time.perf_counter()
     image = project.read_image(w.case)
     digest = sha256_file(project.image_path(w.case)) if cache else None
@@ -482,7 +490,7 @@ def _one_case(project: Project, loaded: LoadedSam, w: CaseWork, mode: str, setti
                           project.labels.mapping, project.modality, cache_dir)
     result["seconds"] = time.perf_counter() - t0
     return store_case(project, w, mode, image, result, settings, axis_name, simulated, loaded.describe(),
-                      request=w.request)
+                      request=w.request, extra=provenance)
 
 
 def compute_case(loaded: LoadedSam, image: sitk.Image, w: CaseWork, mode: str, settings: dict[str, pr.LabelSettings],
@@ -547,9 +555,10 @@ def compute_case(loaded: LoadedSam, image: sitk.Image, w: CaseWork, mode: str, s
 
 def store_case(project: Project, w: CaseWork, mode: str, image: sitk.Image, result: dict,
                settings: dict[str, pr.LabelSettings], axis_name: str, simulated: dict | None,
-               produced_by: dict, request: str | None = None) -> dict:
+               produced_by: dict, request: str | None = None, extra: Mapping | None = None) -> dict:
     """What the driver writes for one computed case (the single-machine path and Ray's alike): the
-    ``pseudo`` label with its provenance and the pooled embedding; returns the case's summary."""
+    ``pseudo`` label with its provenance (``extra`` added to it) and the pooled embedding; returns the
+    case's summary."""
     encoded, per_label = dict(result["encoder"]), result["labels"]
     seconds = result["seconds"]
     encoded["seconds_per_slice"] = round(seconds / encoded["slices_encoded"], 3) if encoded["slices_encoded"] else None
@@ -573,7 +582,7 @@ def store_case(project: Project, w: CaseWork, mode: str, image: sitk.Image, resu
         windows={n: win.to_json() for n, win in result["windows"].items()}, prompts=prompts_used,
         prompts_simulated=simulated, relations=relations or None,
         prior_file=str(w.prior_file.resolve()) if w.prior_file else None, confidence=result["confidence"],
-        labels=per_label, encoder=encoded, request=request,
+        labels=per_label, encoder=encoded, request=request, **dict(extra or {}),
     )
     if result["pooled"] is not None:
         window, vec = result["pooled"]

@@ -168,6 +168,11 @@ class Layout:
         return self.root / "cache"
 
     @property
+    def bootstrap_priors(self) -> Path:
+        """The bootstrap model's predictions the foundation model was prompted from (``bootstrap sam``)."""
+        return self.root / "bootstrap" / "priors"
+
+    @property
     def sam_cache(self) -> Path:
         return self.cache / "sam"
 
