@@ -64,6 +64,7 @@ UNITS = ["case", "slice"]
 MODES = ["finetune", "filtermatch"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 PSEUDO_SOURCES = ["existing", "sam", "import"]
+BOOTSTRAPS = ["predict", "sam", "off"]  # the cases without prompts (ALSegLib.settings.BOOTSTRAPS)
 
 
 class ALSeg(ScriptedLoadableModule):
@@ -105,6 +106,7 @@ class ALSegParameterNode:
     checkpoint: str = ""
     importFolder: str = ""
     keepComponents: int = 1  # 3D parts kept per structure after SAM (prompted parts always; 0: all)
+    bootstrap: Annotated[str, Choice(BOOTSTRAPS)] = "predict"  # the cases without prompts
     budget: str = "5"
     strategy: Annotated[str, Choice(STRATEGIES)] = "hybrid"
     trainingMode: Annotated[str, Choice(MODES)] = "finetune"
@@ -430,6 +432,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode is not None:
                 self.logic.set_keep_components(self._parameterNode.keepComponents)
             slicer.util.showStatusMessage(f"Prompt stored in {path}", 3000)
+            self.ui.promptCoverageLabel.text = self.logic.prompt_coverage_text()
             self.showPromptMarkups()  # stored (locked): the next placement starts new nodes
 
     def onPseudolabelCase(self):
@@ -712,6 +715,7 @@ class ALSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.projectStatusLabel.text = self.logic.summary_text()
         fillTable(self.ui.queueTable, ["case", "score", "reason"], [list(r) for r in self.logic.queue_rows()])
         self.ui.effortLabel.text = self.logic.effort_text()
+        self.ui.promptCoverageLabel.text = self.logic.prompt_coverage_text()
         header, rows = self.logic.result_rows()
         fillTable(self.ui.resultsTable, header, rows)
         header, rows = self.logic.trust_rows()
@@ -773,7 +777,7 @@ class ALSegLogic(ScriptedLoadableModuleLogic, Session):
         """The parameter node's values as the facade's round options."""
         return RoundOptions(budget=p.budget, strategy=p.strategy, mode=p.trainingMode, device=p.device,
                             exclude=tuple(c for c in re.split(r"[\s,;]+", p.testCases) if c),
-                            minutes=p.minutesPerTraining, unit=p.unit, slab=p.slab,
+                            minutes=p.minutesPerTraining, unit=p.unit, slab=p.slab, bootstrap=p.bootstrap,
                             pseudo_source="" if p.pseudoSource == "existing" else p.pseudoSource,
                             checkpoint=self.pathOrEmpty(p.checkpoint), import_folder=self.pathOrEmpty(p.importFolder))
 

@@ -52,6 +52,7 @@ class RoundOptions:
     # "Test cases": they need reference labels, added with the images or by import-labels --kind reference)
     unit: str = "case"  # "slice": slabs of ``slab`` slices, the budget counted in slices
     slab: int = 1
+    bootstrap: str = "predict"  # the cases without prompts: predict, sam or off (ALSegLib.bootstrap)
 
 
 class Session:
@@ -223,7 +224,8 @@ class Session:
                              device=options.device, exclude=list(options.exclude),
                              configuration=options.configuration or None, epochs=options.epochs or None,
                              pretrain_epochs=options.pretrain_epochs or None, pseudo=pseudo,
-                             minutes=options.minutes or None, unit=options.unit, slab=int(options.slab))
+                             minutes=options.minutes or None, unit=options.unit, slab=int(options.slab),
+                             bootstrap=options.bootstrap)
 
     def round_args(self, options: RoundOptions) -> list[str]:
         """``alseg round`` arguments for the panel's settings: they are written to the project's
@@ -343,6 +345,25 @@ class Session:
         """``accepted in Slicer: 2/5 unchanged, mean Dice proposal -> accepted 0.941, median 38 s per case``."""
         effort = self.effort()
         return ("accepted in Slicer: " if effort["accepted"] else "") + rounds.effort_text(effort)
+
+    def prompt_coverage_text(self) -> str:
+        """How many cases have prompts in the panel's prompt file, and how many are enough (a round
+        bootstraps the others: :func:`ALSegLib.bootstrap.enough_prompts`)."""
+        from ALSegLib.bootstrap import ENOUGH_FRACTION, enough_prompts
+
+        if self.project is None:
+            return ""
+        path = self.project.layout.slicer_prompts
+        cases = self.project.cases()
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        prompted = sum(1 for c in cases if (data.get("cases") or {}).get(c))
+        enough = enough_prompts(len(cases))
+        share = f"{ENOUGH_FRACTION:.0%}"
+        if prompted >= enough:
+            return (f"Prompts for {prompted} of {len(cases)} cases: enough. A round labels the other "
+                    f"{len(cases) - prompted} from them (see 'Cases without prompts').")
+        return (f"Prompts for {prompted} of {len(cases)} cases. About {enough} (at least {share}) are enough: "
+                "a round labels the others from them.")
 
     def open_next(self) -> OpenCase | None:
         return (self.review or self.start_review()).open_next()

@@ -397,6 +397,10 @@ def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phant
     assert 4 <= hi - lo <= 6 and lo <= 7 <= hi and deep.slice == (lo + hi) // 2
     with pytest.raises(InputError, match="not in the label table"):
         session.add_prompt(case, "spleen", points=points)
+    # the panel says how many prompted cases are enough (the round bootstraps the others)
+    n = len(project.cases())  # the six phantoms, one prompted
+    assert session.prompt_coverage_text() == (f"Prompts for 1 of {n} cases. About 5 (at least 10%) are "
+                                              "enough: a round labels the others from them.")
 
 
 def test_each_prompt_case_label_and_kind_gets_its_own_markups_node(tmp_path, phantom_dir):
@@ -527,6 +531,8 @@ def test_round_settings_become_a_settings_file_the_engine_reads(project):
     assert read.pseudo.prompts == str(project.root / "prompts" / "slicer.json")
     args = session.round_args(RoundOptions(budget="2", pseudo_source="sam", checkpoint="/w/sam_vit_b.pth"))
     assert cli._settings_file(cli.build_parser().parse_args(args)).pseudo.checkpoint == "/w/sam_vit_b.pth"
+    args = session.round_args(RoundOptions(budget="2", pseudo_source="sam", bootstrap="off"))
+    assert cli._settings_file(cli.build_parser().parse_args(args)).bootstrap == "off"
     # options given on the command line as well override the file's (the module's self-test shrinks the budget so)
     read = cli._settings_file(cli.build_parser().parse_args([*args, "--iters", "2", "--strategy", "random"]))
     assert (read.iterations, read.strategy, read.budget) == (2, "random", "2")

@@ -121,6 +121,9 @@ def test_parameter_node_fields_each_have_a_widget_with_matching_choices():
                 for device in constants["DEVICES"]:
                     build_parser().parse_args(["round", "p", "--budget", "1", "--strategy", strategy, "--mode", mode,
                                                "--device", device, "--unit", unit])
+    from ALSegLib.settings import BOOTSTRAPS
+
+    assert constants["BOOTSTRAPS"] == list(BOOTSTRAPS)  # what happens to the cases without prompts: the engine's choices
     # each strategy fits at least one unit, and every strategy of either unit is offered
     assert set(constants["STRATEGIES"]) == set(STRATEGIES) | set(SLICE_STRATEGIES)
     for strategy in constants["STRATEGIES"]:
