@@ -949,6 +949,7 @@ class ALSegTest(ScriptedLoadableModuleTest):
         first.AddControlPointWorld(vtk.vtkVector3d(*opened.volume.GetOrigin()))
         widget.onAddPrompt()
         self.assertEqual(first.GetAttribute("ALSeg.PromptStored"), "1")
+        self.assertTrue(widget.ui.promptCoverageLabel.text.startswith("Prompts for 1 of 2 cases"))
         self.assertIsNone(widget.ui.promptPointsSelector.currentNode())
         widget.clearEditor()
         logic.review.close()  # no open case: choosing b asks nothing

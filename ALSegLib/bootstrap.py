@@ -78,6 +78,17 @@ def prompt_effort(project: Project, cases: Sequence[str]) -> dict:
     return {"prompted_cases": prompted_cases, "boxes": boxes, "point_prompts": points, "simulated": simulated}
 
 
+def pseudo_origins(project: Project) -> dict:
+    """Where the project's pseudo-labels came from: prompted (a prompt file, or simulated boxes), bootstrapped,
+    other (imported, a prior label, automatic prompts, simulated); with the boxes drawn (``alseg status``)."""
+    cases = project.labeled_cases("pseudo")
+    boot = [c for c in cases if "bootstrapped_from" in project.provenance(c, "pseudo", check_file=False)]
+    effort = prompt_effort(project, [c for c in cases if c not in set(boot)])
+    return {"prompted": effort["prompted_cases"], "bootstrapped": len(boot),
+            "other": len(cases) - len(boot) - effort["prompted_cases"], "boxes": effort["boxes"],
+            "point_prompts": effort["point_prompts"], "simulated": effort["simulated"]}
+
+
 def bootstrap(project: Project, settings: RoundSettings, trainable: Sequence[str], *, round_id: str, ray=None,
               num_gpus: int = 1) -> dict:
     """Pseudo-labels for the trainable cases that have none (the first round, before pretraining);

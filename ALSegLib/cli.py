@@ -158,7 +158,10 @@ def cmd_status(args) -> int:
     if args.cases:
         status["case_table"] = project.case_table()
     if status["label_counts"]["pseudo"]:
+        from .bootstrap import pseudo_origins
         from .rounds import trust_dice_in_use
+
+        status["pseudo_origins"] = pseudo_origins(project)
         from .trust import trust_table
 
         threshold = trust_dice_in_use(project, TRUST_DICE) if args.trust_dice is None else args.trust_dice
@@ -173,6 +176,12 @@ def cmd_status(args) -> int:
     print(f"Cases     {status['cases']}  (without human or pseudo label: {status['unlabeled']})")
     counts = status["label_counts"]
     print("Labelled  " + ", ".join(f"{k} {counts[k]}" for k in LABEL_KINDS) + f"  (human versions: {status['human_versions']})")
+    if status.get("pseudo_origins"):
+        o = status["pseudo_origins"]
+        drawn = f"{o['boxes']} boxes" + (f", {o['point_prompts']} point prompts" if o["point_prompts"] else "") + (
+            ", simulated" if o["simulated"] else "")
+        print(f"Pseudo    {o['prompted']} prompted ({drawn}), {o['bootstrapped']} bootstrapped from them, "
+              f"{o['other']} other (imported, prior labels, automatic, simulated)")
     print(f"Models    {', '.join(status['models']) or 'none'}")
     print(f"Rounds    {len(status['rounds'])}")
     if status["last_event"]:

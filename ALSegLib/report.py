@@ -208,11 +208,21 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
     if queue:
         sections.append(("Cases selected for review", "", ["rank", "case", "score", "reason"],
                          [[q["rank"], q["case"], q["score"], q["reason"]] for q in queue]))
-    pseudo = view.stage("pseudolabels")
+    texts = []
+    boot = view.stage("bootstrap")
+    if boot.get("prompted") is not None:  # the first round: who was prompted, what was bootstrapped
+        drawn = f"{boot.get('boxes', 0)} boxes" + (" (simulated from the references)" if boot.get("simulated") else "")
+        texts.append(f"{boot['prompted']} case(s) with their own pseudo-label ({drawn} drawn); "
+                     f"{boot.get('bootstrapped', 0)} of {boot['unprompted']} without one bootstrapped from them "
+                     f"(method {boot['method']})")
+    pseudo = boot if boot.get("pseudo_label_dice") is not None else view.stage("pseudolabels")
     if pseudo.get("pseudo_label_dice") is not None:
-        text = (f"mean Dice of the pseudo-labels against the references: "
-                f"{pseudo['pseudo_label_dice']:.3f} over {pseudo['pseudo_label_cases']} cases")
-        sections.append(("Pseudo-labels", text, [], []))
+        texts.append(f"mean Dice of the pseudo-labels against the references: "
+                     f"{pseudo['pseudo_label_dice']:.3f} over {pseudo['pseudo_label_cases']} cases"
+                     + (f" (the bootstrapped ones: {boot['bootstrapped_dice']:.3f})"
+                        if boot.get("bootstrapped_dice") is not None else ""))
+    if texts:
+        sections.append(("Pseudo-labels", "; ".join(texts), [], []))
     effort = rounds.review_effort(project, record["round"])
     if effort["accepted"]:
         sections.append(("Annotation effort (labels accepted for this round's queue, in Slicer or by the simulated "

@@ -37,7 +37,7 @@ def label_folder(project: Project, cases, folder):
     return folder
 
 
-def test_a_round_bootstraps_the_cases_its_source_does_not_cover_and_says_which_were_which(tmp_path):
+def test_a_round_bootstraps_the_cases_its_source_does_not_cover_and_says_which_were_which(tmp_path, run_cli):
     project = phantom_project(tmp_path, 7)
     cases = project.cases()
     test, given, rest = cases[-2:], cases[:2], cases[2:5]
@@ -61,6 +61,12 @@ def test_a_round_bootstraps_the_cases_its_source_does_not_cover_and_says_which_w
     assert read_model(project, "pretrain")["labeled_cases"] == 2 + len(made)  # pretraining: all of them
     assert 0.0 <= boot["bootstrapped_dice"] <= 1.0 and boot["pseudo_label_cases"] == 2 + len(made)
     assert not set(test) & set(project.labeled_cases("pseudo"))  # held-out cases: never a pseudo-label
+    page = (project.root / record["stages"]["report"]["files"]["markdown"]).read_text()
+    assert (f"2 case(s) with their own pseudo-label (0 boxes drawn); {len(made)} of 3 without one bootstrapped from "
+            "them (method predict)") in page
+    code, out, _ = run_cli("status", project.root, "--json")
+    origins = json.loads(out)["pseudo_origins"]
+    assert code == 0 and (origins["prompted"], origins["bootstrapped"], origins["other"]) == (0, len(made), 2)  # imports
     # later rounds: pretrained already, nothing bootstrapped again (and the stored pseudo-labels kept)
     before = {c: project.provenance(c, "pseudo")["file_sha256"] for c in made}
     second = run_round(project, budget="1", exclude=test, pseudo=source, annotator=SimulatedAnnotator(test), **SMALL)
@@ -113,7 +119,7 @@ def test_the_bootstrap_option_and_its_bad_values(run_cli, tmp_path):
     assert code == 2 and "--bootstrap" in err and "predict" in err
 
 
-def test_bootstrap_sam_prompts_litemedsam_with_the_first_model_s_outlines(tmp_path):
+def test_bootstrap_sam_prompts_litemedsam_with_the_first_model_s_outlines(tmp_path, run_cli):
     """The real LiteMedSAM: two phantoms prompted by one simulated box per structure, one bootstrapped
     through the foundation model from the bootstrap model's outlines (prior boxes per slice)."""
     project = phantom_project(tmp_path, 4)
@@ -136,3 +142,5 @@ def test_bootstrap_sam_prompts_litemedsam_with_the_first_model_s_outlines(tmp_pa
     pseudo = sitk.GetArrayFromImage(project.read_label(rest, "pseudo"))
     assert prior.any() and 0 < np.count_nonzero(pseudo) < pseudo.size  # LiteMedSAM's masks, inside the prior's boxes
     assert prompt_effort(project, [rest])["boxes"] == 0  # a bootstrapped case: no box was drawn for it
+    code, out, _ = run_cli("status", project.root)
+    assert code == 0 and "Pseudo    2 prompted (6 boxes, simulated), 1 bootstrapped from them, 0 other" in out
