@@ -145,8 +145,9 @@ def run_fraction(args, fraction: float, seed: int, source, cache, pool: list[str
         for case in prompted:
             copy_pseudo(cache, src, case)
     t = time.perf_counter()
-    results = simulate(src, folder / "run", ExperimentSettings(rounds=2, seeds=[seed], test=test, arms=["hybrid+finetune"],
-                                                               round=round_settings(args, unprompted)))
+    settings = ExperimentSettings(rounds=2, seeds=[seed], test=test, arms=["hybrid+finetune", "pseudo-only"],
+                                  round=round_settings(args, unprompted))
+    results = simulate(src, folder / "run", settings)
     base = Project.open(folder / "run" / f"seed{seed}" / "base")
     boot = [c for c in unprompted if base.label_path(c, "pseudo") is not None]
     points = results["arms"]["hybrid+finetune"]["points"]
@@ -154,7 +155,10 @@ def run_fraction(args, fraction: float, seed: int, source, cache, pool: list[str
            "pseudo_label_dice": results.get("pseudo_label_dice"), "bootstrapped_cases": len(boot),
            "bootstrapped_dice": dice(base, boot), "prompted_dice": dice(base, prompted),
            "dice_by_fraction": {f"{p['fraction']:.3g}": round(p["mean_dice"], 4) for p in points},
-           "final_dice": round(points[-1]["mean_dice"], 4), "commit": commit()}
+           "final_dice": round(points[-1]["mean_dice"], 4), "commit": commit(),
+           "method": round_settings(args, unprompted).bootstrap if unprompted else None}
+    if "pseudo-only" in results["arms"]:  # the pretrained model alone (on prompted + bootstrapped pseudo-labels)
+        row["pretrained_dice"] = round(results["arms"]["pseudo-only"]["points"][0]["mean_dice"], 4)
     if args.compare and unprompted and "compare" not in args.done_compare:
         row["compare"] = compare_methods(base, folder, unprompted, args.compare, args.device)
         args.done_compare.add("compare")
@@ -174,6 +178,7 @@ def from_oracle(seed: int, pool: list[str], oracle_base: Path | None) -> dict | 
     return {"prompted_cases": len(pool), "boxes": boxes, "pseudo_label_dice": row["pseudo_label_dice"],
             "bootstrapped_cases": 0, "dice_by_fraction": {f: a["hybrid+finetune"] for f, a in row["fractions"].items()
                                                           if "hybrid+finetune" in a},
+            "pretrained_dice": row["fractions"].get("0", {}).get("pseudo-only"),
             "final_dice": row["fractions"]["0.05"]["hybrid+finetune"], "commit": row["commit"],
             "measured_by": "bench_pseudo_trust.py --parts oracle (pseudo_trust.json oracle.per_seed): same split, "
                            "recipe and pseudo-labels; not rerun here"}
