@@ -170,7 +170,7 @@ def from_oracle(seed: int, pool: list[str], oracle_base: Path | None) -> dict | 
     from ALSegLib.bootstrap import prompt_effort
     from ALSegLib.project import Project
 
-    trust = HERE / "results" / "pseudo_trust.json"
+    trust = (HERE / "results" / "pseudo_trust").with_suffix(".json")  # bench_pseudo_trust.py's results file
     row = json.loads(trust.read_text()).get("oracle", {}).get("per_seed", {}).get(str(seed)) if trust.is_file() else None
     if not row or "hybrid+finetune" not in row["fractions"].get("0.05", {}):
         return None
@@ -180,7 +180,7 @@ def from_oracle(seed: int, pool: list[str], oracle_base: Path | None) -> dict | 
                                                           if "hybrid+finetune" in a},
             "pretrained_dice": row["fractions"].get("0", {}).get("pseudo-only"),
             "final_dice": row["fractions"]["0.05"]["hybrid+finetune"], "commit": row["commit"],
-            "measured_by": "bench_pseudo_trust.py --parts oracle (pseudo_trust.json oracle.per_seed): same split, "
+            "measured_by": "bench_pseudo_trust.py --parts oracle (its results' oracle.per_seed): same split, "
                            "recipe and pseudo-labels; not rerun here"}
 
 
@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--bootstrap", choices=("predict", "sam"), help="the method (default: the round's)")
     ap.add_argument("--compare", type=int, default=0, help="compare the bootstrap methods on K unprompted cases")
     ap.add_argument("--full-from-oracle", action="store_true",
-                    help="100 %%: take pseudo_trust.json's oracle run of the same seed instead of running it")
+                    help="100 %%: take bench_pseudo_trust.py's oracle run of the same seed instead of running it")
     ap.add_argument("--pretrain-epochs", type=int, default=10, help="x 100 steps (the bootstrap model's too)")
     ap.add_argument("--epochs", type=int, default=10, help="each round's fine-tuning, x 100 steps")
     ap.add_argument("--lite-from", default="/tmp/alseg-bench-trust/oracle/seed0/seed0/base",

@@ -85,6 +85,10 @@ PROSE = {
                    "expert labels, no embedding cache on any path) and nnU-Net prediction with probabilities. "
                    "The speed-up compares two workers of one thread to one; the overhead compares `--ray` on all "
                    "cores to the single-machine path on all cores; the stored labels are compared byte for byte.",
+    "few_prompts": "Boxes for a few cases: the Hippocampus oracle when only part of the pool is prompted (simulated "
+                   "boxes from the references) and a round bootstraps the rest from a first nnU-Net, against "
+                   "prompting every case; the pool's pseudo-label Dice and the held-out Dice after two rounds, per "
+                   "seed, and the two bootstrap methods compared on the same cases.",
     "demo": "`alseg demo` (the README's main command) over several seeds: the held-out mean Dice per row (pseudo-labels "
             "only, each round, supervised-only on the last round's human labels), what the pseudo-labels buy, and the "
             "wall time per seed.",
@@ -538,6 +542,30 @@ def rows_pseudo_trust(d: dict) -> Rows:
     return rows
 
 
+def rows_few_prompts(d: dict) -> Rows:
+    rows: Rows = [("setup", fmt(get(d, "setup")))]
+    fractions = get(d, "prompted_fraction", default={})
+    if not isinstance(fractions, dict) or not fractions:
+        return [*rows, ("per prompted fraction", NOT_MEASURED)]
+    for fraction, f in sorted(fractions.items(), key=lambda kv: float(kv[0])):
+        boot = get(f, "bootstrapped_dice")
+        boot = "none bootstrapped" if isinstance(boot, list) and all(b is None for b in boot) else fmt(boot)
+        rows.append((f"{100 * float(fraction):g} % prompted (seeds {fmt(get(f, 'seeds'))}): boxes drawn; pool pseudo-label "
+                     "Dice (bootstrapped cases alone); mean Dice after 2 rounds (5 %)",
+                     f"{fmt(get(f, 'boxes'))}; {fmt(get(f, 'pseudo_label_dice'))} ({boot}); "
+                     f"{fmt(get(f, 'final_dice'))}"))
+    for seed, g in (get(d, "goal_10_percent", default={}) or {}).items():
+        rows.append((f"seed {seed}: 100 % minus 10 % prompted, final Dice (goal ≤ 0.02); boxes 10 % / 100 % (goal 0.1)",
+                     f"{fmt(get(g, 'final_dice_gap'))} ({'met' if get(g, 'met') else 'missed'}); "
+                     f"{fmt(get(g, 'boxes_ratio'))}"))
+    methods = get(d, "bootstrap_methods", default=None)
+    if not absent(methods):
+        rows.append(("bootstrap methods on the same cases: prediction / LiteMedSAM from its outlines (s per case)",
+                     f"{fmt(get(methods, 'predict'))} / {fmt(get(methods, 'sam'))} "
+                     f"({fmt(get(methods, 'sam_seconds_per_case'), 's')}; {fmt(get(methods, 'cases'))} cases)"))
+    return rows
+
+
 def rows_generic(d: dict) -> Rows:
     """Unknown results file: its top-level scalar fields."""
     skip = {"benchmark", "commit", "time"}
@@ -560,6 +588,7 @@ EXTRACTORS: dict[str, Callable[[dict], Rows]] = {
     "sparse": rows_sparse,
     "distributed": rows_distributed,
     "pseudo_trust": rows_pseudo_trust,
+    "few_prompts": rows_few_prompts,
 }
 
 
