@@ -160,9 +160,9 @@ def cmd_status(args) -> int:
     if status["label_counts"]["pseudo"]:
         from .bootstrap import pseudo_origins
         from .rounds import trust_dice_in_use
+        from .trust import trust_table
 
         status["pseudo_origins"] = pseudo_origins(project)
-        from .trust import trust_table
 
         threshold = trust_dice_in_use(project, TRUST_DICE) if args.trust_dice is None else args.trust_dice
         check_trust_dice(threshold)

@@ -437,8 +437,11 @@ def source_cases(project: Project, spec: PseudoSource | Mapping, cases: Sequence
 
     spec = PseudoSource.from_json(spec)
     held = set(spec.exclude)
+    folder = spec.from_dir if spec.source == "import" else spec.from_labels
+    if folder is not None and not Path(folder).is_dir():
+        raise InputError(folder, "folder of label files not found")
     if spec.source == "import":
-        index = label_index(Path(spec.from_dir)) if Path(spec.from_dir).is_dir() else {}
+        index = label_index(Path(spec.from_dir))
         return [c for c in cases if c in index]
     if spec.source == "degraded-reference" or spec.prompts_from_reference is not None:
         refs = set(project.labeled_cases("reference"))
@@ -449,7 +452,7 @@ def source_cases(project: Project, spec: PseudoSource | Mapping, cases: Sequence
         pf = read_prompt_file(spec.prompts, list(project.labels.mapping), project.cases())
         return [c for c in cases if pf.cases.get(c) and c not in held]
     if spec.from_labels is not None:
-        index = label_index(Path(spec.from_labels)) if Path(spec.from_labels).is_dir() else {}
+        index = label_index(Path(spec.from_labels))
         return [c for c in cases if c in index and c not in held]
     return [c for c in cases if c not in held]  # automatic prompts: every case
 

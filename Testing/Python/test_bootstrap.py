@@ -107,6 +107,9 @@ def test_which_cases_a_source_covers(project, tmp_path):
     assert source_cases(project, {"source": "import", "from": str(folder)}, cases) == cases[2:4]
     assert source_cases(project, {"source": "sam", "from_labels": str(folder)}, cases[:3]) == [cases[2]]
     assert source_cases(project, {"source": "degraded-reference", "target_dice": 0.7}, cases) == cases
+    for spec in ({"source": "import", "from": str(tmp_path / "nowhere")}, {"source": "sam", "from_labels": "nowhere"}):
+        with pytest.raises(InputError, match="folder of label files not found"):
+            source_cases(project, spec, cases)
 
 
 def test_the_bootstrap_option_and_its_bad_values(run_cli, tmp_path):
