@@ -355,8 +355,11 @@ class Session:
             return ""
         path = self.project.layout.slicer_prompts
         cases = self.project.cases()
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        prompted = sum(1 for c in cases if (data.get("cases") or {}).get(c))
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+            prompted = sum(1 for c in cases if (data.get("cases") or {}).get(c))
+        except (OSError, ValueError, AttributeError) as exc:  # a hand-edited file: said here, refused by the round
+            return f"The prompt file {path} cannot be read ({exc})."
         enough = enough_prompts(len(cases))
         share = f"{ENOUGH_FRACTION:.0%}"
         if prompted >= enough:

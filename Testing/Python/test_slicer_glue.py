@@ -401,6 +401,10 @@ def test_prompts_placed_as_markups_reach_sam_on_the_right_voxels(tmp_path, phant
     n = len(project.cases())  # the six phantoms, one prompted
     assert session.prompt_coverage_text() == (f"Prompts for 1 of {n} cases. About 5 (at least 10%) are "
                                               "enough: a round labels the others from them.")
+    text = project.layout.slicer_prompts.read_text()
+    project.layout.slicer_prompts.write_text(text[:-3])  # cut short by hand: said in the panel, nothing raised
+    assert session.prompt_coverage_text().startswith(f"The prompt file {project.layout.slicer_prompts} cannot be read")
+    project.layout.slicer_prompts.write_text(text)
 
 
 def test_each_prompt_case_label_and_kind_gets_its_own_markups_node(tmp_path, phantom_dir):
