@@ -347,7 +347,7 @@ class Session:
         return ("accepted in Slicer: " if effort["accepted"] else "") + rounds.effort_text(effort)
 
     def prompt_coverage_text(self) -> str:
-        """How many cases have prompts in the panel's prompt file, and how many are enough (a round
+        """How many cases have prompts in the panel's prompt file, and the fewest to prompt (a round
         bootstraps the others: :func:`ALSegLib.bootstrap.enough_prompts`)."""
         from ALSegLib.bootstrap import ENOUGH_FRACTION, enough_prompts
 
@@ -361,12 +361,12 @@ class Session:
         except (OSError, ValueError, AttributeError) as exc:  # a hand-edited file: said here, refused by the round
             return f"The prompt file {path} cannot be read ({exc})."
         enough = enough_prompts(len(cases))
-        share = f"{ENOUGH_FRACTION:.0%}"
+        more = "more prompted cases end closer to prompting every case (measured: docs/rounds.md)."
         if prompted >= enough:
-            return (f"Prompts for {prompted} of {len(cases)} cases: enough. A round labels the other "
-                    f"{len(cases) - prompted} from them (see 'Cases without prompts').")
-        return (f"Prompts for {prompted} of {len(cases)} cases. About {enough} (at least {share}) are enough: "
-                "a round labels the others from them.")
+            return (f"Prompts for {prompted} of {len(cases)} cases: a round labels the other {len(cases) - prompted} "
+                    f"from them (see 'Cases without prompts'); {more}")
+        return (f"Prompts for {prompted} of {len(cases)} cases. Prompt at least {enough} ({ENOUGH_FRACTION:.0%}): "
+                f"a round labels the others from them; {more}")
 
     def open_next(self) -> OpenCase | None:
         return (self.review or self.start_review()).open_next()
