@@ -50,10 +50,17 @@ def unlabeled(project: Project, cases: Sequence[str]) -> list[str]:
     return [c for c in cases if c not in have]
 
 
+def bootstrapped(project: Project, cases: Sequence[str]) -> list[str]:
+    """Of ``cases``, those whose pseudo-label this stage made (their provenance names ``bootstrapped_from``)."""
+    have = set(project.labeled_cases("pseudo"))
+    return [c for c in cases if c in have and "bootstrapped_from" in project.provenance(c, "pseudo", check_file=False)]
+
+
 def prompted(project: Project, cases: Sequence[str]) -> list[str]:
     """Of ``cases``, those whose pseudo-label was not bootstrapped (made from prompts, a prior or an import)."""
     have = set(project.labeled_cases("pseudo"))
-    return [c for c in cases if c in have and "bootstrapped_from" not in project.provenance(c, "pseudo", check_file=False)]
+    boot = set(bootstrapped(project, cases))
+    return [c for c in cases if c in have and c not in boot]
 
 
 def prompt_effort(project: Project, cases: Sequence[str]) -> dict:
@@ -83,7 +90,7 @@ def pseudo_origins(project: Project) -> dict:
     """Where the project's pseudo-labels came from: prompted (a prompt file, or simulated boxes), bootstrapped,
     other (imported, a prior label, automatic prompts, simulated); with the boxes drawn (``alseg status``)."""
     cases = project.labeled_cases("pseudo")
-    boot = [c for c in cases if "bootstrapped_from" in project.provenance(c, "pseudo", check_file=False)]
+    boot = bootstrapped(project, cases)
     effort = prompt_effort(project, [c for c in cases if c not in set(boot)])
     return {"prompted": effort["prompted_cases"], "bootstrapped": len(boot),
             "other": len(cases) - len(boot) - effort["prompted_cases"], "boxes": effort["boxes"],
@@ -93,7 +100,8 @@ def pseudo_origins(project: Project) -> dict:
 def bootstrap(project: Project, settings: RoundSettings, trainable: Sequence[str], *, round_id: str, ray=None,
               num_gpus: int = 1) -> dict:
     """Pseudo-labels for the trainable cases that have none (the first round, before pretraining);
-    returns the stage's details: method, cases bootstrapped and from which, empty predictions."""
+    returns the stage's details: method, the cases bootstrapped (``cases``) and how many they were
+    learned from, empty predictions."""
     from .store.models import finished
 
     cases = unlabeled(project, trainable)
@@ -124,7 +132,7 @@ def bootstrap(project: Project, settings: RoundSettings, trainable: Sequence[str
     predict(project, MODEL, cases, probabilities=False, features=False, device=s.device, round_id=round_id, ray=ray)
     stamp = {"bootstrapped_from": sorted(learned_from), "bootstrap": {"method": method, "model": MODEL}}
     made = _as_pseudo(project, cases, stamp) if method == "predict" else _with_sam(project, cases, spec, s.device, stamp)
-    return {**out, "method": method, "bootstrapped": len(made), "empty": sorted(set(cases) - set(made))}
+    return {**out, "method": method, "bootstrapped": len(made), "cases": made, "empty": sorted(set(cases) - set(made))}
 
 
 def _as_pseudo(project: Project, cases: Sequence[str], stamp: dict) -> list[str]:
@@ -155,9 +163,9 @@ def _with_sam(project: Project, cases: Sequence[str], spec: PseudoSource, device
         for case in cases:
             src = project.label_path(case, "predicted")
             atomic.write_with(folder / f"{case}{''.join(src.suffixes)}", lambda tmp, src=src: shutil.copyfile(src, tmp))
-    keep = {k: v for k, v in spec.to_json().items() if k not in ("prompts", "from_labels", "prompts_from_reference", "exclude",
-                                                                 "auto", "auto_settings", "settings_file")}
-    prior = PseudoSource.from_json({**keep, "from_labels": str(folder)})
+    # the source's model and slicing, its prompts replaced by the priors
+    prior = spec.with_options(prompts=None, prompts_from_reference=None, auto=None, auto_settings=None,
+                              settings_file=None, exclude=(), from_labels=str(folder))
     label_settings = None
     if spec.prompts:  # the prompt file's label settings (windows, relations, holes), every part the prior shows kept
         label_settings = _prior_settings(project, spec.prompts)

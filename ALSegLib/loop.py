@@ -256,16 +256,22 @@ class Round:
         out.update(self._pseudo_dice())
         return out
 
-    def _pseudo_dice(self) -> dict:
-        """The pseudo-labels' own quality, where references exist (the experiment)."""
+    def _pseudo_dice(self, bootstrapped: Sequence[str] = ()) -> dict:
+        """The pseudo-labels' own quality, where references exist (the experiment); the ``bootstrapped``
+        cases' alone too, from the same per-case figures."""
         refs = set(self.project.labeled_cases("reference")) & set(self.project.labeled_cases("pseudo"))
         scored = [c for c in self.trainable() if c in refs]
         if not scored:
             return {}
         from .evaluation import evaluate
+        from .metrics import summarize
 
-        summary = evaluate(self.project, "pseudo", scored)["summary"]
-        return {"pseudo_label_dice": summary["mean"]["dice"]["mean"], "pseudo_label_cases": len(scored)}
+        result = evaluate(self.project, "pseudo", scored)
+        out = {"pseudo_label_dice": result["summary"]["mean"]["dice"]["mean"], "pseudo_label_cases": len(scored)}
+        boot = {c: m for c, m in result["per_case"].items() if c in set(bootstrapped)}
+        if boot:
+            out["bootstrapped_dice"] = summarize(boot)["mean"]["dice"]["mean"]
+        return out
 
     def bootstrap(self) -> dict:
         from .bootstrap import bootstrap, unlabeled
@@ -275,13 +281,7 @@ class Round:
         out = bootstrap(self.project, self.settings, self.trainable(), round_id=f"{self.number:04d}", ray=self.ray,
                         num_gpus=self.num_gpus)
         if out.get("bootstrapped"):
-            out.update(self._pseudo_dice())
-            boot = [c for c in self.trainable() if c in set(self.project.labeled_cases("reference"))
-                    and "bootstrapped_from" in self.project.provenance(c, "pseudo", check_file=False)]
-            if boot:
-                from .evaluation import evaluate
-
-                out["bootstrapped_dice"] = evaluate(self.project, "pseudo", boot)["summary"]["mean"]["dice"]["mean"]
+            out.update(self._pseudo_dice(out["cases"]))
         out["without"] = len(unlabeled(self.project, self.trainable()))
         return out
 

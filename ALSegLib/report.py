@@ -215,7 +215,7 @@ def write_round_report(project: Project, record: Mapping) -> dict[str, str]:
         texts.append(f"{boot['prompted']} case(s) with their own pseudo-label ({drawn} drawn); "
                      f"{boot.get('bootstrapped', 0)} of {boot['unprompted']} without one bootstrapped from them "
                      f"(method {boot['method']})")
-    pseudo = boot if boot.get("pseudo_label_dice") is not None else view.stage("pseudolabels")
+    pseudo = view.pseudo_label_quality
     if pseudo.get("pseudo_label_dice") is not None:
         texts.append(f"mean Dice of the pseudo-labels against the references: "
                      f"{pseudo['pseudo_label_dice']:.3f} over {pseudo['pseudo_label_cases']} cases"

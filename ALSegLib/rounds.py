@@ -133,13 +133,16 @@ class RoundRecord:
         return self.stage("pretrain").get("metrics")
 
     @property
-    def pseudo_label_dice(self) -> float | None:
-        """The pseudo-labels' Dice against the references where there are some (the experiment): every
-        pseudo-label of the pool once the unprompted cases are bootstrapped, else the prompted ones'."""
+    def pseudo_label_quality(self) -> dict:
+        """The stage that scored the pseudo-labels against the references where there are some (the
+        experiment): ``bootstrap`` once it labeled the unprompted cases (every pseudo-label of the pool),
+        else ``pseudolabels`` (the prompted ones); ``pseudo_label_dice``, ``pseudo_label_cases``."""
         boot = self.stage("bootstrap")
-        if boot.get("pseudo_label_dice") is not None:
-            return boot["pseudo_label_dice"]
-        return self.stage("pseudolabels").get("pseudo_label_dice")
+        return boot if boot.get("pseudo_label_dice") is not None else self.stage("pseudolabels")
+
+    @property
+    def pseudo_label_dice(self) -> float | None:
+        return self.pseudo_label_quality.get("pseudo_label_dice")
 
     @property
     def report_files(self) -> dict:
@@ -224,7 +227,6 @@ def review_effort(project: Project, round_number: int | None = None) -> dict:
     Dice, median seconds per case, voxels corrected / voxels drawn from scratch. Labels that edited
     an earlier human version again are left out
     (they measure no machine proposal). ``round_number``: only labels accepted for that round's queue."""
-
     entries = []
     for case in project.labeled_cases("human"):
         for version in project.human_versions(case):

@@ -267,7 +267,7 @@ def make_base(source: Project, folder: Path, settings: ExperimentSettings, test:
         spec = spec.with_options(exclude=(*spec.exclude, *test))  # held-out cases never get prompts
     done = prepare(base, settings.round.with_changes(exclude=sorted(set(settings.round.exclude) | set(test)), seed=seed,
                                                      pseudo=spec))
-    pdice = done["bootstrap"].get("pseudo_label_dice", done["pseudolabels"].get("pseudo_label_dice"))
+    pdice = rounds.RoundRecord({"round": 1, "stages": done}).pseudo_label_dice
     return base, pdice, done["pretrain"].get("metrics")
 
 

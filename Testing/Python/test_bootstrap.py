@@ -48,7 +48,7 @@ def test_a_round_bootstraps_the_cases_its_source_does_not_cover_and_says_which_w
     assert boot["bootstrapped"] >= 1 and boot["bootstrapped"] + len(boot["empty"]) == 3
     assert record["stages"]["pseudolabels"] == {**record["stages"]["pseudolabels"], "made": 2, "without": 3}
     made = [c for c in rest if project.label_path(c, "pseudo") is not None]
-    assert len(made) == boot["bootstrapped"] and boot["without"] == 3 - len(made)
+    assert len(made) == boot["bootstrapped"] and boot["cases"] == made and boot["without"] == 3 - len(made)
     for case in made:
         prov = project.provenance(case, "pseudo")
         assert prov["source"] == SOURCE and prov["bootstrapped_from"] == sorted(given)
